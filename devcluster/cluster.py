@@ -1,0 +1,204 @@
+"""The whole Consul double in one event loop: servers' state, N agents, N ports.
+
+Node 0 is where the (single) Raft server runs; its agent is also an agent like
+the others.  Stopping an agent closes its port, marks its serfHealth critical
+(invalidating sessions bound to it) and loses its event ring; starting it again
+re-reads its config dir and fires its watches as an agent start does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .agents import Agent, EventFilters, UserEvent
+from .control import Control
+from .httpapi import HttpApi
+from .persistence import Journal
+from .state import CONSUL_VERSION, ConsulState, Service
+from .ttl import SessionTimers
+from .workdir import NodeInfo, plan_nodes, prepare_dirs, write_cluster_files
+
+REAP_INTERVAL_SECONDS = 30.0
+HANDLER_GRACE_SECONDS = 2.0
+LISTEN_BACKLOG = 1024
+_DATACENTER = re.compile(r"^[A-Za-z0-9_-]+$")
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(ValueError):
+    """Invalid cluster parameters."""
+
+
+class Cluster:
+    """Runs inside an event loop; see embedded.DevCluster for use from other threads."""
+
+    def __init__(
+        self,
+        nodes: int,
+        http_port: int,
+        workdir: Path,
+        acl_token: str | None = None,
+        data_dir: Path | None = None,
+        datacenter: str = "dc1",
+        host: str = "127.0.0.1",
+    ) -> None:
+        if nodes < 1:
+            raise ClusterError(f"--nodes must be at least 1, got {nodes}")
+        if http_port < 1 or http_port + nodes - 1 > 65535:
+            raise ClusterError(f"ports {http_port}..{http_port + nodes - 1} are outside 1..65535")
+        if not _DATACENTER.match(datacenter):
+            raise ClusterError(f"datacenter {datacenter!r}: use letters, digits, '-' and '_' only")
+        if acl_token is not None and not acl_token.strip():
+            raise ClusterError("--acl-token must not be empty")
+        self.host = host
+        self.datacenter = datacenter
+        self.http_port = http_port
+        self.workdir = Path(workdir).absolute()
+        self.acl_token = acl_token
+        self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
+        self.nodes: list[NodeInfo] = plan_nodes(self.workdir, nodes, http_port, host)
+        self.state = ConsulState(datacenter)
+        self.timers = SessionTimers(self.state)
+        self.control = Control(self)
+        self.agents = [
+            Agent(self, i, node.name, node.http_port, node.config_dir, node.log_path)
+            for i, node in enumerate(self.nodes)
+        ]
+        self.agent_by_port = {a.http_port: a for a in self.agents}
+        self.agent_by_name = {a.name: a for a in self.agents}
+        self._journal = Journal(self.data_dir) if self.data_dir is not None else None
+        self._runner: web.AppRunner | None = None
+        self._sites: dict[str, web.TCPSite] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        prepare_dirs(self.workdir, self.nodes)
+        if self._journal is not None:
+            replayed = self._journal.restore(self.state)
+            self._journal.compact(self.state)
+            self.state.journal = self._journal
+            log.info(
+                "restored state at index %d (%d journal records) from %s", self.state.index, replayed, self.data_dir
+            )
+        self._bootstrap_catalog()
+        self.timers.arm_all()
+        # handler_cancellation: a client that hangs up ends its blocking query, as in Consul.
+        self._runner = web.AppRunner(
+            HttpApi(self).make_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+            handler_cancellation=True,
+        )
+        await self._runner.setup()
+        try:
+            for agent in self.agents:
+                await self._listen(agent)
+        except OSError as err:
+            await self._runner.cleanup()
+            raise ClusterError(f"cannot listen on {self.host}:{agent.http_port}: {err.strerror or err}") from None
+        for agent in self.agents:
+            agent.start()
+        write_cluster_files(self.workdir, self.datacenter, self.http_port, self.nodes, self.acl_token, self.data_dir)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def close(self) -> None:
+        """Stop everything; persistent state is flushed and synced."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        self.timers.close()
+        for agent in self.agents:
+            if agent.running:
+                agent.stop()
+        await asyncio.gather(*(agent.handlers.shutdown(HANDLER_GRACE_SECONDS) for agent in self.agents))
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._sites.clear()
+        if self._journal is not None:
+            self._journal.close()
+
+    def _bootstrap_catalog(self) -> None:
+        names = {node.name for node in self.nodes}
+        for extra in sorted(set(self.state.nodes) - names):
+            self.state.deregister_node(extra)
+        for node in self.nodes:
+            self.state.register_node(node.name, node.address)
+            self.state.set_node_health(node.name, True)
+        self.state.register_service(
+            Service(
+                node=self.nodes[0].name,
+                id="consul",
+                name="consul",
+                port=8300,
+                meta={
+                    "non_voter": "false",
+                    "raft_version": "3",
+                    "read_replica": "false",
+                    "serf_protocol_current": "2",
+                    "serf_protocol_max": "5",
+                    "serf_protocol_min": "1",
+                    "version": CONSUL_VERSION,
+                },
+                local=False,
+            )
+        )
+
+    async def _listen(self, agent: Agent) -> None:
+        assert self._runner is not None
+        site = web.TCPSite(self._runner, self.host, agent.http_port, backlog=LISTEN_BACKLOG)
+        await site.start()
+        self._sites[agent.name] = site
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_SECONDS)
+            self.state.reap()
+
+    # ----------------------------------------------------------------- agents
+
+    async def stop_agent(self, name: str) -> None:
+        """Crash-stop one agent: port closed, connections dropped, serfHealth critical."""
+        agent = self.agent_by_name[name]
+        if not agent.running:
+            return
+        site = self._sites.pop(name)
+        await site.stop()
+        agent.stop()
+        self.state.set_node_health(name, False)
+
+    async def start_agent(self, name: str) -> None:
+        agent = self.agent_by_name[name]
+        if agent.running:
+            return
+        await self._listen(agent)
+        self.state.set_node_health(name, True)
+        agent.start()
+
+    def fire_event(self, event: UserEvent, filters: EventFilters) -> None:
+        """Gossip the event to every running agent with one cluster-wide Lamport time."""
+        event.ltime = self.state.next_ltime()
+        for agent in self.agents:
+            agent.deliver(event, filters)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        agents = {a.name: a.counters.to_api() for a in self.agents}
+        total = {key: sum(c[key] for c in agents.values()) for key in ("requests", "bytes_in", "bytes_out")}
+        return {"agents": agents, "total": total}
+
+    def reset_stats(self) -> None:
+        for agent in self.agents:
+            agent.counters.requests = agent.counters.bytes_in = agent.counters.bytes_out = 0

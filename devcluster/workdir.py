@@ -1,0 +1,148 @@
+"""The files a running cluster publishes in its workdir for the tools that use it.
+
+DIR/cluster.json                 nodes, ports, dirs (written once every port listens)
+DIR/inventory.yml                Ansible inventory: groups fireap_nodes (with the fireap_node role's
+                                 variables for a simulated node) and fireap_leader
+DIR/agents/<name>/config/        the agent's config dir (watch definitions, services)
+DIR/agents/<name>/agent.log      the agent's log, watch handler output included
+DIR/nodes/<name>/                a directory the node owns (its app files)
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLUSTER_FILE = "cluster.json"
+INVENTORY_FILE = "inventory.yml"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node as clients see it."""
+
+    name: str
+    address: str
+    http_port: int
+    config_dir: Path
+    root: Path
+    log_path: Path
+
+    @property
+    def http_addr(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "address": self.address,
+            "http_port": self.http_port,
+            "http_addr": self.http_addr,
+            "config_dir": str(self.config_dir),
+            "root": str(self.root),
+        }
+
+
+def node_names(count: int) -> list[str]:
+    """node-000 .. node-NNN, zero-padded to at least 3 digits so all names have one width."""
+    width = max(3, len(str(count - 1)))
+    return [f"node-{i:0{width}d}" for i in range(count)]
+
+
+def plan_nodes(workdir: Path, count: int, http_port: int, address: str) -> list[NodeInfo]:
+    workdir = workdir.absolute()
+    return [
+        NodeInfo(
+            name=name,
+            address=address,
+            http_port=http_port + i,
+            config_dir=workdir / "agents" / name / "config",
+            root=workdir / "nodes" / name,
+            log_path=workdir / "agents" / name / "agent.log",
+        )
+        for i, name in enumerate(node_names(count))
+    ]
+
+
+def prepare_dirs(workdir: Path, nodes: list[NodeInfo]) -> None:
+    """Create the per-node dirs and drop files a previous run published."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in (CLUSTER_FILE, INVENTORY_FILE):
+        (workdir / stale).unlink(missing_ok=True)
+    for node in nodes:
+        node.config_dir.mkdir(parents=True, exist_ok=True)
+        node.root.mkdir(parents=True, exist_ok=True)
+
+
+def write_cluster_files(
+    workdir: Path,
+    datacenter: str,
+    http_port: int,
+    nodes: list[NodeInfo],
+    acl_token: str | None,
+    data_dir: Path | None,
+) -> None:
+    """Publish inventory.yml, then cluster.json last: waiters poll for cluster.json."""
+    _atomic_write(workdir / INVENTORY_FILE, yaml.safe_dump(_inventory(nodes, acl_token), sort_keys=False))
+    cluster = {
+        "datacenter": datacenter,
+        "http_port_base": http_port,
+        "acl": bool(acl_token),
+        "data_dir": str(data_dir.absolute()) if data_dir is not None else None,
+        "nodes": [node.to_json() for node in nodes],
+    }
+    _atomic_write(workdir / CLUSTER_FILE, json.dumps(cluster, indent=2) + "\n")
+
+
+def _inventory(nodes: list[NodeInfo], acl_token: str | None) -> dict[str, Any]:
+    """The nodes as Ansible hosts, with the fireap_node role's variables for a simulated node.
+
+    Every path a real host keeps under / lives under the node's own root here, and the
+    handler runs with this venv's interpreter (no per-node venv, no downloads).
+    """
+    variables: dict[str, Any] = {
+        "ansible_connection": "local",
+        # The venv's interpreter as invoked: resolving the symlink would leave the venv.
+        "ansible_python_interpreter": os.path.abspath(sys.executable),
+        "fireap_node_python": os.path.abspath(sys.executable),
+        "fireap_node_user": pwd.getpwuid(os.getuid()).pw_name,
+        "fireap_node_group": grp.getgrgid(os.getgid()).gr_name,
+        "fireap_node_consul_host": nodes[0].address,
+    }
+    if acl_token:
+        variables["fireap_node_consul_token"] = acl_token
+    hosts = {
+        node.name: {
+            "fireap_node_root": str(node.root),
+            "fireap_node_consul_port": node.http_port,
+            "fireap_node_consul_config_dir": str(node.config_dir),
+            "fireap_node_prefix": str(node.root / "opt" / "fireap"),
+            "fireap_node_config_dir": str(node.root / "etc" / "fireap"),
+            "fireap_node_state_dir": str(node.root / "var" / "lib" / "fireap"),
+            "fireap_node_log_dir": str(node.root / "var" / "log" / "fireap"),
+        }
+        for node in nodes
+    }
+    return {
+        "all": {
+            "vars": variables,
+            "children": {
+                "fireap_nodes": {"hosts": hosts},
+                "fireap_leader": {"hosts": {nodes[0].name: None}},
+            },
+        }
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

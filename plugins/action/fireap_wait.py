@@ -1,0 +1,262 @@
+# SPDX-License-Identifier: MIT
+"""Action plugin fireap_wait: wait for a release run, printing its progress as it goes.
+
+Every poll is a run of the fireap_info module on the target (the leader), so the controller
+needs no route to Consul; re-fires and the abort are runs of fireap_fire and fireap_clear in
+the same way. Progress lines go through Display, which forwards them from the worker process
+to the controller's output while the task is still running.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ansible.errors import AnsibleActionFail
+from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
+
+from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
+from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
+
+display = Display()
+
+COLLECTION = "fireap.consul"
+
+ARGUMENT_SPEC = dict(
+    CONNECTION_ARGUMENT_SPEC,
+    app={"type": "str", "required": True},
+    run_id={"type": "str"},
+    timeout={"type": "float", "default": 600.0},
+    poll={"type": "float", "default": 2.0},
+    max_fail_percentage={"type": "float"},
+    straggler_retry_after={"type": "float", "default": 30.0},
+    kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
+)
+
+#: Counted statuses in the order progress lines show them (fireap_info's counts keys).
+PROGRESS_STATUSES = ("failed", "pulling", "waiting", "pending")
+
+#: Failed or unfinished targets named in a message; the rest are counted.
+MAX_NAMED = 10
+
+#: Keys of a module result that describe the module run, not the release.
+_RUN_KEYS = frozenset(("changed", "failed", "msg", "invocation", "warnings", "deprecations", "exception"))
+
+
+class _ModuleFailed(Exception):
+    """A fireap module run on the target failed; the message says which and why."""
+
+
+class ActionModule(ActionBase):
+    """Poll fireap_info until the run ends; re-fire to stragglers; abort on too many failures."""
+
+    _supports_check_mode = False
+    _supports_async = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        del tmp  # no longer has any effect
+        _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        _check_numbers(args)
+        self._task_vars = task_vars or {}
+        self._connection_args = {name: args[name] for name in CONNECTION_ARGUMENT_SPEC if args.get(name) is not None}
+        self._warnings: list[str] = []
+        try:
+            result.update(self._wait(args))
+        except _ModuleFailed as err:
+            result.update(failed=True, msg=str(err))
+        finally:
+            self._remove_tmp_path(self._connection._shell.tmpdir)
+        if self._warnings:
+            result["warnings"] = self._warnings
+        return result
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _wait(self, args: dict) -> dict:
+        app, run_id, timeout = args["app"], args["run_id"], args["timeout"]
+        retry_after = args["straggler_retry_after"] or None
+        started = time.monotonic()
+        next_refire = retry_after
+        refired: list[dict] = []
+        aborted = timed_out = False
+        polls = 0
+        while True:
+            progress = self._info(args)
+            polls += 1
+            if run_id is None:
+                run_id = progress["run_id"]
+                if run_id is None:
+                    raise _ModuleFailed(f"app {app!r} has no release to wait for: fire one first")
+            if progress["run_id"] != run_id:
+                now = (
+                    "no release is recorded any more"
+                    if progress["run_id"] is None
+                    else f"run {progress['run_id']} (version {progress['version']}) replaced it"
+                )
+                raise _ModuleFailed(f"stopped waiting for run {run_id} of app {app!r}: {now}")
+            elapsed = time.monotonic() - started
+            display.display(progress_line(progress, elapsed))
+            if progress["finished"] or progress["status"] == "aborted":
+                break
+            if too_many_failures(progress, args["max_fail_percentage"]):
+                self._abort(args, progress)
+                aborted = True
+                progress = self._info(args)
+                polls += 1
+                break
+            if elapsed >= timeout:
+                timed_out = True
+                break
+            if next_refire is not None and elapsed >= next_refire and progress["counts"]["pending"]:
+                refire = self._refire(args, progress, elapsed)
+                if refire is not None:
+                    refired.append(refire)
+                next_refire = elapsed + retry_after
+            time.sleep(max(0.0, min(args["poll"], timeout - elapsed)))
+
+        outcome = dict(progress, timed_out=timed_out, aborted=aborted, refired=refired, polls=polls)
+        outcome["changed"] = bool(refired or aborted)
+        problem = outcome_problem(progress, timed_out, aborted, timeout)
+        if problem:
+            outcome.update(failed=True, msg=problem)
+        else:
+            outcome["msg"] = (
+                f"run {run_id} of app {app!r} (version {progress['version']}): {progress['counts']['done']} of "
+                f"{progress['total']} targets done in {progress['timings']['elapsed']:.1f}s"
+            )
+        return outcome
+
+    # --- module runs on the target -------------------------------------------------------
+
+    def _module(self, name: str, what: str, **module_args) -> dict:
+        module_args.update(self._connection_args)
+        result = self._execute_module(
+            module_name=f"{COLLECTION}.{name}", module_args=module_args, task_vars=self._task_vars
+        )
+        for warning in result.get("warnings") or ():
+            self._warn(warning)
+        if result.get("failed"):
+            raise _ModuleFailed(f"{what} failed ({COLLECTION}.{name}): {result.get('msg') or 'no message'}")
+        return {key: value for key, value in result.items() if key not in _RUN_KEYS and not key.startswith("_ansible")}
+
+    def _warn(self, warning: str) -> None:
+        """Keep a warning for the task result once, however many polls repeat it."""
+        if warning not in self._warnings:
+            self._warnings.append(warning)
+
+    def _info(self, args: dict) -> dict:
+        return self._module("fireap_info", "reading the progress", app=args["app"], kv_prefix=args["kv_prefix"])
+
+    def _refire(self, args: dict, progress: dict, elapsed: float) -> dict | None:
+        """Fire the event again to the targets without a record for the run; None if that failed."""
+        try:
+            fired = self._module(
+                "fireap_fire",
+                "re-firing the event to the targets that never started",
+                app=args["app"],
+                version=progress["version"],
+                retry_stragglers=True,
+                kv_prefix=args["kv_prefix"],
+            )
+        except _ModuleFailed as err:
+            # The run goes on without it; the next attempt comes after straggler_retry_after.
+            self._warn(str(err))
+            return None
+        stragglers = fired["stragglers"]
+        display.display(
+            f"{args['app']} {progress['version']}: fired the event again to {len(stragglers)} target(s) that never "
+            f"started: {_names(stragglers)}"
+        )
+        return {"after": round(elapsed, 1), "stragglers": stragglers}
+
+    def _abort(self, args: dict, progress: dict) -> None:
+        counts, total = progress["counts"], progress["total"]
+        reason = (
+            f"{counts['failed']} of {total} targets failed ({100.0 * counts['failed'] / total:.1f}%), "
+            f"more than max_fail_percentage {args['max_fail_percentage']:g}%"
+        )
+        display.display(f"{args['app']} {progress['version']}: aborting the run: {reason}")
+        self._module(
+            "fireap_clear",
+            "aborting the run",
+            app=args["app"],
+            abort=True,
+            reason=reason,
+            kv_prefix=args["kv_prefix"],
+        )
+
+
+# --- pure helpers (no I/O) ---------------------------------------------------------------------
+
+
+def _check_numbers(args: dict) -> None:
+    """Refuse values the loop cannot use (negative, NaN, infinite), naming the option."""
+    checks = (
+        ("timeout", lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0"),
+        ("poll", lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
+        (
+            "straggler_retry_after",
+            lambda v: math.isfinite(v) and v >= 0,
+            "a number of seconds >= 0 (0 disables re-firing)",
+        ),
+        ("max_fail_percentage", lambda v: v is None or 0 <= v <= 100, "a percentage from 0 to 100"),
+    )
+    for name, valid, expected in checks:
+        if not valid(args[name]):
+            raise AnsibleActionFail(f"{name} must be {expected}, got {args[name]!r}")
+
+
+def progress_line(progress: dict, elapsed: float) -> str:
+    """``web 1.4.3: 37/100 done, 2 failed, 3 pulling, 0 waiting, 58 pending [21s]``."""
+    counts = progress["counts"]
+    parts = [f"{counts['done']}/{progress['total']} done"]
+    parts += [f"{counts[status]} {status}" for status in PROGRESS_STATUSES]
+    suffix = " (aborted)" if progress["status"] == "aborted" else ""
+    return f"{progress['app']} {progress['version']}: {', '.join(parts)} [{elapsed:.0f}s]{suffix}"
+
+
+def too_many_failures(progress: dict, max_fail_percentage: float | None) -> bool:
+    """Whether more than ``max_fail_percentage`` percent of all targets have failed."""
+    if max_fail_percentage is None or not progress["total"]:
+        return False
+    return 100.0 * progress["counts"]["failed"] / progress["total"] > max_fail_percentage
+
+
+def outcome_problem(progress: dict, timed_out: bool, aborted: bool, timeout: float) -> str | None:
+    """Why the run did not succeed (failed targets with their errors, unfinished ones), or None."""
+    counts = progress["counts"]
+    run = f"run {progress['run_id']} of app {progress['app']!r} (version {progress['version']})"
+    if timed_out:
+        head = f"{run} did not finish within {timeout:g}s"
+    elif aborted:
+        head = f"{run} was aborted: {progress['release']['aborted_reason']}"
+    elif progress["status"] == "aborted":
+        head = f"{run} was aborted by someone else: {progress['release']['aborted_reason'] or 'no reason given'}"
+    elif counts["failed"]:
+        head = f"{run} finished with failures"
+    else:
+        return None
+    lines = [
+        f"{head}: "
+        + ", ".join(f"{counts[status]} {status}" for status in ("done",) + PROGRESS_STATUSES)
+        + f" of {progress['total']} targets"
+    ]
+    failed = progress["failed_nodes"]
+    if failed:
+        lines.append(f"failed ({len(failed)}):")
+        lines += [f"  {row['node']}: {row['error'] or 'no error recorded'}" for row in failed[:MAX_NAMED]]
+        if len(failed) > MAX_NAMED:
+            lines.append(f"  ... and {len(failed) - MAX_NAMED} more")
+    unfinished = [row for row in progress["nodes"] if row["status"] not in ("done", "failed")]
+    if unfinished:
+        shown = ", ".join(f"{row['node']} ({row['status']})" for row in unfinished[:MAX_NAMED])
+        more = f" and {len(unfinished) - MAX_NAMED} more" if len(unfinished) > MAX_NAMED else ""
+        lines.append(f"unfinished ({len(unfinished)}): {shown}{more}")
+    return "\n".join(lines)
+
+
+def _names(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+    return ", ".join(names[:MAX_NAMED]) + more

@@ -1,0 +1,599 @@
+"""Connection to a Consul agent, shared by the modules and the node handler.
+
+Both sides build a :class:`ConsulOptions` from their own settings (module parameters, or
+the handler's YAML config) and get a py-consul client from :func:`build_client`. The
+Consul CLI's environment variables fill in options the caller left unset; that fallback
+lives here rather than in Ansible's ``fallback`` mechanism so that a module and the node
+handler resolve the same settings in the same way.
+
+Only the standard library, py-consul and its HTTP stack (requests, urllib3) are used:
+nodes run this file without Ansible installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import math
+import os
+import random
+import socket
+import ssl
+
+try:
+    import consul
+    import consul.std
+    import requests
+    import urllib3.exceptions
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+except ImportError as exc:
+    # Modules report this through missing_required_lib; build_client() refuses to run.
+    PY_CONSUL_IMPORT_ERROR = exc
+    Retry = object
+    _PyConsul = _PyConsulHTTPClient = object
+else:
+    PY_CONSUL_IMPORT_ERROR = None
+    _PyConsul = consul.Consul
+    _PyConsulHTTPClient = consul.std.HTTPClient
+
+HAS_PY_CONSUL = PY_CONSUL_IMPORT_ERROR is None
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8500
+DEFAULT_SCHEME = "http"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 3
+
+#: Backoff before retry n (1-based) is drawn from [c/2, c], c = min(BACKOFF_MAX, BACKOFF_BASE * 2**(n-1)).
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 8.0
+
+#: Methods Consul treats as reads: safe to send again whatever happened to the first attempt.
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD"))
+#: Statuses worth another try for a read: leader elections (500 "No cluster leader"),
+#: proxies in front of the agent, and Consul's rate limiter (503).
+RETRY_READ_STATUSES = frozenset((500, 502, 503, 504))
+#: The agent's per-client connection limit and rate limiter answer 429 before handling the
+#: request, so any method may be sent again.
+TOO_MANY_REQUESTS = 429
+
+#: Argument spec of the connection options, merged into every module's own spec
+#: (``dict(CONNECTION_ARGUMENT_SPEC, **own)``; do not mutate it). There are no defaults and
+#: no Ansible fallbacks on purpose: an unset option stays None so that ConsulOptions can apply
+#: the environment fallback and the default, exactly as it does on the nodes.
+CONNECTION_ARGUMENT_SPEC = {
+    "host": {"type": "str"},
+    "port": {"type": "int"},
+    "scheme": {"type": "str", "choices": ["http", "https"]},
+    "validate_certs": {"type": "bool"},
+    "ca_path": {"type": "path"},
+    "token": {"type": "str", "no_log": True},
+    "timeout": {"type": "float"},
+    "retries": {"type": "int"},
+}
+
+OPTION_NAMES = tuple(CONNECTION_ARGUMENT_SPEC)
+
+ENV_ADDR = "CONSUL_HTTP_ADDR"
+ENV_TOKEN = "CONSUL_HTTP_TOKEN"
+ENV_TOKEN_FILE = "CONSUL_HTTP_TOKEN_FILE"
+ENV_CACERT = "CONSUL_CACERT"
+ENV_CAPATH = "CONSUL_CAPATH"
+ENV_SSL = "CONSUL_HTTP_SSL"
+ENV_SSL_VERIFY = "CONSUL_HTTP_SSL_VERIFY"
+
+# The spellings Go's strconv.ParseBool accepts, which the Consul CLI uses for its variables.
+_ENV_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
+_ENV_FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
+_URL_DEFAULT_PORTS = {"http": 80, "https": 443}
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH_CODES = frozenset((62, 64))
+
+
+class FireapConsulError(Exception):
+    """A Consul operation failed; the message is fit to show a user and never holds the token.
+
+    ``status`` is the HTTP status Consul answered with, or None when there was no answer.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConsulOptionsError(FireapConsulError):
+    """A connection option (or the environment variable standing in for it) is invalid."""
+
+
+class ConsulAccessDenied(FireapConsulError):
+    """Consul answered 403: the ACL token is missing, unknown, or lacks a permission."""
+
+
+class ConsulUnreachable(FireapConsulError):
+    """No HTTP answer: connection refused, timeout, name resolution or TLS failure."""
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ConsulOptions:
+    """Where and how to reach one Consul agent's HTTP API.
+
+    Construct directly (values are validated and normalised, the environment is not read)
+    or through :meth:`from_params` / :meth:`from_config`, which apply the environment
+    fallbacks and the defaults.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    scheme: str = DEFAULT_SCHEME
+    validate_certs: bool = True
+    ca_path: str | None = None
+    token: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+
+    def __post_init__(self) -> None:
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(name, getattr(self, name)))
+        # Checked only where it is used, so a stale CONSUL_CACERT does not break plain http.
+        if self.ca_path and self.scheme == "https" and self.validate_certs and not os.path.exists(self.ca_path):
+            raise ConsulOptionsError(
+                f"ca_path {self.ca_path!r} does not exist (expected a CA certificate file or directory; "
+                f"the value comes from the ca_path option, else {ENV_CACERT}, else {ENV_CAPATH})"
+            )
+
+    @classmethod
+    def from_params(cls, params, environ=None) -> ConsulOptions:
+        """Options from a mapping that may hold other keys (module params); unset = absent or None.
+
+        ``environ`` defaults to ``os.environ``. An environment variable is read only for an
+        option left unset, so a broken variable does not matter when the option is given.
+        """
+        environ = os.environ if environ is None else environ
+        values = {name: params[name] for name in OPTION_NAMES if params.get(name) is not None}
+        env_scheme = None
+        if "host" not in values:
+            env_address = _env_address(environ)
+            if env_address is not None:
+                values["host"], env_port, env_scheme = env_address
+                values.setdefault("port", env_port)
+        # As in the CLI, https in the address or CONSUL_HTTP_SSL=true selects TLS; neither
+        # can turn it off again.
+        if "scheme" not in values and (env_scheme == "https" or _env_bool(environ, ENV_SSL)):
+            values["scheme"] = "https"
+        if "validate_certs" not in values:
+            verify = _env_bool(environ, ENV_SSL_VERIFY)
+            if verify is not None:
+                values["validate_certs"] = verify
+        if "ca_path" not in values and (environ.get(ENV_CACERT) or environ.get(ENV_CAPATH)):
+            values["ca_path"] = environ.get(ENV_CACERT) or environ.get(ENV_CAPATH)
+        if "token" not in values:
+            token = _env_token(environ)
+            if token is not None:
+                values["token"] = token
+        return cls(**values)
+
+    @classmethod
+    def from_config(cls, section, environ=None) -> ConsulOptions:
+        """Options from a config section holding only connection options (the handler's YAML)."""
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConsulOptionsError(
+                f"the Consul connection settings must be a mapping of options, got {type(section).__name__}"
+            )
+        unknown = sorted(str(key) for key in section if key not in OPTION_NAMES)
+        if unknown:
+            raise ConsulOptionsError(
+                f"unknown Consul connection option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}"
+            )
+        return cls.from_params(section, environ)
+
+    @property
+    def address(self) -> str:
+        """The agent's base URL, e.g. ``http://127.0.0.1:8500`` (IPv6 hosts in brackets)."""
+        return f"{self.scheme}://{_url_host(self.host)}:{self.port}"
+
+    @property
+    def verify(self) -> bool | str:
+        """requests' ``verify``: False, True (system CAs) or the CA file/directory."""
+        if not self.validate_certs:
+            return False
+        return self.ca_path or True
+
+    def __repr__(self) -> str:
+        token = "<hidden>" if self.token else None
+        return (
+            f"ConsulOptions(host={self.host!r}, port={self.port!r}, scheme={self.scheme!r}, "
+            f"validate_certs={self.validate_certs!r}, ca_path={self.ca_path!r}, token={token}, "
+            f"timeout={self.timeout!r}, retries={self.retries!r})"
+        )
+
+
+def _invalid(label: str, value, expected: str) -> ConsulOptionsError:
+    return ConsulOptionsError(f"{label} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_host(label: str, value) -> str:
+    if not isinstance(value, str) or not value:
+        raise _invalid(label, value, "a non-empty host name or IP address")
+    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if "://" in host or "/" in host:
+        raise ConsulOptionsError(
+            f"{label} must be a bare host name or IP address, got {value!r}; "
+            "give the scheme in scheme and the port in port"
+        )
+    if any(char.isspace() for char in host) or not host:
+        raise _invalid(label, value, "a host name or IP address without spaces")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConsulOptionsError(
+                f"{label} {value!r} is neither a host name nor an IPv6 address; give the port in port"
+            ) from None
+    return host
+
+
+def _check_port(label: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _invalid(label, value, "an integer between 1 and 65535")
+    return value
+
+
+def _check_scheme(label: str, value) -> str:
+    if value not in ("http", "https"):
+        raise _invalid(label, value, "'http' or 'https'")
+    return value
+
+
+def _check_bool(label: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise _invalid(label, value, "true or false")
+    return value
+
+
+def _check_ca_path(label: str, value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _invalid(label, value, "the path of a CA certificate file or directory")
+    return os.path.expanduser(value)
+
+
+def _check_token(label: str, value) -> str | None:
+    # Never echo the value: it is a secret. requests would also reject control characters
+    # in a header with a message that quotes the header value.
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConsulOptionsError(f"{label} must be a string, got a {type(value).__name__} (value not shown)")
+    if not value:
+        raise ConsulOptionsError(f"{label} is empty; leave it unset to send no token")
+    if not value.isprintable() or any(char.isspace() for char in value) or not value.isascii():
+        raise ConsulOptionsError(
+            f"{label} contains whitespace, control or non-ASCII characters (value not shown)"
+        )
+    return value
+
+
+def _check_timeout(label: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise _invalid(label, value, "a number of seconds greater than 0")
+    return float(value)
+
+
+def _check_retries(label: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid(label, value, "an integer >= 0")
+    return value
+
+
+_CHECKS = {
+    "host": _check_host,
+    "port": _check_port,
+    "scheme": _check_scheme,
+    "validate_certs": _check_bool,
+    "ca_path": _check_ca_path,
+    "token": _check_token,
+    "timeout": _check_timeout,
+    "retries": _check_retries,
+}
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _env_bool(environ, var: str) -> bool | None:
+    raw = environ.get(var)
+    if not raw:
+        return None
+    if raw in _ENV_TRUE:
+        return True
+    if raw in _ENV_FALSE:
+        return False
+    raise ConsulOptionsError(f"{var} must be a boolean (true/false, 1/0, t/f), got {raw!r}")
+
+
+def parse_address(value: str, label: str = ENV_ADDR) -> tuple[str, int, str | None]:
+    """Split a Consul address (``host:port``, ``http://host:port``, ``https://host[:port]``).
+
+    Returns ``(host, port, scheme)``; scheme is None when the address names none. As with the
+    Consul CLI, an address with a scheme but no port uses the URL's default port (80/443) and
+    one with neither uses 80. ``unix://`` sockets are refused: py-consul speaks TCP only.
+    """
+    text = value.strip()
+    scheme = None
+    rest = text
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        scheme = scheme.lower()
+        if scheme == "unix":
+            raise ConsulOptionsError(
+                f"{label} {value!r} names a unix socket, which is not supported: "
+                "give host:port, http://host:port or https://host:port of the agent's HTTP listener"
+            )
+        if scheme not in _URL_DEFAULT_PORTS:
+            raise ConsulOptionsError(f"{label} {value!r} has an unknown scheme {scheme!r}; use http:// or https://")
+    rest = rest[:-1] if rest.endswith("/") else rest
+    if not rest or "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+        raise ConsulOptionsError(
+            f"{label} {value!r} is not an address of the form host:port, http://host:port or https://host:port"
+        )
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise ConsulOptionsError(f"{label} {value!r} has a malformed bracketed IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConsulOptionsError(f"{label} {value!r}: {host!r} in brackets is not an IPv6 address") from None
+        has_port, port_text = bool(after), after[1:]
+    elif rest.count(":") > 1:
+        raise ConsulOptionsError(f"{label} {value!r}: put an IPv6 address in brackets, e.g. [::1]:8500")
+    else:
+        host, port_sep, port_text = rest.partition(":")
+        has_port = bool(port_sep)
+    if has_port:
+        if not port_text.isdigit():
+            raise ConsulOptionsError(f"{label} {value!r} has an invalid port {port_text!r} (expected digits)")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ConsulOptionsError(f"{label} {value!r} has a port out of range 1..65535")
+    else:
+        port = _URL_DEFAULT_PORTS[scheme or "http"]
+    return _check_host(f"the host of {label} {value!r}", host), port, scheme
+
+
+def _env_address(environ) -> tuple[str, int, str | None] | None:
+    raw = environ.get(ENV_ADDR)
+    if not raw or not raw.strip():
+        return None
+    return parse_address(raw, ENV_ADDR)
+
+
+def _env_token(environ) -> str | None:
+    """The token from CONSUL_HTTP_TOKEN_FILE (which wins, as in the CLI) or CONSUL_HTTP_TOKEN."""
+    path = environ.get(ENV_TOKEN_FILE)
+    if path:
+        label = f"{ENV_TOKEN_FILE} ({path})"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            raise ConsulOptionsError(f"{ENV_TOKEN_FILE}: cannot read {path!r}: {reason}") from None
+        return _check_token(label, text.strip())
+    if environ.get(ENV_TOKEN):
+        return _check_token(ENV_TOKEN, environ[ENV_TOKEN])
+    return None
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1-based): exponential with jitter.
+
+    Half the exponential step is fixed so a restarting agent gets time to come back; the
+    other half is random so that many clients failing together do not retry in lockstep.
+    """
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class _ConsulRetry(Retry):
+    """urllib3 retry policy that never sends a write again once Consul may have acted on it.
+
+    Connection failures (urllib3's "connect" errors: the request was not sent) and 429 are
+    retried for every method. A read (GET/HEAD) is also retried after a read error (timeout,
+    reset) and on 500/502/503/504. A PUT/DELETE/POST that got an answer or lost its
+    connection after sending is not: Consul answers 500 to some writes on purpose (acquire
+    with an unknown session), and creating a session or firing an event twice is not
+    harmless.
+    """
+
+    def is_retry(self, method, status_code, has_retry_after=False):
+        if status_code == TOO_MANY_REQUESTS:
+            return True
+        return method.upper() in IDEMPOTENT_METHODS and status_code in RETRY_READ_STATUSES
+
+    def get_backoff_time(self):
+        return backoff_delay(len(self.history))
+
+
+def _retry_policy(retries: int):
+    return _ConsulRetry(
+        total=retries,
+        other=0,
+        allowed_methods=IDEMPOTENT_METHODS,
+        raise_on_status=False,
+        respect_retry_after_header=True,
+        retry_after_max=math.ceil(BACKOFF_MAX),
+    )
+
+
+class _RetryingHTTPClient(_PyConsulHTTPClient):
+    """py-consul's requests client with the retry policy mounted; close() releases the sockets."""
+
+    def __init__(self, *args, retries: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        adapter = HTTPAdapter(max_retries=_retry_policy(retries))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class _Consul(_PyConsul):
+    """consul.Consul whose HTTP client retries, with the token taken only from the options."""
+
+    def __init__(self, options: ConsulOptions) -> None:
+        self._retries = options.retries
+        super().__init__(
+            host=_url_host(options.host),
+            port=options.port,
+            scheme=options.scheme,
+            verify=options.verify,
+            token=options.token,
+            connections_timeout=options.timeout,
+        )
+        # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; the options already
+        # applied the environment with the right precedence.
+        self.token = options.token
+        # py-consul adds the token only in the endpoints that call prepare_headers()
+        # (agent/self and txn do not): send it on every request, as the Consul CLI does.
+        if options.token:
+            self.http.session.headers["X-Consul-Token"] = options.token
+
+    def http_connect(self, host, port, scheme, verify=True, cert=None):
+        return _RetryingHTTPClient(
+            host, port, scheme, verify, cert, connections_timeout=self.connections_timeout, retries=self._retries
+        )
+
+
+def build_client(options: ConsulOptions):
+    """A ``consul.Consul`` for ``options`` whose requests retry as :class:`_ConsulRetry` says.
+
+    Blocking queries keep py-consul's timeout: ``timeout`` + wait + wait/16. Use the client as
+    a context manager (or call ``client.http.close()``) to release its connections.
+    """
+    if PY_CONSUL_IMPORT_ERROR is not None:
+        raise FireapConsulError(
+            f"the py-consul Python library is required but cannot be imported: {PY_CONSUL_IMPORT_ERROR}"
+        )
+    return _Consul(options)
+
+
+@contextlib.contextmanager
+def consul_errors(options: ConsulOptions, action: str):
+    """Turn py-consul and requests exceptions raised in the block into FireapConsulError.
+
+    ``action`` says what the block does, for the message ("reading fireap/web/release").
+    Works as ``with consul_errors(opts, "..."):`` and as a decorator. The token is removed
+    from every message.
+    """
+    try:
+        yield
+    except Exception as err:
+        translated = _translate(err, options, action)
+        if translated is None:
+            raise
+        raise translated from err
+
+
+def _translate(err: Exception, options: ConsulOptions, action: str) -> FireapConsulError | None:
+    if not HAS_PY_CONSUL:
+        return None
+    address = options.address
+    if isinstance(err, consul.ACLPermissionDenied):
+        if options.token:
+            who = "the ACL token lacks permission"
+        else:
+            who = "no ACL token was given and anonymous access lacks permission"
+        said = str(err).strip()
+        detail = f" (Consul said: {said})" if said else ""
+        error = ConsulAccessDenied(
+            f"Consul refused the request (HTTP 403 Permission denied) at {address}: {who} for {action}; "
+            f"set token or {ENV_TOKEN}{detail}",
+            status=403,
+        )
+    elif isinstance(err, consul.ConsulException):
+        status, detail = _consul_status(err)
+        shown = f"HTTP {status}: {detail}" if status else detail
+        error = FireapConsulError(f"Consul request failed at {address} while {action}: {shown}", status=status)
+    elif isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        reason = _transport_reason(err, options)
+        error = ConsulUnreachable(f"cannot reach the Consul agent at {address} while {action}: {reason}")
+    elif isinstance(err, requests.exceptions.RequestException):
+        error = FireapConsulError(f"Consul request failed at {address} while {action}: {err}")
+    else:
+        return None
+    if options.token and options.token in str(error):
+        error = type(error)(str(error).replace(options.token, "<token>"), status=error.status)
+    return error
+
+
+def _consul_status(err) -> tuple[int | None, str]:
+    """py-consul puts "<status> <body>" in most messages; NotFound and ACLDisabled only the body."""
+    text = str(err).strip()
+    if isinstance(err, consul.NotFound):
+        return 404, text or "not found"
+    if isinstance(err, consul.ACLDisabled):
+        return 401, text or "ACL support is disabled"
+    head, _, body = text.partition(" ")
+    if len(head) == 3 and head.isdigit():
+        return int(head), body.strip() or "(empty answer)"
+    return None, text
+
+
+def _exception_chain(err: BaseException):
+    """err and everything it wraps: urllib3's .reason, exception args, causes and contexts."""
+    seen = set()
+    pending = [err]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        linked.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        pending.extend(item for item in linked if isinstance(item, BaseException))
+
+
+def _transport_reason(err: BaseException, options: ConsulOptions) -> str:
+    chain = list(_exception_chain(err))
+    for item in chain:
+        if isinstance(item, ssl.SSLCertVerificationError):
+            if item.verify_code in _NAME_MISMATCH_CODES:
+                hint = "connect by a host name or address the certificate lists"
+            else:
+                hint = f"set ca_path or {ENV_CACERT} to the CA that signed the agent's certificate"
+            return f"TLS certificate verification failed ({item.verify_message.rstrip('.')}); {hint}"
+    for item in chain:
+        if isinstance(item, ssl.SSLError):
+            text = item.reason or item.strerror or str(item)
+            hint = ""
+            if "WRONG_VERSION_NUMBER" in str(item).upper() or "RECORD_LAYER_FAILURE" in str(item).upper():
+                hint = f" (the agent does not seem to speak HTTPS on this port: check scheme and {ENV_SSL})"
+            return f"TLS error: {text}{hint}"
+    for item in chain:
+        if isinstance(item, socket.gaierror):
+            return f"cannot resolve host {options.host!r} ({item.strerror})"
+        if isinstance(item, ConnectionRefusedError):
+            return "connection refused; is the agent running and listening there?"
+    for item in chain:
+        if isinstance(item, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+            return f"no answer within the timeout ({options.timeout:g} s, plus the wait of a blocking query)"
+        # urllib3 files every failed connection (refused, unreachable) under ConnectTimeoutError.
+        connect_timeout = isinstance(item, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+            item, urllib3.exceptions.NewConnectionError
+        )
+        if connect_timeout or isinstance(item, requests.exceptions.ConnectTimeout):
+            return f"no connection within {options.timeout:g} s"
+    for item in chain:
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror[0].lower() + item.strerror[1:]
+    innermost = chain[-1]
+    return f"{type(innermost).__name__}: {innermost}"

@@ -1,0 +1,451 @@
+"""The fireap KV schema: every key and every record under the prefix, in one place.
+
+Keys (``<p>`` = prefix, default ``fireap/``)::
+
+    <p><app>/release               ReleaseRecord   written by fireap_fire / fireap_clear
+    <p><app>/lock                  LockRecord      fire lock, acquired with a session
+    <p><app>/plan/<node>           PlanEntry       the node's preferred source, written by the leader
+    <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
+    <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
+
+A worker writes its ``nodes/<node>`` record with ``acquire`` of its session, so a record
+that is not finished (waiting/pulling) and no longer held belongs to a crashed worker.
+
+Records are JSON objects. Reading validates them: a malformed record raises
+``KVRecordError`` naming the key, so one corrupt value never crashes a worker with a
+``KeyError`` deep inside the algorithm. Unknown fields are ignored so that a newer
+writer does not break an older reader. Times are float epoch seconds. Versions are
+opaque strings compared by equality, never ordered.
+
+This module is imported on nodes: stdlib only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from typing import Any
+
+DEFAULT_PREFIX = "fireap/"
+
+# Names that become one path segment of a key. Consul accepts more in node names, but
+# only these survive every Consul release's key validation and never alter the path.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.,/-]+")
+
+RELEASE_RUNNING = "running"
+RELEASE_ABORTED = "aborted"
+RELEASE_STATUSES = (RELEASE_RUNNING, RELEASE_ABORTED)
+
+# A node's progress for one run: "waiting" (worker started, looking for a source),
+# "pulling" (slot held, task running), then "done" or "failed".
+NODE_WAITING = "waiting"
+NODE_PULLING = "pulling"
+NODE_DONE = "done"
+NODE_FAILED = "failed"
+NODE_STATUSES = (NODE_WAITING, NODE_PULLING, NODE_DONE, NODE_FAILED)
+NODE_TERMINAL_STATUSES = (NODE_DONE, NODE_FAILED)
+
+FILTER_NAMES = ("node", "service", "tag")
+
+# Consul's /v1/txn accepts up to 128 operations (64 on older releases).
+TXN_MAX_OPS = 64
+
+
+class KVRecordError(ValueError):
+    """A value read from (or about to be written to) KV is not a valid record."""
+
+    def __init__(self, key: str | None, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        where = f"KV key {key!r}" if key else "record"
+        super().__init__(f"malformed {where}: {reason}")
+
+
+def check_name(value: Any, what: str) -> str:
+    """Return ``value`` if it can be one key segment (an app or node name); else ValueError.
+
+    ``what`` names the value in the error ("app", "node", ...).
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} name must be a non-empty string, got {value!r}")
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{what} name {value!r} may only contain letters, digits, '_', '.' and '-'")
+    if ".." in value or value == ".":
+        raise ValueError(f"{what} name {value!r} must not be '.' or contain '..'")
+    return value
+
+
+def check_prefix(prefix: Any) -> str:
+    """Return ``prefix`` if it is a valid KV prefix (``fireap/``, ``ops/fireap/``); else ValueError."""
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"KV prefix must be a non-empty string, got {prefix!r}")
+    if prefix.startswith("/"):
+        raise ValueError(f"KV prefix {prefix!r} must not start with '/'")
+    if not prefix.endswith("/"):
+        raise ValueError(f"KV prefix {prefix!r} must end with '/'")
+    if not PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(f"KV prefix {prefix!r} may only contain letters, digits and '_.,/-'")
+    if "//" in prefix or any(part in (".", "..") for part in prefix[:-1].split("/")):
+        raise ValueError(f"KV prefix {prefix!r} must not contain empty, '.' or '..' segments")
+    return prefix
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Names every fireap key. All methods validate their name arguments."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+
+    def app_prefix(self, app: str) -> str:
+        """``<p><app>/``: everything fireap stores for one app (fireap_clear deletes it)."""
+        return f"{self.prefix}{check_name(app, 'app')}/"
+
+    def release(self, app: str) -> str:
+        return self.app_prefix(app) + "release"
+
+    def lock(self, app: str) -> str:
+        return self.app_prefix(app) + "lock"
+
+    def plan_prefix(self, app: str) -> str:
+        return self.app_prefix(app) + "plan/"
+
+    def plan(self, app: str, node: str) -> str:
+        return self.plan_prefix(app) + check_name(node, "node")
+
+    def nodes_prefix(self, app: str) -> str:
+        return self.app_prefix(app) + "nodes/"
+
+    def node(self, app: str, node: str) -> str:
+        return self.nodes_prefix(app) + check_name(node, "node")
+
+    def slots_prefix(self, app: str, source: str) -> str:
+        return self.app_prefix(app) + "slots/" + check_name(source, "source node") + "/"
+
+    def slot(self, app: str, source: str, j: int) -> str:
+        if not isinstance(j, int) or isinstance(j, bool) or j < 0:
+            raise ValueError(f"slot number must be an integer >= 0, got {j!r}")
+        return self.slots_prefix(app, source) + str(j)
+
+    def node_name(self, app: str, key: str) -> str:
+        """The node a ``nodes/<node>`` or ``plan/<node>`` key belongs to (for listings)."""
+        for prefix in (self.nodes_prefix(app), self.plan_prefix(app)):
+            if key.startswith(prefix):
+                return check_name(key[len(prefix):], "node")
+        raise ValueError(f"KV key {key!r} is neither under {self.nodes_prefix(app)!r} nor {self.plan_prefix(app)!r}")
+
+
+# --- record field readers: each raises KVRecordError naming the key and the field ---
+
+
+def _load_object(data: str | bytes | None, key: str | None) -> dict:
+    if data is None:
+        raise KVRecordError(key, "empty value")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise KVRecordError(key, f"not UTF-8: {exc}") from None
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise KVRecordError(key, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise KVRecordError(key, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _get(obj: dict, name: str, key: str | None, kinds: tuple, *, optional: bool = False) -> Any:
+    if name not in obj or obj[name] is None:
+        if optional:
+            return None
+        raise KVRecordError(key, f"missing field {name!r}")
+    value = obj[name]
+    # bool is an int in Python; never accept it where a number is meant.
+    if isinstance(value, bool) and bool not in kinds:
+        raise KVRecordError(key, f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise KVRecordError(key, f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def _string(obj, name, key, *, optional=False) -> str | None:
+    value = _get(obj, name, key, (str,), optional=optional)
+    if value == "" and not optional:
+        raise KVRecordError(key, f"field {name!r} must not be empty")
+    return value
+
+
+def _name(obj, name, key, *, optional=False) -> str | None:
+    value = _get(obj, name, key, (str,), optional=optional)
+    if value is None:
+        return None
+    try:
+        return check_name(value, name)
+    except ValueError as exc:
+        raise KVRecordError(key, str(exc)) from None
+
+
+def _int(obj, name, key, minimum: int) -> int:
+    value = _get(obj, name, key, (int,))
+    if value < minimum:
+        raise KVRecordError(key, f"field {name!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _time(obj, name, key, *, optional=False) -> float | None:
+    value = _get(obj, name, key, (int, float), optional=optional)
+    return None if value is None else float(value)
+
+
+def _choice(obj, name, key, choices: tuple) -> str:
+    value = _get(obj, name, key, (str,))
+    if value not in choices:
+        raise KVRecordError(key, f"field {name!r} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _revalidate(cls, record):
+    """Run a record built in code through the reader, so writers and readers agree."""
+    cls.from_json(record.to_json())
+
+
+class _Record:
+    """JSON (de)serialisation shared by the records below."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes | None, key: str | None = None):
+        """Parse and validate a KV value (py-consul returns bytes); ``key`` names it in errors."""
+        return cls.from_dict(_load_object(data, key), key)
+
+
+@dataclass(frozen=True)
+class ReleaseFilters(_Record):
+    """The event filters of a release (Go regexes, matched unanchored by Consul)."""
+
+    node: str | None = None
+    service: str | None = None
+    tag: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in FILTER_NAMES:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise KVRecordError(None, f"filter {name!r} must be a string or null, got {value!r}")
+        if self.tag and not self.service:
+            raise KVRecordError(None, "filter 'tag' requires filter 'service'")
+
+    @classmethod
+    def from_dict(cls, obj: Any, key: str | None = None) -> ReleaseFilters:
+        if not isinstance(obj, dict):
+            raise KVRecordError(key, f"field 'filters' must be an object, got {obj!r}")
+        values = {name: _get(obj, name, key, (str,), optional=True) for name in FILTER_NAMES}
+        if values["tag"] and not values["service"]:
+            raise KVRecordError(key, "filter 'tag' requires filter 'service'")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ReleaseRecord(_Record):
+    """``<app>/release``: the authoritative description of the current run of an app.
+
+    ``target_count`` counts every node in the run, the leader included.
+    """
+
+    app: str
+    version: str
+    run_id: str
+    fanout: int
+    leader: str
+    target_count: int
+    fired_at: float
+    filters: ReleaseFilters = field(default_factory=ReleaseFilters)
+    status: str = RELEASE_RUNNING
+    aborted_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.filters, ReleaseFilters):
+            raise KVRecordError(None, f"filters must be a ReleaseFilters, got {self.filters!r}")
+        _revalidate(ReleaseRecord, self)
+
+    @property
+    def aborted(self) -> bool:
+        return self.status == RELEASE_ABORTED
+
+    @classmethod
+    def from_dict(cls, obj: dict, key: str | None = None) -> ReleaseRecord:
+        record = object.__new__(cls)  # validated field by field here; skip __post_init__
+        values = dict(
+            app=_name(obj, "app", key),
+            version=_string(obj, "version", key),
+            run_id=_string(obj, "run_id", key),
+            fanout=_int(obj, "fanout", key, 1),
+            leader=_name(obj, "leader", key),
+            target_count=_int(obj, "target_count", key, 1),
+            fired_at=_time(obj, "fired_at", key),
+            filters=ReleaseFilters.from_dict(obj.get("filters") or {}, key),
+            status=_choice(obj, "status", key, RELEASE_STATUSES),
+            aborted_reason=_string(obj, "aborted_reason", key, optional=True),
+        )
+        for name, value in values.items():
+            object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
+class LockRecord(_Record):
+    """``<app>/lock``: who holds the app's fire lock (the key is acquired with a session)."""
+
+    run_id: str
+    holder: str
+    since: float
+
+    def __post_init__(self) -> None:
+        _revalidate(LockRecord, self)
+
+    @classmethod
+    def from_dict(cls, obj: dict, key: str | None = None) -> LockRecord:
+        record = object.__new__(cls)
+        for name, value in (
+            ("run_id", _string(obj, "run_id", key)),
+            ("holder", _string(obj, "holder", key)),
+            ("since", _time(obj, "since", key)),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
+class PlanEntry(_Record):
+    """``<app>/plan/<node>``: where a node should pull from in the doubling schedule.
+
+    ``source`` is the preferred source and ``slot`` the preferred slot on it; ``stage``
+    (1-based) is the stage in which the pull is scheduled. ``after`` is the node that
+    holds the same source slot one stage earlier (None in the source's first stage):
+    waiting for it keeps later stages from jumping the queue on a shared slot.
+    """
+
+    run_id: str
+    source: str
+    stage: int
+    slot: int
+    after: str | None = None
+
+    def __post_init__(self) -> None:
+        _revalidate(PlanEntry, self)
+
+    @classmethod
+    def from_dict(cls, obj: dict, key: str | None = None) -> PlanEntry:
+        record = object.__new__(cls)
+        for name, value in (
+            ("run_id", _string(obj, "run_id", key)),
+            ("source", _name(obj, "source", key)),
+            ("stage", _int(obj, "stage", key, 1)),
+            ("slot", _int(obj, "slot", key, 0)),
+            ("after", _name(obj, "after", key, optional=True)),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
+class NodeState(_Record):
+    """``<app>/nodes/<node>``: one node's progress for one run.
+
+    ``source`` is the node pulled from (None for the leader, depth 0, and for a node that
+    failed or is still waiting before it claimed a source; its depth is then None too).
+    ``depth`` is the source's depth + 1. ``started`` is when the worker began this run,
+    ``finished`` when it reached done/failed; ``error`` explains a failure.
+    """
+
+    version: str
+    run_id: str
+    status: str
+    started: float
+    source: str | None = None
+    depth: int | None = None
+    finished: float | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        _revalidate(NodeState, self)
+
+    def has(self, version: str) -> bool:
+        """True if this node finished pulling ``version``: it may serve it to others."""
+        return self.status == NODE_DONE and self.version == version
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in NODE_TERMINAL_STATUSES
+
+    @classmethod
+    def from_dict(cls, obj: dict, key: str | None = None) -> NodeState:
+        version = _string(obj, "version", key)
+        run_id = _string(obj, "run_id", key)
+        status = _choice(obj, "status", key, NODE_STATUSES)
+        started = _time(obj, "started", key)
+        source = _name(obj, "source", key, optional=True)
+        depth = None if obj.get("depth") is None else _int(obj, "depth", key, 0)
+        finished = _time(obj, "finished", key, optional=True)
+        error = _string(obj, "error", key, optional=True)
+        if source is None and depth not in (None, 0):
+            raise KVRecordError(key, f"depth {depth} without a source")
+        if source is not None and (depth is None or depth < 1):
+            raise KVRecordError(key, f"source {source!r} requires a depth >= 1, got {depth!r}")
+        if status == NODE_PULLING and source is None:
+            raise KVRecordError(key, "status 'pulling' requires a source")
+        if status == NODE_DONE and depth is None:
+            raise KVRecordError(key, "status 'done' requires a depth")
+        if status in NODE_TERMINAL_STATUSES and finished is None:
+            raise KVRecordError(key, f"status {status!r} requires 'finished'")
+        if status not in NODE_TERMINAL_STATUSES and finished is not None:
+            raise KVRecordError(key, f"status {status!r} must not have 'finished'")
+        if status == NODE_FAILED and not error:
+            raise KVRecordError(key, "status 'failed' requires an 'error'")
+        record = object.__new__(cls)
+        for name, value in (
+            ("version", version),
+            ("run_id", run_id),
+            ("status", status),
+            ("started", started),
+            ("source", source),
+            ("depth", depth),
+            ("finished", finished),
+            ("error", error),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+
+def txn_set_batches(items: Iterable[tuple[str, str | bytes]], max_ops: int = TXN_MAX_OPS) -> list[list[dict]]:
+    """Turn ``(key, value)`` pairs into /v1/txn payloads of at most ``max_ops`` "set" ops.
+
+    Each payload is all-or-nothing on its own; payloads are independent of each other.
+    Use with ``client.txn.put(payload)``.
+    """
+    if not isinstance(max_ops, int) or not 1 <= max_ops <= 128:
+        raise ValueError(f"max_ops must be within 1..128 (Consul's txn limit), got {max_ops!r}")
+    batches: list[list[dict]] = []
+    for key, value in items:
+        if not isinstance(key, str) or not key or key.startswith("/"):
+            raise ValueError(f"txn key must be a non-empty string without a leading '/', got {key!r}")
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        if not isinstance(raw, bytes):
+            raise ValueError(f"txn value for {key!r} must be str or bytes, got {type(value).__name__}")
+        op = {"KV": {"Verb": "set", "Key": key, "Value": base64.b64encode(raw).decode("ascii")}}
+        if not batches or len(batches[-1]) >= max_ops:
+            batches.append([])
+        batches[-1].append(op)
+    return batches

@@ -1,0 +1,593 @@
+"""Propagation decisions without I/O: the release plan and one node's pull state machine.
+
+``plan_release`` computes the (k+1)-ary doubling schedule the leader writes to KV.
+``PullMachine`` decides, for one node and one run, what to do next from what the Consul
+adapter (``_worker``) observed; the adapter performs each action and reports back. Keeping
+every decision here makes each rule testable without Consul and keeps the adapter thin.
+
+Pull rules, in the order the machine applies them:
+
+* nothing runs twice: a node done at the release's version, the leader, a node that is not
+  a target (no plan entry for this run), a node failed in this run and an aborted release
+  all end the worker before anything runs;
+* a node first waits for ``plan.after`` (the puller scheduled on the same source slot one
+  stage earlier) to finish, then for its preferred source to be done at the version;
+* only a node done at the version is a source; a failed one never is; one whose record is
+  not held by a live session while not finished has crashed and is treated as failed;
+* a failed or crashed source, one that has not started within ``start_grace`` (not a target,
+  agent down, event lost), or one whose ``fanout`` slots all stay busy beyond ``busy_grace``
+  sends the node to the fallback: any done node with a free slot, lowest depth first, then
+  fewest pullers, ties broken by a hash of the two names so fallbacks spread out;
+* at most ``fanout`` pullers per source: a slot key must be acquired before pulling;
+* the worker gives up at ``watch_timeout`` with a failed state saying what it waited for.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NODE_DONE,
+    NODE_FAILED,
+    NODE_PULLING,
+    NODE_WAITING,
+    NodeState,
+    PlanEntry,
+    ReleaseRecord,
+    check_name,
+)
+
+# --- the doubling schedule -------------------------------------------------------------
+
+
+def _check_fanout(fanout) -> int:
+    if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 1:
+        raise ValueError(f"fanout must be an integer >= 1, got {fanout!r}")
+    return fanout
+
+
+def stage_count(n_nodes: int, fanout: int) -> int:
+    """Stages the schedule needs for ``n_nodes`` (leader included): ceil(log_{k+1} N)."""
+    fanout = _check_fanout(fanout)
+    if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 1:
+        raise ValueError(f"node count must be an integer >= 1, got {n_nodes!r}")
+    stages, reached = 0, 1
+    while reached < n_nodes:
+        reached *= fanout + 1
+        stages += 1
+    return stages
+
+
+def schedule_position(index: int, fanout: int) -> tuple[int, int, int]:
+    """``(stage, source_index, slot)`` of the node at ``index`` >= 1 in the schedule order.
+
+    With s = floor(log_{k+1} index) and base = (k+1)^s: source = (index - base) // k,
+    slot = (index - base) % k, stage = s + 1. Integer arithmetic only (no float log).
+    """
+    fanout = _check_fanout(fanout)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+        raise ValueError(f"schedule index must be an integer >= 1, got {index!r}")
+    s, base = 0, 1
+    while base * (fanout + 1) <= index:
+        base *= fanout + 1
+        s += 1
+    offset = index - base
+    return s + 1, offset // fanout, offset % fanout
+
+
+def schedule_order(targets: Sequence[str], leader: str) -> list[str]:
+    """The leader first, then the other targets sorted by name: index = schedule position.
+
+    The leader may or may not be among ``targets`` (it is always the tree's root); any other
+    duplicate is an error.
+    """
+    check_name(leader, "leader node")
+    seen = set()
+    for name in targets:
+        check_name(name, "target node")
+        if name in seen and name != leader:
+            raise ValueError(f"target node {name!r} is listed twice")
+        seen.add(name)
+    seen.discard(leader)
+    return [leader] + sorted(seen)
+
+
+def plan_release(targets: Sequence[str], leader: str, fanout: int, run_id: str) -> dict[str, PlanEntry]:
+    """The plan entry of every target but the leader, keyed by node name.
+
+    Node i (in ``schedule_order``) pulls from node ``source_index`` over slot ``slot``. When
+    that source already served a puller on the same slot in the previous stage, ``after``
+    names that puller (index i - k*(k+1)^(s-1)) so the two do not race for the slot.
+    """
+    fanout = _check_fanout(fanout)
+    order = schedule_order(targets, leader)
+    plan = {}
+    for index in range(1, len(order)):
+        stage, source_index, slot = schedule_position(index, fanout)
+        # The source serves from the stage after its own (the leader from stage 1); if that
+        # is before this stage, the same slot had a puller one stage earlier.
+        first_serving = 1 if source_index == 0 else schedule_position(source_index, fanout)[0] + 1
+        after = order[index - fanout * (fanout + 1) ** (stage - 2)] if first_serving < stage else None
+        plan[order[index]] = PlanEntry(run_id=run_id, source=order[source_index], stage=stage, slot=slot, after=after)
+    return plan
+
+
+def spread_key(puller: str, candidate: str) -> int:
+    """A stable pseudo-random number for (puller, candidate), the same on every node."""
+    return zlib.crc32(f"{puller}\0{candidate}".encode("utf-8"))
+
+
+def slot_order(puller: str, fanout: int, preferred: int | None = None) -> tuple[int, ...]:
+    """Slots to try on a source: the preferred one, then all others from a puller-specific start."""
+    fanout = _check_fanout(fanout)
+    start = spread_key(puller, "") % fanout
+    rotated = [(start + j) % fanout for j in range(fanout)]
+    if preferred is not None and 0 <= preferred < fanout:
+        rotated.remove(preferred)
+        rotated.insert(0, preferred)
+    return tuple(rotated)
+
+
+# --- observations and actions ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node record as read from KV: its state (None if absent, not parseable or from an
+    unrelated app) and whether the key is held by a live session (``Session`` set)."""
+
+    state: NodeState | None
+    held: bool = False
+
+
+@dataclass(frozen=True)
+class PullTimings:
+    """Time limits of one worker, in seconds."""
+
+    watch_timeout: float = 3600.0
+    start_grace: float = 30.0
+    busy_grace: float = 30.0
+    max_wait: float = 10.0
+    fallback_tries: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("watch_timeout", "start_grace", "busy_grace", "max_wait"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if isinstance(self.fallback_tries, bool) or not isinstance(self.fallback_tries, int) or self.fallback_tries < 1:
+            raise ValueError(f"fallback_tries must be an integer >= 1, got {self.fallback_tries!r}")
+
+
+@dataclass(frozen=True)
+class WriteState:
+    """Write this node's record (``<app>/nodes/<me>``); answer with ``on_written(ok)``."""
+
+    state: NodeState
+
+
+@dataclass(frozen=True)
+class WaitForNode:
+    """Read ``<app>/nodes/<node>``, blocking while its index is ``index`` (0: do not block) for
+    at most ``wait`` s; re-read the release (``on_release``), then answer ``on_node``."""
+
+    node: str
+    index: int
+    wait: float
+
+
+@dataclass(frozen=True)
+class ClaimSlot:
+    """Read ``<app>/slots/<source>/`` (for its index) and acquire the first free slot of
+    ``slots`` in that order; resolve the source's address; answer ``on_claim``."""
+
+    source: str
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WaitForSlots:
+    """Block on ``<app>/slots/<source>/`` at ``index`` for at most ``wait`` s; re-read the
+    release (``on_release``), then answer ``on_slots_changed``."""
+
+    source: str
+    index: int
+    wait: float
+
+
+@dataclass(frozen=True)
+class ListNodes:
+    """Read every record under ``<app>/nodes/`` once (fallback only); answer ``on_nodes``."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Nothing to block on (no candidate source yet): sleep, re-read the release
+    (``on_release``), then answer ``on_slept``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Run the app's task against ``source``; answer ``on_task(ok, error)``."""
+
+    source: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class ReleaseSlot:
+    """Release ``<app>/slots/<source>/<slot>``; answer ``on_released``."""
+
+    source: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class Restart:
+    """The release now describes another run: start over with a new machine."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """The end of a worker: the node's state (None if it has none), why it ended, and
+    whether the task ran in this worker."""
+
+    state: NodeState | None
+    reason: str
+    ran_task: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.state is not None and self.state.status == NODE_FAILED
+
+
+# --- the state machine -----------------------------------------------------------------
+
+_WAIT_AFTER = "wait-after"
+_WAIT_SOURCE = "wait-source"
+_CLAIM = "claim"
+_WAIT_SLOTS = "wait-slots"
+_LIST = "list"
+_SLEEP = "sleep"
+_WRITE = "write"
+_RUN = "run"
+_RELEASE = "release"
+_DONE = "finished"
+
+
+class PullMachine:
+    """One node's pull for one run, as a state machine driven by the Consul adapter.
+
+    Call ``start(now)`` for the first action, then the ``on_*`` method matching each action
+    with what was observed; every call returns the next action until a ``PullResult`` (or a
+    ``Restart``) ends it. ``now`` is the adapter's clock (epoch seconds); it stamps the
+    records and measures graces and the timeout.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        release: ReleaseRecord | None,
+        plan: PlanEntry | None,
+        own: NodeState | None,
+        timings: PullTimings = PullTimings(),
+    ) -> None:
+        self.node = check_name(node, "node")
+        self.release = release
+        self.plan = plan
+        self.own = own
+        self.timings = timings
+        self.phase = None
+        self.started = None
+        self.deadline = None
+        self.state: NodeState | None = None  # last record this machine asked to write
+        self.excluded: set[str] = set()  # failed, crashed or unusable sources
+        self.source: str | None = None  # node currently waited on / claimed on
+        self.source_depth: int | None = None
+        self.fallback = False
+        self.waiting_since = None
+        self.busy_since = None
+        self.candidates: list[tuple[str, int]] = []  # (node, depth) from the last listing
+        self.tried = 0  # candidates[tried] is the one being claimed
+        self.listed_at = None
+        self.empty_listings = 0
+        self.slot: int | None = None
+        self.after_write = None  # what to do once the pending write is answered
+        self.outcome: PullResult | None = None  # result of the task, reported after release
+
+    # -- entry ------------------------------------------------------------------------
+
+    def start(self, now: float):
+        release, own = self.release, self.own
+        if release is None:
+            return self._finish(own, "no release recorded for this app")
+        if release.aborted:
+            return self._finish(own, f"release {release.run_id} was aborted: {release.aborted_reason or 'no reason given'}")
+        if own is not None and own.has(release.version):
+            return self._finish(own, f"already done at version {release.version}")
+        if self.node == release.leader:
+            return self._finish(own, f"this node is the leader of run {release.run_id}")
+        if self.plan is None or self.plan.run_id != release.run_id:
+            return self._finish(own, f"not a target of run {release.run_id} (no plan entry for it)")
+        if self.node in (self.plan.source, self.plan.after):
+            return self._finish(own, f"the plan entry of run {release.run_id} names this node as its own source")
+        if own is not None and own.run_id == release.run_id and own.status == NODE_FAILED:
+            return self._finish(own, f"already failed in run {release.run_id}: {own.error}; fire again to retry")
+        self.started = now
+        self.deadline = now + self.timings.watch_timeout
+        waiting = NodeState(version=release.version, run_id=release.run_id, status=NODE_WAITING, started=now)
+        return self._write(waiting, self._begin_wait)
+
+    def _begin_wait(self, now: float):
+        if self.plan.after:
+            return self._wait_on(_WAIT_AFTER, self.plan.after, now)
+        return self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+
+    # -- observations -----------------------------------------------------------------
+
+    def on_written(self, ok: bool, now: float):
+        self._expect(_WRITE)
+        then, self.after_write = self.after_write, None
+        if ok:
+            return then(now)
+        lost = f"the record of node {self.node} is held or changed by another worker"
+        if self.state.status == NODE_PULLING:
+            self.outcome = PullResult(None, f"{lost}; did not pull")
+            return self._release_slot()
+        if self.state.terminal:
+            ran = self.outcome is not None
+            reason = self.outcome.reason if ran else self.state.error
+            return self._finish(self.state, f"{reason}; but this could not be recorded: {lost}", ran)
+        return self._finish(None, lost)
+
+    def on_release(self, release: ReleaseRecord | None, now: float):
+        """After every wait: None to go on, else the action that ends this run."""
+        if self.phase in (_DONE, _WRITE, _RUN, _RELEASE) or self.started is None:
+            raise RuntimeError(f"on_release is not expected in phase {self.phase}")
+        if release is None or release.run_id != self.release.run_id:
+            self.phase = _DONE
+            what = "was deleted" if release is None else f"now describes run {release.run_id}"
+            return Restart(f"the release record {what}")
+        self.release = release
+        if release.aborted:
+            reason = f"release {release.run_id} was aborted: {release.aborted_reason or 'no reason given'}"
+            return self._fail(reason, now)
+        return None
+
+    def on_node(self, node: str, view: NodeView, index: int, now: float):
+        if self.phase not in (_WAIT_AFTER, _WAIT_SOURCE) or node != self.source:
+            raise RuntimeError(f"on_node({node}) is not expected in phase {self.phase} (waiting on {self.source})")
+        state, run, version = view.state, self.release.run_id, self.release.version
+        this_run = state is not None and state.run_id == run
+        crashed = this_run and not state.terminal and not view.held
+        late = (state is None or not this_run) and now - self.waiting_since >= self.timings.start_grace
+
+        if self.phase == _WAIT_AFTER:
+            # Keep waiting only while the predecessor may still take our slot on our source.
+            if this_run:
+                ahead = not crashed and (
+                    state.status == NODE_WAITING or (state.status == NODE_PULLING and state.source == self.plan.source)
+                )
+            else:  # not started in this run: it may still come, unless late or done already
+                ahead = not late and not (state is not None and state.has(version))
+            if ahead:
+                return self._keep_waiting(index, now, grace_from=None if this_run else self.timings.start_grace)
+            if this_run and state.has(version) and state.source == self.plan.source:
+                # It pulled from our source, so the source is done too, one level up.
+                self.source, self.source_depth = self.plan.source, state.depth - 1
+                return self._claim(self.plan.source, slot_order(self.node, self.release.fanout, self.plan.slot), now)
+            return self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+
+        if state is not None and state.has(version):
+            self.source_depth = state.depth or 0
+            return self._claim(node, slot_order(self.node, self.release.fanout, self.plan.slot), now)
+        if this_run and state.status == NODE_FAILED:
+            return self._start_fallback(f"source {node} failed: {state.error}", now, exclude=node)
+        if crashed:
+            return self._start_fallback(f"source {node} stopped without finishing (its session ended)", now, exclude=node)
+        if late:
+            return self._start_fallback(
+                f"source {node} has not started run {run} within {self.timings.start_grace:g}s", now
+            )
+        return self._keep_waiting(index, now, grace_from=None if this_run else self.timings.start_grace)
+
+    def on_claim(self, slot: int | None, index: int, now: float, unusable: str | None = None):
+        self._expect(_CLAIM)
+        source = self.source
+        if unusable:
+            return self._start_fallback(f"source {source} is unusable: {unusable}", now, exclude=source)
+        if slot is not None:
+            self.slot = slot
+            pulling = NodeState(
+                version=self.release.version,
+                run_id=self.release.run_id,
+                status=NODE_PULLING,
+                started=self.started,
+                source=source,
+                depth=self.source_depth + 1,
+            )
+            return self._write(pulling, lambda _now: self._run(source, slot))
+        if self.fallback:
+            return self._next_candidate(index, now)
+        if self.busy_since is None:
+            self.busy_since = now
+        if now - self.busy_since >= self.timings.busy_grace:
+            return self._start_fallback(
+                f"all {self.release.fanout} slots of source {source} stayed busy for {self.timings.busy_grace:g}s", now
+            )
+        return self._wait_slots(index, now, self.busy_since + self.timings.busy_grace)
+
+    def on_slots_changed(self, now: float):
+        self._expect(_WAIT_SLOTS)
+        if self.fallback and now - self.listed_at >= self.timings.max_wait:
+            return self._list("re-reading candidates: slots stayed busy", now)
+        preferred = None if self.fallback else self.plan.slot
+        return self._claim(self.source, slot_order(self.node, self.release.fanout, preferred), now)
+
+    def on_nodes(self, views: Mapping[str, NodeView], now: float):
+        self._expect(_LIST)
+        run, version, fanout = self.release.run_id, self.release.version, self.release.fanout
+        pullers: dict[str, int] = {}
+        for view in views.values():
+            state = view.state
+            if state is not None and state.run_id == run and state.status == NODE_PULLING and view.held:
+                pullers[state.source] = pullers.get(state.source, 0) + 1
+        ranked = []
+        for name, view in views.items():
+            if name == self.node or name in self.excluded or view.state is None or not view.state.has(version):
+                continue
+            busy = pullers.get(name, 0)
+            ranked.append(((busy >= fanout, view.state.depth or 0, busy, spread_key(self.node, name)), name, view.state.depth or 0))
+        ranked.sort()
+        self.candidates = [(name, depth) for _key, name, depth in ranked]
+        self.listed_at = now
+        self.tried = 0
+        if not self.candidates:
+            self.empty_listings += 1
+            expired = self._expired(now)
+            if expired:
+                return expired
+            delay = min(self.timings.max_wait, 0.5 * 2 ** (self.empty_listings - 1), self.deadline - now)
+            self.phase = _SLEEP
+            return Sleep(delay)
+        self.empty_listings = 0
+        return self._claim_candidate(now)
+
+    def on_slept(self, now: float):
+        self._expect(_SLEEP)
+        return self._list("no done node had a free slot", now)
+
+    def on_task(self, ok: bool, error: str | None, now: float):
+        self._expect(_RUN)
+        if ok:
+            final = replace(self.state, status=NODE_DONE, finished=now, error=None)
+            reason = f"pulled version {self.release.version} from {self.source}"
+        else:
+            message = error or "the task failed without a message"
+            final = replace(self.state, status=NODE_FAILED, finished=now, error=message)
+            reason = f"task failed pulling from {self.source}: {message}"
+        self.outcome = PullResult(final, reason, True)
+        return self._release_slot()
+
+    def on_released(self, now: float):
+        self._expect(_RELEASE)
+        outcome = self.outcome
+        if outcome.state is None:
+            return self._finish(None, outcome.reason)
+        return self._write(outcome.state, lambda _now: self._finish(outcome.state, outcome.reason, True))
+
+    # -- transitions ------------------------------------------------------------------
+
+    def _expect(self, phase: str) -> None:
+        if self.phase != phase:
+            raise RuntimeError(f"answer for phase {phase} received in phase {self.phase}")
+
+    def _finish(self, state, reason, ran_task=False):
+        self.phase = _DONE
+        return PullResult(state, reason, ran_task)
+
+    def _write(self, state: NodeState, then):
+        self.phase = _WRITE
+        self.state = state
+        self.after_write = then
+        return WriteState(state)
+
+    def _fail(self, reason: str, now: float):
+        failed = NodeState(
+            version=self.release.version,
+            run_id=self.release.run_id,
+            status=NODE_FAILED,
+            started=self.started,
+            finished=now,
+            error=reason,
+        )
+        return self._write(failed, lambda _now: self._finish(failed, reason))
+
+    def _expired(self, now: float):
+        if now < self.deadline:
+            return None
+        waited = f"waiting for a source ({self._waiting_for()})"
+        return self._fail(f"timed out after {self.timings.watch_timeout:g}s {waited}", now)
+
+    def _waiting_for(self) -> str:
+        if self.phase == _WAIT_AFTER:
+            return f"{self.source} to finish with slot {self.plan.slot} of {self.plan.source}"
+        if self.phase == _WAIT_SOURCE:
+            return f"{self.source} to be done"
+        if self.phase in (_CLAIM, _WAIT_SLOTS):
+            return f"a free slot on {self.source}"
+        return "no done node had a free slot"
+
+    def _wait_on(self, phase: str, node: str, now: float):
+        self.phase = phase
+        self.source = node
+        self.waiting_since = now
+        return self._expired(now) or WaitForNode(node, 0, 0.0)
+
+    def _keep_waiting(self, index: int, now: float, grace_from: float | None):
+        expired = self._expired(now)
+        if expired:
+            return expired
+        limit = self.deadline
+        if grace_from is not None:
+            limit = min(limit, self.waiting_since + grace_from)
+        return WaitForNode(self.source, index, self._wait_time(now, limit))
+
+    def _wait_time(self, now: float, limit: float) -> float:
+        return max(0.1, min(self.timings.max_wait, limit - now))
+
+    def _claim(self, source: str, slots: tuple[int, ...], now: float):
+        expired = self._expired(now)
+        if expired:
+            return expired
+        self.phase = _CLAIM
+        self.source = source
+        return ClaimSlot(source, slots)
+
+    def _wait_slots(self, index: int, now: float, limit: float):
+        expired = self._expired(now)
+        if expired:
+            return expired
+        self.phase = _WAIT_SLOTS
+        return WaitForSlots(self.source, index, self._wait_time(now, min(limit, self.deadline)))
+
+    def _start_fallback(self, reason: str, now: float, exclude: str | None = None):
+        if exclude:
+            self.excluded.add(exclude)
+        self.fallback = True
+        return self._list(reason, now)
+
+    def _list(self, reason: str, now: float):
+        expired = self._expired(now)
+        if expired:
+            return expired
+        self.phase = _LIST
+        return ListNodes(reason)
+
+    def _claim_candidate(self, now: float):
+        name, depth = self.candidates[self.tried]
+        self.source_depth = depth
+        return self._claim(name, slot_order(self.node, self.release.fanout), now)
+
+    def _next_candidate(self, index: int, now: float):
+        if self.tried + 1 < min(len(self.candidates), self.timings.fallback_tries):
+            self.tried += 1
+            return self._claim_candidate(now)
+        # Every candidate tried is busy: block on the last one's slots, re-list after max_wait.
+        return self._wait_slots(index, now, self.listed_at + self.timings.max_wait)
+
+    def _run(self, source: str, slot: int):
+        self.phase = _RUN
+        return RunTask(source, slot)
+
+    def _release_slot(self):
+        self.phase = _RELEASE
+        return ReleaseSlot(self.source, self.slot)

@@ -1,0 +1,822 @@
+"""fireap-reap: the node's handler of the Consul watch on the FIREAP:TASK user event.
+
+The fireap_node role installs it as ``<prefix>/bin/fireap-reap`` and registers it as the
+agent's watch handler (type ``event``, name ``FIREAP:TASK``)::
+
+    fireap-reap --config /etc/fireap/config.yml [--dry-run]   as the watch handler
+    fireap-reap --config FILE --check                          validate a config file
+    fireap-reap --config FILE --worker APP                     started by the handler
+
+As the watch handler it reads a JSON array of Consul events on stdin (empty, ``[]`` at
+watch start, or a terminal when run by hand) and:
+
+1. parses the events: name ``FIREAP:TASK``, payload = base64 of the compact JSON
+   ``{"app": ..., "version": ...}``; a malformed event is logged and skipped;
+2. drops events already handled (the agent hands its whole buffer over again at start and
+   at every reload): their IDs are kept, bounded, in ``<state_dir>/processed-events.json``;
+   events for apps this node does not configure are logged and skipped; of the rest, the
+   newest event per app (by LTime) is logged;
+3. checks every configured app, whether or not an event named it (gossip may drop an
+   event; the watch fires with ``[]`` at agent start): reads ``<app>/release`` and, only
+   when needed, the node's own state and plan entry; the release record decides, an event
+   is only a wake-up;
+4. for each app whose running release this node is a target of and not done with, starts
+   a detached worker (a process session of its own, output to the log file) and exits at
+   once so the agent's watch is not blocked.
+
+A worker pulls one app (``_worker.pull``) with the app's commands as the task. One worker
+runs per app, holding the flock of ``<state_dir>/worker-<app>.lock``. The handler leaves
+``worker-<app>.pending`` before it starts one and starts none while the lock is held; a
+worker that finds the lock held exits quietly. The running worker re-checks the release
+after each pull, and whenever that marker appeared, and pulls again when a newer run was
+fired meanwhile.
+
+``--dry-run`` reads events and Consul like the handler, then prints for each app what
+would happen, with the rendered commands of each worker it would start (the source node is
+not known before the pull: placeholders stand in for it); it starts nothing and writes
+nothing (log lines go to stderr).
+
+Exit codes:
+
+* 0: every configured app was checked; ``--check``: the config is valid; worker: the
+  pulls ended without failure;
+* 1: some app could not be checked (Consul unreachable, access denied, malformed release
+  or plan record); worker: a pull failed or could not be done;
+* 2: bad usage, invalid config, a node name unfit for KV keys, or an unusable state_dir.
+
+Only stdlib, py-consul and PyYAML: nodes run this without Ansible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from consul.callback import CB
+
+from ansible_collections.fireap.consul.plugins.module_utils._commands import (
+    CommandVariables,
+    render_phases,
+    run_phases,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._connection import (
+    ConsulOptions,
+    ConsulOptionsError,
+    FireapConsulError,
+    build_client,
+    consul_errors,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NODE_PULLING,
+    KVRecordError,
+    NodeState,
+    PlanEntry,
+    ReleaseRecord,
+    Schema,
+    check_name,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    PullMachine,
+    PullResult,
+    PullTimings,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._release import (
+    EVENT_NAME,
+    check_version,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
+    DEFAULT_PATH,
+    AppConfig,
+    ConfigError,
+    TaskConfig,
+    check_app_name,
+    load_config,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._worker import (
+    PullError,
+    SourceInfo,
+    pull,
+)
+
+EXIT_OK = 0
+EXIT_UNCHECKED = 1
+EXIT_USAGE = 2
+
+#: Event IDs remembered as handled. Consul buffers the last 256 events of all names, so a
+#: replay never reaches further back than this.
+PROCESSED_LIMIT = 1024
+PROCESSED_FILE = "processed-events.json"
+HANDLER_LOCK_FILE = "handler.lock"
+EVENT_ID_MAX_LENGTH = 64
+
+#: Stand-ins for the source node in ``--dry-run`` output.
+DRY_RUN_SOURCE = SourceInfo(name="<source-name>", address="<source-address>")
+
+#: The directory holding ``ansible_collections/``: where the worker imports this module from.
+IMPORT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 5))
+#: ``python -c`` program of a worker: argv[1] is IMPORT_ROOT, the rest are fireap-reap's
+#: arguments. Unlike PYTHONPATH, this does not leak into the environment of the app's commands.
+_WORKER_PROGRAM = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from ansible_collections.fireap.consul.plugins.module_utils._reap import main; sys.exit(main())"
+)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s fireap-reap[%(process)d] app=%(app)s version=%(version)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+_log = logging.getLogger("fireap.reap")
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """A well-formed FIREAP:TASK event."""
+
+    id: str
+    ltime: int
+    app: str
+    version: str
+
+
+@dataclass(frozen=True)
+class RejectedEvent:
+    """An event (or the whole input, ``id`` None) that cannot be used, and why."""
+
+    id: str | None
+    reason: str
+
+
+def decode_payload(payload) -> tuple[str, str]:
+    """``(app, version)`` from an event's ``Payload`` (base64 text); ValueError saying why not.
+
+    The payload is what ``_release.event_payload`` makes, checked as fireap_fire checks it:
+    the app name by ``_taskconfig.check_app_name``, the version by ``_release.check_version``.
+    """
+    if payload is None:
+        raise ValueError("it has no payload")
+    if not isinstance(payload, str):
+        raise ValueError(f"its Payload must be base64 text, got {type(payload).__name__}")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"its payload is not valid base64 ({err})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("its payload is not UTF-8 text") from None
+    except ValueError as err:
+        raise ValueError(f"its payload is not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f'its payload must be a JSON object {{"app": ..., "version": ...}}, got {type(data).__name__}')
+    for field in ("app", "version"):
+        if field not in data:
+            raise ValueError(f"its payload has no {field!r} field")
+    try:
+        app = check_app_name(data["app"])
+        version = check_version(data["version"])
+    except ValueError as err:
+        raise ValueError(f"its payload is invalid: {err}") from None
+    return app, version
+
+
+def _event_id(event: dict) -> str | None:
+    value = event.get("ID")
+    if isinstance(value, str) and 0 < len(value) <= EVENT_ID_MAX_LENGTH and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def parse_event(event) -> TaskEvent | RejectedEvent:
+    """One element of the watch's event array."""
+    if not isinstance(event, dict):
+        return RejectedEvent(None, f"an event must be a JSON object, got {type(event).__name__}")
+    event_id = _event_id(event)
+    if event_id is None:
+        return RejectedEvent(None, f"an event has no usable ID (a string of 1 to {EVENT_ID_MAX_LENGTH} printable "
+                                   f"ASCII characters): {event.get('ID')!r}")
+    name = event.get("Name")
+    if name != EVENT_NAME:
+        return RejectedEvent(event_id, f"event {event_id} is named {name!r}, not {EVENT_NAME!r}")
+    ltime = event.get("LTime")
+    if isinstance(ltime, bool) or not isinstance(ltime, int) or ltime < 0:
+        return RejectedEvent(event_id, f"event {event_id} has no valid LTime (an integer >= 0): {ltime!r}")
+    try:
+        app, version = decode_payload(event.get("Payload"))
+    except ValueError as err:
+        return RejectedEvent(event_id, f"event {event_id} is skipped: {err}")
+    return TaskEvent(id=event_id, ltime=ltime, app=app, version=version)
+
+
+def parse_events(text: str) -> tuple[list[TaskEvent], list[RejectedEvent]]:
+    """The events of a watch invocation's stdin: empty input means none."""
+    if not text.strip():
+        return [], []
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        return [], [RejectedEvent(None, f"stdin is not JSON ({err}); expected the watch's array of events")]
+    if not isinstance(data, list):
+        return [], [RejectedEvent(None, f"stdin must be a JSON array of events, got {type(data).__name__}")]
+    events: list[TaskEvent] = []
+    rejected: list[RejectedEvent] = []
+    for item in data:
+        parsed = parse_event(item)
+        (events if isinstance(parsed, TaskEvent) else rejected).append(parsed)
+    return events, rejected
+
+
+def newest_per_app(events: Iterable[TaskEvent]) -> dict[str, TaskEvent]:
+    """The event with the highest LTime of each app; on a tie the later one in the list wins
+    (the agent lists events oldest first)."""
+    newest: dict[str, TaskEvent] = {}
+    for event in events:
+        current = newest.get(event.app)
+        if current is None or event.ltime >= current.ltime:
+            newest[event.app] = event
+    return newest
+
+
+# --- the record of handled events --------------------------------------------------------
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    directory = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_processed(path: str) -> tuple[list[str], str | None]:
+    """The handled event IDs, oldest first, and a warning when the file was unusable."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        return [], None
+    except (OSError, ValueError) as err:
+        return [], f"ignoring the record of handled events {path}: {err}"
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+        return [], f"ignoring the record of handled events {path}: expected {{\"ids\": [strings]}}"
+    return ids, None
+
+
+def remember(processed: list[str], new_ids: Iterable[str], limit: int = PROCESSED_LIMIT) -> list[str]:
+    """``processed`` with ``new_ids`` appended (each once), cut to the newest ``limit``."""
+    known = set(processed)
+    result = list(processed)
+    for event_id in new_ids:
+        if event_id not in known:
+            known.add(event_id)
+            result.append(event_id)
+    return result[-limit:]
+
+
+def save_processed(path: str, ids: list[str]) -> None:
+    write_atomic(path, json.dumps({"ids": ids}, separators=(",", ":")).encode("utf-8") + b"\n")
+
+
+# --- the catch-up check ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppCheck:
+    """What the node should do for one app, with the release record it was decided on."""
+
+    app: str
+    start: bool
+    reason: str
+    release: ReleaseRecord | None
+
+
+def decide(node: str, release: ReleaseRecord | None, plan: PlanEntry | None, own: NodeState | None) -> tuple[bool, str]:
+    """Whether ``node`` needs a worker for this release, and why; the pull's own start rules."""
+    action = PullMachine(node, release, plan, own).start(0.0)
+    if isinstance(action, PullResult):
+        return False, action.reason
+    if own is None:
+        state = "no state yet"
+    else:
+        state = f"own state {own.status} at version {own.version} (run {own.run_id})"
+    return True, f"behind release {release.version} (run {release.run_id}): {state}"
+
+
+class _Reader:
+    """The few KV reads of a check; Consul errors become FireapConsulError."""
+
+    def __init__(self, client, options: ConsulOptions) -> None:
+        self.client = client
+        self.options = options
+
+    def value(self, key: str):
+        with consul_errors(self.options, f"reading {key}"):
+            _index, entry = self.client.kv.get(key)
+        return None if entry is None else entry.get("Value")
+
+    def record(self, cls, key: str):
+        value = self.value(key)
+        return None if value is None else cls.from_json(value, key)
+
+
+def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: str,
+              log: logging.LoggerAdapter | logging.Logger = _log) -> AppCheck:
+    """Read what ``decide`` needs for ``app``: the release, then the node's state and plan
+    only when the answer still depends on them (1 to 3 single-key reads).
+
+    Raises FireapConsulError when Consul does not answer and KVRecordError for a malformed
+    release or plan record; a malformed own state is logged and treated as absent (the
+    worker overwrites it).
+    """
+    reader = _Reader(client, options)
+    release = reader.record(ReleaseRecord, schema.release(app))
+    own = plan = None
+    if release is not None and not release.aborted:
+        own_key = schema.node(app, node)
+        try:
+            own = reader.record(NodeState, own_key)
+        except KVRecordError as err:
+            log.warning("%s; treating this node as having no state", err)
+        if not (own is not None and own.has(release.version)) and node != release.leader:
+            plan = reader.record(PlanEntry, schema.plan(app, node))
+    start, reason = decide(node, release, plan, own)
+    return AppCheck(app, start, reason, release)
+
+
+# --- logging -----------------------------------------------------------------------------
+
+
+class _ContextFilter(logging.Filter):
+    """Gives every record the ``app`` and ``version`` fields of the format ("-" when unset)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for field in ("app", "version"):
+            if not hasattr(record, field):
+                setattr(record, field, "-")
+        return True
+
+
+def configure_logging(log_file: str | None) -> str | None:
+    """Send the handler's log to ``log_file`` (stderr when None); return a warning when the
+    file cannot be opened and stderr is used instead."""
+    warning = None
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            os.makedirs(os.path.dirname(log_file), exist_ok=True)
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as err:
+            handler = logging.StreamHandler(sys.stderr)
+            warning = f"cannot write the log file {log_file} ({err.strerror or err}); logging to stderr"
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler.addFilter(_ContextFilter())
+    for old in list(_log.handlers):
+        _log.removeHandler(old)
+        old.close()
+    _log.addHandler(handler)
+    _log.setLevel(logging.INFO)
+    _log.propagate = False
+    return warning
+
+
+def _context(app: str = "-", version: str = "-") -> logging.LoggerAdapter:
+    return logging.LoggerAdapter(_log, {"app": app, "version": version})
+
+
+# --- files in the state directory --------------------------------------------------------
+
+
+def _worker_lock_path(state_dir: str, app: str) -> str:
+    return os.path.join(state_dir, f"worker-{app}.lock")
+
+
+def _pending_path(state_dir: str, app: str) -> str:
+    return os.path.join(state_dir, f"worker-{app}.pending")
+
+
+@contextlib.contextmanager
+def _flock(path: str, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive flock on ``path`` for the block; yields False if (non-blocking) it is
+    held elsewhere. The lock ends with the process, so a crashed holder never blocks anyone."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def _discard(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+# --- starting workers --------------------------------------------------------------------
+
+
+def _open_output(log_file: str):
+    try:
+        return open(log_file, "ab")
+    except OSError:
+        return open(os.devnull, "wb")
+
+
+def start_worker(config_path: str, app: str, log_file: str) -> int:
+    """Start ``fireap-reap --worker app`` detached: new session, stdin from /dev/null,
+    output appended to ``log_file``; return its pid without waiting for it."""
+    command = [sys.executable, "-c", _WORKER_PROGRAM, IMPORT_ROOT,
+               "--config", os.path.abspath(config_path), "--worker", app]
+    with _open_output(log_file) as output:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
+    return process.pid
+
+
+def request_worker(state_dir: str, app: str, spawn: Callable[[], int]) -> int | None:
+    """Make sure a worker for ``app`` will look at the release again; return the new
+    worker's pid, or None when a running worker will do it.
+
+    The pending marker is left before looking at the lock: a worker that is about to end
+    checks for it after letting its lock go, so no request is lost in between.
+    """
+    _touch(_pending_path(state_dir, app))
+    with _flock(_worker_lock_path(state_dir, app), blocking=False) as free:
+        running = not free
+    return None if running else spawn()
+
+
+# --- the handler -------------------------------------------------------------------------
+
+
+@dataclass
+class _Handler:
+    config: TaskConfig
+    config_path: str
+    options: ConsulOptions
+    client: object
+    node: str
+    dry_run: bool
+    out: object
+    spawn: Callable[[str, str, str], int]
+
+    def run(self, text: str) -> int:
+        events, rejected = parse_events(text)
+        if self.dry_run:
+            return self.process(events, rejected, processed=[])
+        state_dir = self.config.state_dir
+        path = os.path.join(state_dir, PROCESSED_FILE)
+        with contextlib.ExitStack() as stack:
+            try:
+                os.makedirs(state_dir, mode=0o750, exist_ok=True)
+                # Serialises handlers (a manual run beside the watch's) around the record.
+                stack.enter_context(_flock(os.path.join(state_dir, HANDLER_LOCK_FILE), blocking=True))
+            except OSError as err:
+                _log.error("cannot use state_dir %s: %s", state_dir, err.strerror or err)
+                return EXIT_USAGE
+            processed, warning = load_processed(path)
+            if warning:
+                _log.warning("%s", warning)
+            rc = self.process(events, rejected, processed)
+            updated = remember(processed, [item.id for item in [*events, *rejected] if item.id is not None])
+            if updated != processed:
+                try:
+                    save_processed(path, updated)
+                except OSError as err:
+                    _log.error("cannot record the handled events in %s: %s", path, err.strerror or err)
+                    return EXIT_USAGE
+            return rc
+
+    def process(self, events: list[TaskEvent], rejected: list[RejectedEvent], processed: list[str]) -> int:
+        known = set(processed)
+        new = [event for event in events if event.id not in known]
+        new_rejected = [item for item in rejected if item.id is None or item.id not in known]
+        _log.info("invoked with %d event(s), %d new; node %s, apps: %s", len(events) + len(rejected),
+                  len(new) + len(new_rejected), self.node, ", ".join(self.config.apps) or "none")
+        for item in new_rejected:
+            _log.warning("%s", item.reason)
+        configured = []
+        for event in new:
+            if event.app in self.config.apps:
+                configured.append(event)
+            else:
+                _context(event.app, event.version).warning(
+                    "event %s names app %s, which is not configured on this node; skipped", event.id, event.app)
+        newest = newest_per_app(configured)
+        if self.dry_run:
+            print(f"fireap-reap dry run on node {self.node}: {len(new)} new event(s)", file=self.out)
+        rc = EXIT_OK
+        for app in self.config.apps:
+            if not self.check(app, newest.get(app)):
+                rc = EXIT_UNCHECKED
+        return rc
+
+    def check(self, app: str, event: TaskEvent | None) -> bool:
+        log = _context(app, event.version if event else "-")
+        if event is not None:
+            log.info("event %s (LTime %d) asks for version %s", event.id, event.ltime, event.version)
+        try:
+            result = check_app(self.client, self.options, Schema(self.config.kv_prefix), app, self.node, log)
+        except (FireapConsulError, KVRecordError) as err:
+            log.error("cannot check the release: %s; it is checked again at the next event or agent reload", err)
+            if self.dry_run:
+                print(f"{app}: could not be checked: {err}", file=self.out)
+            return False
+        if result.release is not None:
+            log = _context(app, result.release.version)
+        if event is not None and result.release is not None and event.version != result.release.version:
+            log.info("the release record names version %s (run %s), not the event's %s: following the record",
+                     result.release.version, result.release.run_id, event.version)
+        if not result.start:
+            (log.info if event is not None else log.debug)("nothing to do: %s", result.reason)
+            if self.dry_run:
+                print(f"{app}: nothing to do: {result.reason}", file=self.out)
+            return True
+        if self.dry_run:
+            self.print_commands(result)
+            return True
+        log.info("%s: starting a worker", result.reason)
+        spawn = functools.partial(self.spawn, self.config_path, app, self.config.log_file)
+        try:
+            pid = request_worker(self.config.state_dir, app, spawn)
+        except OSError as err:
+            log.error("cannot start a worker: %s", err)
+            return False
+        if pid is None:
+            log.info("a worker for this app is running already; it will pull again")
+        else:
+            log.info("worker started (pid %d)", pid)
+        return True
+
+    def print_commands(self, result: AppCheck) -> None:
+        print(f"{result.app}: would start a worker: {result.reason}", file=self.out)
+        try:
+            variables = CommandVariables(
+                app=result.app, version=result.release.version, node=self.node,
+                remote_name=DRY_RUN_SOURCE.name, remote_address=DRY_RUN_SOURCE.address,
+            )
+            commands = render_phases(self.config.app(result.app), variables)
+        except ValueError as err:
+            print(f"  cannot render the commands: {err}", file=self.out)
+            return
+        for label, command in commands:
+            print(f"  {label}: {command}", file=self.out)
+
+
+# --- the worker --------------------------------------------------------------------------
+
+
+def _pulling_version(reader: _Reader, key: str, source: str) -> str:
+    """The version this node's pull is at. The pull records it as ``pulling`` from
+    ``source`` just before the task runs, taken from the release it read last, which may be
+    newer than the one the worker checked."""
+    state = reader.record(NodeState, key)
+    if state is None or state.status != NODE_PULLING or state.source != source:
+        shown = "nothing" if state is None else f"status {state.status} from {state.source}"
+        raise ValueError(f"{key} records {shown}, not a pull from {source}")
+    return state.version
+
+
+class _Outcome:
+    """What one step of a worker came to."""
+
+    UNCHECKED = "unchecked"  # Consul or the records did not let the release be checked
+    IDLE = "idle"  # nothing (new) to pull
+    PULLED = "pulled"
+    FAILED = "failed"  # the pull ended failed or could not go on
+
+
+class _Worker:
+    def __init__(self, config: TaskConfig, app_config: AppConfig, options: ConsulOptions, client, node: str) -> None:
+        self.config = config
+        self.app_config = app_config
+        self.app = app_config.name
+        self.options = options
+        self.client = client
+        self.node = node
+        self.schema = Schema(config.kv_prefix)
+        self.timings = PullTimings(watch_timeout=app_config.watch_timeout)
+
+    def run(self) -> int:
+        """Pull while there is something to pull, as the only worker of this app."""
+        state_dir = self.config.state_dir
+        lock_path = _worker_lock_path(state_dir, self.app)
+        pending = _pending_path(state_dir, self.app)
+        attempted: set[str] = set()
+        rc = EXIT_OK
+        try:
+            os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        except OSError as err:
+            _context(self.app).error("cannot use state_dir %s: %s", state_dir, err.strerror or err)
+            return EXIT_USAGE
+        while True:
+            with _flock(lock_path, blocking=False) as locked:
+                if not locked:
+                    _context(self.app).info("another worker for this app is running; it will pull again")
+                    return rc
+                while True:
+                    _discard(pending)
+                    outcome = self.step(attempted)
+                    if outcome != _Outcome.IDLE:
+                        rc = max(rc, EXIT_OK if outcome == _Outcome.PULLED else EXIT_UNCHECKED)
+                    if outcome in (_Outcome.PULLED, _Outcome.FAILED):
+                        continue  # a newer run may have been fired meanwhile: check again
+                    if not os.path.exists(pending):
+                        break
+            # A request left while the lock was being let go: take the lock again if free.
+            if not os.path.exists(pending):
+                return rc
+
+    def step(self, attempted: set[str]) -> str:
+        """Check the release; pull it once if this node is behind and this worker has not
+        tried that run yet (a failed run is not retried until it is fired again)."""
+        log = _context(self.app)
+        try:
+            result = check_app(self.client, self.options, self.schema, self.app, self.node, log)
+        except (FireapConsulError, KVRecordError) as err:
+            log.error("cannot check the release: %s", err)
+            return _Outcome.UNCHECKED
+        if result.release is not None:
+            log = _context(self.app, result.release.version)
+        if not result.start:
+            log.info("nothing to do: %s", result.reason)
+            return _Outcome.IDLE
+        run_id = result.release.run_id
+        if run_id in attempted:
+            log.info("run %s was tried by this worker already; not again", run_id)
+            return _Outcome.IDLE
+        attempted.add(run_id)
+        return self.pull(result.release)
+
+    def run_task(self, source: SourceInfo) -> tuple[bool, str | None]:
+        """The pull's task: the app's commands, run against ``source``."""
+        reader = _Reader(self.client, self.options)
+        try:
+            version = _pulling_version(reader, self.schema.node(self.app, self.node), source.name)
+        except (FireapConsulError, KVRecordError, ValueError) as err:
+            return False, f"cannot tell which version is being pulled: {err}"
+        variables = CommandVariables(app=self.app, version=version, node=self.node,
+                                     remote_name=source.name, remote_address=source.address)
+        outcome = run_phases(self.app_config, variables, log=_context(self.app, version))
+        return outcome.ok, outcome.error
+
+    def pull(self, release: ReleaseRecord) -> str:
+        log = _context(self.app, release.version)
+        log.info("pulling run %s (fan-out %d)", release.run_id, release.fanout)
+        try:
+            result = pull(self.client, self.app, self.node, self.run_task, schema=self.schema,
+                          timings=self.timings, log=log.info)
+        except PullError as err:
+            log.error("the pull stopped: %s", err)
+            return _Outcome.FAILED
+        if result.failed:
+            log.error("failed: %s", result.reason)
+            return _Outcome.FAILED
+        return _Outcome.PULLED
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fireap-reap",
+        description=f"Handler of the Consul watch on the {EVENT_NAME} user event: reads the events on stdin, "
+                    "checks every configured app's release and starts a pull worker where this node is behind.",
+        epilog="Exit codes: 0 ok, 1 some app could not be checked (or a worker's pull failed), "
+               "2 bad usage, invalid config or unusable state_dir.",
+    )
+    parser.add_argument("--config", default=DEFAULT_PATH, help=f"the task config file (default {DEFAULT_PATH})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print what would be started, with the rendered commands; start and write nothing")
+    mode.add_argument("--check", action="store_true", help="validate the config file and exit (0 valid, 2 invalid)")
+    mode.add_argument("--worker", metavar="APP", help="pull APP (the handler starts this itself)")
+    return parser
+
+
+def check_config(path: str, out=None) -> int:
+    """``--check``: validate the config file, including its Consul connection options."""
+    out = out or sys.stdout
+    try:
+        config = load_config(path)
+        ConsulOptions.from_config(config.consul)
+    except (ConfigError, ConsulOptionsError) as err:
+        prefix = "" if isinstance(err, ConfigError) else f"{path}: consul: "
+        print(f"fireap-reap: invalid config:\n{prefix}{err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: valid; apps: {', '.join(config.apps) or 'none'}", file=out)
+    return EXIT_OK
+
+
+def _read_stdin() -> str:
+    stream = sys.stdin
+    if stream is None or stream.closed or stream.isatty():
+        return ""
+    raw = getattr(stream, "buffer", None)
+    return raw.read().decode("utf-8", errors="replace") if raw is not None else stream.read()
+
+
+def _node_name(config: TaskConfig, client, options: ConsulOptions) -> str:
+    """This node's name: the config's node_name, else the agent's NodeName (ValueError if unfit for KV keys)."""
+    if config.node_name:
+        return config.node_name
+    with consul_errors(options, "reading /v1/agent/self"):
+        # py-consul's agent.self() sends no X-Consul-Token: pass the client's token here.
+        name = client.http.get(CB.json(), "/v1/agent/self", headers=client.prepare_headers())["Config"]["NodeName"]
+    try:
+        return check_name(name, "node")
+    except ValueError as err:
+        raise ValueError(f"{err}: set node_name in {config.source} to a name usable in KV keys") from None
+
+
+def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=None) -> int:
+    """Run fireap-reap with ``argv`` (default: the command line); return the exit code.
+
+    ``spawn(config_path, app, log_file)`` starts a worker and returns its pid;
+    ``out`` receives --check and --dry-run output (default stdout).
+    """
+    out = out or sys.stdout
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.check:
+        return check_config(args.config, out)
+    try:
+        config = load_config(args.config)
+        options = ConsulOptions.from_config(config.consul)
+        if args.worker:
+            check_app_name(args.worker)
+            app_config = config.app(args.worker)
+    except (ConfigError, ConsulOptionsError, ValueError) as err:
+        print(f"fireap-reap: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    warning = configure_logging(None if args.dry_run else config.log_file)
+    if warning:
+        _log.warning("%s", warning)
+    text = "" if args.worker else _read_stdin()
+    try:
+        client = build_client(options)
+    except FireapConsulError as err:
+        _log.error("%s", err)
+        return EXIT_USAGE
+    try:
+        try:
+            node = _node_name(config, client, options)
+        except FireapConsulError as err:
+            _log.error("cannot learn this node's name: %s", err)
+            return EXIT_UNCHECKED
+        except ValueError as err:
+            _log.error("%s", err)
+            return EXIT_USAGE
+        if args.worker:
+            return _Worker(config, app_config, options, client, node).run()
+        handler = _Handler(config, args.config, options, client, node, args.dry_run, out, spawn)
+        return handler.run(text)
+    finally:
+        client.http.close()

@@ -1,0 +1,545 @@
+"""The task config: which apps a node releases and how (YAML, validated on load).
+
+The fireap_node role writes it on every node (default ``/etc/fireap/config.yml``) from
+role variables; the node's fireap-reap handler and the controller modules read it.
+
+.. code-block:: yaml
+
+    consul:                 # local agent connection, passed as-is to _connection
+      host: 127.0.0.1       # (host, port, scheme, validate_certs, ca_path, token,
+      port: 8500            #  timeout, retries)
+    node_name: node-003     # optional; default: the agent's NodeName
+    kv_prefix: fireap/      # Consul KV prefix of all fireap keys (a '/' is appended
+                            # when missing)
+    state_dir: /var/lib/fireap            # absolute: processed events, lock files
+    log_file: /var/log/fireap/reap.log    # absolute
+    defaults:               # settings for every app; each app may override any of them
+      max_semaphores: 5     # fan-out k: pullers one source serves at once, 1..64
+      wait_after_fire: 0    # seconds to wait after firing the event, >= 0
+      watch_timeout: 600    # seconds a release may take before waiters give up, > 0
+      command_timeout: 300  # seconds each command may run, > 0
+      on_command_failure: abort   # abort: stop at the first failed command, the node
+                                  # fails; ignore: run the rest, the node is done
+      before_commands: []   # command templates, run in this order:
+      exec_commands: []     # before_commands, exec_commands, after_commands
+      after_commands: []
+      service: null         # target filters, see below
+      service_regexp: null
+      tag: null
+      tag_regexp: null
+    apps:                   # app name -> settings (null or {} = the defaults)
+      myapp:
+        exec_commands:
+          - rsync -a --delete {{ remote.address }}::apps/{{ app }}/ /opt/{{ app }}/
+
+Rules:
+
+- App names match ``[A-Za-z0-9_.-]+``, are at most 48 characters and neither are ``.``
+  nor contain ``..`` (they become part of Consul KV keys and of the event payload). An
+  app name that YAML reads as a number or boolean must be quoted.
+- After merging with ``defaults``, every app needs at least one command.
+- Commands are templates with ``{{ app }}``, ``{{ version }}``, ``{{ node }}``,
+  ``{{ remote.name }}`` and ``{{ remote.address }}`` (see ``_commands``). Values are
+  inserted already shell-quoted: never put quotes around a variable.
+- Target filters select which nodes act on the release event, as Consul's event filters
+  do: ``service``/``tag`` are exact names (turned into ``^name$`` regexps),
+  ``service_regexp``/``tag_regexp`` are regexps matched unanchored against the node's
+  local service names / their tags. They must use the syntax Python and Consul (Go
+  RE2) share: no lookaround, backreferences, atomic groups, possessive quantifiers,
+  conditionals or comments. ``service`` and ``service_regexp`` exclude each other, as
+  do ``tag`` and ``tag_regexp``; a tag filter needs a service filter. An app that sets
+  either key of a pair replaces that pair of ``defaults`` (``service: null`` clears it).
+- Unknown keys, wrong types and out-of-range values are errors; every error names the
+  file and the key path, e.g. ``apps.myapp.max_semaphores``. Duplicate YAML keys are
+  errors too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+from ansible_collections.fireap.consul.plugins.module_utils._commands import (
+    ON_FAILURE_CHOICES,
+    PHASES,
+    TemplateError,
+    template_variables,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    DEFAULT_PREFIX,
+    check_name,
+    check_prefix,
+)
+
+DEFAULT_PATH = "/etc/fireap/config.yml"
+DEFAULT_STATE_DIR = "/var/lib/fireap"
+DEFAULT_LOG_FILE = "/var/log/fireap/reap.log"
+APP_NAME_MAX_LENGTH = 48
+MAX_SEMAPHORES_LIMIT = 64
+
+_FILTER_PAIRS = (("service", "service_regexp"), ("tag", "tag_regexp"))
+
+
+class ConfigError(ValueError):
+    """An invalid task config; ``problems`` lists every error found, one per line."""
+
+    def __init__(self, problems):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One app's settings, merged with the config's defaults."""
+
+    name: str
+    max_semaphores: int
+    wait_after_fire: float
+    watch_timeout: float
+    command_timeout: float
+    on_command_failure: str
+    before_commands: Tuple[str, ...]
+    exec_commands: Tuple[str, ...]
+    after_commands: Tuple[str, ...]
+    service_filter: Optional[str]   # Consul event service filter (a regexp) or None
+    tag_filter: Optional[str]       # Consul event tag filter (a regexp) or None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A validated task config."""
+
+    source: str                     # file path (or label) used in error messages
+    consul: Dict[str, Any]          # raw connection options for _connection
+    node_name: Optional[str]        # None: ask the agent
+    kv_prefix: str                  # always ends with '/'
+    state_dir: str
+    log_file: str
+    apps: Mapping[str, AppConfig]   # read-only, in config order
+
+    def app(self, name: str) -> AppConfig:
+        """The merged settings of app ``name``; ConfigError when it is not configured."""
+        try:
+            return self.apps[name]
+        except KeyError:
+            known = ", ".join(self.apps) or "none"
+            raise ConfigError("%s: no app %r is configured (apps: %s)"
+                              % (self.source, name, known)) from None
+
+
+class _Invalid(Exception):
+    """A bad value; ``suffix`` extends the key path (e.g. ``[2]`` for a list item)."""
+
+    def __init__(self, message: str, suffix: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.suffix = suffix
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, briefly."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_app_name(name: Any) -> str:
+    """Return ``name`` if it is a valid app name, else raise ValueError saying why.
+
+    On top of the KV key rules (``_kv.check_name``) an app name is short, since it
+    travels in the ~100-byte event payload.
+    """
+    if not isinstance(name, str):
+        raise ValueError("app name %s must be a string (quote it in YAML)" % _show(name))
+    check_name(name, "app")
+    if len(name) > APP_NAME_MAX_LENGTH:
+        raise ValueError("app name %r is %d characters long, more than %d"
+                         % (name, len(name), APP_NAME_MAX_LENGTH))
+    return name
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Invalid("must be an integer from %d to %d, got %s" % (low, high, _show(value)))
+        return value
+    return check
+
+
+def _seconds(allow_zero: bool) -> Callable[[Any], float]:
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def check(value: Any) -> float:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)):
+            raise _Invalid("must be a number of seconds %s, got %s" % (bound, _show(value)))
+        return value
+    return check
+
+
+def _choice(value: Any) -> str:
+    if value not in ON_FAILURE_CHOICES or not isinstance(value, str):
+        raise _Invalid("must be %s, got %s"
+                       % (" or ".join(repr(c) for c in ON_FAILURE_CHOICES), _show(value)))
+    return value
+
+
+def _commands(value: Any) -> Tuple[str, ...]:
+    if not isinstance(value, list):
+        hint = " (write a single command as a one-item list)" if isinstance(value, str) else ""
+        raise _Invalid("must be a list of commands, got %s%s" % (_show(value), hint))
+    for index, command in enumerate(value):
+        suffix = "[%d]" % index
+        if not isinstance(command, str):
+            raise _Invalid("must be a command string, got %s" % _show(command), suffix)
+        if not command.strip():
+            raise _Invalid("must not be empty", suffix)
+        if "\0" in command:
+            raise _Invalid("must not contain a NUL character", suffix)
+        try:
+            template_variables(command)
+        except TemplateError as exc:
+            raise _Invalid(str(exc), suffix) from None
+    return tuple(value)
+
+
+def _filter_name(value: Any) -> Optional[str]:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _Invalid("must be a non-empty name or null, got %s" % _show(value))
+    return value
+
+
+_PERL_ONLY_GROUPS = (
+    ("(?=", "lookahead (?=...)"),
+    ("(?!", "negative lookahead (?!...)"),
+    ("(?<=", "lookbehind (?<=...)"),
+    ("(?<!", "negative lookbehind (?<!...)"),
+    ("(?>", "atomic groups (?>...)"),
+    ("(?P=", "named backreferences (?P=...)"),
+    ("(?(", "conditionals (?(...)...)"),
+    ("(?#", "comments (?#...)"),
+)
+_INLINE_FLAGS = re.compile(r"\(\?([A-Za-z-]+)[:)]")
+_COUNTED_REPEAT = re.compile(r"\{\d+(?:,\d*)?\}")
+
+
+def _unsupported_by_go(pattern: str) -> Optional[str]:
+    """Name a construct Python's re accepts but Consul's Go RE2 refuses, if any."""
+    index = 0
+    in_class = False
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            following = pattern[index + 1:index + 2]
+            if not in_class and following.isdigit() and following != "0":
+                return "backreferences (\\%s)" % following
+            if following == "Z":
+                return "\\Z (use $)"
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+            index += 1
+            continue
+        if char == "[":
+            index += 1
+            if pattern.startswith("^", index):
+                index += 1
+            if pattern.startswith("]", index):
+                index += 1
+            in_class = True
+            continue
+        for prefix, name in _PERL_ONLY_GROUPS:
+            if pattern.startswith(prefix, index):
+                return name
+        flags = _INLINE_FLAGS.match(pattern, index)
+        if flags and set(flags.group(1)) - set("ims-"):
+            return "the inline flag group %s (only i, m and s)" % flags.group(0)
+        repeat = _COUNTED_REPEAT.match(pattern, index)
+        end = repeat.end() if repeat else index + 1
+        if (repeat or char in "*+?") and pattern.startswith("+", end) and index > 0:
+            return "possessive quantifiers (%s+)" % pattern[index:end]
+        index = end
+    return None
+
+
+def _filter_regexp(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _Invalid("must be a non-empty regular expression or null, got %s" % _show(value))
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise _Invalid("is not a valid regular expression (%s): %s" % (exc, _show(value))) from None
+    unsupported = _unsupported_by_go(value)
+    if unsupported:
+        raise _Invalid("uses %s, which Consul's regular expressions (Go RE2) do not "
+                       "support: %s" % (unsupported, _show(value)))
+    return value
+
+
+_SETTINGS: Dict[str, Callable[[Any], Any]] = {
+    "max_semaphores": _integer(1, MAX_SEMAPHORES_LIMIT),
+    "wait_after_fire": _seconds(allow_zero=True),
+    "watch_timeout": _seconds(allow_zero=False),
+    "command_timeout": _seconds(allow_zero=False),
+    "on_command_failure": _choice,
+    "before_commands": _commands,
+    "exec_commands": _commands,
+    "after_commands": _commands,
+    "service": _filter_name,
+    "service_regexp": _filter_regexp,
+    "tag": _filter_name,
+    "tag_regexp": _filter_regexp,
+}
+
+BUILTIN_DEFAULTS: Mapping[str, Any] = types.MappingProxyType({
+    "max_semaphores": 5,
+    "wait_after_fire": 0,
+    "watch_timeout": 600,
+    "command_timeout": 300,
+    "on_command_failure": "abort",
+    "before_commands": (),
+    "exec_commands": (),
+    "after_commands": (),
+    "service": None,
+    "service_regexp": None,
+    "tag": None,
+    "tag_regexp": None,
+})
+
+_TOP_LEVEL = ("consul", "node_name", "kv_prefix", "state_dir", "log_file", "defaults", "apps")
+
+
+class _Problems:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: List[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append("%s: %s: %s" % (self.source, path, message))
+
+
+def _unknown_key(key: Any, known, note: str = "") -> str:
+    message = "unknown key"
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, known, n=1)
+        if close:
+            message += "; did you mean %r?" % close[0]
+    return message + note + " (known keys: %s)" % ", ".join(known)
+
+
+def _mapping(value: Any, path: str, what: str, problems: _Problems) -> Optional[dict]:
+    """``value`` as a dict (null counts as empty), or None after reporting it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.add(path, "must be a mapping of %s, got %s" % (what, _show(value)))
+        return None
+    return value
+
+
+def _settings(section: Any, path: str, problems: _Problems) -> Dict[str, Any]:
+    """The valid settings of a ``defaults`` or ``apps.<name>`` section."""
+    section = _mapping(section, path, "settings", problems)
+    checked: Dict[str, Any] = {}
+    for key, value in (section or {}).items():
+        key_path = "%s.%s" % (path, key)
+        if key not in _SETTINGS:
+            note = (" (%r is a top-level key, not an app setting)" % key
+                    if key in _TOP_LEVEL else "")
+            problems.add(key_path, _unknown_key(key, list(_SETTINGS), note))
+            continue
+        try:
+            checked[key] = _SETTINGS[key](value)
+        except _Invalid as exc:
+            problems.add(key_path + exc.suffix, exc.message)
+    for name_key, regexp_key in _FILTER_PAIRS:
+        if checked.get(name_key) is not None and checked.get(regexp_key) is not None:
+            problems.add("%s.%s" % (path, regexp_key),
+                         "cannot be combined with %r: %r is an exact name, %r a regular "
+                         "expression; set only one" % (name_key, name_key, regexp_key))
+    return checked
+
+
+def _event_filter(settings: Mapping[str, Any], name_key: str, regexp_key: str) -> Optional[str]:
+    if settings[name_key] is not None:
+        return "^%s$" % re.escape(settings[name_key])
+    return settings[regexp_key]
+
+
+def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
+           problems: _Problems) -> Optional[AppConfig]:
+    path = "apps.%s" % name
+    settings = dict(BUILTIN_DEFAULTS)
+    settings.update(defaults)
+    for pair in _FILTER_PAIRS:
+        if any(key in own for key in pair):
+            for key in pair:
+                settings[key] = own.get(key)
+    settings.update((key, value) for key, value in own.items())
+    if not any(settings[phase] for phase in PHASES):
+        problems.add(path, "has no commands: set exec_commands (or before_commands, "
+                           "after_commands) here or under defaults")
+        return None
+    service_filter = _event_filter(settings, *_FILTER_PAIRS[0])
+    tag_filter = _event_filter(settings, *_FILTER_PAIRS[1])
+    if tag_filter is not None and service_filter is None:
+        tag_key = "tag" if settings["tag"] is not None else "tag_regexp"
+        origin = "" if tag_key in own else " (set under defaults)"
+        problems.add("%s.%s" % (path, tag_key),
+                     "a tag filter%s needs a service filter (service or service_regexp), "
+                     "as Consul's event filters require" % origin)
+        return None
+    return AppConfig(
+        name=name,
+        max_semaphores=settings["max_semaphores"],
+        wait_after_fire=settings["wait_after_fire"],
+        watch_timeout=settings["watch_timeout"],
+        command_timeout=settings["command_timeout"],
+        on_command_failure=settings["on_command_failure"],
+        before_commands=settings["before_commands"],
+        exec_commands=settings["exec_commands"],
+        after_commands=settings["after_commands"],
+        service_filter=service_filter,
+        tag_filter=tag_filter,
+    )
+
+
+def _absolute_path(value: Any, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise _Invalid("must be an absolute path, got %s" % _show(value))
+    return value
+
+
+def _node_name(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return check_name(value, "node")
+    except ValueError as exc:
+        raise _Invalid("%s (it becomes part of Consul KV keys)" % exc) from None
+
+
+def _kv_prefix(value: Any) -> str:
+    if value is None:
+        return DEFAULT_PREFIX
+    if isinstance(value, str) and value and not value.endswith("/"):
+        value += "/"
+    try:
+        return check_prefix(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def parse_config(data: Any, source: str = "<config>") -> TaskConfig:
+    """Validate a loaded config document; ConfigError lists every problem found."""
+    problems = _Problems(source)
+    if not isinstance(data, dict):
+        shown = "an empty document" if data is None else _show(data)
+        raise ConfigError("%s: must be a YAML mapping with the keys %s, got %s"
+                          % (source, ", ".join(_TOP_LEVEL), shown))
+    for key in data:
+        if key not in _TOP_LEVEL:
+            note = (" (app settings belong under 'defaults' or 'apps.<name>')"
+                    if key in _SETTINGS else "")
+            problems.add(str(key), _unknown_key(key, _TOP_LEVEL, note))
+
+    consul = _mapping(data.get("consul"), "consul", "connection options", problems)
+    if consul and not all(isinstance(key, str) for key in consul):
+        problems.add("consul", "option names must be strings")
+    scalars = {}
+    for key, check in (("node_name", _node_name), ("kv_prefix", _kv_prefix),
+                       ("state_dir", lambda v: _absolute_path(v, DEFAULT_STATE_DIR)),
+                       ("log_file", lambda v: _absolute_path(v, DEFAULT_LOG_FILE))):
+        try:
+            scalars[key] = check(data.get(key))
+        except _Invalid as exc:
+            problems.add(key, exc.message)
+
+    defaults = _settings(data.get("defaults"), "defaults", problems)
+    apps_section = _mapping(data.get("apps"), "apps", "app names to settings", problems) or {}
+    own_settings = {}
+    for name, section in apps_section.items():
+        try:
+            check_app_name(name)
+        except ValueError as exc:
+            problems.add("apps", str(exc))
+            continue
+        own_settings[name] = _settings(section, "apps.%s" % name, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+
+    apps = {name: _merge(name, defaults, own, problems) for name, own in own_settings.items()}
+    if problems.items:
+        raise ConfigError(problems.items)
+    return TaskConfig(
+        source=source,
+        consul=dict(consul),
+        node_name=scalars["node_name"],
+        kv_prefix=scalars["kv_prefix"],
+        state_dir=scalars["state_dir"],
+        log_file=scalars["log_file"],
+        apps=types.MappingProxyType(apps),
+    )
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
+    seen = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, "duplicate key %r (first on line %d)" % (key, seen[key]),
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config(path: str = DEFAULT_PATH) -> TaskConfig:
+    """Read, parse and validate the task config file at ``path``."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("%s: cannot read the config: %s" % (path, reason)) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = "line %d, column %d: " % (mark.line + 1, mark.column + 1) if mark else ""
+        problem = exc.problem or exc.context
+        if exc.problem and exc.context:
+            problem += " (%s)" % exc.context
+        raise ConfigError("%s: invalid YAML: %s%s" % (path, where, problem)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("%s: invalid YAML: %s" % (path, exc)) from None
+    return parse_config(data, source=path)

@@ -1,0 +1,393 @@
+#!/usr/bin/python
+# SPDX-License-Identifier: MIT
+"""Ansible module fireap_fire: start a release run of an app across the Consul cluster."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: fireap_fire
+short_description: Start rolling a task (a release) across a Consul cluster
+version_added: 0.1.0
+description:
+  - Starts a run of O(app) at O(version) from the leader, the node of the Consul agent the module talks to.
+  - The leader already has the version (deploy it there first). It takes the app's fire lock, resolves the
+    target nodes from the Consul catalog, writes the release record, every target's place in the
+    propagation plan and its own state (done) to Consul KV, and fires the user event C(FIREAP:TASK)
+    carrying only the app and version.
+  - Every target's C(fireap-reap) watch handler then pulls the version from a node that already has it;
+    finished nodes serve up to O(fanout) further nodes each, so the run takes about
+    ceil(log_(fanout+1) N) task durations for N nodes.
+  - The fire lock stays held by the run after the module returns. A lock held by a run that has finished
+    (every target done or failed) or was aborted is taken over by the next fire; a lock held by a run in
+    progress makes the module fail with the run id, version, holder and time, unless O(force=true).
+    M(fireap.consul.fireap_clear) lifts a stuck lock.
+  - With O(retry_stragglers=true) no new run starts; the current run's event is fired again, only to its
+    targets that have not started (the event was lost or their agent was down).
+extends_documentation_fragment:
+  - fireap.consul.connection
+attributes:
+  check_mode:
+    description: Computes the version, the targets and the lock decision without writing to KV or firing an event.
+    support: full
+  diff_mode:
+    description: Shows the release record before and after.
+    support: full
+options:
+  app:
+    description:
+      - Name of the app to release, as configured on the nodes.
+      - Letters, digits, V(_), V(.) and V(-) only.
+    type: str
+    required: true
+  version:
+    description:
+      - Version to release; printable, without whitespace, at most 64 characters.
+      - When omitted, the last run of digits of the previous run's version is incremented
+        (V(1.4.2) becomes V(1.4.3), V(v7) becomes V(v8)); without a previous run the version is V(1).
+      - The event carries the app and version as compact JSON, which must fit Consul's 100-byte budget for
+        event payloads; the module refuses longer values.
+      - With O(retry_stragglers=true), it must be the current run's version when given.
+    type: str
+  node_filter:
+    description:
+      - Regular expression (Go RE2 syntax) selecting the target nodes by name.
+      - It is matched B(unanchored), exactly as Consul matches event filters, both when the targets are
+        resolved from the catalog and by each agent receiving the event; V(web1) also selects V(web10) and
+        V(old-web1). Anchor it (V(^web1$), V(^web[0-9]+$)) to select exactly what you mean.
+      - When omitted (and O(service) too), every node of the catalog is a target.
+      - The leader is always part of the run, whether it matches or not.
+    type: str
+  service:
+    description:
+      - Only nodes the catalog lists for this service are targets (combined with O(node_filter) when both
+        are given).
+      - The name is matched exactly in the catalog. The event's service filter carries it as given, and
+        Consul matches it as an unanchored regular expression against each agent's local service IDs;
+        agents that receive the event without being a target find no plan entry for the run and do nothing.
+    type: str
+  tag:
+    description:
+      - Only instances of O(service) with this tag are targets. Requires O(service).
+    type: str
+  fanout:
+    description:
+      - How many nodes one finished node serves at the same time (C(k)); between V(1) and V(64).
+      - Small values suit transfers bounded by the source's bandwidth; large values suit short or
+        latency-bound tasks.
+    type: int
+    default: 5
+  force:
+    description:
+      - Take the fire lock over even when the run holding it is still in progress. That run's nodes that
+        have not finished switch to the new run.
+    type: bool
+    default: false
+  retry_stragglers:
+    description:
+      - Do not start a new run; fire the current run's event again to its targets that never started, with
+        node filters anchoring exactly those nodes (C(^(a|b|c\)$)), split into several events when needed.
+      - Cannot be combined with O(node_filter), O(service), O(tag) or O(force).
+    type: bool
+    default: false
+  kv_prefix:
+    description:
+      - Consul KV prefix under which fireap keeps its state; must match the nodes' configuration.
+      - Must end with V(/).
+    type: str
+    default: fireap/
+  wait:
+    description:
+      - Wait until every target is done or failed (or the run is aborted) before returning.
+      - The module then fails when the run did not succeed (a target failed, the run was aborted, or
+        O(wait_timeout) passed), and returns the run's progress in RV(info) either way.
+    type: bool
+    default: false
+  wait_timeout:
+    description:
+      - Seconds to wait with O(wait=true).
+    type: float
+    default: 3600
+seealso:
+  - module: fireap.consul.fireap_info
+  - module: fireap.consul.fireap_clear
+author:
+  - fireap maintainers
+"""
+
+EXAMPLES = r"""
+- name: Release web 1.4.3 to every node of the catalog
+  fireap.consul.fireap_fire:
+    app: web
+    version: 1.4.3
+  register: fired
+
+- name: Release the next version of web (previous version + 1) to web01 .. web99 only
+  fireap.consul.fireap_fire:
+    host: consul-leader.example.com
+    app: web
+    node_filter: '^web[0-9]{2}$'
+    fanout: 3
+
+- name: Release to the nginx instances tagged blue and wait for the run to finish
+  fireap.consul.fireap_fire:
+    app: web
+    version: 1.4.3
+    service: nginx
+    tag: blue
+    wait: true
+    wait_timeout: 1800
+
+- name: Fire the current run's event again to the nodes that never started
+  fireap.consul.fireap_fire:
+    app: web
+    retry_stragglers: true
+"""
+
+RETURN = r"""
+run_id:
+  description: Id of the run (a new one, or the current one with O(retry_stragglers=true)).
+  returned: success
+  type: str
+  sample: 3f2b9c0e8d7a4c1b9e6f5a4d3c2b1a09
+version:
+  description: Version of the run.
+  returned: success
+  type: str
+  sample: 1.4.3
+previous_version:
+  description: Version of the run this one replaces; null when the app had none.
+  returned: success and not O(retry_stragglers)
+  type: str
+  sample: 1.4.2
+targets:
+  description: Names of the target nodes in schedule order, the leader first.
+  returned: success and not O(retry_stragglers)
+  type: list
+  elements: str
+  sample: [node-0, node-1, node-2]
+target_count:
+  description: Number of targets, the leader included.
+  returned: success and not O(retry_stragglers)
+  type: int
+  sample: 3
+leader:
+  description: The node of the agent the module talked to; the root of the propagation tree.
+  returned: success and not O(retry_stragglers)
+  type: str
+  sample: node-0
+fanout:
+  description: The fan-out of the run.
+  returned: success and not O(retry_stragglers)
+  type: int
+  sample: 5
+filters:
+  description: The event filters of the run, as given.
+  returned: success and not O(retry_stragglers)
+  type: dict
+  contains:
+    node:
+      description: The node name regex, or null.
+      type: str
+    service:
+      description: The service name, or null.
+      type: str
+    tag:
+      description: The service tag, or null.
+      type: str
+  sample: {node: '^web', service: null, tag: null}
+event_id:
+  description: Id of the fired C(FIREAP:TASK) event; null in check mode.
+  returned: success and not O(retry_stragglers)
+  type: str
+  sample: 0f6c4a51-8a3c-2e1b-66d2-0c9b2f1d7e4a
+release:
+  description: The release record written to C(<kv_prefix><app>/release).
+  returned: success and not O(retry_stragglers)
+  type: dict
+  contains:
+    app:
+      description: The app.
+      type: str
+    version:
+      description: The version.
+      type: str
+    run_id:
+      description: The run id.
+      type: str
+    fanout:
+      description: The fan-out.
+      type: int
+    leader:
+      description: The leader node.
+      type: str
+    target_count:
+      description: Number of targets, the leader included.
+      type: int
+    fired_at:
+      description: When the run was started (epoch seconds).
+      type: float
+    filters:
+      description: The event filters (node, service, tag).
+      type: dict
+    status:
+      description: V(running) (a new record is never aborted).
+      type: str
+    aborted_reason:
+      description: Always null for a new record.
+      type: str
+previous_release:
+  description: The release record this run replaced, null when there was none.
+  returned: success and not O(retry_stragglers)
+  type: dict
+took_over:
+  description: The lock record (run_id, holder, since) of the run whose fire lock was taken over, else null.
+  returned: success and not O(retry_stragglers)
+  type: dict
+  sample: {run_id: 8e1f0c2d3b4a59687f6e5d4c3b2a1908, holder: ctl01 (pid 4242), since: 1700000000.5}
+stale_plans:
+  description: Plan keys of nodes that are no longer targets (deleted, or to be deleted in check mode).
+  returned: success and not O(retry_stragglers)
+  type: list
+  elements: str
+  sample: [fireap/web/plan/node-9]
+stragglers:
+  description: Targets of the current run that never started, to which the event was fired again.
+  returned: success with O(retry_stragglers=true)
+  type: list
+  elements: str
+  sample: [node-4, node-7]
+events:
+  description: The events fired to the stragglers (event_id null in check mode).
+  returned: success with O(retry_stragglers=true)
+  type: list
+  elements: dict
+  contains:
+    event_id:
+      description: Id of the event.
+      type: str
+    node_filter:
+      description: The anchored node filter of the event.
+      type: str
+  sample: [{event_id: 5d1c0b2a-3e4f-5a6b-7c8d-9e0f1a2b3c4d, node_filter: '^(node-4|node-7)$'}]
+info:
+  description:
+    - Progress of the run when O(wait=true), as returned by M(fireap.consul.fireap_info)
+      (also on failure).
+  returned: when O(wait=true) and not in check mode
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.fireap.consul.plugins.module_utils._connection import (
+    CONNECTION_ARGUMENT_SPEC,
+    HAS_PY_CONSUL,
+    PY_CONSUL_IMPORT_ERROR,
+    ConsulOptions,
+    FireapConsulError,
+    build_client,
+    consul_errors,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._release import (
+    DEFAULT_FANOUT,
+    ReleaseError,
+    ReleaseWaitTimeout,
+    fire,
+    retry_stragglers,
+    wait,
+)
+
+#: Longest single blocking read while waiting: an abort is noticed within this many seconds.
+WAIT_POLL = 5.0
+
+ARGUMENT_SPEC = dict(
+    CONNECTION_ARGUMENT_SPEC,
+    app={"type": "str", "required": True},
+    version={"type": "str"},
+    node_filter={"type": "str"},
+    service={"type": "str"},
+    tag={"type": "str"},
+    fanout={"type": "int", "default": DEFAULT_FANOUT},
+    force={"type": "bool", "default": False},
+    retry_stragglers={"type": "bool", "default": False},
+    kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
+    wait={"type": "bool", "default": False},
+    wait_timeout={"type": "float", "default": 3600.0},
+)
+
+_NOT_WITH_RETRY = ("node_filter", "service", "tag", "force")
+
+
+def _outcome_problem(progress: dict) -> str | None:
+    """Why a waited-for run did not succeed, or None."""
+    if progress["status"] == "aborted":
+        reason = progress["release"]["aborted_reason"] or "no reason given"
+        return f"run {progress['run_id']} of app {progress['app']!r} was aborted: {reason}"
+    failed = progress["failed_nodes"]
+    if failed:
+        shown = "; ".join(f"{row['node']}: {row['error']}" for row in failed[:10])
+        more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
+        return (
+            f"run {progress['run_id']} of app {progress['app']!r} (version {progress['version']}) finished with "
+            f"{len(failed)} failed of {progress['total']} targets: {shown}{more}"
+        )
+    return None
+
+
+def run(module: AnsibleModule, client, schema: Schema) -> dict:
+    params = module.params
+    if params["retry_stragglers"]:
+        result = retry_stragglers(client, schema, params["app"], params["version"], check_mode=module.check_mode)
+        return dict(result, changed=bool(result["events"]))
+    result = fire(
+        client,
+        schema,
+        params["app"],
+        version=params["version"],
+        node_filter=params["node_filter"],
+        service=params["service"],
+        tag=params["tag"],
+        fanout=params["fanout"],
+        force=params["force"],
+        check_mode=module.check_mode,
+    )
+    result["changed"] = True
+    if module._diff:
+        result["diff"] = {"before": result["previous_release"] or {}, "after": result["release"]}
+    if params["wait"] and not module.check_mode:
+        try:
+            result["info"] = wait(client, schema, params["app"], result["run_id"], params["wait_timeout"], WAIT_POLL)
+        except ReleaseWaitTimeout as err:
+            module.fail_json(msg=str(err), **dict(result, info=err.info))
+        problem = _outcome_problem(result["info"])
+        if problem:
+            module.fail_json(msg=problem, **result)
+    return result
+
+
+def main() -> None:
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, required_by={"tag": "service"})
+    if not HAS_PY_CONSUL:
+        module.fail_json(msg=missing_required_lib("py-consul"), exception=str(PY_CONSUL_IMPORT_ERROR))
+    params = module.params
+    if params["wait_timeout"] < 0:
+        module.fail_json(msg=f"wait_timeout must be a number of seconds >= 0, got {params['wait_timeout']:g}")
+    if params["retry_stragglers"]:
+        given = [name for name in _NOT_WITH_RETRY if params[name]]
+        if given:
+            module.fail_json(msg=f"retry_stragglers=true re-fires the current run; it cannot be combined with {', '.join(given)}")
+    try:
+        options = ConsulOptions.from_params(params)
+        if options.token:
+            module.no_log_values.add(options.token)
+        schema = Schema(params["kv_prefix"])
+        with build_client(options) as client, consul_errors(options, f"releasing app {params['app']!r}"):
+            result = run(module, client, schema)
+    except (FireapConsulError, ReleaseError, ValueError) as err:
+        module.fail_json(msg=str(err))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Fixtures shared by the whole test tree: the collection's import path and a Consul target."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+# build/ansible_collections/fireap/consul links to the repository, so the collection imports as
+# ansible_collections.fireap.consul...; TESTS_DIR holds helper modules such as consul_harness.
+for _path in (TESTS_DIR.parent / "build", TESTS_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import consul_harness  # noqa: E402
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("double_only") and os.environ.get(consul_harness.ADDR_ENV):
+        pytest.skip(f"needs the project's Consul double; {consul_harness.ADDR_ENV} points at a real agent")
+
+
+@pytest.fixture(scope="session")
+def consul_target(tmp_path_factory):
+    """The Consul under test: the real agent named by the environment, else a 3-node double."""
+    real = consul_harness.real_target_from_env()
+    if real is not None:
+        yield real
+        real.close()
+        return
+    double = consul_harness.DoubleProcess(tmp_path_factory.mktemp("devcluster"), nodes=3)
+    try:
+        yield double.start()
+    finally:
+        double.stop()
+
+
+@pytest.fixture
+def multi_agent_target(consul_target):
+    """The Consul target, for tests that need several agents."""
+    if not consul_target.multi_agent:
+        pytest.skip("needs several Consul agents; the target has one")
+    return consul_target
+
+
+@pytest.fixture
+def kv_prefix(consul_target):
+    """A KV prefix of this test's own (``fireap-test/<uuid>/``), deleted afterwards."""
+    prefix = f"fireap-test/{uuid.uuid4()}/"
+    yield prefix
+    consul_target.client().kv.delete(prefix, recurse=True)

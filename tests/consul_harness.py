@@ -1,0 +1,310 @@
+"""Consul targets for tests: a real agent named by the environment, or the project's Consul double.
+
+A real agent is used when FIREAP_TEST_CONSUL_HTTP_ADDR is set (``host:port`` or
+``http(s)://host:port``, token from FIREAP_TEST_CONSUL_HTTP_TOKEN). Otherwise the double is
+started as ``python -m devcluster serve`` on a free port range and stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import consul
+import requests
+
+ADDR_ENV = "FIREAP_TEST_CONSUL_HTTP_ADDR"
+TOKEN_ENV = "FIREAP_TEST_CONSUL_HTTP_TOKEN"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Marks "send the target's own token" in ConsulTarget.client() and .http(); pass None for no token.
+TARGET_TOKEN = object()
+
+DOUBLE_START_TIMEOUT = 60.0
+DOUBLE_STOP_TIMEOUT = 10.0
+HTTP_TIMEOUT = 30.0
+
+
+class HarnessError(RuntimeError):
+    """A Consul target could not be reached or started."""
+
+
+@dataclass(frozen=True)
+class Agent:
+    """One agent's HTTP API endpoint; config_dir is known only for the double's agents."""
+
+    name: str
+    host: str
+    port: int
+    scheme: str = "http"
+    config_dir: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+class ConsulTarget:
+    """The agents under test, with py-consul clients and a raw HTTP helper."""
+
+    def __init__(self, agents: list[Agent], token: str | None = None) -> None:
+        if not agents:
+            raise HarnessError("a Consul target needs at least one agent")
+        self.agents = list(agents)
+        self.token = token
+        self._http = requests.Session()
+        self._clients: dict[tuple[int, str | None], consul.Consul] = {}
+
+    @property
+    def multi_agent(self) -> bool:
+        return len(self.agents) > 1
+
+    @property
+    def node_names(self) -> list[str]:
+        return [agent.name for agent in self.agents]
+
+    def client(self, agent: int = 0, token=TARGET_TOKEN) -> consul.Consul:
+        """A py-consul client for agent number *agent* (the token is set explicitly, never from CONSUL_HTTP_TOKEN)."""
+        chosen = self.token if token is TARGET_TOKEN else token
+        client = self._clients.get((agent, chosen))
+        if client is None:
+            endpoint = self.agents[agent]
+            client = consul.Consul(host=endpoint.host, port=endpoint.port, scheme=endpoint.scheme, token=chosen)
+            # py-consul lets CONSUL_HTTP_TOKEN override the token argument; tests need exactly *chosen*.
+            client.token = chosen
+            self._clients[(agent, chosen)] = client
+        return client
+
+    def http(
+        self,
+        method: str,
+        path: str,
+        agent: int = 0,
+        *,
+        params=None,
+        data: bytes | str | None = None,
+        json_body=None,
+        token=TARGET_TOKEN,
+        timeout: float = HTTP_TIMEOUT,
+    ) -> requests.Response:
+        """Send one request to agent number *agent*; *path* starts with /v1/."""
+        headers = {}
+        chosen = self.token if token is TARGET_TOKEN else token
+        if chosen:
+            headers["X-Consul-Token"] = chosen
+        return self._http.request(
+            method,
+            self.agents[agent].base_url + path,
+            params=params,
+            data=data,
+            json=json_body,
+            headers=headers,
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.http.session.close()
+        self._http.close()
+
+
+def parse_http_addr(value: str) -> tuple[str, str, int]:
+    """Split ``host:port`` or ``http(s)://host:port`` into (scheme, host, port)."""
+    text = value.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parsed = urllib.parse.urlsplit(text)
+    try:
+        port = parsed.port
+    except ValueError as err:
+        raise HarnessError(f"{ADDR_ENV}={value!r}: bad port ({err})") from err
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None:
+        raise HarnessError(f"{ADDR_ENV}={value!r} must be host:port, http://host:port or https://host:port")
+    if parsed.path not in ("", "/") or parsed.query:
+        raise HarnessError(f"{ADDR_ENV}={value!r} must not carry a path or query")
+    return parsed.scheme, parsed.hostname, port
+
+
+def real_target_from_env() -> ConsulTarget | None:
+    """The real agent named by FIREAP_TEST_CONSUL_HTTP_ADDR, or None when it is unset."""
+    addr = os.environ.get(ADDR_ENV)
+    if not addr:
+        return None
+    scheme, host, port = parse_http_addr(addr)
+    token = os.environ.get(TOKEN_ENV) or None
+    probe = ConsulTarget([Agent(name="", host=host, port=port, scheme=scheme)], token=token)
+    try:
+        response = probe.http("GET", "/v1/agent/self")
+    except requests.RequestException as err:
+        raise HarnessError(f"cannot reach the Consul agent at {addr}: {err}") from err
+    finally:
+        probe.close()
+    if response.status_code != 200:
+        raise HarnessError(f"GET /v1/agent/self on {addr}: {response.status_code} {response.text.strip()}")
+    name = response.json()["Config"]["NodeName"]
+    return ConsulTarget([Agent(name=name, host=host, port=port, scheme=scheme)], token=token)
+
+
+def find_free_port_range(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A base port such that base .. base+count-1 can all be bound on *host* right now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise HarnessError(f"no free range of {count} ports on {host} after {attempts} attempts")
+
+
+class DoubleProcess:
+    """One run of ``python -m devcluster serve`` and the target it serves."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int = 3,
+        acl_token: str | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
+        if nodes < 1:
+            raise HarnessError(f"the double needs at least one node, not {nodes}")
+        self.workdir = Path(workdir)
+        self.nodes = nodes
+        self.acl_token = acl_token
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.log_path = self.workdir / "devcluster.log"
+        self.proc: subprocess.Popen | None = None
+        self.target: ConsulTarget | None = None
+
+    def start(self, timeout: float = DOUBLE_START_TIMEOUT) -> ConsulTarget:
+        """Start the double and wait until its cluster.json is written (all ports listen)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cluster_file = self.workdir / "cluster.json"
+        cluster_file.unlink(missing_ok=True)
+        base = find_free_port_range(self.nodes)
+        cmd = [sys.executable, "-m", "devcluster", "serve", "--nodes", str(self.nodes)]
+        cmd += ["--http-port", str(base), "--workdir", str(self.workdir)]
+        if self.acl_token:
+            cmd += ["--acl-token", self.acl_token]
+        if self.data_dir:
+            cmd += ["--data-dir", str(self.data_dir)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            cluster = _read_cluster_file(cluster_file)
+            if cluster is not None:
+                break
+            if self.proc.poll() is not None:
+                raise HarnessError(f"{' '.join(cmd)} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise HarnessError(f"{cluster_file} not written within {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        agents = [
+            Agent(
+                name=node["name"],
+                host="127.0.0.1",
+                port=int(node["http_port"]),
+                config_dir=Path(node["config_dir"]) if node.get("config_dir") else None,
+            )
+            for node in cluster
+        ]
+        self.target = ConsulTarget(agents, token=self.acl_token)
+        return self.target
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if the double has not exited within DOUBLE_STOP_TIMEOUT."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, sig: signal.Signals) -> None:
+        if self.target is not None:
+            self.target.close()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(DOUBLE_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _read_cluster_file(path: Path) -> list[dict] | None:
+    """The node list of cluster.json, or None while it is absent or still being written."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data["nodes"] or None
+
+
+def unique_name(kind: str = "name") -> str:
+    """A name no other test run uses, e.g. for events or services: ``fireap-test-<kind>-<hex>``."""
+    return f"fireap-test-{kind}-{uuid.uuid4().hex}"
+
+
+def event_index(event_id: str) -> int:
+    """The X-Consul-Index /v1/event/list derives from an event UUID: XOR of its two 64-bit halves."""
+    digits = event_id.replace("-", "")
+    if len(digits) != 32:
+        raise ValueError(f"not a UUID: {event_id!r}")
+    return int(digits[:16], 16) ^ int(digits[16:], 16)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll *predicate* until it returns a truthy value (returned) or *timeout* seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def in_background(fn, *args, **kwargs) -> concurrent.futures.Future:
+    """Run *fn* in a daemon thread (a blocking query that never returns cannot hang the test run)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # handed to the waiting test
+            future.set_exception(err)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future

@@ -1,0 +1,203 @@
+"""The fireap_node role, applied with the real ansible-playbook to the nodes of the dev cluster.
+
+The cluster runs with ACLs (a token in the task config). The role is applied twice: the first
+run installs and reloads every agent, the second changes nothing. The reloaded agents run the
+installed fireap-reap from their watch; a release written the way fireap_fire writes it and
+woken by the FIREAP:TASK event then reaches every node through the installed handler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from consul_harness import DoubleProcess, wait_until
+
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NodeState,
+    ReleaseRecord,
+    Schema,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
+from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME, event_payload
+
+pytestmark = pytest.mark.double_only
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_PLAYBOOK = REPO_ROOT / ".venv" / "bin" / "ansible-playbook"
+PLAYBOOK = Path(__file__).resolve().parent / "playbooks" / "role_smoke.yml"
+NODES = 4
+FANOUT = 2
+APP = "demo"
+TOKEN = f"role-test-{uuid.uuid4()}"
+PLAYBOOK_TIMEOUT = 600
+HANDLER_TIMEOUT = 60
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def _extra_vars(kv_prefix: str, out_dir: Path) -> str:
+    """The role's variables this test sets beyond the dev-cluster inventory's.
+
+    The command is marked !unsafe so that Ansible leaves its placeholders to the node.
+    """
+    mapped = {
+        "fireap_node_kv_prefix": kv_prefix,
+        "fireap_node_defaults": {"watch_timeout": 60, "command_timeout": 30},
+    }
+    command = f"echo {{{{ app }}}} {{{{ version }}}} {{{{ remote.name }}}} > {out_dir}/{{{{ node }}}}.txt"
+    apps = f"fireap_node_apps:\n  {APP}:\n    exec_commands:\n      - !unsafe {json.dumps(command)}\n"
+    return yaml.safe_dump(mapped, sort_keys=False) + apps
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    double = DoubleProcess(tmp_path_factory.mktemp("role-devcluster"), nodes=NODES, acl_token=TOKEN)
+    try:
+        yield double, double.start()
+    finally:
+        double.stop()
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, tmp_path_factory):
+    """The role applied twice to every node; yields the two runs and the test's paths."""
+    double, target = cluster
+    work = tmp_path_factory.mktemp("role-run")
+    kv_prefix = f"fireap-test/{uuid.uuid4()}/"
+    out_dir = work / "out"
+    out_dir.mkdir()
+    extra_vars = work / "extra-vars.yml"
+    extra_vars.write_text(_extra_vars(kv_prefix, out_dir))
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(REPO_ROOT / "build"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(work / "ansible-tmp"))
+    command = [str(ANSIBLE_PLAYBOOK), "-i", str(double.workdir / "inventory.yml"), "-e", f"@{extra_vars}",
+               str(PLAYBOOK)]
+    runs = []
+    for _ in range(2):
+        # cwd outside the repository: the run must not depend on its ansible.cfg.
+        result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
+                                timeout=PLAYBOOK_TIMEOUT, check=False)
+        assert result.returncode == 0, f"ansible-playbook failed:\n{result.stdout}\n{result.stderr}"
+        runs.append(result.stdout)
+    yield {"runs": runs, "kv_prefix": kv_prefix, "out_dir": out_dir, "double": double, "target": target}
+    target.client().kv.delete(kv_prefix, recurse=True)
+
+
+def _recap(output: str) -> dict[str, tuple[int, int, int, int]]:
+    return {host: tuple(int(n) for n in counts) for host, *counts in RECAP.findall(output)}
+
+
+def _node_root(double, name: str) -> Path:
+    return double.workdir / "nodes" / name
+
+
+def test_the_first_run_changes_every_node_and_the_second_nothing(deployed):
+    first, second = (_recap(run) for run in deployed["runs"])
+    names = deployed["target"].node_names
+    assert sorted(first) == sorted(second) == sorted(names)
+    for name in names:
+        ok, changed, unreachable, failed = first[name]
+        assert changed > 0 and unreachable == failed == 0, first[name]
+        tasks = "\n".join(line for line in deployed["runs"][1].splitlines() if line.startswith(("TASK", "changed")))
+        assert second[name][1:] == (0, 0, 0), f"{name} in the second run: {second[name]}\n{tasks}"
+    assert "RUNNING HANDLER [fireap.consul.fireap_node : Reload the Consul agent]" in deployed["runs"][0]
+    assert "RUNNING HANDLER" not in deployed["runs"][1]
+    assert TOKEN not in deployed["runs"][0] + deployed["runs"][1]
+
+
+def test_files_are_installed_with_their_modes(deployed):
+    double, target = deployed["double"], deployed["target"]
+    for agent in target.agents:
+        root = _node_root(double, agent.name)
+        config = root / "etc" / "fireap" / "config.yml"
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        loaded = yaml.safe_load(config.read_text())
+        assert loaded["consul"] == {"host": "127.0.0.1", "port": agent.port, "scheme": "http",
+                                    "validate_certs": True, "token": TOKEN}
+        assert loaded["apps"][APP]["exec_commands"][0].startswith("echo {{ app }} {{ version }} {{ remote.name }}")
+        watch = agent.config_dir / "fireap.json"
+        assert stat.S_IMODE(watch.stat().st_mode) == 0o600
+        reap = root / "opt" / "fireap" / "bin" / "fireap-reap"
+        assert json.loads(watch.read_text()) == {"watches": [{
+            "type": "event", "name": EVENT_NAME, "args": [str(reap), "--config", str(config)], "token": TOKEN,
+        }]}
+        assert stat.S_IMODE(reap.stat().st_mode) == 0o755
+        assert reap.read_text().startswith(f"#!{sys.executable}\n")
+        installed = root / "opt" / "fireap" / "lib" / "ansible_collections" / "fireap" / "consul" / "plugins"
+        for module in ("_reap.py", "_worker.py"):
+            source = REPO_ROOT / "plugins" / "module_utils" / module
+            assert (installed / "module_utils" / module).read_bytes() == source.read_bytes()
+        for directory in ("var/lib/fireap", "var/log/fireap"):
+            assert stat.S_IMODE((root / directory).stat().st_mode) == 0o750
+
+
+def test_the_reloaded_watch_runs_the_installed_handler(deployed):
+    double, target = deployed["double"], deployed["target"]
+    for agent in target.agents:
+        log = _node_root(double, agent.name) / "var" / "log" / "fireap" / "reap.log"
+        text = wait_until(lambda: log.exists() and log.read_text(), HANDLER_TIMEOUT, f"{log} written by the watch")
+        assert re.search(rf"INFO fireap-reap\[\d+\] app=- version=-: invoked with 0 event\(s\), 0 new; "
+                         rf"node {agent.name}, apps: {APP}$", text, re.M), text
+
+
+def test_the_installed_handler_validates_and_dry_runs(deployed):
+    double, target = deployed["double"], deployed["target"]
+    root = _node_root(double, target.agents[1].name)
+    reap = root / "opt" / "fireap" / "bin" / "fireap-reap"
+    config = root / "etc" / "fireap" / "config.yml"
+    checked = subprocess.run([str(reap), "--config", str(config), "--check"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert (checked.returncode, checked.stdout) == (0, f"{config}: valid; apps: {APP}\n")
+    dry = subprocess.run([str(reap), "--config", str(config), "--dry-run"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert dry.returncode == 0, dry.stderr
+    assert f"{APP}: nothing to do: no release recorded for this app" in dry.stdout
+
+
+def test_a_fired_release_reaches_every_node_through_the_installed_handler(deployed):
+    target, out_dir = deployed["target"], deployed["out_dir"]
+    schema = Schema(deployed["kv_prefix"])
+    client = target.client()
+    names = target.node_names
+    leader, version, run_id = names[0], "2.0.1", str(uuid.uuid4())
+    now = time.time()
+    plan = plan_release(names, leader, FANOUT, run_id)
+    records = [(schema.plan(APP, node), entry.to_json()) for node, entry in plan.items()]
+    records.append((schema.node(APP, leader), NodeState(version=version, run_id=run_id, status="done", started=now,
+                                                        depth=0, finished=now).to_json()))
+    for key, value in records:
+        assert client.kv.put(key, value)
+    client.kv.put(schema.release(APP), ReleaseRecord(app=APP, version=version, run_id=run_id, fanout=FANOUT,
+                                                     leader=leader, target_count=len(names), fired_at=now).to_json())
+    fired = target.http("PUT", f"/v1/event/fire/{EVENT_NAME}", data=event_payload(APP, version))
+    assert fired.status_code == 200, fired.text
+
+    def states():
+        found = {}
+        for node in names[1:]:
+            _index, entry = client.kv.get(schema.node(APP, node))
+            if entry is None:
+                return None
+            found[node] = NodeState.from_json(entry["Value"])
+            if not found[node].terminal:
+                return None
+        return found
+
+    finished = wait_until(states, HANDLER_TIMEOUT, "every node done or failed")
+    assert {node: state.status for node, state in finished.items()} == {node: "done" for node in names[1:]}
+    for node, state in finished.items():
+        assert state.version == version
+        assert (out_dir / f"{node}.txt").read_text() == f"{APP} {version} {state.source}\n"
+        if state.source != leader:  # a source had finished before its puller started pulling
+            assert finished[state.source].depth == state.depth - 1
+            assert finished[state.source].finished <= state.finished
+    assert not (out_dir / f"{leader}.txt").exists()

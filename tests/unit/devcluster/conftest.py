@@ -1,0 +1,49 @@
+"""Fixtures of the Consul conformance suite: sessions that clean up, and a target with ACLs."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from consul_harness import ADDR_ENV, DoubleProcess, real_target_from_env
+
+
+@pytest.fixture
+def make_session(consul_target):
+    """Create sessions (``make_session(agent=0, **body)`` -> ID); every one is destroyed afterwards."""
+    created: list[tuple[int, str]] = []
+
+    def make(agent: int = 0, **body) -> str:
+        response = consul_target.http("PUT", "/v1/session/create", agent, json_body=body)
+        assert response.status_code == 200, f"session create {body}: {response.status_code} {response.text}"
+        session_id = response.json()["ID"]
+        created.append((agent, session_id))
+        return session_id
+
+    yield make
+    for agent, session_id in created:
+        consul_target.http("PUT", f"/v1/session/destroy/{session_id}", agent)
+
+
+@pytest.fixture(scope="session")
+def acl_target(tmp_path_factory):
+    """A target that enforces ACLs: a 1-node double started with --acl-token, or the real agent
+    when it refuses anonymous KV writes and FIREAP_TEST_CONSUL_HTTP_TOKEN is set."""
+    real = real_target_from_env()
+    if real is not None:
+        try:
+            if not real.token:
+                pytest.skip(f"ACL tests against {ADDR_ENV} need FIREAP_TEST_CONSUL_HTTP_TOKEN")
+            probe = f"fireap-test/{uuid.uuid4()}/acl-probe"
+            if real.http("PUT", f"/v1/kv/{probe}", data=b"x", token=None).status_code == 200:
+                real.http("DELETE", f"/v1/kv/{probe}")
+                pytest.skip(f"the agent at {ADDR_ENV} accepts anonymous KV writes: ACLs are not enforced")
+            yield real
+        finally:
+            real.close()
+        return
+    double = DoubleProcess(tmp_path_factory.mktemp("devcluster-acl"), nodes=1, acl_token=f"acl-{uuid.uuid4()}")
+    try:
+        yield double.start()
+    finally:
+        double.stop()

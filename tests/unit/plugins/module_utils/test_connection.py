@@ -1,0 +1,687 @@
+"""Connection options, environment fallbacks, retries and error messages of _connection.
+
+The HTTP tests run against a small scripted server in a thread: no Consul is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+
+import consul
+import pytest
+
+from ansible_collections.fireap.consul.plugins.module_utils import _connection
+from ansible_collections.fireap.consul.plugins.module_utils._connection import (
+    CONNECTION_ARGUMENT_SPEC,
+    OPTION_NAMES,
+    ConsulAccessDenied,
+    ConsulOptions,
+    ConsulOptionsError,
+    ConsulUnreachable,
+    FireapConsulError,
+    backoff_delay,
+    build_client,
+    consul_errors,
+    parse_address,
+)
+
+TOKEN = "b1gs3cret-0000-4000-8000-token"
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """Retries wait milliseconds instead of seconds."""
+    monkeypatch.setattr(_connection, "BACKOFF_BASE", 0.001)
+    monkeypatch.setattr(_connection, "BACKOFF_MAX", 0.01)
+
+
+# ---------------------------------------------------------------- options and environment
+
+
+def test_defaults_without_parameters_or_environment():
+    options = ConsulOptions.from_params({}, environ={})
+    assert options == ConsulOptions()
+    assert (options.host, options.port, options.scheme) == ("127.0.0.1", 8500, "http")
+    assert options.validate_certs is True
+    assert options.ca_path is None and options.token is None
+    assert options.timeout == 30.0 and options.retries == 3
+    assert options.address == "http://127.0.0.1:8500"
+
+
+def test_parameters_win_over_environment(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    environ = {
+        "CONSUL_HTTP_ADDR": "https://10.0.0.9:8501",
+        "CONSUL_HTTP_TOKEN": "env-token",
+        "CONSUL_HTTP_TOKEN_FILE": str(token_file),
+        "CONSUL_HTTP_SSL": "true",
+        "CONSUL_HTTP_SSL_VERIFY": "false",
+        "CONSUL_CACERT": "/nonexistent/ca.pem",
+    }
+    params = {
+        "host": "consul.internal",
+        "port": 8600,
+        "scheme": "http",
+        "validate_certs": True,
+        "ca_path": str(token_file),
+        "token": "param-token",
+        "timeout": 5,
+        "retries": 1,
+        "app": "unrelated module parameter",
+    }
+    options = ConsulOptions.from_params(params, environ)
+    assert options == ConsulOptions(
+        host="consul.internal",
+        port=8600,
+        scheme="http",
+        validate_certs=True,
+        ca_path=str(token_file),
+        token="param-token",
+        timeout=5.0,
+        retries=1,
+    )
+
+
+def test_none_means_unset_so_the_environment_applies():
+    params = dict.fromkeys(OPTION_NAMES)  # what AnsibleModule passes for options not given
+    environ = {"CONSUL_HTTP_ADDR": "10.0.0.5:8501", "CONSUL_HTTP_TOKEN": "env-token"}
+    options = ConsulOptions.from_params(params, environ)
+    assert (options.host, options.port, options.token) == ("10.0.0.5", 8501, "env-token")
+
+
+def test_port_parameter_combines_with_environment_host():
+    options = ConsulOptions.from_params({"port": 9000}, {"CONSUL_HTTP_ADDR": "10.0.0.5:8501"})
+    assert (options.host, options.port) == ("10.0.0.5", 9000)
+
+
+def test_environment_address_is_ignored_when_host_is_given():
+    options = ConsulOptions.from_params({"host": "agent1"}, {"CONSUL_HTTP_ADDR": "unix:///run/consul.sock"})
+    assert options.address == "http://agent1:8500"
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("10.0.0.5:8501", "http://10.0.0.5:8501"),
+        ("http://10.0.0.5:8501", "http://10.0.0.5:8501"),
+        ("https://consul.example:8501", "https://consul.example:8501"),
+        ("HTTPS://consul.example:8501/", "https://consul.example:8501"),
+        ("https://consul.example", "https://consul.example:443"),
+        ("consul.example", "http://consul.example:80"),
+        ("[::1]:8500", "http://[::1]:8500"),
+        ("https://[fe80::1]", "https://[fe80::1]:443"),
+        ("  127.0.0.1:8500  ", "http://127.0.0.1:8500"),
+    ],
+)
+def test_environment_address_forms(address, expected):
+    assert ConsulOptions.from_params({}, {"CONSUL_HTTP_ADDR": address}).address == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("unix:///var/run/consul.sock", "names a unix socket, which is not supported"),
+        ("ftp://host:21", "unknown scheme 'ftp'"),
+        ("host:http", "invalid port 'http'"),
+        ("host:", "invalid port ''"),
+        ("host:0", "port out of range 1..65535"),
+        ("host:65536", "port out of range 1..65535"),
+        ("http://host:8500/v1", "is not an address of the form host:port"),
+        ("http://user@host:8500", "is not an address of the form host:port"),
+        ("http://", "is not an address of the form host:port"),
+        ("::1", "put an IPv6 address in brackets"),
+        ("[::1", "malformed bracketed IPv6 address"),
+        ("[::1]8500", "malformed bracketed IPv6 address"),
+        ("[not-v6]:8500", "'not-v6' in brackets is not an IPv6 address"),
+        (":8500", "must be a non-empty host name"),
+    ],
+)
+def test_bad_environment_addresses(address, fragment):
+    with pytest.raises(ConsulOptionsError) as caught:
+        ConsulOptions.from_params({}, {"CONSUL_HTTP_ADDR": address})
+    assert "CONSUL_HTTP_ADDR" in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_parse_address_reports_scheme_only_when_given():
+    assert parse_address("h:1") == ("h", 1, None)
+    assert parse_address("http://h:1") == ("h", 1, "http")
+
+
+def test_https_address_selects_tls_unless_scheme_is_given():
+    environ = {"CONSUL_HTTP_ADDR": "https://10.0.0.5:8501"}
+    assert ConsulOptions.from_params({}, environ).scheme == "https"
+    assert ConsulOptions.from_params({"scheme": "http"}, environ).scheme == "http"
+
+
+def test_https_of_an_unused_environment_address_does_not_apply():
+    environ = {"CONSUL_HTTP_ADDR": "https://10.0.0.5:8501"}
+    assert ConsulOptions.from_params({"host": "agent1"}, environ).address == "http://agent1:8500"
+
+
+@pytest.mark.parametrize(
+    ("address", "ssl", "scheme"),
+    [
+        (None, "true", "https"),
+        (None, "1", "https"),
+        (None, "false", "http"),
+        ("http://10.0.0.5:8501", "true", "https"),  # never back to http when TLS was asked for
+        ("https://10.0.0.5:8501", "false", "https"),
+    ],
+)
+def test_consul_http_ssl(address, ssl, scheme):
+    environ = {"CONSUL_HTTP_SSL": ssl}
+    if address:
+        environ["CONSUL_HTTP_ADDR"] = address
+    assert ConsulOptions.from_params({}, environ).scheme == scheme
+
+
+def test_invalid_boolean_variable_is_named():
+    with pytest.raises(ConsulOptionsError, match=r"CONSUL_HTTP_SSL must be a boolean .* got 'yes'"):
+        ConsulOptions.from_params({}, {"CONSUL_HTTP_SSL": "yes"})
+    with pytest.raises(ConsulOptionsError, match=r"CONSUL_HTTP_SSL_VERIFY must be a boolean"):
+        ConsulOptions.from_params({}, {"CONSUL_HTTP_SSL_VERIFY": "maybe"})
+
+
+def test_invalid_variable_is_not_read_when_its_option_is_given():
+    environ = {"CONSUL_HTTP_SSL": "yes", "CONSUL_HTTP_SSL_VERIFY": "maybe", "CONSUL_HTTP_TOKEN_FILE": "/nonexistent"}
+    options = ConsulOptions.from_params({"scheme": "http", "validate_certs": True, "token": "t"}, environ)
+    assert (options.scheme, options.validate_certs, options.token) == ("http", True, "t")
+
+
+def test_ssl_verify_variable():
+    assert ConsulOptions.from_params({}, {"CONSUL_HTTP_SSL_VERIFY": "false"}).validate_certs is False
+    assert ConsulOptions.from_params({}, {"CONSUL_HTTP_SSL_VERIFY": "TRUE"}).validate_certs is True
+    assert ConsulOptions.from_params({"validate_certs": True}, {"CONSUL_HTTP_SSL_VERIFY": "0"}).validate_certs
+
+
+def test_empty_variables_count_as_unset():
+    environ = dict.fromkeys(
+        ["CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_SSL", "CONSUL_CACERT"], ""
+    )
+    assert ConsulOptions.from_params({}, environ) == ConsulOptions()
+
+
+def test_ca_variables(tmp_path):
+    cacert = tmp_path / "ca.pem"
+    cacert.write_text("pem")
+    capath = tmp_path / "cas"
+    capath.mkdir()
+    https = {"CONSUL_HTTP_SSL": "true"}
+    assert ConsulOptions.from_params({}, {**https, "CONSUL_CAPATH": str(capath)}).ca_path == str(capath)
+    both = {**https, "CONSUL_CACERT": str(cacert), "CONSUL_CAPATH": str(capath)}
+    assert ConsulOptions.from_params({}, both).ca_path == str(cacert)
+
+
+def test_missing_ca_path_is_an_error_only_where_it_is_used():
+    with pytest.raises(ConsulOptionsError, match=r"ca_path '/nonexistent/ca.pem' does not exist"):
+        ConsulOptions.from_params({}, {"CONSUL_HTTP_SSL": "true", "CONSUL_CACERT": "/nonexistent/ca.pem"})
+    plain = ConsulOptions.from_params({}, {"CONSUL_CACERT": "/nonexistent/ca.pem"})
+    assert plain.scheme == "http"
+    unverified = ConsulOptions(scheme="https", validate_certs=False, ca_path="/nonexistent/ca.pem")
+    assert unverified.verify is False
+
+
+def test_verify_argument(tmp_path):
+    cacert = tmp_path / "ca.pem"
+    cacert.write_text("pem")
+    assert ConsulOptions().verify is True
+    assert ConsulOptions(validate_certs=False).verify is False
+    assert ConsulOptions(scheme="https", ca_path=str(cacert)).verify == str(cacert)
+
+
+def test_token_variable():
+    assert ConsulOptions.from_params({}, {"CONSUL_HTTP_TOKEN": "env-token"}).token == "env-token"
+
+
+def test_token_file_wins_over_token_variable(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("  file-token\n")
+    environ = {"CONSUL_HTTP_TOKEN": "env-token", "CONSUL_HTTP_TOKEN_FILE": str(token_file)}
+    assert ConsulOptions.from_params({}, environ).token == "file-token"
+    assert ConsulOptions.from_params({"token": "param-token"}, environ).token == "param-token"
+
+
+def test_unreadable_token_file(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(ConsulOptionsError) as caught:
+        ConsulOptions.from_params({}, {"CONSUL_HTTP_TOKEN_FILE": str(missing)})
+    assert str(caught.value) == f"CONSUL_HTTP_TOKEN_FILE: cannot read {str(missing)!r}: No such file or directory"
+
+
+def test_empty_token_file(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("\n")
+    with pytest.raises(ConsulOptionsError, match=r"CONSUL_HTTP_TOKEN_FILE \(.*\) is empty"):
+        ConsulOptions.from_params({}, {"CONSUL_HTTP_TOKEN_FILE": str(token_file)})
+
+
+@pytest.mark.parametrize(
+    ("source", "value"),
+    [("token", "abc def"), ("token", "abc\n"), ("token", "t\u00f6ken"), ("CONSUL_HTTP_TOKEN", "abc\tdef")],
+)
+def test_malformed_token_is_rejected_without_showing_it(source, value):
+    params, environ = ({"token": value}, {}) if source == "token" else ({}, {source: value})
+    with pytest.raises(ConsulOptionsError) as caught:
+        ConsulOptions.from_params(params, environ)
+    assert str(caught.value).startswith(f"{source} contains whitespace, control or non-ASCII characters")
+    assert value.strip() not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"host": ""}, "host must be a non-empty host name or IP address, got '' (str)"),
+        ({"host": 10}, "host must be a non-empty host name or IP address, got 10 (int)"),
+        ({"host": "http://agent1"}, "host must be a bare host name or IP address, got 'http://agent1'"),
+        ({"host": "agent1:8500"}, "host 'agent1:8500' is neither a host name nor an IPv6 address"),
+        ({"host": "agent 1"}, "host must be a host name or IP address without spaces, got 'agent 1' (str)"),
+        ({"port": 0}, "port must be an integer between 1 and 65535, got 0 (int)"),
+        ({"port": 65536}, "port must be an integer between 1 and 65535, got 65536 (int)"),
+        ({"port": "8500"}, "port must be an integer between 1 and 65535, got '8500' (str)"),
+        ({"port": True}, "port must be an integer between 1 and 65535, got True (bool)"),
+        ({"scheme": "ftp"}, "scheme must be 'http' or 'https', got 'ftp' (str)"),
+        ({"validate_certs": "yes"}, "validate_certs must be true or false, got 'yes' (str)"),
+        ({"ca_path": 5}, "ca_path must be the path of a CA certificate file or directory, got 5 (int)"),
+        ({"token": ""}, "token is empty; leave it unset to send no token"),
+        ({"token": 1234}, "token must be a string, got a int (value not shown)"),
+        ({"timeout": 0}, "timeout must be a number of seconds greater than 0, got 0 (int)"),
+        ({"timeout": -1.5}, "timeout must be a number of seconds greater than 0, got -1.5 (float)"),
+        ({"timeout": "30"}, "timeout must be a number of seconds greater than 0, got '30' (str)"),
+        ({"timeout": float("nan")}, "timeout must be a number of seconds greater than 0, got nan (float)"),
+        ({"retries": -1}, "retries must be an integer >= 0, got -1 (int)"),
+        ({"retries": 1.5}, "retries must be an integer >= 0, got 1.5 (float)"),
+    ],
+)
+def test_validation_errors_name_option_value_and_problem(params, message):
+    with pytest.raises(ConsulOptionsError) as caught:
+        ConsulOptions.from_params(params, {})
+    assert str(caught.value).startswith(message)
+
+
+def test_direct_construction_validates_and_normalises():
+    assert ConsulOptions(host="[::1]").host == "::1"
+    assert ConsulOptions(host="::1").address == "http://[::1]:8500"
+    assert ConsulOptions(timeout=2).timeout == 2.0
+    with pytest.raises(ConsulOptionsError, match="port must be"):
+        ConsulOptions(port=-1)
+
+
+def test_from_config_accepts_only_connection_options():
+    assert ConsulOptions.from_config(None, {}) == ConsulOptions()
+    assert ConsulOptions.from_config({"port": 8501}, {}).port == 8501
+    with pytest.raises(ConsulOptionsError, match=r"unknown Consul connection option\(s\) tokn; known: host, port"):
+        ConsulOptions.from_config({"tokn": "x"}, {})
+    with pytest.raises(ConsulOptionsError, match="must be a mapping of options, got list"):
+        ConsulOptions.from_config(["host"], {})
+
+
+def test_repr_hides_token():
+    options = ConsulOptions(token=TOKEN)
+    assert TOKEN not in repr(options) and TOKEN not in str(options)
+    assert "token=<hidden>" in repr(options)
+    assert "token=None" in repr(ConsulOptions())
+
+
+def test_argument_spec_leaves_fallbacks_to_consul_options():
+    assert tuple(CONNECTION_ARGUMENT_SPEC) == OPTION_NAMES
+    assert CONNECTION_ARGUMENT_SPEC["token"]["no_log"] is True
+    # A default or an Ansible fallback would hide the environment from ConsulOptions.
+    for name, spec in CONNECTION_ARGUMENT_SPEC.items():
+        assert "default" not in spec and "fallback" not in spec, name
+
+
+def test_backoff_grows_with_jitter_and_is_capped(monkeypatch):
+    monkeypatch.setattr(_connection, "BACKOFF_BASE", 0.5)
+    monkeypatch.setattr(_connection, "BACKOFF_MAX", 8.0)
+    for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (9, 8.0)]:
+        delays = {backoff_delay(attempt) for _ in range(50)}
+        assert all(ceiling / 2 <= delay <= ceiling for delay in delays), attempt
+        assert len(delays) > 1, "no jitter"
+
+
+# ---------------------------------------------------------------- scripted HTTP server
+
+
+class ScriptedConsul:
+    """HTTP server answering from a script; the last answer repeats. Records every request.
+
+    An answer is (status, body[, headers]), or "drop" (close the connection without an
+    answer, after the request was read) or "hang" (answer nothing until the test ends).
+    """
+
+    def __init__(self, tls_cert=None):
+        self.answers = [(200, "true")]
+        self.requests = []
+        self.release = threading.Event()
+        script = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _serve(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                script.requests.append((self.command, self.path, dict(self.headers), body))
+                answer = script.answers.pop(0) if len(script.answers) > 1 else script.answers[0]
+                if answer == "drop":
+                    self.close_connection = True
+                    return
+                if answer == "hang":
+                    script.release.wait(30)
+                    self.close_connection = True
+                    return
+                status, text, *extra = answer
+                payload = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("X-Consul-Index", "7")
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_PUT = do_DELETE = do_POST = _serve
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls_cert is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls_cert)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def options(self, **overrides):
+        values = {"host": "127.0.0.1", "port": self.port, "timeout": 5, "retries": 2, **overrides}
+        return ConsulOptions(**values)
+
+    @property
+    def methods(self):
+        return [method for method, *_ in self.requests]
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server():
+    scripted = ScriptedConsul()
+    yield scripted
+    scripted.close()
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """A self-signed certificate for "localhost" only: (certificate, key) paths."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def tls_server(tls_cert):
+    scripted = ScriptedConsul(tls_cert)
+    scripted.answers = [(200, kv_entry("k", "v"))]
+    yield scripted
+    scripted.close()
+
+
+def kv_entry(key, value):
+    return json.dumps([{"Key": key, "Value": base64.b64encode(value.encode()).decode(), "ModifyIndex": 7}])
+
+
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- retries
+
+
+def test_get_is_retried_after_503(server):
+    server.answers = [(503, "rate limit exceeded"), (200, kv_entry("k", "v"))]
+    index, entry = build_client(server.options()).kv.get("k")
+    assert (index, entry["Value"]) == ("7", b"v")
+    assert server.methods == ["GET", "GET"]
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_get_is_retried_after_server_errors(server, status):
+    server.answers = [(status, "No cluster leader"), (200, kv_entry("k", "v"))]
+    assert build_client(server.options()).kv.get("k")[1]["Value"] == b"v"
+    assert len(server.requests) == 2
+
+
+def test_get_retries_stop_and_report_the_last_answer(server):
+    options = server.options(retries=2)
+    server.answers = [(503, "rate limit exceeded")]
+    with pytest.raises(FireapConsulError) as caught, consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+    assert caught.value.status == 503
+    assert str(caught.value) == (
+        f"Consul request failed at http://127.0.0.1:{server.port} while reading k: HTTP 503: rate limit exceeded"
+    )
+    assert server.methods == ["GET"] * 3
+
+
+def test_zero_retries_means_one_attempt(server):
+    server.answers = [(503, "busy")]
+    with pytest.raises(consul.ConsulException):
+        build_client(server.options(retries=0)).kv.get("k")
+    assert len(server.requests) == 1
+
+
+def test_put_is_not_retried_on_500(server):
+    options = server.options()
+    server.answers = [(500, "invalid session \"5c4e\"")]
+    with pytest.raises(FireapConsulError) as caught, consul_errors(options, "acquiring slot s/0"):
+        build_client(options).kv.put("s/0", "me", acquire="5c4e")
+    assert caught.value.status == 500
+    assert 'HTTP 500: invalid session "5c4e"' in str(caught.value)
+    assert server.methods == ["PUT"]
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_put_is_not_retried_on_gateway_errors(server, status):
+    server.answers = [(status, "upstream")]
+    with pytest.raises(consul.ConsulException):
+        build_client(server.options()).event.fire("FIREAP:TASK", "{}")
+    assert server.methods == ["PUT"]
+
+
+def test_put_is_retried_on_429(server):
+    server.answers = [(429, "Your IP is issuing too many concurrent connections"), (200, "true")]
+    assert build_client(server.options()).kv.put("k", "v") is True
+    assert server.methods == ["PUT", "PUT"]
+
+
+def test_get_is_retried_after_a_dropped_connection(server):
+    server.answers = ["drop", (200, kv_entry("k", "v"))]
+    assert build_client(server.options()).kv.get("k")[1]["Value"] == b"v"
+    assert server.methods == ["GET", "GET"]
+
+
+def test_put_is_not_retried_once_it_may_have_reached_consul(server):
+    options = server.options()
+    server.answers = ["drop"]
+    with pytest.raises(ConsulUnreachable) as caught, consul_errors(options, "creating a session"):
+        build_client(options).session.create()
+    assert server.methods == ["PUT"]
+    assert str(caught.value).startswith(
+        f"cannot reach the Consul agent at http://127.0.0.1:{server.port} while creating a session: "
+    )
+
+
+def test_read_timeout_is_reported(server):
+    options = server.options(timeout=0.3, retries=0)
+    server.answers = ["hang"]
+    with pytest.raises(ConsulUnreachable) as caught, consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+    assert str(caught.value) == (
+        f"cannot reach the Consul agent at http://127.0.0.1:{server.port} while reading k: "
+        "no answer within the timeout (0.3 s, plus the wait of a blocking query)"
+    )
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_refused_connection_is_retried_for_every_method_then_reported(monkeypatch, method):
+    waits = []
+    monkeypatch.setattr(_connection, "backoff_delay", lambda attempt: waits.append(attempt) or 0.0)
+    options = ConsulOptions(port=closed_port(), retries=3)
+    client = build_client(options)
+    with pytest.raises(ConsulUnreachable) as caught, consul_errors(options, "reading k"):
+        client.kv.get("k") if method == "GET" else client.kv.put("k", "v")
+    assert waits == [1, 2, 3]
+    assert str(caught.value) == (
+        f"cannot reach the Consul agent at http://127.0.0.1:{options.port} while reading k: "
+        "connection refused; is the agent running and listening there?"
+    )
+
+
+def test_blocking_queries_keep_py_consul_timeouts():
+    client = build_client(ConsulOptions(timeout=30))
+    assert client.http.timeout([("index", "5"), ("wait", "16s")]) == 30 + 16 + 1
+    assert client.http.timeout([("recurse", "1")]) == 30
+
+
+# ---------------------------------------------------------------- tokens and access errors
+
+
+def test_access_denied_message_with_token(server):
+    options = server.options(token=TOKEN)
+    server.answers = [(403, "Permission denied")]
+    with pytest.raises(ConsulAccessDenied) as caught, consul_errors(options, "reading fireap/web/release"):
+        build_client(options).kv.get("fireap/web/release")
+    assert caught.value.status == 403
+    assert str(caught.value) == (
+        f"Consul refused the request (HTTP 403 Permission denied) at http://127.0.0.1:{server.port}: "
+        "the ACL token lacks permission for reading fireap/web/release; set token or CONSUL_HTTP_TOKEN "
+        "(Consul said: Permission denied)"
+    )
+    assert len(server.requests) == 1
+    assert server.requests[0][2]["X-Consul-Token"] == TOKEN
+
+
+def test_access_denied_message_without_token(server):
+    options = server.options()
+    server.answers = [(403, "ACL not found")]
+    denied = pytest.raises(ConsulAccessDenied, match="no ACL token was given and anonymous access lacks permission")
+    with denied, consul_errors(options, "firing FIREAP:TASK"):
+        build_client(options).event.fire("FIREAP:TASK", "{}")
+    assert "X-Consul-Token" not in server.requests[0][2]
+
+
+@pytest.mark.parametrize("status", [403, 500, 400])
+def test_token_never_appears_in_messages(server, status):
+    options = server.options(token=TOKEN)
+    server.answers = [(status, f"bad token {TOKEN} here")]
+    with pytest.raises(FireapConsulError) as caught, consul_errors(options, f"writing {TOKEN}"):
+        build_client(options).kv.put("k", "v")
+    assert TOKEN not in str(caught.value)
+    assert "<token>" in str(caught.value)
+
+
+def test_token_comes_only_from_the_options(server, monkeypatch):
+    # py-consul alone would let CONSUL_HTTP_TOKEN override an explicit token.
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "process-env-token")
+    server.answers = [(200, kv_entry("k", "v"))]
+    build_client(server.options(token=TOKEN)).kv.get("k")
+    build_client(server.options()).kv.get("k")
+    assert server.requests[0][2].get("X-Consul-Token") == TOKEN
+    assert "X-Consul-Token" not in server.requests[1][2]
+
+
+# ---------------------------------------------------------------- the rest of the client
+
+
+def test_https_to_a_plain_http_agent_is_a_tls_error(server):
+    options = server.options(scheme="https", validate_certs=False, retries=0)
+    with pytest.raises(ConsulUnreachable, match=r"while reading k: TLS error: "), consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+
+
+def test_https_with_the_ca_from_the_environment(tls_server, tls_cert):
+    environ = {"CONSUL_HTTP_ADDR": f"https://localhost:{tls_server.port}", "CONSUL_CACERT": tls_cert[0]}
+    options = ConsulOptions.from_params({"retries": 0}, environ)
+    assert build_client(options).kv.get("k")[1]["Value"] == b"v"
+
+
+def test_untrusted_certificate_is_explained(tls_server):
+    options = ConsulOptions(host="localhost", port=tls_server.port, scheme="https", retries=0)
+    with pytest.raises(ConsulUnreachable) as caught, consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+    # OpenSSL spells it "self-signed" or "self signed" depending on its version.
+    assert re.fullmatch(
+        f"cannot reach the Consul agent at https://localhost:{tls_server.port} while reading k: "
+        r"TLS certificate verification failed \(self.signed certificate\); "
+        "set ca_path or CONSUL_CACERT to the CA that signed the agent's certificate",
+        str(caught.value),
+    )
+
+
+def test_certificate_name_mismatch_is_explained(tls_server, tls_cert):
+    options = ConsulOptions(port=tls_server.port, scheme="https", ca_path=tls_cert[0], retries=0)
+    mismatch = pytest.raises(ConsulUnreachable, match=r"IP address mismatch.*connect by a host name or address the")
+    with mismatch, consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+
+
+def test_client_passes_tls_settings(tmp_path):
+    cacert = tmp_path / "ca.pem"
+    cacert.write_text("pem")
+    assert build_client(ConsulOptions(validate_certs=False)).http.verify is False
+    assert build_client(ConsulOptions(scheme="https", ca_path=str(cacert))).http.verify == str(cacert)
+    assert build_client(ConsulOptions(host="::1", scheme="https")).http.base_uri == "https://[::1]:8500"
+
+
+def test_closing_the_client_closes_its_connections(monkeypatch):
+    client = build_client(ConsulOptions())
+    closed = []
+    monkeypatch.setattr(client.http.session, "close", lambda: closed.append(True))
+    with client:
+        pass
+    assert closed == [True]
+
+
+def test_consul_errors_as_decorator_and_pass_through():
+    options = ConsulOptions()
+
+    @consul_errors(options, "listing nodes")
+    def failing(exc):
+        raise exc
+
+    with pytest.raises(FireapConsulError, match=r"while listing nodes: HTTP 500: boom"):
+        failing(consul.ConsulException("500 boom"))
+    with pytest.raises(FireapConsulError, match=r"while listing nodes: HTTP 404: no such key"):
+        failing(consul.NotFound("no such key"))
+    with pytest.raises(ValueError, match="not a Consul error"):
+        failing(ValueError("not a Consul error"))
+
+
+def test_missing_py_consul_is_reported(monkeypatch):
+    monkeypatch.setattr(_connection, "PY_CONSUL_IMPORT_ERROR", ImportError("No module named 'consul'"))
+    with pytest.raises(FireapConsulError, match="py-consul Python library is required"):
+        build_client(ConsulOptions())

@@ -1,0 +1,496 @@
+"""Pure propagation decisions: the doubling schedule and every PullMachine transition."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, PlanEntry, ReleaseRecord
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    ClaimSlot,
+    ListNodes,
+    NodeView,
+    PullMachine,
+    PullResult,
+    PullTimings,
+    ReleaseSlot,
+    Restart,
+    RunTask,
+    Sleep,
+    WaitForNode,
+    WaitForSlots,
+    WriteState,
+    plan_release,
+    schedule_order,
+    schedule_position,
+    slot_order,
+    spread_key,
+    stage_count,
+)
+
+# --- the schedule ----------------------------------------------------------------------
+
+SIZES = sorted({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 17, 26, 27, 28, 36, 37, 64, 100, 215, 216, 217, 343, 512, 999, 1000})
+
+
+def names(n):
+    return [f"node-{i:04d}" for i in range(n)]
+
+
+@pytest.mark.parametrize("fanout", [1, 2, 5])
+@pytest.mark.parametrize("n", SIZES)
+def test_plan_is_a_valid_doubling_schedule(fanout, n):
+    nodes = names(n)
+    plan = plan_release(list(reversed(nodes)), "node-0000", fanout, "run-1")
+    order = schedule_order(nodes, "node-0000")
+    index = {name: i for i, name in enumerate(order)}
+    stage_of = {"node-0000": 0, **{name: entry.stage for name, entry in plan.items()}}
+
+    assert set(plan) == set(nodes) - {"node-0000"}
+    assert all(entry.run_id == "run-1" for entry in plan.values())
+    # Every node pulls from an earlier node that finished in an earlier stage.
+    for name, entry in plan.items():
+        assert index[entry.source] < index[name]
+        assert stage_of[entry.source] < entry.stage
+        assert 0 <= entry.slot < fanout
+    # At most k pullers per source per stage, each on its own slot.
+    per_stage = Counter((entry.source, entry.stage) for entry in plan.values())
+    assert max(per_stage.values(), default=0) <= fanout
+    slots = Counter((entry.source, entry.stage, entry.slot) for entry in plan.values())
+    assert max(slots.values(), default=0) == (1 if n > 1 else 0)
+    # ceil(log_{k+1} N) stages.
+    expected = math.ceil(round(math.log(n, fanout + 1), 9)) if n > 1 else 0
+    assert max(stage_of.values()) == expected == stage_count(n, fanout)
+
+
+@pytest.mark.parametrize("fanout", [1, 2, 5])
+def test_after_names_the_previous_holder_of_the_same_slot(fanout):
+    plan = plan_release(names(1000), "node-0000", fanout, "r")
+    holders = {(e.source, e.stage, e.slot): name for name, e in plan.items()}
+    for name, entry in plan.items():
+        previous = holders.get((entry.source, entry.stage - 1, entry.slot))
+        assert entry.after == previous, name
+        if previous is not None:
+            assert plan[previous].source == entry.source and plan[previous].slot == entry.slot
+
+
+@pytest.mark.parametrize("fanout", [1, 2, 5])
+def test_stage_by_stage_simulation_finishes_in_the_ideal_number_of_stages(fanout):
+    """Each stage, a node pulls when its source is done and its `after` has freed the slot."""
+    n = 500
+    plan = plan_release(names(n), "node-0000", fanout, "r")
+    done = {"node-0000": 0}
+    stage = 0
+    while len(done) < n:
+        stage += 1
+        ready = [
+            name
+            for name, entry in plan.items()
+            if name not in done and entry.source in done and (entry.after is None or entry.after in done)
+        ]
+        assert Counter(plan[name].source for name in ready).most_common(1)[0][1] <= fanout
+        done.update({name: stage for name in ready})
+    assert stage == stage_count(n, fanout)
+    assert all(done[name] == entry.stage for name, entry in plan.items())
+
+
+def test_schedule_position_formulas():
+    # k = 2: stage 1 = indexes 1..2 from 0; stage 2 = 3..8 from 0,0,1,1,2,2; stage 3 starts at 9.
+    assert [schedule_position(i, 2) for i in range(1, 10)] == [
+        (1, 0, 0), (1, 0, 1),
+        (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1), (2, 2, 0), (2, 2, 1),
+        (3, 0, 0),
+    ]
+    assert schedule_position(1, 1) == (1, 0, 0)
+    assert schedule_position(7, 1) == (3, 3, 0)
+    assert schedule_position(8, 1) == (4, 0, 0)
+    assert schedule_position(6 ** 3, 5) == (4, 0, 0)
+
+
+@pytest.mark.parametrize("n, k, stages", [(1, 3, 0), (2, 1, 1), (4, 1, 2), (5, 1, 3), (3, 2, 1), (4, 2, 2), (10, 2, 3), (1000, 9, 3), (1001, 9, 4)])
+def test_stage_count(n, k, stages):
+    assert stage_count(n, k) == stages
+
+
+def test_schedule_order_puts_the_leader_first_and_sorts_the_rest():
+    assert schedule_order(["c", "a", "lead", "b"], "lead") == ["lead", "a", "b", "c"]
+    assert schedule_order(["c", "a"], "lead") == ["lead", "a", "c"]
+    assert plan_release(["lead"], "lead", 3, "r") == {}
+    assert plan_release(["b", "a"], "lead", 1, "r") == {
+        "a": PlanEntry(run_id="r", source="lead", stage=1, slot=0),
+        "b": PlanEntry(run_id="r", source="lead", stage=2, slot=0, after="a"),
+    }
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: schedule_order(["a", "a"], "l"), "target node 'a' is listed twice"),
+        (lambda: schedule_order(["a/b"], "l"), "target node name 'a/b'"),
+        (lambda: schedule_order(["a"], ""), "leader node name must be a non-empty string"),
+        (lambda: plan_release(["a"], "l", 0, "r"), "fanout must be an integer >= 1"),
+        (lambda: plan_release(["a"], "l", True, "r"), "fanout must be an integer >= 1"),
+        (lambda: stage_count(0, 2), "node count must be an integer >= 1"),
+        (lambda: schedule_position(0, 2), "schedule index must be an integer >= 1"),
+    ],
+)
+def test_schedule_inputs_are_validated(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_slot_order_is_a_permutation_with_the_preferred_slot_first():
+    for fanout in (1, 2, 5):
+        for puller in ("a", "b", "node-7"):
+            order = slot_order(puller, fanout, preferred=fanout - 1)
+            assert sorted(order) == list(range(fanout))
+            assert order[0] == fanout - 1
+            assert slot_order(puller, fanout) == slot_order(puller, fanout)
+    starts = {slot_order(f"node-{i}", 5)[0] for i in range(50)}
+    assert len(starts) > 1  # pullers do not all start at slot 0
+
+
+# --- the pull machine ------------------------------------------------------------------
+
+T0 = 1000.0
+TIMINGS = PullTimings(watch_timeout=600, start_grace=20, busy_grace=15, max_wait=10, fallback_tries=2)
+RELEASE = ReleaseRecord(app="web", version="v2", run_id="r2", fanout=2, leader="lead", target_count=20, fired_at=T0)
+PLAN = PlanEntry(run_id="r2", source="src", stage=2, slot=1)
+PLAN_AFTER = PlanEntry(run_id="r2", source="src", stage=3, slot=1, after="prev")
+
+
+def state(status, *, version="v2", run_id="r2", source=None, depth=None, error=None, started=T0):
+    if status == "done" and depth is None:
+        depth = 1 if source else 0
+    if source and depth is None:
+        depth = 1
+    finished = T0 + 1 if status in ("done", "failed") else None
+    if status == "failed" and error is None:
+        error = "boom"
+    return NodeState(
+        version=version, run_id=run_id, status=status, started=started, source=source, depth=depth,
+        finished=finished, error=error,
+    )
+
+
+def view(status=None, held=True, **kwargs):
+    return NodeView(state(status, **kwargs) if status else None, held)
+
+
+def started(plan=PLAN, own=None, timings=TIMINGS):
+    """A machine that wrote its waiting record; returns (machine, first wait action)."""
+    machine = PullMachine("me", RELEASE, plan, own, timings)
+    action = machine.start(T0)
+    assert isinstance(action, WriteState)
+    assert action.state == NodeState(version="v2", run_id="r2", status="waiting", started=T0)
+    return machine, machine.on_written(True, T0)
+
+
+def claimed(source="src", depth=3):
+    """A machine at the ClaimSlot for its preferred source (done, depth ``depth``)."""
+    machine, _wait = started()
+    action = machine.on_node("src", view("done", source="x", depth=depth), 5, T0 + 1)
+    assert action == ClaimSlot("src", slot_order("me", 2, 1))
+    return machine
+
+
+@pytest.mark.parametrize(
+    "release, plan, own, reason",
+    [
+        (None, PLAN, None, "no release recorded for this app"),
+        (ReleaseRecord(**{**RELEASE.__dict__, "status": "aborted", "aborted_reason": "bad build"}), PLAN, None,
+         "release r2 was aborted: bad build"),
+        (RELEASE, PLAN, state("done", run_id="r1", source="a"), "already done at version v2"),
+        (ReleaseRecord(**{**RELEASE.__dict__, "leader": "me"}), None, None, "this node is the leader of run r2"),
+        (RELEASE, None, None, "not a target of run r2"),
+        (RELEASE, PlanEntry(run_id="r1", source="src", stage=1, slot=0), None, "not a target of run r2"),
+        (RELEASE, PLAN, state("failed", error="disk full"), "already failed in run r2: disk full"),
+        (RELEASE, PlanEntry(run_id="r2", source="me", stage=1, slot=0), None, "names this node as its own source"),
+    ],
+)
+def test_start_ends_without_running_anything(release, plan, own, reason):
+    result = PullMachine("me", release, plan, own, TIMINGS).start(T0)
+    assert isinstance(result, PullResult)
+    assert reason in result.reason
+    assert result.state == own and not result.ran_task
+
+
+def test_start_proceeds_from_an_older_version_or_an_interrupted_pull():
+    for own in (state("done", version="v1", run_id="r1", source="a"), state("pulling", source="a")):
+        machine = PullMachine("me", RELEASE, PLAN, own, TIMINGS)
+        assert isinstance(machine.start(T0), WriteState)
+
+
+def test_waiting_write_refused_means_another_worker_runs():
+    machine = PullMachine("me", RELEASE, PLAN, None, TIMINGS)
+    machine.start(T0)
+    result = machine.on_written(False, T0)
+    assert result == PullResult(None, "the record of node me is held or changed by another worker")
+
+
+def test_waits_on_the_source_or_first_on_the_previous_slot_holder():
+    assert started()[1] == WaitForNode("src", 0, 0.0)
+    assert started(PLAN_AFTER)[1] == WaitForNode("prev", 0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "prev, now, expected",
+    [
+        (view("waiting"), T0 + 1, WaitForNode("prev", 7, 10)),
+        (view("pulling", source="src"), T0 + 1, WaitForNode("prev", 7, 10)),
+        (None, T0 + 15, WaitForNode("prev", 7, 5)),  # not started yet: wait until the grace ends
+        (view("done", source="src"), T0 + 1, ClaimSlot("src", slot_order("me", 2, 1))),  # so src is done
+        (view("done", source="other"), T0 + 1, WaitForNode("src", 0, 0.0)),
+        (view("failed", source="src"), T0 + 1, WaitForNode("src", 0, 0.0)),
+        (view("pulling", source="elsewhere"), T0 + 1, WaitForNode("src", 0, 0.0)),
+        (view("pulling", source="src", held=False), T0 + 1, WaitForNode("src", 0, 0.0)),  # crashed
+        (None, T0 + 20, WaitForNode("src", 0, 0.0)),  # never started within the grace
+        (view("done", run_id="r1", source="src"), T0 + 1, WaitForNode("src", 0, 0.0)),  # had it already
+        (view("pulling", run_id="r1", source="src"), T0 + 1, WaitForNode("prev", 7, 10)),  # old run, may start
+    ],
+)
+def test_waiting_on_the_previous_slot_holder(prev, now, expected):
+    machine, _ = started(PLAN_AFTER)
+    assert machine.on_node("prev", prev or NodeView(None), 7, now) == expected
+
+
+def test_previous_holder_done_from_our_source_lets_us_claim_at_once():
+    machine, _ = started(PLAN_AFTER)
+    machine.on_node("prev", view("done", source="src", depth=3), 7, T0 + 1)
+    assert machine.on_claim(1, 8, T0 + 1) == WriteState(state("pulling", source="src", depth=3))
+
+
+def test_done_source_is_claimed_with_the_planned_slot_first_then_pulled_and_reported():
+    machine = claimed(depth=3)
+    action = machine.on_claim(1, 40, T0 + 2)
+    assert action == WriteState(state("pulling", source="src", depth=4))
+    assert machine.on_written(True, T0 + 2) == RunTask("src", 1)
+    assert machine.on_task(True, None, T0 + 9) == ReleaseSlot("src", 1)
+    done = NodeState(version="v2", run_id="r2", status="done", started=T0, source="src", depth=4, finished=T0 + 9)
+    assert machine.on_released(T0 + 9) == WriteState(done)
+    result = machine.on_written(True, T0 + 9)
+    assert result == PullResult(done, "pulled version v2 from src", True)
+    assert not result.failed
+
+
+def test_task_failure_is_reported_as_failed_with_the_error():
+    machine = claimed()
+    machine.on_claim(0, 40, T0 + 2)
+    machine.on_written(True, T0 + 2)
+    assert machine.on_task(False, "exit 23", T0 + 5) == ReleaseSlot("src", 0)
+    action = machine.on_released(T0 + 5)
+    assert action.state.status == "failed" and action.state.error == "exit 23"
+    result = machine.on_written(True, T0 + 5)
+    assert result.failed and result.ran_task and "task failed pulling from src: exit 23" in result.reason
+
+
+def test_pulling_write_refused_releases_the_slot_without_running():
+    machine = claimed()
+    machine.on_claim(1, 40, T0 + 2)
+    assert machine.on_written(False, T0 + 2) == ReleaseSlot("src", 1)
+    result = machine.on_released(T0 + 2)
+    assert result.state is None and not result.ran_task and "did not pull" in result.reason
+
+
+def test_final_write_refused_still_returns_the_outcome():
+    machine = claimed()
+    machine.on_claim(1, 40, T0 + 2)
+    machine.on_written(True, T0 + 2)
+    machine.on_task(True, None, T0 + 3)
+    machine.on_released(T0 + 3)
+    result = machine.on_written(False, T0 + 3)
+    assert result.state.status == "done" and result.ran_task
+    assert "could not be recorded" in result.reason
+
+
+@pytest.mark.parametrize(
+    "source, now, excluded, reason",
+    [
+        (view("failed", error="no space"), T0 + 1, True, "source src failed: no space"),
+        (view("pulling", source="x", held=False), T0 + 1, True, "source src stopped without finishing"),
+        (view("waiting", held=False), T0 + 1, True, "source src stopped without finishing"),
+        (NodeView(None), T0 + 20, False, "source src has not started run r2 within 20s"),
+        (view("done", version="v1", run_id="r1", source="x"), T0 + 25, False, "has not started run r2"),
+    ],
+)
+def test_unusable_preferred_source_sends_to_the_fallback(source, now, excluded, reason):
+    machine, _ = started()
+    action = machine.on_node("src", source, 3, now)
+    assert isinstance(action, ListNodes) and reason in action.reason
+    assert ("src" in machine.excluded) is excluded
+
+
+@pytest.mark.parametrize(
+    "source, now, expected",
+    [
+        (view("waiting"), T0 + 500, WaitForNode("src", 3, 10)),  # started: no grace, only the timeout
+        (view("pulling", source="x"), T0 + 595, WaitForNode("src", 3, 5)),  # capped by the deadline
+        (NodeView(None), T0 + 12, WaitForNode("src", 3, 8)),  # capped by the start grace
+    ],
+)
+def test_pending_source_is_waited_on_with_bounded_blocking_queries(source, now, expected):
+    machine, _ = started()
+    assert machine.on_node("src", source, 3, now) == expected
+
+
+def test_busy_slots_are_waited_on_then_abandoned_after_the_busy_grace():
+    machine = claimed()
+    assert machine.on_claim(None, 41, T0 + 2) == WaitForSlots("src", 41, 10)
+    assert machine.on_slots_changed(T0 + 5) == ClaimSlot("src", slot_order("me", 2, 1))
+    assert machine.on_claim(None, 42, T0 + 10) == WaitForSlots("src", 42, 7)  # grace ends at T0 + 17
+    assert machine.on_slots_changed(T0 + 17) == ClaimSlot("src", slot_order("me", 2, 1))
+    action = machine.on_claim(None, 43, T0 + 17)
+    assert isinstance(action, ListNodes) and "all 2 slots of source src stayed busy for 15s" in action.reason
+    assert "src" not in machine.excluded
+
+
+def test_source_without_address_is_excluded():
+    machine = claimed()
+    action = machine.on_claim(None, 41, T0 + 2, unusable="no address in the catalog")
+    assert isinstance(action, ListNodes) and "source src is unusable: no address in the catalog" in action.reason
+    assert "src" in machine.excluded
+
+
+def fallback_machine():
+    machine, _ = started()
+    assert isinstance(machine.on_node("src", view("failed"), 3, T0 + 1), ListNodes)
+    return machine
+
+
+def test_fallback_prefers_shallow_then_idle_sources_and_skips_the_unusable():
+    machine = fallback_machine()
+    views = {
+        "me": view("waiting"),
+        "src": view("failed"),  # excluded
+        "lead": view("done", depth=0),  # shallowest, but both slots look busy
+        "p1": view("pulling", source="lead"),
+        "p2": view("pulling", source="lead"),
+        "d1": view("done", source="lead", depth=1),
+        "d2": view("done", source="lead", depth=1),
+        "p3": view("pulling", source="d2"),
+        "p4": view("pulling", source="d1", held=False),  # crashed puller: not counted
+        "deep": view("done", source="d1", depth=2),
+        "old": view("done", version="v1", run_id="r1", source="lead"),  # other version
+        "bad": NodeView(None),
+        "f": view("failed", source="lead"),
+    }
+    action = machine.on_nodes(views, T0 + 2)
+    assert machine.candidates == [("d1", 1), ("d2", 1), ("deep", 2), ("lead", 0)]
+    assert action == ClaimSlot("d1", slot_order("me", 2))
+
+
+def test_fallback_tries_candidates_then_blocks_and_relists():
+    machine = fallback_machine()
+    views = {name: view("done", source="lead", depth=1) for name in ("a", "b", "c")}
+    first = machine.on_nodes(views, T0 + 2)
+    order = [name for name, _depth in machine.candidates]
+    assert first == ClaimSlot(order[0], slot_order("me", 2))
+    assert machine.on_claim(None, 50, T0 + 2) == ClaimSlot(order[1], slot_order("me", 2))
+    # fallback_tries = 2: block on the last tried candidate until the listing is max_wait old.
+    assert machine.on_claim(None, 51, T0 + 3) == WaitForSlots(order[1], 51, 9)
+    assert machine.on_slots_changed(T0 + 4) == ClaimSlot(order[1], slot_order("me", 2))
+    assert machine.on_claim(None, 52, T0 + 5) == WaitForSlots(order[1], 52, 7)
+    assert isinstance(machine.on_slots_changed(T0 + 12), ListNodes)
+
+
+def test_fallback_claim_records_the_depth_of_the_chosen_source():
+    machine = fallback_machine()
+    machine.on_nodes({"deep": view("done", source="x", depth=4)}, T0 + 2)
+    assert machine.on_claim(0, 9, T0 + 2) == WriteState(state("pulling", source="deep", depth=5))
+
+
+def test_fallback_ties_are_broken_per_puller_so_fallbacks_spread():
+    views = {f"d{i}": view("done", source="lead", depth=1) for i in range(8)}
+    firsts = set()
+    for i in range(40):
+        machine = PullMachine(f"puller-{i}", RELEASE, PLAN, None, TIMINGS)
+        machine.start(T0)
+        machine.on_written(True, T0)
+        machine.on_node("src", view("failed"), 3, T0)
+        action = machine.on_nodes(views, T0)
+        firsts.add(action.source)
+        assert action.source == min(views, key=lambda name: spread_key(f"puller-{i}", name))
+    assert len(firsts) >= 4
+
+
+def test_no_candidate_sleeps_with_backoff_and_relists():
+    machine = fallback_machine()
+    delays = []
+    for step in range(6):
+        action = machine.on_nodes({"x": view("pulling", source="lead")}, T0 + 2 + step)
+        assert isinstance(action, Sleep)
+        delays.append(action.seconds)
+        assert isinstance(machine.on_slept(T0 + 2 + step), ListNodes)
+    assert delays == [0.5, 1, 2, 4, 8, 10]
+
+
+def test_abort_while_waiting_records_failed_and_stops():
+    machine, _ = started()
+    aborted = ReleaseRecord(**{**RELEASE.__dict__, "status": "aborted", "aborted_reason": "rollback"})
+    action = machine.on_release(aborted, T0 + 3)
+    assert isinstance(action, WriteState)
+    assert action.state.status == "failed" and action.state.error == "release r2 was aborted: rollback"
+    result = machine.on_written(True, T0 + 3)
+    assert result.failed and not result.ran_task
+
+
+def test_release_unchanged_lets_the_wait_go_on():
+    machine, _ = started()
+    assert machine.on_release(RELEASE, T0 + 3) is None
+    assert machine.on_node("src", view("waiting"), 3, T0 + 3) == WaitForNode("src", 3, 10)
+
+
+@pytest.mark.parametrize("release, what", [(None, "was deleted"), ("new", "now describes run r3")])
+def test_another_run_restarts_the_worker(release, what):
+    machine, _ = started()
+    new = ReleaseRecord(**{**RELEASE.__dict__, "run_id": "r3", "version": "v3"}) if release else None
+    assert machine.on_release(new, T0 + 3) == Restart(f"the release record {what}")
+
+
+@pytest.mark.parametrize("phase", ["source", "slots", "fallback"])
+def test_timeout_records_failed_with_what_was_awaited(phase):
+    machine, _ = started()
+    late = T0 + 600
+    if phase == "source":
+        action = machine.on_node("src", view("pulling", source="x"), 3, late)
+        awaited = "src to be done"
+    elif phase == "slots":
+        machine.on_node("src", view("done", source="x"), 3, T0 + 1)
+        machine.on_claim(None, 4, T0 + 2)
+        action = machine.on_slots_changed(late)
+        awaited = "a free slot on src"
+    else:
+        machine.on_node("src", view("failed"), 3, T0 + 1)
+        action = machine.on_nodes({}, late)
+        awaited = "no done node had a free slot"
+    assert isinstance(action, WriteState) and action.state.status == "failed"
+    assert action.state.error == f"timed out after 600s waiting for a source ({awaited})"
+    result = machine.on_written(True, late)
+    assert result.failed and result.reason == action.state.error
+
+
+def test_answers_out_of_turn_are_programming_errors():
+    machine, _ = started()
+    with pytest.raises(RuntimeError, match="answer for phase claim received in phase wait-source"):
+        machine.on_claim(0, 1, T0)
+    with pytest.raises(RuntimeError, match=r"on_node\(other\) is not expected"):
+        machine.on_node("other", NodeView(None), 1, T0)
+    fresh = PullMachine("me", RELEASE, PLAN, None, TIMINGS)
+    with pytest.raises(RuntimeError, match="on_release is not expected"):
+        fresh.on_release(RELEASE, T0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"watch_timeout": 0}, "watch_timeout must be a number of seconds > 0"),
+        ({"max_wait": -1}, "max_wait must be"),
+        ({"start_grace": True}, "start_grace must be"),
+        ({"fallback_tries": 0}, "fallback_tries must be an integer >= 1"),
+    ],
+)
+def test_timings_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PullTimings(**kwargs)

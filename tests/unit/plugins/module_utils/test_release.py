@@ -1,0 +1,599 @@
+"""Controller-side release logic (_release) against the Consul double over HTTP.
+
+The double runs NODES agents; agent 0 is the leader. No watch handler is configured, so a
+fired event only lands in the agents' event lists and node states are written by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+
+import pytest
+from consul_harness import DoubleProcess, in_background, wait_until
+
+from ansible_collections.fireap.consul.plugins.module_utils import _reap as reap
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    LockRecord,
+    NodeState,
+    PlanEntry,
+    ReleaseRecord,
+    Schema,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
+from ansible_collections.fireap.consul.plugins.module_utils._release import (
+    EVENT_NAME,
+    FireLockHeld,
+    ReleaseError,
+    ReleaseWaitTimeout,
+    _re2_problem,
+    anchored_node_filters,
+    check_filter_regex,
+    check_version,
+    clear,
+    event_payload,
+    fire,
+    info,
+    next_version,
+    retry_stragglers,
+    wait,
+)
+
+NODES = 12
+DELIVERY_TIMEOUT = 20.0
+WAIT_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    double = DoubleProcess(tmp_path_factory.mktemp("release-double"), nodes=NODES)
+    try:
+        yield double.start()
+    finally:
+        double.stop()
+
+
+@pytest.fixture
+def client(cluster):
+    with cluster.client(0) as consul_client:
+        yield consul_client
+
+
+@pytest.fixture
+def schema(cluster):
+    """A prefix of this test's own; lock sessions left behind are destroyed, keys deleted."""
+    schema = Schema(f"fireap-test/{uuid.uuid4().hex}/")
+    yield schema
+    with cluster.client(0) as consul_client:
+        _index, entries = consul_client.kv.get(schema.prefix, recurse=True)
+        for entry in entries or ():
+            if entry.get("Session"):
+                consul_client.session.destroy(entry["Session"])
+        consul_client.kv.delete(schema.prefix, recurse=True)
+
+
+@pytest.fixture
+def leader(cluster):
+    return cluster.node_names[0]
+
+
+def kv_dump(client, schema):
+    _index, entries = client.kv.get(schema.prefix, recurse=True)
+    return [(e["Key"], e["Value"], e.get("Session"), e["ModifyIndex"]) for e in entries or ()]
+
+
+def read_json(client, key):
+    _index, entry = client.kv.get(key)
+    return None if entry is None else json.loads(entry["Value"])
+
+
+def put_state(client, schema, app, node, **fields):
+    state = NodeState(**fields)
+    assert client.kv.put(schema.node(app, node), state.to_json())
+    return state
+
+
+def finish_all(client, schema, app, result, status="done"):
+    """Record every non-leader target of the run as finished."""
+    for name in result["targets"][1:]:
+        extra = {"error": "broken"} if status == "failed" else {"source": result["leader"], "depth": 1}
+        put_state(
+            client, schema, app, name,
+            version=result["version"], run_id=result["run_id"], status=status, started=10.0, finished=11.0, **extra,
+        )
+
+
+def event_on(cluster, agent, event_id):
+    """The event *event_id* as listed by agent number *agent*, once gossip delivered it."""
+
+    def listed():
+        response = cluster.http("GET", "/v1/event/list", agent, params={"name": EVENT_NAME})
+        assert response.status_code == 200, response.text
+        return next((event for event in response.json() if event["ID"] == event_id), None)
+
+    return wait_until(listed, DELIVERY_TIMEOUT, f"event {event_id} on agent {agent}")
+
+
+# --- pure helpers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "previous, expected",
+    [(None, "1"), ("1", "2"), ("1.4.2", "1.4.3"), ("v7", "v8"), ("r09", "r10"), ("2.0-rc1", "2.0-rc2"), ("1.9", "1.10"), ("build-99x", "build-100x")],
+)
+def test_next_version_increments_the_last_run_of_digits(previous, expected):
+    assert next_version(previous) == expected
+
+
+def test_next_version_needs_digits():
+    with pytest.raises(ReleaseError, match="'beta'.*no digits.*give version"):
+        next_version("beta")
+
+
+@pytest.mark.parametrize(
+    "version, fragment",
+    [("", "non-empty"), ("1.0 beta", "whitespace"), ("1.0\n", "whitespace"), ("1\x00", "control"), ("v" * 65, "65 characters")],
+)
+def test_bad_versions_are_refused(version, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        check_version(version)
+
+
+def test_payload_is_compact_json_the_node_handler_decodes():
+    assert event_payload("web", "1.4.3") == b'{"app":"web","version":"1.4.3"}'
+    assert event_payload("web", "é") == '{"app":"web","version":"é"}'.encode()
+    assert reap.EVENT_NAME == EVENT_NAME
+    for version in ("1.4.3", "é", 'quo"te\\'):
+        assert reap.decode_payload(base64.b64encode(event_payload("web", version)).decode()) == ("web", version)
+
+
+@pytest.mark.parametrize(
+    "pattern, problem",
+    [
+        ("^web(?=1)", "a lookahead"),
+        ("^web(?!1)", "a lookahead"),
+        ("(?<=a)b", "a lookbehind"),
+        ("(a)\\1", "a backreference"),
+        ("(?P<x>a)(?P=x)", "a named backreference"),
+        ("a++", "a possessive quantifier"),
+        ("(?>ab)", "an atomic group"),
+        (r"^web\(?=", None),
+        ("[(?=]x", None),
+        ("^web[0-9]+$", None),
+        ("(?i)web(?:1|2)?", None),
+        ("a+?", None),
+    ],
+)
+def test_re2_problems_are_found_outside_escapes_and_classes(pattern, problem):
+    assert _re2_problem(pattern) == problem
+
+
+def test_filter_regex_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"node_filter '\^web\(\?=1\)' uses a lookahead"):
+        check_filter_regex("^web(?=1)", "node_filter")
+    with pytest.raises(ValueError, match="node_filter 'web\\[' is not a valid regular expression"):
+        check_filter_regex("web[", "node_filter")
+
+
+def test_anchored_filters_split_within_the_budget_and_match_exactly():
+    names = [f"node-{i}.example" for i in range(40)]
+    filters = anchored_node_filters(names, 120)
+    assert len(filters) > 1
+    assert all(len(f) <= 120 and f.startswith("^(") and f.endswith(")$") for f in filters)
+    matched = {name for name in names + ["node-1Xexample", "xnode-1.example", "node-1.example2"] if any(re.search(f, name) for f in filters)}
+    assert matched == set(names)
+
+
+# --- fire --------------------------------------------------------------------------------
+
+
+def test_fire_writes_release_plan_leader_state_lock_and_event(cluster, client, schema, leader):
+    result = fire(client, schema, "web", "1.0.0", fanout=2, holder="ctl (test)")
+
+    others = sorted(set(cluster.node_names) - {leader})
+    assert result["targets"] == [leader] + others
+    assert result["target_count"] == NODES
+    assert result["leader"] == leader and result["fanout"] == 2
+    assert result["previous_version"] is None and result["previous_release"] is None
+    assert result["took_over"] is None and result["stale_plans"] == []
+    run_id = result["run_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id)
+
+    release = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
+    assert release.to_dict() == result["release"]
+    assert (release.version, release.run_id, release.fanout, release.leader) == ("1.0.0", run_id, 2, leader)
+    assert release.target_count == NODES and release.status == "running"
+
+    expected = plan_release(result["targets"], leader, 2, run_id)
+    _index, plans = client.kv.get(schema.plan_prefix("web"), recurse=True)
+    assert {e["Key"]: PlanEntry.from_json(e["Value"]) for e in plans} == {
+        schema.plan("web", name): entry for name, entry in expected.items()
+    }
+
+    state = NodeState.from_json(client.kv.get(schema.node("web", leader))[1]["Value"])
+    assert (state.status, state.version, state.run_id, state.depth, state.source) == ("done", "1.0.0", run_id, 0, None)
+
+    _index, lock_entry = client.kv.get(schema.lock("web"))
+    assert lock_entry["Session"]
+    lock = LockRecord.from_json(lock_entry["Value"])
+    assert (lock.run_id, lock.holder) == (run_id, "ctl (test)")
+
+    event = event_on(cluster, NODES - 1, result["event_id"])
+    assert base64.b64decode(event["Payload"]) == b'{"app":"web","version":"1.0.0"}'
+    assert (event["NodeFilter"], event["ServiceFilter"], event["TagFilter"]) == ("", "", "")
+
+
+def test_version_defaults_to_the_previous_one_plus_one(client, schema):
+    first = fire(client, schema, "api")
+    assert (first["version"], first["previous_version"]) == ("1", None)
+    finish_all(client, schema, "api", first)
+    fire(client, schema, "api", "2.3.9")
+    second = fire(client, schema, "api", force=True)
+    assert (second["version"], second["previous_version"]) == ("2.3.10", "2.3.9")
+
+
+def test_a_running_release_holds_the_lock(client, schema):
+    first = fire(client, schema, "web", "1.0", holder="ctl-a")
+    _index, old_lock = client.kv.get(schema.lock("web"))
+    with pytest.raises(FireLockHeld) as refused:
+        fire(client, schema, "web", "1.1")
+    message = str(refused.value)
+    for fragment in (first["run_id"], "version 1.0", "ctl-a", "UTC", f"{NODES - 1} of {NODES} targets", "force=true", "fireap_clear"):
+        assert fragment in message
+    assert refused.value.lock.run_id == first["run_id"]
+    assert read_json(client, schema.release("web"))["run_id"] == first["run_id"]
+
+    forced = fire(client, schema, "web", "1.1", force=True, holder="ctl-b")
+    assert forced["took_over"]["run_id"] == first["run_id"]
+    assert forced["previous_version"] == "1.0"
+    _index, new_lock = client.kv.get(schema.lock("web"))
+    record = LockRecord.from_json(new_lock["Value"])
+    assert (record.run_id, record.holder) == (forced["run_id"], "ctl-b")
+    assert new_lock["Session"] != old_lock["Session"]
+    assert client.session.info(old_lock["Session"])[1] is None
+
+
+def test_a_finished_or_aborted_release_gives_its_lock_up(client, schema):
+    first = fire(client, schema, "web", "1.0")
+    _index, old_lock = client.kv.get(schema.lock("web"))
+    finish_all(client, schema, "web", first, status="failed")
+    second = fire(client, schema, "web", "1.1")
+    assert second["took_over"]["run_id"] == first["run_id"]
+    assert client.session.info(old_lock["Session"])[1] is None
+
+    clear(client, schema, "web", lift_lock=False, abort=True)
+    third = fire(client, schema, "web", "1.2")
+    assert third["took_over"]["run_id"] == second["run_id"]
+
+
+def test_a_lock_without_a_release_of_its_run_is_refused(client, schema):
+    session = client.session.create(lock_delay=0)
+    lock = LockRecord(run_id="interrupted-run", holder="ctl-x", since=1.0)
+    assert client.kv.put(schema.lock("web"), lock.to_json(), acquire=session)
+    with pytest.raises(FireLockHeld, match="interrupted-run.*no release record describes that run"):
+        fire(client, schema, "web", "1.0")
+    assert fire(client, schema, "web", "1.0", force=True)["took_over"]["run_id"] == "interrupted-run"
+
+
+def test_payload_over_budget_is_refused_before_anything_is_written(client, schema):
+    before = kv_dump(client, schema)
+    app = "a" * 60
+    with pytest.raises(ReleaseError, match=r"is 101 bytes, over Consul's 100-byte budget.*77 bytes together.*take 78"):
+        fire(client, schema, app, "v" * 18)
+    assert kv_dump(client, schema) == before
+    assert fire(client, schema, app, "v" * 17, check_mode=True)["version"] == "v" * 17
+
+
+def test_filters_too_long_for_one_event_are_refused(client, schema):
+    with pytest.raises(ReleaseError, match="would not fit in one Consul user event"):
+        fire(client, schema, "web", "1", node_filter="^(" + "|".join(f"n{i:03d}" for i in range(80)) + ")$")
+
+
+def test_argument_errors(client, schema):
+    with pytest.raises(ValueError, match="fanout must be an integer from 1 to 64, got 65"):
+        fire(client, schema, "web", "1", fanout=65)
+    with pytest.raises(ValueError, match="app name 'web/x' may only contain"):
+        fire(client, schema, "web/x", "1")
+    with pytest.raises(ValueError, match="give service too"):
+        fire(client, schema, "web", "1", tag="blue")
+    with pytest.raises(ValueError, match="service 'a/b' must not contain"):
+        fire(client, schema, "web", "1", service="a/b")
+
+
+def test_node_filter_is_unanchored_like_consul(cluster, client, schema, leader):
+    names = cluster.node_names
+    # Some node name that is a substring of another one (node-1 in node-10), else a name's prefix.
+    pattern = next(
+        (a for a in names[1:] for b in names if a != b and a in b),
+        names[1][:-1],
+    )
+    expected = {name for name in names if re.search(pattern, name)}
+    assert len(expected - {leader}) > 1, f"the double's names {names} give no unanchored example"
+    result = fire(client, schema, "web", "1", node_filter=pattern, check_mode=True)
+    assert result["targets"][0] == leader
+    assert set(result["targets"]) == expected | {leader}
+
+    exact = fire(client, schema, "web", "1", node_filter=f"^{re.escape(names[1])}$", check_mode=True)
+    assert exact["targets"] == [leader, names[1]]
+
+
+def test_a_filter_matching_nothing_is_refused(client, schema, leader):
+    with pytest.raises(ReleaseError, match=r"no node besides the leader .* matches the filters node='\^nomatch\$'"):
+        fire(client, schema, "web", "1", node_filter="^nomatch$")
+
+
+def test_targets_by_service_and_tag(cluster, client, schema, leader):
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    registered = {2: ["blue"], 3: ["green"], 4: ["blue", "canary"]}
+    for agent, tags in registered.items():
+        response = cluster.http("PUT", "/v1/agent/service/register", agent, json_body={"Name": service, "Tags": tags})
+        assert response.status_code == 200, response.text
+    try:
+        names = cluster.node_names
+        everyone = fire(client, schema, "web", "1", service=service, check_mode=True)
+        assert everyone["targets"] == [leader] + sorted(names[a] for a in registered)
+
+        blue = fire(client, schema, "web", "1", service=service, tag="blue")
+        assert blue["targets"] == [leader] + sorted([names[2], names[4]])
+        assert blue["filters"] == {"node": None, "service": service, "tag": "blue"}
+        event = event_on(cluster, 2, blue["event_id"])
+        assert (event["ServiceFilter"], event["TagFilter"]) == (service, "blue")
+
+        narrowed = fire(client, schema, "web", "2", node_filter=f"^{re.escape(names[4])}$", service=service, force=True)
+        assert narrowed["targets"] == [leader, names[4]]
+    finally:
+        for agent in registered:
+            cluster.http("PUT", f"/v1/agent/service/deregister/{service}", agent)
+
+
+def test_stale_plans_of_nodes_no_longer_targeted_are_deleted(cluster, client, schema, leader):
+    names = cluster.node_names
+    first = fire(client, schema, "web", "1")
+    finish_all(client, schema, "web", first)
+    kept = f"^{re.escape(names[1])}$"
+    second = fire(client, schema, "web", "2", node_filter=kept)
+    assert second["stale_plans"] == sorted(schema.plan("web", name) for name in names[2:])
+    keys = client.kv.get(schema.plan_prefix("web"), keys=True)[1]
+    assert keys == [schema.plan("web", names[1])]
+    assert read_json(client, schema.plan("web", names[1]))["run_id"] == second["run_id"]
+
+
+class _RacingClient:
+    """A client whose transaction guarded by a check runs ``before()`` first, as a concurrent writer."""
+
+    def __init__(self, client, before) -> None:
+        self._client = client
+        self._before = before
+        self.txn = self
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def put(self, payload):
+        if any(op["KV"]["Verb"].startswith("check") for op in payload):
+            self._before()
+        return self._client.txn.put(payload)
+
+
+def test_a_release_changed_while_recording_fires_nothing_and_frees_the_lock(cluster, client, schema):
+    first = fire(client, schema, "web", "1")
+    finish_all(client, schema, "web", first)
+    events_before = cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json()
+    racing = _RacingClient(client, lambda: clear(client, schema, "web", lift_lock=False, abort=True, reason="race"))
+    with pytest.raises(ReleaseError, match="changed while run .* was being recorded.*nothing was fired"):
+        fire(racing, schema, "web", "2")
+    record = read_json(client, schema.release("web"))
+    assert (record["run_id"], record["status"]) == (first["run_id"], "aborted")
+    assert client.kv.get(schema.lock("web"))[1].get("Session") is None
+    assert cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json() == events_before
+
+
+def test_malformed_release_record_is_reported_and_wipe_removes_it(client, schema):
+    client.kv.put(schema.release("web"), b"{not json")
+    with pytest.raises(ReleaseError, match="malformed KV key .*release.*fireap_clear wipe=true"):
+        fire(client, schema, "web", "1")
+    assert clear(client, schema, "web", wipe=True)["wiped"]
+    assert fire(client, schema, "web")["version"] == "1"
+
+
+# --- check mode ---------------------------------------------------------------------------
+
+
+def test_check_mode_changes_nothing(cluster, client, schema, leader):
+    first = fire(client, schema, "web", "1.0")
+    put_state(client, schema, "web", cluster.node_names[1], version="1.0", run_id=first["run_id"], status="waiting", started=5.0)
+    before = kv_dump(client, schema)
+    events_before = cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json()
+
+    planned = fire(client, schema, "web", check_mode=True, force=True)
+    assert planned["version"] == "1.1" and planned["event_id"] is None
+    assert planned["took_over"]["run_id"] == first["run_id"]
+    with pytest.raises(FireLockHeld):
+        fire(client, schema, "web", check_mode=True)
+    retried = retry_stragglers(client, schema, "web", check_mode=True)
+    assert retried["stragglers"] and all(e["event_id"] is None for e in retried["events"])
+    cleared = clear(client, schema, "web", abort=True, wipe=True, check_mode=True)
+    assert cleared["changed"] and cleared["aborted"]["run_id"] == first["run_id"] and cleared["wiped"]
+    assert cleared["lock_lifted"]["run_id"] == first["run_id"]
+
+    assert kv_dump(client, schema) == before
+    assert cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json() == events_before
+
+
+# --- info ---------------------------------------------------------------------------------
+
+
+def test_info_without_a_release(client, schema):
+    result = info(client, schema, "nothing")
+    assert result["exists"] is False and result["status"] == "none" and result["release"] is None
+    assert result["counts"] == {"done": 0, "pulling": 0, "waiting": 0, "failed": 0, "pending": 0}
+    assert result["lock"] is None and result["nodes"] == [] and result["finished"] is False
+
+
+def test_info_counts_tree_pending_and_timings(client, schema, leader):
+    fired = fire(client, schema, "web", "2.0", fanout=2)
+    run, targets = fired["run_id"], fired["targets"]
+    n1, n2, n3, n4, n5, n6, n7 = targets[1:8]
+    common = {"version": "2.0", "run_id": run}
+    put_state(client, schema, "web", n1, status="done", started=100.0, finished=104.0, source=leader, depth=1, **common)
+    put_state(client, schema, "web", n2, status="done", started=100.0, finished=106.5, source=leader, depth=1, **common)
+    put_state(client, schema, "web", n3, status="done", started=104.0, finished=109.0, source=n1, depth=2, **common)
+    put_state(client, schema, "web", n4, status="pulling", started=104.0, source=n1, depth=2, **common)
+    put_state(client, schema, "web", n5, status="waiting", started=105.0, **common)
+    put_state(client, schema, "web", n6, status="failed", started=105.0, finished=107.0, source=n2, depth=2, error="rsync exit 23", **common)
+    # Done at this version in an earlier run: counts as done, not part of this run's tree.
+    put_state(client, schema, "web", n7, version="2.0", run_id="older", status="done", started=1.0, finished=2.0, source=leader, depth=1)
+
+    result = info(client, schema, "web")
+    pending = NODES - 8
+    assert result["counts"] == {"done": 5, "pulling": 1, "waiting": 1, "failed": 1, "pending": pending}
+    assert result["total"] == NODES
+    assert result["percent"] == round(100 * 6 / NODES, 1)
+    assert (result["status"], result["finished"], result["succeeded"]) == ("running", False, False)
+    assert result["failed_nodes"] == [{"node": n6, "source": n2, "error": "rsync exit 23"}]
+    assert result["tree"] == {leader: [n1, n2], n1: [n3, n4], n2: [n6]}
+    assert result["max_depth"] == 2
+    assert result["stages_planned"] == 3 and result["ideal_stages"] == 3
+    assert result["timings"]["first_finished"] == 104.0 and result["timings"]["last_finished"] == 109.0
+    rows = {row["node"]: row for row in result["nodes"]}
+    assert [row["node"] for row in result["nodes"]] == targets
+    assert rows[n3]["duration"] == 5.0 and rows[n4]["duration"] is None
+    assert rows[n7]["status"] == "done" and rows[n7]["this_run"] is False
+    assert rows[targets[-1]]["status"] == "pending" and rows[targets[-1]]["started"] is None
+    assert rows[leader]["depth"] == 0 and rows[leader]["stage"] == 0
+    assert result["lock"]["held"] is True and result["lock"]["run_id"] == run
+    assert result["warnings"] == []
+
+
+def test_info_rows_follow_the_plan(client, schema):
+    fired = fire(client, schema, "web", "3", fanout=3)
+    plan = plan_release(fired["targets"], fired["leader"], 3, fired["run_id"])
+    for row in info(client, schema, "web")["nodes"][1:]:
+        entry = plan[row["node"]]
+        assert (row["planned_source"], row["stage"], row["slot"]) == (entry.source, entry.stage, entry.slot)
+
+
+def test_info_finishes_and_skips_malformed_records(client, schema):
+    fired = fire(client, schema, "web", "1")
+    finish_all(client, schema, "web", fired)
+    client.kv.put(schema.node("web", "garbage"), b"[]")
+    result = info(client, schema, "web")
+    assert (result["status"], result["finished"], result["succeeded"], result["percent"]) == ("finished", True, True, 100.0)
+    assert result["timings"]["elapsed"] >= 0
+    assert len(result["warnings"]) == 1 and "garbage" in result["warnings"][0]
+
+
+# --- wait ---------------------------------------------------------------------------------
+
+
+def test_wait_returns_when_the_last_target_finishes(client, schema):
+    fired = fire(client, schema, "web", "1")
+    seen = []
+    future = in_background(wait, client, schema, "web", fired["run_id"], WAIT_TIMEOUT, 1.0, seen.append)
+    wait_until(lambda: seen, WAIT_TIMEOUT, "first progress report")
+    finish_all(client, schema, "web", fired)
+    final = future.result(WAIT_TIMEOUT * 2)
+    assert final["finished"] and final["counts"]["done"] == NODES
+    assert seen[0]["counts"]["pending"] == NODES - 1 and seen[-1] == final
+
+
+def test_wait_times_out_with_the_last_progress(client, schema):
+    fired = fire(client, schema, "web", "1")
+    with pytest.raises(ReleaseWaitTimeout, match=rf"did not finish within 0s: 1 done, .*{NODES - 1} pending of {NODES}") as timeout:
+        wait(client, schema, "web", fired["run_id"], 0)
+    assert timeout.value.info["run_id"] == fired["run_id"]
+
+
+def test_wait_stops_on_abort_and_on_replacement(client, schema):
+    fired = fire(client, schema, "web", "1")
+    clear(client, schema, "web", abort=True, reason="bad build")
+    aborted = wait(client, schema, "web", fired["run_id"], WAIT_TIMEOUT)
+    assert aborted["status"] == "aborted" and aborted["release"]["aborted_reason"] == "bad build"
+    fire(client, schema, "web", "2")
+    with pytest.raises(ReleaseError, match=f"stopped waiting for run {fired['run_id']}.*replaced it"):
+        wait(client, schema, "web", fired["run_id"], WAIT_TIMEOUT)
+
+
+# --- retry_stragglers ---------------------------------------------------------------------
+
+
+def test_retry_fires_to_exactly_the_targets_that_never_started(cluster, client, schema, leader):
+    fired = fire(client, schema, "web", "1.2")
+    started = fired["targets"][1:-2]
+    for name in started:
+        put_state(client, schema, "web", name, version="1.2", run_id=fired["run_id"], status="waiting", started=3.0)
+    stragglers = fired["targets"][-2:]
+
+    result = retry_stragglers(client, schema, "web", "1.2")
+    assert (result["run_id"], result["version"], result["stragglers"]) == (fired["run_id"], "1.2", stragglers)
+    assert [e["node_filter"] for e in result["events"]] == [anchored_node_filters(stragglers, 400)[0]]
+    agent = cluster.node_names.index(stragglers[0])
+    event = event_on(cluster, agent, result["events"][0]["event_id"])
+    assert event["NodeFilter"] == result["events"][0]["node_filter"]
+    assert base64.b64decode(event["Payload"]) == event_payload("web", "1.2")
+    assert read_json(client, schema.release("web"))["run_id"] == fired["run_id"]
+
+
+def test_retry_refusals(client, schema):
+    with pytest.raises(ReleaseError, match="no release to retry"):
+        retry_stragglers(client, schema, "web")
+    fire(client, schema, "web", "1")
+    with pytest.raises(ReleaseError, match="version '2' is not the version of the current run"):
+        retry_stragglers(client, schema, "web", "2")
+    clear(client, schema, "web", abort=True)
+    with pytest.raises(ReleaseError, match="was aborted"):
+        retry_stragglers(client, schema, "web")
+
+
+def test_retry_without_stragglers_fires_nothing(client, schema):
+    fired = fire(client, schema, "web", "1")
+    finish_all(client, schema, "web", fired)
+    assert retry_stragglers(client, schema, "web")["events"] == []
+
+
+# --- clear --------------------------------------------------------------------------------
+
+
+def test_clear_lifts_the_lock(client, schema):
+    fired = fire(client, schema, "web", "1")
+    _index, entry = client.kv.get(schema.lock("web"))
+    result = clear(client, schema, "web")
+    assert result["changed"] and result["lock_lifted"]["session"] == entry["Session"]
+    assert result["lock_lifted"]["run_id"] == fired["run_id"] and result["aborted"] is None
+    assert result["after"]["lock"]["held"] is False
+    assert client.kv.get(schema.lock("web"))[1].get("Session") is None
+    assert client.session.info(entry["Session"])[1] is None
+    assert fire(client, schema, "web", "2")["took_over"] is None
+    assert clear(client, schema, "nothing")["changed"] is False
+
+
+def test_clear_aborts_a_running_release_once(client, schema):
+    fired = fire(client, schema, "web", "1")
+    result = clear(client, schema, "web", lift_lock=False, abort=True, reason="rollback")
+    assert result["aborted"] == {"run_id": fired["run_id"], "version": "1", "reason": "rollback"}
+    assert result["lock_lifted"] is None
+    record = read_json(client, schema.release("web"))
+    assert (record["status"], record["aborted_reason"]) == ("aborted", "rollback")
+    assert result["before"]["release"]["status"] == "running" and result["after"]["release"]["status"] == "aborted"
+    assert clear(client, schema, "web", lift_lock=False, abort=True)["changed"] is False
+    assert info(client, schema, "web")["status"] == "aborted"
+
+
+def test_clear_wipes_every_key_of_the_app_only(client, schema):
+    fire(client, schema, "web", "1")
+    fire(client, schema, "api", "1")
+    _index, entry = client.kv.get(schema.lock("web"))
+    count = len(client.kv.get(schema.app_prefix("web"), keys=True)[1])
+    result = clear(client, schema, "web", lift_lock=False, wipe=True)
+    assert result["wiped"] and result["deleted_keys"] == count and result["lock_lifted"]
+    assert client.kv.get(schema.app_prefix("web"), keys=True)[1] is None
+    assert client.session.info(entry["Session"])[1] is None
+    assert client.kv.get(schema.release("api"))[1] is not None
+    assert result["after"] == {"release": None, "lock": None}
+
+
+def test_clear_reason_must_be_text(client, schema):
+    with pytest.raises(ValueError, match="reason must be a non-empty string"):
+        clear(client, schema, "web", abort=True, reason="  ")

@@ -1,0 +1,356 @@
+"""The pull worker against the project's Consul double over HTTP, one worker thread per node.
+
+Every test fires a release the way fireap_fire does (plan entries in txn batches, the
+leader's own state, then the release record) under a KV prefix of its own, runs the
+workers of the other nodes in threads, each talking to its own agent, and checks the
+outcome in KV and in what the injected task saw.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from consul_harness import DoubleProcess, wait_until
+
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NodeState,
+    PlanEntry,
+    ReleaseRecord,
+    Schema,
+    txn_set_batches,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    PullTimings,
+    plan_release,
+    schedule_order,
+    stage_count,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._worker import PullError, SourceInfo, pull
+
+pytestmark = pytest.mark.double_only
+
+NODES = 24
+TASK_SECONDS = 0.05
+FAST = PullTimings(watch_timeout=120, start_grace=1.5, busy_grace=3, max_wait=2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    double = DoubleProcess(tmp_path_factory.mktemp("worker-devcluster"), nodes=NODES)
+    try:
+        yield double.start()
+    finally:
+        double.stop()
+
+
+@pytest.fixture
+def schema(cluster):
+    prefix = f"fireap-test/{uuid.uuid4().hex}/"
+    yield Schema(prefix)
+    cluster.client().kv.delete(prefix, recurse=True)
+
+
+class Task:
+    """The injected run_task: sleeps, counts concurrent pullers per source, may fail."""
+
+    def __init__(self, failing=()):
+        self.failing = set(failing)
+        self.lock = threading.Lock()
+        self.active = Counter()
+        self.peak = Counter()
+        self.calls = []
+
+    def for_node(self, node):
+        def run_task(source: SourceInfo):
+            with self.lock:
+                self.calls.append((node, source))
+                self.active[source.name] += 1
+                self.peak[source.name] = max(self.peak[source.name], self.active[source.name])
+            try:
+                time.sleep(TASK_SECONDS)
+            finally:
+                with self.lock:
+                    self.active[source.name] -= 1
+            if node in self.failing:
+                return False, f"simulated failure on {node}"
+            return True, None
+
+        return run_task
+
+
+def fire(cluster, schema, app, fanout, targets=None, version="v1"):
+    """Write what fireap_fire writes: plan (txn batches), leader state, release record."""
+    client = cluster.client(0)
+    leader = cluster.node_names[0]
+    targets = cluster.node_names if targets is None else targets
+    run_id = uuid.uuid4().hex
+    plan = plan_release(targets, leader, fanout, run_id)
+    for batch in txn_set_batches((schema.plan(app, node), entry.to_json()) for node, entry in plan.items()):
+        client.txn.put(batch)
+    now = time.time()
+    leader_state = NodeState(version=version, run_id=run_id, status="done", started=now, depth=0, finished=now)
+    assert client.kv.put(schema.node(app, leader), leader_state.to_json())
+    release = ReleaseRecord(
+        app=app, version=version, run_id=run_id, fanout=fanout, leader=leader,
+        target_count=len(plan) + 1, fired_at=now,
+    )
+    assert client.kv.put(schema.release(app), release.to_json())
+    return release, plan
+
+
+def run_workers(cluster, schema, app, nodes, task, timings=FAST):
+    """Run pull() for each node in its own thread against its own agent; {node: result}."""
+    index = {name: i for i, name in enumerate(cluster.node_names)}
+    logs = {node: [] for node in nodes}
+
+    def one(node):
+        return pull(
+            cluster.client(index[node]), app, node, task.for_node(node),
+            schema=schema, timings=timings, log=logs[node].append,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        futures = {node: pool.submit(one, node) for node in nodes}
+        results = {}
+        for node, future in futures.items():
+            try:
+                results[node] = future.result(timeout=300)
+            except Exception as err:
+                raise AssertionError(f"worker {node} raised {err!r}; log:\n" + "\n".join(logs[node])) from err
+    return results, logs
+
+
+def states(cluster, schema, app):
+    _index, entries = cluster.client().kv.get(schema.nodes_prefix(app), recurse=True)
+    return {schema.node_name(app, e["Key"]): NodeState.from_json(e["Value"], e["Key"]) for e in entries or ()}
+
+
+def assert_clean(cluster, schema, app, nodes):
+    """No slot is left held and no worker session is left behind."""
+    _index, slots = cluster.client().kv.get(schema.app_prefix(app) + "slots/", recurse=True)
+    assert not [slot["Key"] for slot in slots or () if slot.get("Session")]
+    index = {name: i for i, name in enumerate(cluster.node_names)}
+    for node in nodes:
+        _index, sessions = cluster.client(index[node]).session.node(node)
+        assert not [s for s in sessions if s.get("Name", "").startswith("fireap pull")], node
+
+
+@pytest.mark.parametrize("fanout", [1, 2, 5])
+def test_every_node_pulls_once_through_a_shallow_tree(cluster, schema, fanout):
+    app = f"app{fanout}"
+    release, plan = fire(cluster, schema, app, fanout)
+    task = Task()
+    results, logs = run_workers(cluster, schema, app, list(plan), task)
+
+    final = states(cluster, schema, app)
+    for node, result in results.items():
+        assert result.ran_task and result.state == final[node], "\n".join(logs[node])
+        assert result.state.status == "done" and result.state.has("v1") and result.state.run_id == release.run_id
+    assert sorted(node for node, _source in task.calls) == sorted(plan)  # once per node
+    # Each node's depth is its source's depth + 1 and its source was done.
+    for node in plan:
+        source = final[node].source
+        assert final[source].has("v1") and final[node].depth == final[source].depth + 1
+    assert max(state.depth for state in final.values()) <= stage_count(NODES, fanout)
+    # At most k pullers per source at any moment (counted inside the task).
+    assert max(task.peak.values()) <= fanout
+    # The task got each source's catalog address.
+    for _node, source in task.calls:
+        assert source.address == cluster.client().catalog.node(source.name)[1]["Node"]["Address"]
+    assert_clean(cluster, schema, app, plan)
+
+
+def test_a_failed_source_is_never_used_and_its_pullers_fall_back(cluster, schema):
+    app = "fails"
+    _release, plan = fire(cluster, schema, app, 2)
+    order = schedule_order(cluster.node_names, cluster.node_names[0])
+    broken = order[1]  # a stage-1 node: several later nodes planned to pull from it
+    assert sum(entry.source == broken for entry in plan.values()) >= 2
+    task = Task(failing={broken})
+    results, logs = run_workers(cluster, schema, app, list(plan), task)
+
+    final = states(cluster, schema, app)
+    assert final[broken].status == "failed" and final[broken].error == f"simulated failure on {broken}"
+    assert results[broken].failed
+    for node in plan:
+        if node != broken:
+            assert final[node].status == "done", "\n".join(logs[node])
+            assert final[node].source != broken
+    fell_back = [node for node, entry in plan.items() if entry.source == broken]
+    for node in fell_back:
+        assert any(f"source {broken} failed: simulated failure on {broken}" in line for line in logs[node])
+    assert all(source.name != broken for _node, source in task.calls)
+    assert max(task.peak.values()) <= 2
+    assert_clean(cluster, schema, app, plan)
+
+
+def test_a_planned_source_that_never_starts_is_replaced_after_the_grace(cluster, schema):
+    app = "absent"
+    _release, plan = fire(cluster, schema, app, 2)
+    order = schedule_order(cluster.node_names, cluster.node_names[0])
+    silent = order[2]  # planned as a source, but its worker never runs
+    workers = [node for node in plan if node != silent]
+    task = Task()
+    results, logs = run_workers(cluster, schema, app, workers, task)
+
+    assert all(result.state.status == "done" for result in results.values())
+    for node, entry in plan.items():
+        if entry.source == silent:
+            assert results[node].state.source != silent
+            assert any(f"source {silent} has not started run" in line for line in logs[node])
+    assert silent not in states(cluster, schema, app)
+
+
+def test_a_source_whose_session_ends_mid_pull_counts_as_crashed(cluster, schema):
+    app = "crash"
+    release, plan = fire(cluster, schema, app, 1, targets=cluster.node_names[:3])
+    leader, first, second = schedule_order(cluster.node_names[:3], cluster.node_names[0])
+    assert plan[second] == PlanEntry(run_id=release.run_id, source=leader, stage=2, slot=0, after=first)
+    # `first` claims the leader's slot and writes "pulling", then its process dies.
+    client = cluster.client(1)
+    session = client.session.create(node=first, lock_delay=0, ttl=30)
+    assert client.kv.put(schema.slot(app, leader, 0), first, acquire=session)
+    pulling = NodeState(version="v1", run_id=release.run_id, status="pulling", started=time.time(), source=leader, depth=1)
+    assert client.kv.put(schema.node(app, first), pulling.to_json(), acquire=session)
+    task = Task()
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(run_workers(cluster, schema, app, [second], task)[0]))
+    thread.start()
+    time.sleep(0.5)
+    client.session.destroy(session)
+    thread.join(120)
+    assert box[second].state.status == "done" and box[second].state.source == leader
+
+
+def test_a_node_done_at_the_version_runs_nothing_again(cluster, schema):
+    app = "again"
+    _release, plan = fire(cluster, schema, app, 3, targets=cluster.node_names[:4])
+    run_workers(cluster, schema, app, list(plan), Task())
+    task = Task()
+    results, _logs = run_workers(cluster, schema, app, list(plan), task)
+    assert task.calls == []
+    assert all(not r.ran_task and r.reason == "already done at version v1" for r in results.values())
+
+
+def test_non_targets_and_the_leader_stop_at_once(cluster, schema):
+    app = "outside"
+    fire(cluster, schema, app, 2, targets=cluster.node_names[:3])
+    outsider, leader = cluster.node_names[5], cluster.node_names[0]
+    task = Task()
+    results, _logs = run_workers(cluster, schema, app, [outsider, leader], task)
+    assert "not a target of run" in results[outsider].reason and results[outsider].state is None
+    assert results[leader].reason == "already done at version v1" and results[leader].state.depth == 0
+    assert task.calls == []
+
+
+def test_an_abort_stops_a_waiting_worker_and_records_why(cluster, schema):
+    app = "abort"
+    release, plan = fire(cluster, schema, app, 1, targets=cluster.node_names[:3])
+    waiting = next(node for node, entry in plan.items() if entry.stage == 2)
+    task = Task()
+    box = {}
+    patient = PullTimings(watch_timeout=120, start_grace=60, busy_grace=60, max_wait=1)
+    thread = threading.Thread(
+        target=lambda: box.update(run_workers(cluster, schema, app, [waiting], task, patient)[0])
+    )
+    thread.start()
+    client = cluster.client()
+    wait_until(lambda: client.kv.get(schema.node(app, waiting))[1], 60, f"the waiting record of {waiting}")
+    aborted = ReleaseRecord(**{**release.__dict__, "status": "aborted", "aborted_reason": "operator"})
+    client.kv.put(schema.release(app), aborted.to_json())
+    thread.join(120)
+    result = box[waiting]
+    assert result.failed and result.state.error == f"release {release.run_id} was aborted: operator"
+    assert task.calls == []
+    assert states(cluster, schema, app)[waiting] == result.state
+
+
+def test_watch_timeout_gives_up_with_a_failed_record(cluster, schema):
+    app = "timeout"
+    _release, plan = fire(cluster, schema, app, 1, targets=cluster.node_names[:3])
+    waiting = next(node for node, entry in plan.items() if entry.stage == 2)
+    timings = PullTimings(watch_timeout=1.5, start_grace=60, busy_grace=60, max_wait=1)
+    results, _logs = run_workers(cluster, schema, app, [waiting], Task(), timings)
+    assert results[waiting].failed
+    assert results[waiting].state.error.startswith("timed out after 1.5s waiting for a source")
+    assert_clean(cluster, schema, app, [waiting])
+
+
+def test_a_malformed_release_is_a_clear_error(cluster, schema):
+    cluster.client().kv.put(schema.release("broken"), json.dumps({"app": "broken"}))
+    node = cluster.node_names[1]
+    with pytest.raises(PullError, match=f"malformed KV key '{schema.release('broken')}': missing field 'version'"):
+        pull(cluster.client(1), "broken", node, Task().for_node(node), schema=schema, timings=FAST)
+
+
+def control(cluster, path, method="PUT"):
+    """The double's /_devcluster/ endpoints, always through the leader's agent (agent 0)."""
+    response = cluster.http(method, f"/_devcluster/{path}", 0)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_requests_per_node_stay_constant_without_any_listing(cluster, schema):
+    app = "cost"
+    _release, plan = fire(cluster, schema, app, 2)
+    control(cluster, "stats", "DELETE")
+    patient = PullTimings(watch_timeout=120, start_grace=30, busy_grace=30, max_wait=10)
+    _results, logs = run_workers(cluster, schema, app, list(plan), Task(), patient)
+    stats = control(cluster, "stats", "GET")["agents"]
+    # Each worker talks only to its own agent: reads of release/plan/own record, session
+    # create/destroy, its waiting/pulling/done writes, a few wakes, one slot claim, one
+    # catalog lookup, one release. No node lists the other nodes' records.
+    assert all(not any("looking for another source" in line for line in lines) for lines in logs.values())
+    assert max(stats[node]["requests"] for node in plan) <= 30
+
+
+def test_the_task_and_its_report_survive_the_agent_restarting(cluster, schema):
+    app = "restart"
+    leader, node = cluster.node_names[0], cluster.node_names[1]
+    fire(cluster, schema, app, 1, targets=[leader, node])
+    restarted = threading.Event()
+
+    def crash_during_task(source):
+        control(cluster, f"agents/{node}/stop")
+
+        def start_again():
+            time.sleep(1)
+            control(cluster, f"agents/{node}/start")
+            restarted.set()
+
+        threading.Thread(target=start_again).start()
+        return Task().for_node(node)(source)
+
+    index = cluster.node_names.index(node)
+    lines = []
+    result = pull(cluster.client(index), app, node, crash_during_task, schema=schema, timings=FAST, log=lines.append)
+    assert restarted.wait(30)
+    assert result.ran_task and result.state.status == "done", "\n".join(lines)
+    assert states(cluster, schema, app)[node] == result.state
+    assert any("retrying in" in line for line in lines)
+    assert_clean(cluster, schema, app, [node])
+
+
+def test_a_session_lost_while_the_task_runs_is_reported_and_the_pull_completes(cluster, schema):
+    app = "lost"
+    leader, node = cluster.node_names[0], cluster.node_names[2]
+    fire(cluster, schema, app, 1, targets=[leader, node])
+    client = cluster.client(2)
+
+    def lose_session(source):
+        for session in client.session.node(node)[1]:
+            client.session.destroy(session["ID"])
+        return True, None
+
+    lines = []
+    result = pull(client, app, node, lose_session, schema=schema, timings=FAST, log=lines.append)
+    assert result.ran_task and result.state.status == "done"
+    assert states(cluster, schema, app)[node] == result.state
+    assert any("was no longer held by this worker" in line for line in lines), lines
+    assert f"session lost: writing {schema.node(app, node)} with check-and-set instead" in lines
