@@ -7,7 +7,7 @@ FANOUT ?= 5
 DEBIAN_TOOLS := rsync parallel
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(VENV)/.installed $(COLLECTION_LINK) system-tools
 
@@ -36,6 +36,10 @@ test: setup
 
 demo: setup
 	$(PY) -m devcluster demo --nodes $(NODES) --fanout $(FANOUT) --workdir build/demo
+
+# The standard benchmark set; figures and plots go to build/bench/.
+bench: setup
+	$(PY) -m devcluster bench --standard
 
 clean:
 	rm -rf build .pytest_cache

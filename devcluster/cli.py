@@ -1,4 +1,5 @@
-"""Command line: `python -m devcluster serve --nodes N --http-port P --workdir DIR`, and `demo` (demo.py)."""
+"""Command line: `python -m devcluster serve --nodes N --http-port P --workdir DIR`, `demo` (demo.py)
+and `bench` (bench.py)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     # Listed for --help only: main() hands `demo ...` to demo.py's own parser.
     commands.add_parser("demo", help="release a build across a local cluster end to end (see demo --help)")
+    commands.add_parser("bench", help="measure fireap against the ideal and push baselines (see bench --help)")
     return parser
 
 
@@ -88,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="devcluster: %(levelname)s %(name)s: %(message)s")
     try:

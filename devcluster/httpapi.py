@@ -44,7 +44,7 @@ JITTER_FRACTION = 16
 LEADER_ADDRESS = "127.0.0.1:8300"
 SERF_LAN_PORT = 8301
 ANONYMOUS_HINT = ". The anonymous token is used implicitly when a request does not specify a token."
-AGENT_KEY = "devcluster.agent"
+AGENT_KEY: web.RequestKey[Agent] = web.RequestKey("devcluster.agent", Agent)
 TOO_MANY_CONNECTIONS = "Your IP is issuing too many concurrent connections, please rate limit your calls\n"
 CLIENT_MAX_SIZE = 2 * TXN_MAX_REQ_LEN
 

@@ -11,8 +11,9 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 # build/ansible_collections/fireap/consul links to the repository, so the collection imports as
-# ansible_collections.fireap.consul...; TESTS_DIR holds helper modules such as consul_harness.
-for _path in (TESTS_DIR.parent / "build", TESTS_DIR):
+# ansible_collections.fireap.consul...; TESTS_DIR holds helper modules such as consul_harness;
+# the repository root holds devcluster, the Consul double.
+for _path in (TESTS_DIR.parent, TESTS_DIR.parent / "build", TESTS_DIR):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

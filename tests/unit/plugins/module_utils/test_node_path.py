@@ -1,0 +1,101 @@
+"""The node path runs without ansible: the files the role installs, on their own.
+
+Nodes get only py-consul and PyYAML. This venv has ansible (and Jinja2) installed, so a
+stray import would go unnoticed; the handler here runs in a child interpreter that
+refuses those imports, from a lib tree laid out as the role lays it out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[4]
+ROLE_VARS = REPO_ROOT / "roles" / "fireap_node" / "vars" / "main.yml"
+
+RUNNER = r"""
+import importlib.abc, json, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ansible", "jinja2"):
+            raise ImportError(f"the node path imported {name}")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+sys.path.insert(0, sys.argv[1])
+from ansible_collections.fireap.consul.plugins.module_utils import _reap
+code = _reap.main(sys.argv[2:])
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("ansible", "jinja2"))
+print("LEAKED " + json.dumps(leaked))
+sys.exit(code)
+"""
+
+
+def _install_lib(tmp_path: Path) -> Path:
+    """Copy the handler's files as the role does: <lib>/ansible_collections/fireap/consul/..."""
+    lib = tmp_path / "lib"
+    target = lib / "ansible_collections" / "fireap" / "consul" / "plugins" / "module_utils"
+    target.mkdir(parents=True)
+    for name in yaml.safe_load(ROLE_VARS.read_text())["__fireap_node_module_utils"]:
+        shutil.copy(REPO_ROOT / "plugins" / "module_utils" / name, target / name)
+    return lib
+
+
+def _run(lib: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, str(lib), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=lib,
+    )
+
+
+def _config(tmp_path: Path, consul: dict) -> Path:
+    path = tmp_path / "config.yml"
+    config = {
+        "consul": consul,
+        "state_dir": str(tmp_path / "state"),
+        "log_file": str(tmp_path / "reap.log"),
+        "apps": {"web": {"exec_commands": ["echo {{ version }} from {{ remote.name }}"]}},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_installed_handler_checks_a_config_without_ansible(tmp_path):
+    lib = _install_lib(tmp_path)
+    run = _run(lib, "--config", str(_config(tmp_path, {"port": 1})), "--check")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "LEAKED []" in run.stdout
+
+
+def test_the_installed_handler_reads_consul_without_ansible(tmp_path, consul_target):
+    agent = consul_target.agents[0]
+    consul = {"host": agent.host, "port": agent.port, "scheme": agent.scheme}
+    if consul_target.token:
+        consul["token"] = consul_target.token
+    lib = _install_lib(tmp_path)
+    run = _run(lib, "--config", str(_config(tmp_path, consul)), "--dry-run", stdin=json.dumps([]))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "LEAKED []" in run.stdout
+    assert "dry run" in run.stdout
+
+
+def test_the_refusal_really_refuses(tmp_path):
+    """The guard itself: a module that imports ansible fails under it."""
+    lib = _install_lib(tmp_path)
+    module_utils = lib / "ansible_collections" / "fireap" / "consul" / "plugins" / "module_utils"
+    reap = module_utils / "_reap.py"
+    reap.write_text(reap.read_text() + "\nimport ansible.module_utils.basic\n")
+    run = _run(lib, "--config", str(_config(tmp_path, {"port": 1})), "--check")
+    assert run.returncode != 0
+    assert "the node path imported ansible" in run.stderr
