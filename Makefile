@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NODES ?= 20
 FANOUT ?= 5
-DEBIAN_TOOLS := rsync parallel
+DEBIAN_TOOLS := rsync parallel shellcheck
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
 .PHONY: setup test demo bench clean
@@ -31,8 +31,17 @@ system-tools:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: setup
+test: setup lint sanity
 	$(PY) -m pytest -q tests/unit tests/integration
+
+# ansible-test sanity on a copy of the tree under build/sanity/ansible_collections/fireap/consul/.
+sanity: setup
+	tests/sanity/run.sh
+
+# ansible-lint reads .ansible-lint (profile production); the venv's bin on PATH lets it find
+# ansible-playbook and ansible-galaxy, and the collection link lets playbooks resolve fireap.consul.
+lint: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ansible-lint
 
 demo: setup
 	$(PY) -m devcluster demo --nodes $(NODES) --fanout $(FANOUT) --workdir build/demo

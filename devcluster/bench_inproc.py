@@ -140,7 +140,7 @@ def worker_main() -> None:
     threads = [_NodeThread(node, job["task_seconds"], armed) for node in nodes]
     for thread in threads:
         thread.start()
-    for _ in threads:
+    for _thread in threads:
         armed.acquire()
     print(ARMED, flush=True)
     for thread in threads:

@@ -18,7 +18,7 @@ FORMATS = ("png", "svg")
 
 def _series(records: Sequence[Mapping], key) -> tuple[list[int], list[float]]:
     points = sorted((r["nodes"], key(r)) for r in records if key(r) is not None)
-    return [n for n, _ in points], [v for _, v in points]
+    return [n for n, _value in points], [v for _nodes, v in points]
 
 
 def write_plot(records: Sequence[Mapping], stem: Path) -> list[Path]:

@@ -37,9 +37,9 @@ def find_free_port_range(count: int, host: str = "127.0.0.1", attempts: int = 50
     Ports that outgoing connections may take (the kernel's ephemeral range) are
     avoided so that a client socket cannot grab an agent's port later.
     """
-    low, _ = _ephemeral_range()
+    low, _high = _ephemeral_range()
     ceiling = low if low - _PORT_FLOOR > count else 65536
-    for _ in range(attempts):
+    for _attempt in range(attempts):
         base = random.randrange(_PORT_FLOOR, ceiling - count)
         sockets: list[socket.socket] = []
         try:

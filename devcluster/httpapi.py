@@ -534,7 +534,7 @@ class HttpApi:
 
     # --------------------------------------------------------------------- txn
 
-    async def txn(self, call: Call, _: str) -> web.StreamResponse:
+    async def txn(self, call: Call, rest: str) -> web.StreamResponse:
         body = await self._body(
             call,
             TXN_MAX_REQ_LEN,
@@ -620,7 +620,7 @@ class HttpApi:
 
     # ---------------------------------------------------------------- sessions
 
-    async def session_create(self, call: Call, _: str) -> web.StreamResponse:
+    async def session_create(self, call: Call, rest: str) -> web.StreamResponse:
         req = st.SessionRequest(node=call.agent.name, node_checks=[st.SERF_CHECK], checks=[st.SERF_CHECK])
         length = call.request.content_length
         if length is not None and length > 0:
@@ -720,7 +720,7 @@ class HttpApi:
 
         return self._answer(call, opts, await self._blocking(call, opts, run))
 
-    async def session_list(self, call: Call, _: str) -> web.StreamResponse:
+    async def session_list(self, call: Call, rest: str) -> web.StreamResponse:
         opts = self._options(call)
         visible = self._allowed(call, "session:read", "", filtered=True)
 
@@ -783,7 +783,7 @@ class HttpApi:
         self.cluster.fire_event(event, EventFilters(*compiled))
         return self._json(call, event.to_api(ltime=0))
 
-    async def event_list(self, call: Call, _: str) -> web.StreamResponse:
+    async def event_list(self, call: Call, rest: str) -> web.StreamResponse:
         # Agent-local and gossip-fed: only ?index/?wait apply, with their own blocking rule.
         min_index, wait_seconds = self._wait(call)
         visible = self._allowed(call, "event:read", call.param("name"), filtered=True)
@@ -794,7 +794,7 @@ class HttpApi:
 
     # ----------------------------------------------------------------- catalog
 
-    async def catalog_nodes(self, call: Call, _: str) -> web.StreamResponse:
+    async def catalog_nodes(self, call: Call, rest: str) -> web.StreamResponse:
         opts = self._options(call)
         visible = self._allowed(call, "node:read", "", filtered=True)
         dc = self.cluster.datacenter
@@ -825,7 +825,7 @@ class HttpApi:
 
         return self._answer(call, opts, await self._blocking(call, opts, run))
 
-    async def catalog_services(self, call: Call, _: str) -> web.StreamResponse:
+    async def catalog_services(self, call: Call, rest: str) -> web.StreamResponse:
         opts = self._options(call)
         visible = self._allowed(call, "service:read", "", filtered=True)
 
@@ -850,7 +850,7 @@ class HttpApi:
 
         return self._answer(call, opts, await self._blocking(call, opts, run))
 
-    async def catalog_datacenters(self, call: Call, _: str) -> web.StreamResponse:
+    async def catalog_datacenters(self, call: Call, rest: str) -> web.StreamResponse:
         return self._json(call, [self.cluster.datacenter])
 
     # ------------------------------------------------------------------ health
@@ -948,7 +948,7 @@ class HttpApi:
             "DelegateCur": 4,
         }
 
-    async def agent_self(self, call: Call, _: str) -> web.StreamResponse:
+    async def agent_self(self, call: Call, rest: str) -> web.StreamResponse:
         agent = call.agent
         self._allowed(call, "agent:read", agent.name)
         node_id = st.node_id_for(agent.name)
@@ -995,7 +995,7 @@ class HttpApi:
         }
         return self._json(call, body)
 
-    async def agent_members(self, call: Call, _: str) -> web.StreamResponse:
+    async def agent_members(self, call: Call, rest: str) -> web.StreamResponse:
         visible = self._allowed(call, "node:read", "", filtered=True)
         if not visible:
             return self._json(call, [])
@@ -1006,7 +1006,7 @@ class HttpApi:
             return self._json(call, [server])
         return self._json(call, [self._member(a) for a in self.cluster.agents])
 
-    async def agent_services(self, call: Call, _: str) -> web.StreamResponse:
+    async def agent_services(self, call: Call, rest: str) -> web.StreamResponse:
         if call.param("filter"):
             raise ApiError(400, "?filter expressions are not supported by devcluster")
         visible = self._allowed(call, "service:read", "", filtered=True)
@@ -1014,11 +1014,11 @@ class HttpApi:
         dc = self.cluster.datacenter
         return self._json(call, {s.id: s.to_agent_api(dc) for s in sorted(services, key=lambda s: s.id)})
 
-    async def agent_checks(self, call: Call, _: str) -> web.StreamResponse:
+    async def agent_checks(self, call: Call, rest: str) -> web.StreamResponse:
         self._allowed(call, "node:read", "", filtered=True)
         return self._json(call, {})
 
-    async def agent_service_register(self, call: Call, _: str) -> web.StreamResponse:
+    async def agent_service_register(self, call: Call, rest: str) -> web.StreamResponse:
         raw = self._json_body(await call.request.read(), "Request decode failed: ")
         try:
             service = call.agent.service_from_definition(raw, "Request decode failed")
@@ -1042,7 +1042,7 @@ class HttpApi:
         self.state.deregister_service(call.agent.name, service_id)
         return web.Response(status=200)
 
-    async def agent_reload(self, call: Call, _: str) -> web.StreamResponse:
+    async def agent_reload(self, call: Call, rest: str) -> web.StreamResponse:
         self._allowed(call, "agent:write", call.agent.name)
         try:
             call.agent.reload()
@@ -1053,8 +1053,8 @@ class HttpApi:
 
     # ------------------------------------------------------------------ status
 
-    async def status_leader(self, call: Call, _: str) -> web.StreamResponse:
+    async def status_leader(self, call: Call, rest: str) -> web.StreamResponse:
         return self._json(call, LEADER_ADDRESS)
 
-    async def status_peers(self, call: Call, _: str) -> web.StreamResponse:
+    async def status_peers(self, call: Call, rest: str) -> web.StreamResponse:
         return self._json(call, [LEADER_ADDRESS])

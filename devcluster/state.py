@@ -1169,7 +1169,7 @@ class ConsulState:
         now = time.monotonic()
         for key in [k for k, exp in self.lock_delays.items() if exp <= now]:
             del self.lock_delays[key]
-        expired = [k for k, (_, created) in self.tombstones.items() if created + TOMBSTONE_TTL_SECONDS <= now]
+        expired = [k for k, (_index, created) in self.tombstones.items() if created + TOMBSTONE_TTL_SECONDS <= now]
         if not expired:
             return
         with self._apply():

@@ -196,7 +196,7 @@ class HandlerRunner:
                 proc.terminate()
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
         if pending:
             for proc in list(self._running):
                 with contextlib.suppress(ProcessLookupError):

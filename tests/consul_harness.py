@@ -161,7 +161,7 @@ def real_target_from_env() -> ConsulTarget | None:
 def find_free_port_range(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
     """A base port such that base .. base+count-1 can all be bound on *host* right now."""
     rng = random.Random()
-    for _ in range(attempts):
+    for _attempt in range(attempts):
         base = rng.randrange(20000, 60000 - count)
         sockets = []
         try:

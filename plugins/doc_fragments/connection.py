@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Documentation of the Consul connection options every fireap module accepts."""
 
 from __future__ import annotations

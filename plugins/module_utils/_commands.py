@@ -310,8 +310,9 @@ class CommandResult:
     command: str               # the rendered command line
     returncode: Optional[int]  # None when it timed out or could not start
     duration: float            # seconds
-    output: str                # last OUTPUT_TAIL_BYTES of stdout+stderr, after a line
-                               # saying how many earlier bytes were dropped, if any
+    # output: the last OUTPUT_TAIL_BYTES of stdout+stderr, after a line saying how many
+    # earlier bytes were dropped, if any.
+    output: str
     error: Optional[str]       # why it failed; None when it succeeded
 
     @property

@@ -541,7 +541,7 @@ def _consul_status(err) -> tuple[int | None, str]:
         return 404, text or "not found"
     if isinstance(err, consul.ACLDisabled):
         return 401, text or "ACL support is disabled"
-    head, _, body = text.partition(" ")
+    head, _sep, body = text.partition(" ")
     if len(head) == 3 and head.isdigit():
         return int(head), body.strip() or "(empty answer)"
     return None, text

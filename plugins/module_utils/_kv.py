@@ -4,7 +4,7 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
 
     <p><app>/release               ReleaseRecord   written by fireap_fire / fireap_clear
     <p><app>/lock                  LockRecord      fire lock, acquired with a session
-    <p><app>/plan/<node>           PlanEntry       the node's preferred source, written by the leader
+    <p><app>/plan/<node>           PlanEntry       the node's preferred source (and its address), written by the leader
     <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
     <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
 
@@ -335,6 +335,8 @@ class PlanEntry(_Record):
     (1-based) is the stage in which the pull is scheduled. ``after`` is the node that
     holds the same source slot one stage earlier (None in the source's first stage):
     waiting for it keeps later stages from jumping the queue on a shared slot.
+    ``source_address`` is the source's catalog address when the plan was made, so that a
+    puller need not look it up (None: look it up).
     """
 
     run_id: str
@@ -342,6 +344,7 @@ class PlanEntry(_Record):
     stage: int
     slot: int
     after: str | None = None
+    source_address: str | None = None
 
     def __post_init__(self) -> None:
         _revalidate(PlanEntry, self)
@@ -355,6 +358,7 @@ class PlanEntry(_Record):
             ("stage", _int(obj, "stage", key, 1)),
             ("slot", _int(obj, "slot", key, 0)),
             ("after", _name(obj, "after", key, optional=True)),
+            ("source_address", _string(obj, "source_address", key, optional=True) or None),
         ):
             object.__setattr__(record, name, value)
         return record

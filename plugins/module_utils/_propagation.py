@@ -10,20 +10,26 @@ Pull rules, in the order the machine applies them:
 * nothing runs twice: a node done at the release's version, the leader, a node that is not
   a target (no plan entry for this run), a node failed in this run and an aborted release
   all end the worker before anything runs;
-* a node first waits for ``plan.after`` (the puller scheduled on the same source slot one
-  stage earlier) to finish, then for its preferred source to be done at the version;
+* a node writes nothing and holds no session while it waits: it first waits for
+  ``plan.after`` (the puller scheduled on the same source slot one stage earlier) to finish,
+  then for its preferred source to be done at the version (a stage-1 node whose source is
+  the leader, done when the release was recorded, claims at once);
 * only a node done at the version is a source; a failed one never is; one whose record is
   not held by a live session while not finished has crashed and is treated as failed;
-* a failed or crashed source, one that has not started within ``start_grace`` (not a target,
-  agent down, event lost), or one whose ``fanout`` slots all stay busy beyond ``busy_grace``
-  sends the node to the fallback: any done node with a free slot, lowest depth first, then
+* a failed or crashed source, one that has not started within ``start_grace`` of the moment
+  it could have (its own planned source and slot predecessor finished: read only once the
+  grace ran out; not a target, agent down, event lost), or one whose ``fanout`` slots all
+  stay busy beyond ``busy_grace`` sends the node to the fallback: any done node with a free slot, lowest depth first, then
   fewest pullers, ties broken by a hash of the two names so fallbacks spread out;
-* at most ``fanout`` pullers per source: a slot key must be acquired before pulling;
+* at most ``fanout`` pullers per source: a slot key must be acquired before pulling; the
+  slot and the ``pulling`` record are written together, and so are the slot's release and
+  the final record;
 * the worker gives up at ``watch_timeout`` with a failed state saying what it waited for.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, replace
 from collections.abc import Mapping, Sequence
@@ -94,13 +100,17 @@ def schedule_order(targets: Sequence[str], leader: str) -> list[str]:
     return [leader] + sorted(seen)
 
 
-def plan_release(targets: Sequence[str], leader: str, fanout: int, run_id: str) -> dict[str, PlanEntry]:
+def plan_release(
+    targets: Sequence[str], leader: str, fanout: int, run_id: str, addresses: Mapping[str, str] | None = None
+) -> dict[str, PlanEntry]:
     """The plan entry of every target but the leader, keyed by node name.
 
     Node i (in ``schedule_order``) pulls from node ``source_index`` over slot ``slot``. When
     that source already served a puller on the same slot in the previous stage, ``after``
     names that puller (index i - k*(k+1)^(s-1)) so the two do not race for the slot.
+    ``addresses`` (node name -> catalog address) fills in each entry's ``source_address``.
     """
+    addresses = addresses or {}
     fanout = _check_fanout(fanout)
     order = schedule_order(targets, leader)
     plan = {}
@@ -110,7 +120,11 @@ def plan_release(targets: Sequence[str], leader: str, fanout: int, run_id: str) 
         # is before this stage, the same slot had a puller one stage earlier.
         first_serving = 1 if source_index == 0 else schedule_position(source_index, fanout)[0] + 1
         after = order[index - fanout * (fanout + 1) ** (stage - 2)] if first_serving < stage else None
-        plan[order[index]] = PlanEntry(run_id=run_id, source=order[source_index], stage=stage, slot=slot, after=after)
+        source = order[source_index]
+        plan[order[index]] = PlanEntry(
+            run_id=run_id, source=source, stage=stage, slot=slot, after=after,
+            source_address=addresses.get(source) or None,
+        )
     return plan
 
 
@@ -155,7 +169,7 @@ class PullTimings:
     def __post_init__(self) -> None:
         for name in ("watch_timeout", "start_grace", "busy_grace", "max_wait"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         if isinstance(self.fallback_tries, bool) or not isinstance(self.fallback_tries, int) or self.fallback_tries < 1:
             raise ValueError(f"fallback_tries must be an integer >= 1, got {self.fallback_tries!r}")
@@ -171,26 +185,42 @@ class WriteState:
 @dataclass(frozen=True)
 class WaitForNode:
     """Read ``<app>/nodes/<node>``, blocking while its index is ``index`` (0: do not block) for
-    at most ``wait`` s; re-read the release (``on_release``), then answer ``on_node``."""
+    at most ``wait`` s. If a blocking read came back unchanged (it timed out), re-read the
+    release (``on_release``); then answer ``on_node``. ``claim_soon``: the node waited on is
+    pulling, so this wait should end in a claim: create the session before blocking, off the
+    path from its end to our task."""
 
     node: str
     index: int
     wait: float
+    claim_soon: bool = False
+
+
+@dataclass(frozen=True)
+class CheckStart:
+    """``node`` has not started this run within the grace: read its plan entry and the
+    records of the nodes it waits for (its planned source and ``after``); answer
+    ``on_start_check``."""
+
+    node: str
 
 
 @dataclass(frozen=True)
 class ClaimSlot:
-    """Read ``<app>/slots/<source>/`` (for its index) and acquire the first free slot of
-    ``slots`` in that order; resolve the source's address; answer ``on_claim``."""
+    """Take the first free slot of ``slots`` (in that order) on ``source`` and write ``state``
+    (``pulling``) in one transaction: lock ``<app>/slots/<source>/<j>`` and lock our own
+    record, both with the session. Read ``<app>/slots/<source>/`` (for its index) only after
+    a refusal. Resolve the source's address first; answer ``on_claim``."""
 
     source: str
     slots: tuple[int, ...]
+    state: NodeState
 
 
 @dataclass(frozen=True)
 class WaitForSlots:
-    """Block on ``<app>/slots/<source>/`` at ``index`` for at most ``wait`` s; re-read the
-    release (``on_release``), then answer ``on_slots_changed``."""
+    """Block on ``<app>/slots/<source>/`` at ``index`` for at most ``wait`` s; if it came back
+    unchanged, re-read the release (``on_release``); then answer ``on_slots_changed``."""
 
     source: str
     index: int
@@ -222,10 +252,13 @@ class RunTask:
 
 @dataclass(frozen=True)
 class ReleaseSlot:
-    """Release ``<app>/slots/<source>/<slot>``; answer ``on_released``."""
+    """Release ``<app>/slots/<source>/<slot>`` and write ``state`` (done or failed) as our
+    record, in one transaction when the session still holds both; answer
+    ``on_released(recorded)``."""
 
     source: str
     slot: int
+    state: NodeState
 
 
 @dataclass(frozen=True)
@@ -251,12 +284,15 @@ class PullResult:
 
 # --- the state machine -----------------------------------------------------------------
 
+_LOST = "the record of node {} is held or changed by another worker"
+
 _WAIT_AFTER = "wait-after"
 _WAIT_SOURCE = "wait-source"
 _CLAIM = "claim"
 _WAIT_SLOTS = "wait-slots"
 _LIST = "list"
 _SLEEP = "sleep"
+_CHECK = "check-start"
 _WRITE = "write"
 _RUN = "run"
 _RELEASE = "release"
@@ -269,7 +305,9 @@ class PullMachine:
     Call ``start(now)`` for the first action, then the ``on_*`` method matching each action
     with what was observed; every call returns the next action until a ``PullResult`` (or a
     ``Restart``) ends it. ``now`` is the adapter's clock (epoch seconds); it stamps the
-    records and measures graces and the timeout.
+    records and measures graces and the timeout. ``release_index`` is the ModifyIndex of the
+    release record as read: the first wait blocks from it instead of reading first, since
+    the node waited on usually has not changed since (0: read first).
     """
 
     def __init__(
@@ -279,8 +317,10 @@ class PullMachine:
         plan: PlanEntry | None,
         own: NodeState | None,
         timings: PullTimings = PullTimings(),
+        release_index: int = 0,
     ) -> None:
         self.node = check_name(node, "node")
+        self.release_index = release_index
         self.release = release
         self.plan = plan
         self.own = own
@@ -293,7 +333,9 @@ class PullMachine:
         self.source: str | None = None  # node currently waited on / claimed on
         self.source_depth: int | None = None
         self.fallback = False
-        self.waiting_since = None
+        self.waiting_since = None  # start of the current wait, or when its node could have started
+        self.waited_index = 0  # index of the last read of the node waited on
+        self.checked_phase = None  # the wait a CheckStart interrupted
         self.busy_since = None
         self.candidates: list[tuple[str, int]] = []  # (node, depth) from the last listing
         self.tried = 0  # candidates[tried] is the one being claimed
@@ -301,7 +343,7 @@ class PullMachine:
         self.empty_listings = 0
         self.slot: int | None = None
         self.after_write = None  # what to do once the pending write is answered
-        self.outcome: PullResult | None = None  # result of the task, reported after release
+        self.outcome: PullResult | None = None  # result of the task, reported once recorded
 
     # -- entry ------------------------------------------------------------------------
 
@@ -323,13 +365,20 @@ class PullMachine:
             return self._finish(own, f"already failed in run {release.run_id}: {own.error}; fire again to retry")
         self.started = now
         self.deadline = now + self.timings.watch_timeout
-        waiting = NodeState(version=release.version, run_id=release.run_id, status=NODE_WAITING, started=now)
-        return self._write(waiting, self._begin_wait)
+        if self.plan.after is None and self.plan.source == release.leader:
+            # The leader's record was written done together with the release record.
+            self.source_depth = 0
+            return self._claim(self.plan.source, slot_order(self.node, release.fanout, self.plan.slot), now)
+        return self._begin_wait(now)
 
     def _begin_wait(self, now: float):
         if self.plan.after:
-            return self._wait_on(_WAIT_AFTER, self.plan.after, now)
-        return self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+            action = self._wait_on(_WAIT_AFTER, self.plan.after, now)
+        else:
+            action = self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+        if self.release_index and isinstance(action, WaitForNode):
+            return self._keep_waiting(self.release_index, now, grace_from=self.timings.start_grace)
+        return action
 
     # -- observations -----------------------------------------------------------------
 
@@ -338,19 +387,11 @@ class PullMachine:
         then, self.after_write = self.after_write, None
         if ok:
             return then(now)
-        lost = f"the record of node {self.node} is held or changed by another worker"
-        if self.state.status == NODE_PULLING:
-            self.outcome = PullResult(None, f"{lost}; did not pull")
-            return self._release_slot()
-        if self.state.terminal:
-            ran = self.outcome is not None
-            reason = self.outcome.reason if ran else self.state.error
-            return self._finish(self.state, f"{reason}; but this could not be recorded: {lost}", ran)
-        return self._finish(None, lost)
+        return self._finish(self.state, f"{self.state.error}; but this could not be recorded: {_LOST.format(self.node)}")
 
     def on_release(self, release: ReleaseRecord | None, now: float):
-        """After every wait: None to go on, else the action that ends this run."""
-        if self.phase in (_DONE, _WRITE, _RUN, _RELEASE) or self.started is None:
+        """After a wait that came back unchanged: None to go on, else the action that ends this run."""
+        if self.phase in (_DONE, _WRITE, _CHECK, _RUN, _RELEASE) or self.started is None:
             raise RuntimeError(f"on_release is not expected in phase {self.phase}")
         if release is None or release.run_id != self.release.run_id:
             self.phase = _DONE
@@ -368,7 +409,9 @@ class PullMachine:
         state, run, version = view.state, self.release.run_id, self.release.version
         this_run = state is not None and state.run_id == run
         crashed = this_run and not state.terminal and not view.held
-        late = (state is None or not this_run) and now - self.waiting_since >= self.timings.start_grace
+        absent = not this_run and not (state is not None and state.has(version))
+        if absent and now - self.waiting_since >= self.timings.start_grace:
+            return self._check_start(index)
 
         if self.phase == _WAIT_AFTER:
             # Keep waiting only while the predecessor may still take our slot on our source.
@@ -376,10 +419,13 @@ class PullMachine:
                 ahead = not crashed and (
                     state.status == NODE_WAITING or (state.status == NODE_PULLING and state.source == self.plan.source)
                 )
-            else:  # not started in this run: it may still come, unless late or done already
-                ahead = not late and not (state is not None and state.has(version))
+            else:  # not started in this run: it may still come, unless done already
+                ahead = absent
             if ahead:
-                return self._keep_waiting(index, now, grace_from=None if this_run else self.timings.start_grace)
+                return self._keep_waiting(
+                    index, now, grace_from=None if this_run else self.timings.start_grace,
+                    claim_soon=this_run and state.status == NODE_PULLING,
+                )
             if this_run and state.has(version) and state.source == self.plan.source:
                 # It pulled from our source, so the source is done too, one level up.
                 self.source, self.source_depth = self.plan.source, state.depth - 1
@@ -393,28 +439,69 @@ class PullMachine:
             return self._start_fallback(f"source {node} failed: {state.error}", now, exclude=node)
         if crashed:
             return self._start_fallback(f"source {node} stopped without finishing (its session ended)", now, exclude=node)
-        if late:
-            return self._start_fallback(
-                f"source {node} has not started run {run} within {self.timings.start_grace:g}s", now
-            )
-        return self._keep_waiting(index, now, grace_from=None if this_run else self.timings.start_grace)
+        return self._keep_waiting(
+            index, now, grace_from=None if this_run else self.timings.start_grace,
+            claim_soon=this_run and state.status == NODE_PULLING,
+        )
 
-    def on_claim(self, slot: int | None, index: int, now: float, unusable: str | None = None):
+    def on_start_check(self, plan: PlanEntry | None, source: NodeView, after: NodeView, now: float):
+        """The waited-on node has not started within the grace. It is late only if it could
+        have started ``start_grace`` ago: its planned ``source`` and ``after`` (as read for
+        ``plan``, its plan entry) had let it go by then. Else the grace counts from then."""
+        self._expect(_CHECK)
+        self.phase = self.checked_phase
+        node, grace = self.source, self.timings.start_grace
+        if plan is None or plan.run_id != self.release.run_id:
+            return self._late(f"source {node} has no plan entry for run {self.release.run_id}", now)
+        ready = self._source_ready(source, now)
+        if ready is not None and plan.after:
+            after_ready = self._after_ready(after, plan.source, now)
+            ready = None if after_ready is None else max(ready, after_ready)
+        if ready is not None and now - ready >= grace:
+            return self._late(f"source {node} has not started run {self.release.run_id} within {grace:g}s", now)
+        self.waiting_since = now if ready is None else ready
+        return self._keep_waiting(self.waited_index, now, grace_from=grace)
+
+    def _source_ready(self, view: NodeView, now: float) -> float | None:
+        """When a node planned to pull from the node of ``view`` could start: once it is done
+        (or failed, or crashed: the puller then falls back); None while it may still come."""
+        state, release = view.state, self.release
+        if state is not None and state.has(release.version):
+            return min(now, max(state.finished, release.fired_at))
+        if state is not None and state.run_id == release.run_id:
+            if state.terminal:
+                return min(now, state.finished)
+            if not view.held:
+                return now
+        return None
+
+    def _after_ready(self, view: NodeView, source: str, now: float) -> float | None:
+        """When a node's slot predecessor (``view``) let it go: finished, crashed, pulling
+        from another source, or done already before this run; None while it may still come."""
+        state, release = view.state, self.release
+        if state is not None and state.run_id == release.run_id:
+            if state.terminal:
+                return min(now, state.finished)
+            if not view.held or state.source not in (None, source):
+                return now
+            return None
+        if state is not None and state.has(release.version):
+            return release.fired_at
+        return None
+
+    def on_claim(self, slot: int | None, index: int, now: float, unusable: str | None = None, refused: bool = False):
+        """``slot`` taken (with our record written ``pulling``), or None with the index of the
+        slots read; ``unusable`` says why the source cannot be used; ``refused``: our own
+        record is held by another worker (nothing was written)."""
         self._expect(_CLAIM)
         source = self.source
+        if refused:
+            return self._finish(None, f"{_LOST.format(self.node)}; did not pull")
         if unusable:
             return self._start_fallback(f"source {source} is unusable: {unusable}", now, exclude=source)
         if slot is not None:
             self.slot = slot
-            pulling = NodeState(
-                version=self.release.version,
-                run_id=self.release.run_id,
-                status=NODE_PULLING,
-                started=self.started,
-                source=source,
-                depth=self.source_depth + 1,
-            )
-            return self._write(pulling, lambda _now: self._run(source, slot))
+            return self._run(source, slot)
         if self.fallback:
             return self._next_candidate(index, now)
         if self.busy_since is None:
@@ -475,14 +562,17 @@ class PullMachine:
             final = replace(self.state, status=NODE_FAILED, finished=now, error=message)
             reason = f"task failed pulling from {self.source}: {message}"
         self.outcome = PullResult(final, reason, True)
-        return self._release_slot()
+        self.state = final
+        self.phase = _RELEASE
+        return ReleaseSlot(self.source, self.slot, final)
 
-    def on_released(self, now: float):
+    def on_released(self, recorded: bool, now: float):
+        """The slot was released; ``recorded``: the final record was written."""
         self._expect(_RELEASE)
         outcome = self.outcome
-        if outcome.state is None:
-            return self._finish(None, outcome.reason)
-        return self._write(outcome.state, lambda _now: self._finish(outcome.state, outcome.reason, True))
+        if recorded:
+            return self._finish(outcome.state, outcome.reason, True)
+        return self._finish(outcome.state, f"{outcome.reason}; but this could not be recorded: {_LOST.format(self.node)}", True)
 
     # -- transitions ------------------------------------------------------------------
 
@@ -532,14 +622,14 @@ class PullMachine:
         self.waiting_since = now
         return self._expired(now) or WaitForNode(node, 0, 0.0)
 
-    def _keep_waiting(self, index: int, now: float, grace_from: float | None):
+    def _keep_waiting(self, index: int, now: float, grace_from: float | None, claim_soon: bool = False):
         expired = self._expired(now)
         if expired:
             return expired
         limit = self.deadline
         if grace_from is not None:
             limit = min(limit, self.waiting_since + grace_from)
-        return WaitForNode(self.source, index, self._wait_time(now, limit))
+        return WaitForNode(self.source, index, self._wait_time(now, limit), claim_soon)
 
     def _wait_time(self, now: float, limit: float) -> float:
         return max(0.1, min(self.timings.max_wait, limit - now))
@@ -550,7 +640,26 @@ class PullMachine:
             return expired
         self.phase = _CLAIM
         self.source = source
-        return ClaimSlot(source, slots)
+        self.state = NodeState(
+            version=self.release.version,
+            run_id=self.release.run_id,
+            status=NODE_PULLING,
+            started=self.started,
+            source=source,
+            depth=self.source_depth + 1,
+        )
+        return ClaimSlot(source, slots, self.state)
+
+    def _check_start(self, index: int):
+        self.checked_phase, self.phase = self.phase, _CHECK
+        self.waited_index = index
+        return CheckStart(self.source)
+
+    def _late(self, reason: str, now: float):
+        """The node waited on will not come: go to the source itself, or to the fallback."""
+        if self.phase == _WAIT_AFTER:
+            return self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+        return self._start_fallback(reason, now)
 
     def _wait_slots(self, index: int, now: float, limit: float):
         expired = self._expired(now)
@@ -587,7 +696,3 @@ class PullMachine:
     def _run(self, source: str, slot: int):
         self.phase = _RUN
         return RunTask(source, slot)
-
-    def _release_slot(self):
-        self.phase = _RELEASE
-        return ReleaseSlot(self.source, self.slot)

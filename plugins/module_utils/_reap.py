@@ -42,7 +42,8 @@ Exit codes:
   pulls ended without failure;
 * 1: some app could not be checked (Consul unreachable, access denied, malformed release
   or plan record); worker: a pull failed or could not be done;
-* 2: bad usage, invalid config, a node name unfit for KV keys, or an unusable state_dir.
+* 2: bad usage, invalid config, py-consul missing (only ``--check`` runs without it), a
+  node name unfit for KV keys, or an unusable state_dir.
 
 Only stdlib, py-consul and PyYAML: nodes run this without Ansible.
 """
@@ -62,9 +63,13 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TextIO
 
-from consul.callback import CB
+try:
+    from consul.callback import CB
+except ImportError:
+    # main() refuses to run without py-consul and reports _connection's import error.
+    CB = None
 
 from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     CommandVariables,
@@ -72,6 +77,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     run_phases,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
+    PY_CONSUL_IMPORT_ERROR,
     ConsulOptions,
     ConsulOptionsError,
     FireapConsulError,
@@ -501,7 +507,7 @@ class _Handler:
     client: object
     node: str
     dry_run: bool
-    out: object
+    out: TextIO
     spawn: Callable[[str, str, str], int]
 
     def run(self, text: str) -> int:
@@ -548,7 +554,7 @@ class _Handler:
                     "event %s names app %s, which is not configured on this node; skipped", event.id, event.app)
         newest = newest_per_app(configured)
         if self.dry_run:
-            print(f"fireap-reap dry run on node {self.node}: {len(new)} new event(s)", file=self.out)
+            self.out.write(f"fireap-reap dry run on node {self.node}: {len(new)} new event(s)\n")
         rc = EXIT_OK
         for app in self.config.apps:
             if not self.check(app, newest.get(app)):
@@ -564,7 +570,7 @@ class _Handler:
         except (FireapConsulError, KVRecordError) as err:
             log.error("cannot check the release: %s; it is checked again at the next event or agent reload", err)
             if self.dry_run:
-                print(f"{app}: could not be checked: {err}", file=self.out)
+                self.out.write(f"{app}: could not be checked: {err}\n")
             return False
         if result.release is not None:
             log = _context(app, result.release.version)
@@ -574,7 +580,7 @@ class _Handler:
         if not result.start:
             (log.info if event is not None else log.debug)("nothing to do: %s", result.reason)
             if self.dry_run:
-                print(f"{app}: nothing to do: {result.reason}", file=self.out)
+                self.out.write(f"{app}: nothing to do: {result.reason}\n")
             return True
         if self.dry_run:
             self.print_commands(result)
@@ -593,7 +599,7 @@ class _Handler:
         return True
 
     def print_commands(self, result: AppCheck) -> None:
-        print(f"{result.app}: would start a worker: {result.reason}", file=self.out)
+        self.out.write(f"{result.app}: would start a worker: {result.reason}\n")
         try:
             variables = CommandVariables(
                 app=result.app, version=result.release.version, node=self.node,
@@ -601,10 +607,10 @@ class _Handler:
             )
             commands = render_phases(self.config.app(result.app), variables)
         except ValueError as err:
-            print(f"  cannot render the commands: {err}", file=self.out)
+            self.out.write(f"  cannot render the commands: {err}\n")
             return
         for label, command in commands:
-            print(f"  {label}: {command}", file=self.out)
+            self.out.write(f"  {label}: {command}\n")
 
 
 # --- the worker --------------------------------------------------------------------------
@@ -747,9 +753,9 @@ def check_config(path: str, out=None) -> int:
         ConsulOptions.from_config(config.consul)
     except (ConfigError, ConsulOptionsError) as err:
         prefix = "" if isinstance(err, ConfigError) else f"{path}: consul: "
-        print(f"fireap-reap: invalid config:\n{prefix}{err}", file=sys.stderr)
+        sys.stderr.write(f"fireap-reap: invalid config:\n{prefix}{err}\n")
         return EXIT_USAGE
-    print(f"{path}: valid; apps: {', '.join(config.apps) or 'none'}", file=out)
+    out.write(f"{path}: valid; apps: {', '.join(config.apps) or 'none'}\n")
     return EXIT_OK
 
 
@@ -787,6 +793,9 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if args.check:
         return check_config(args.config, out)
+    if PY_CONSUL_IMPORT_ERROR is not None:
+        sys.stderr.write(f"fireap-reap needs py-consul: {PY_CONSUL_IMPORT_ERROR}\n")
+        return EXIT_USAGE
     try:
         config = load_config(args.config)
         options = ConsulOptions.from_config(config.consul)
@@ -794,7 +803,7 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
             check_app_name(args.worker)
             app_config = config.app(args.worker)
     except (ConfigError, ConsulOptionsError, ValueError) as err:
-        print(f"fireap-reap: {err}", file=sys.stderr)
+        sys.stderr.write(f"fireap-reap: {err}\n")
         return EXIT_USAGE
     warning = configure_logging(None if args.dry_run else config.log_file)
     if warning:

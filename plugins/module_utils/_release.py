@@ -576,14 +576,16 @@ def _take_lock(client, schema: Schema, app: str, held: dict | None, record: Lock
 # --- targets ------------------------------------------------------------------------------
 
 
-def resolve_targets(client, leader: str, filters: ReleaseFilters) -> list[str]:
+def resolve_targets(client, leader: str, filters: ReleaseFilters, nodes: list[dict] | None = None) -> list[str]:
     """The release's targets in schedule order: the leader, then the matching catalog nodes.
 
     ``filters.node`` is searched unanchored in each node name, as Consul matches event
     filters (``web1`` also selects ``web10``); ``filters.service`` (with ``filters.tag``)
-    keeps the nodes the catalog lists for that service (and tag).
+    keeps the nodes the catalog lists for that service (and tag). ``nodes``: the answer of
+    /v1/catalog/nodes when the caller read it already.
     """
-    _index, nodes = client.catalog.nodes()
+    if nodes is None:
+        _index, nodes = client.catalog.nodes()
     names = [node["Node"] for node in nodes or ()]
     if filters.node:
         pattern = re.compile(filters.node)
@@ -716,9 +718,11 @@ def fire(
     _check_event_size(payload, filters)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)
-    targets = resolve_targets(client, leader, filters)
+    _index, catalog = client.catalog.nodes()
+    targets = resolve_targets(client, leader, filters, catalog)
     run_id = uuid.uuid4().hex
-    plan = plan_release(targets, leader, fanout, run_id)
+    addresses = {node["Node"]: node["Address"] for node in catalog or () if node.get("Address")}
+    plan = plan_release(targets, leader, fanout, run_id, addresses)
     existing = client.kv.get(schema.plan_prefix(app), keys=True)[1] or []
     wanted = {schema.plan(app, name) for name in plan}
     stale = sorted(key for key in existing if key not in wanted)

@@ -63,7 +63,15 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import yaml
+try:
+    import yaml
+except ImportError as exc:
+    # load_config() refuses to run; parse_config() checks data already parsed.
+    YAML_IMPORT_ERROR = exc
+    _SafeLoader = object
+else:
+    YAML_IMPORT_ERROR = None
+    _SafeLoader = yaml.SafeLoader
 
 from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     ON_FAILURE_CHOICES,
@@ -502,13 +510,13 @@ def parse_config(data: Any, source: str = "<config>") -> TaskConfig:
     )
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(_SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
     seen = {}
-    for key_node, _ in node.value:
+    for key_node, _value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
             continue
         key = loader.construct_object(key_node)
@@ -520,11 +528,15 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
     return loader.construct_mapping(node)
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+if YAML_IMPORT_ERROR is None:
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_config(path: str = DEFAULT_PATH) -> TaskConfig:
     """Read, parse and validate the task config file at ``path``."""
+    if YAML_IMPORT_ERROR is not None:
+        raise ConfigError("%s: cannot parse the config: the PyYAML Python library is required but cannot be "
+                          "imported: %s" % (path, YAML_IMPORT_ERROR))
     try:
         with open(path, encoding="utf-8") as stream:
             text = stream.read()

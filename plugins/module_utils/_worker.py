@@ -1,17 +1,21 @@
 """One node's pull for one app: the thin Consul adapter that drives ``PullMachine``.
 
-``pull()`` reads the release, the node's plan entry and its own state, then performs each
-action the machine asks for against the local agent and reports what it saw. All
-decisions live in ``_propagation``; this module only does the I/O:
+``pull()`` reads the release, the node's plan entry and its own state (one read-only
+/v1/txn), then performs each action the machine asks for against the local agent and
+reports what it saw. All decisions live in ``_propagation``; this module only does the I/O:
 
 * a session (TTL, behavior release, lock-delay 0 so a crashed puller's slot is reusable at
-  once, node check serfHealth) is created on the first write, renewed every TTL/2 by a
-  background thread and destroyed at the end, also on errors;
-* the node's own record is written with ``acquire`` of that session, so watchers can tell a
-  crashed worker (record not finished, key no longer held) from a slow one; when the
-  session was lost the write falls back to CAS on the record last written;
+  once, node check serfHealth) is created once the node waited on is pulling, or at the
+  claim (a node waiting for a node that has not started holds none), renewed every TTL/2 by a background thread and destroyed at the end, also on errors;
+* the claim is one /v1/txn that locks the slot and the node's own record (``pulling``) with
+  that session, so watchers can tell a crashed worker (record not finished, key no longer
+  held) from a slow one; the end is one /v1/txn that unlocks the slot and writes the final
+  record. When the session was lost the final write falls back to CAS on the record last
+  written;
 * waits are blocking queries on one key (``nodes/<node>``) or one source's slots prefix,
-  at most ``max_wait`` s each, with a release re-read after each so an abort is noticed;
+  at most ``max_wait`` s each; the release is re-read only when one came back unchanged,
+  so an abort is noticed within ``max_wait``;
+* the source's address comes from the plan entry (the catalog only for other sources);
 * Consul errors that a restarting agent causes (connection refused, 5xx, 429) are retried
   with backoff for up to ``retry_window`` s; the task itself is never run twice.
 
@@ -21,13 +25,18 @@ Only stdlib and py-consul: nodes run this without Ansible.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import consul
-import requests
+try:
+    import consul
+    import requests
+except ImportError:  # reported by the callers: fireap-reap's main and the modules (HAS_PY_CONSUL)
+    consul = requests = None
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import backoff_delay
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -39,6 +48,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     check_name,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    CheckStart,
     ClaimSlot,
     ListNodes,
     NodeView,
@@ -77,6 +87,49 @@ class PullError(Exception):
 
 class _SessionLost(Exception):
     """Consul no longer knows our session ("invalid session" on acquire or release)."""
+
+
+class _TxnRefused(Exception):
+    """A /v1/txn was rolled back (409): ``errors`` maps each failed op's index to Consul's reason."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        super().__init__("; ".join(f"op {i}: {what}" for i, what in sorted(errors.items())))
+        self.errors = errors
+
+
+def _txn_put(client, ops: list[dict]) -> list[dict]:
+    """Run a /v1/txn; its results, or _TxnRefused on a rollback."""
+    try:
+        return client.txn.put(ops).get("Results") or []
+    except consul.ConsulException as err:
+        text = str(err)
+        if not text.startswith("409"):
+            raise
+        try:
+            body = json.loads(text[4:])
+            errors = {int(e["OpIndex"]): str(e["What"]) for e in body.get("Errors") or ()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise err from None
+        raise _TxnRefused(errors) from None
+
+
+def _txn_entry(result: dict) -> dict | None:
+    """A "get-or-empty" result as ``kv.get`` returns it (Value decoded), None for a missing key."""
+    entry = dict(result["KV"])
+    if not entry.get("ModifyIndex"):
+        return None
+    if entry.get("Value") is not None:
+        entry["Value"] = base64.b64decode(entry["Value"])
+    return entry
+
+
+def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None = None) -> dict:
+    op = {"Verb": verb, "Key": key}
+    if value is not None:
+        op["Value"] = base64.b64encode(value).decode("ascii")
+    if session is not None:
+        op["Session"] = session
+    return {"KV": op}
 
 
 def _is_session_error(err: Exception) -> bool:
@@ -143,6 +196,8 @@ class _Worker:
         self.renewer: _Renewer | None = None
         self.written: bytes | None = None  # the last record this worker wrote
         self.address: str | None = None  # the claimed source's address
+        self.plan: PlanEntry | None = None
+        self.txn_reads = True  # False once Consul refused a read-only txn ("get-or-empty")
 
     # -- Consul calls with retries ----------------------------------------------------
 
@@ -172,6 +227,19 @@ class _Worker:
         new_index, value = self.call(f"reading {key}", self.client.kv.get, key, **params, **kwargs)
         # py-consul hands the X-Consul-Index header over as text.
         return int(new_index), value
+
+    def read_keys(self, *keys: str) -> list[dict | None]:
+        """The entries of ``keys`` (None where missing) in one read-only /v1/txn; key by key
+        when this Consul does not serve "get-or-empty" (older than 1.14)."""
+        if self.txn_reads:
+            ops = [_kv_op("get-or-empty", key) for key in keys]
+            try:
+                results = self.call(f"reading {', '.join(keys)}", _txn_put, self.client, ops)
+                return [_txn_entry(result) for result in results]
+            except (_TxnRefused, PullError) as err:
+                self.log(f"Consul refused a read-only transaction ({err}); reading key by key")
+                self.txn_reads = False
+        return [self.read(key)[1] for key in keys]
 
     def read_release(self) -> ReleaseRecord | None:
         key = self.schema.release(self.app)
@@ -238,12 +306,13 @@ class _Worker:
 
     # -- actions ----------------------------------------------------------------------
 
-    def write_state(self, state: NodeState, in_pull: bool) -> bool:
-        """Write our record holding it with the session; CAS when the session is gone mid-pull."""
+    def write_state(self, state: NodeState) -> bool:
+        """Write a final record: holding it with the session when there is one; else (no
+        session yet, or it was lost mid-pull) with CAS on the record last seen."""
         key = self.schema.node(self.app, self.node)
         value = state.to_json().encode("utf-8")
-        if not in_pull:
-            self.ensure_session()
+        if self.session_id is None:
+            return self.write_checked(key, value)
         if not self.session_lost():
             try:
                 ok = self.call(f"writing {key}", self.client.kv.put, key, value, acquire=self.session_id)
@@ -254,6 +323,10 @@ class _Worker:
                     self.written = value
                 return ok
         self.log(f"session lost: writing {key} with check-and-set instead")
+        return self.write_checked(key, value)
+
+    def write_checked(self, key: str, value: bytes) -> bool:
+        """Write our record unless another worker holds or changed it since we last saw it."""
         _index, entry = self.read(key)
         if entry is not None and (entry.get("Session") not in (None, "", self.session_id) or entry["Value"] != self.written):
             return False
@@ -265,33 +338,68 @@ class _Worker:
             self.written = value
         return ok
 
-    def claim(self, action: ClaimSlot) -> tuple[int | None, int, str | None]:
+    def source_address(self, source: str) -> str | None:
+        if self.plan is not None and source == self.plan.source and self.plan.source_address:
+            return self.plan.source_address
+        _idx, info = self.call(f"looking up node {source}", self.client.catalog.node, source)
+        return ((info or {}).get("Node") or {}).get("Address") or None
+
+    def claim(self, action: ClaimSlot) -> tuple[int | None, int, str | None, bool]:
+        """``(slot, slots index, unusable, refused)``: lock a free slot and our own record
+        (``pulling``) together; the slots are read only once the preferred one is refused."""
+        address = self.source_address(action.source)
+        if address is None:
+            return None, 0, f"node {action.source} has no address in the catalog", False
         self.ensure_session()
+        own_key = self.schema.node(self.app, self.node)
+        value = action.state.to_json().encode("utf-8")
         prefix = self.schema.slots_prefix(self.app, action.source)
-        index, entries = self.read(prefix, recurse=True)
-        held = set()
-        for entry in entries or ():
-            if entry.get("Session"):
-                held.add(entry["Key"][len(prefix):])
-        for j in action.slots:
+        index, held = 0, set()
+        for n, j in enumerate(action.slots):
             if str(j) in held:
                 continue
             key = self.schema.slot(self.app, action.source, j)
+            ops = [
+                _kv_op("lock", key, self.node.encode("utf-8"), self.session_id),
+                _kv_op("lock", own_key, value, self.session_id),
+            ]
             try:
-                got = self.call(f"acquiring {key}", self.client.kv.put, key, self.node, acquire=self.session_id)
-            except _SessionLost:
-                self.renewer.lost.set()
-                return None, 0, None
-            if not got:
+                self.call(f"acquiring {key}", _txn_put, self.client, ops)
+            except _TxnRefused as err:
+                if any("invalid session" in what.lower() for what in err.errors.values()):
+                    self.renewer.lost.set()  # retried with a new session
+                    return None, 0, None, False
+                if 1 in err.errors:
+                    return None, 0, None, True
+                if n == 0:
+                    index, entries = self.read(prefix, recurse=True)
+                    held = {entry["Key"][len(prefix):] for entry in entries or () if entry.get("Session")}
                 continue
-            _idx, info = self.call(f"looking up node {action.source}", self.client.catalog.node, action.source)
-            address = ((info or {}).get("Node") or {}).get("Address")
-            if not address:
-                self.release_slot(action.source, j)
-                return None, index, f"node {action.source} has no address in the catalog"
+            self.written = value
             self.address = address
-            return j, index, None
-        return None, index, None
+            return j, index, None, False
+        return None, index, None, False
+
+    def release_and_record(self, action: ReleaseSlot) -> bool:
+        """Unlock the slot and write the final record in one txn; when the session no longer
+        holds both, release what it still can and write the record with check-and-set."""
+        key = self.schema.slot(self.app, action.source, action.slot)
+        own_key = self.schema.node(self.app, self.node)
+        value = action.state.to_json().encode("utf-8")
+        if not self.session_lost():
+            ops = [
+                _kv_op("unlock", key, self.node.encode("utf-8"), self.session_id),
+                _kv_op("lock", own_key, value, self.session_id),
+            ]
+            try:
+                self.call(f"releasing {key}", _txn_put, self.client, ops)
+            except _TxnRefused as err:
+                self.log(f"could not release {key} and record the outcome together: {err}")
+            else:
+                self.written = value
+                return True
+        self.release_slot(action.source, action.slot)
+        return self.write_state(action.state)
 
     def release_slot(self, source: str, slot: int) -> None:
         key = self.schema.slot(self.app, source, slot)
@@ -304,6 +412,18 @@ class _Worker:
             released = False
         if not released:
             self.log(f"{key} was no longer held by this worker (session lost while the task ran)")
+
+    def check_start(self, action: CheckStart) -> tuple[PlanEntry | None, NodeView, NodeView]:
+        """The plan entry of a node not started yet and the records of the nodes it waits for."""
+        plan_key = self.schema.plan(self.app, action.node)
+        plan = self.parse(PlanEntry, plan_key, self.read(plan_key)[1])
+        if plan is None:
+            return None, NodeView(None), NodeView(None)
+        keys = [self.schema.node(self.app, plan.source)]
+        if plan.after:
+            keys.append(self.schema.node(self.app, plan.after))
+        views = [self.node_view(key, entry) for key, entry in zip(keys, self.read_keys(*keys))]
+        return plan, views[0], views[1] if plan.after else NodeView(None)
 
     def list_nodes(self) -> dict[str, NodeView]:
         prefix = self.schema.nodes_prefix(self.app)
@@ -339,56 +459,62 @@ class _Worker:
             self.log(f"{result.reason}: starting over")
 
     def drive_run(self):
-        release = self.read_release()
+        release_key = self.schema.release(self.app)
         plan_key = self.schema.plan(self.app, self.node)
         own_key = self.schema.node(self.app, self.node)
-        plan = self.parse(PlanEntry, plan_key, self.read(plan_key)[1], strict=True)
-        _index, own_entry = self.read(own_key)
+        release_entry, plan_entry, own_entry = self.read_keys(release_key, plan_key, own_key)
+        release = self.parse(ReleaseRecord, release_key, release_entry, strict=True)
+        self.plan = plan = self.parse(PlanEntry, plan_key, plan_entry, strict=True)
         own = self.parse(NodeState, own_key, own_entry)
         self.written = own_entry.get("Value") if own_entry else None
-        machine = PullMachine(self.node, release, plan, own, self.timings)
+        release_index = release_entry["ModifyIndex"] if release_entry else 0
+        machine = PullMachine(self.node, release, plan, own, self.timings, release_index)
         action = machine.start(self.clock())
-        in_pull = False
         while True:
             if isinstance(action, (PullResult, Restart)):
                 return action
             if isinstance(action, WriteState):
-                ok = self.write_state(action.state, in_pull)
+                ok = self.write_state(action.state)
                 action = machine.on_written(ok, self.clock())
             elif isinstance(action, WaitForNode):
                 key = self.schema.node(self.app, action.node)
+                if action.claim_soon:
+                    self.ensure_session()
                 index, entry = self.read(key, action.index, action.wait)
-                action = self.after_wait(machine, blocked=action.index > 0) or machine.on_node(
+                action = self.after_wait(machine, action.index, index) or machine.on_node(
                     action.node, self.node_view(key, entry), index, self.clock()
                 )
+            elif isinstance(action, CheckStart):
+                plan_of, source, after = self.check_start(action)
+                action = machine.on_start_check(plan_of, source, after, self.clock())
             elif isinstance(action, ClaimSlot):
-                slot, index, unusable = self.claim(action)
-                in_pull = slot is not None
-                if in_pull:
+                slot, index, unusable, refused = self.claim(action)
+                if slot is not None:
                     self.log(f"claimed slot {slot} on {action.source}")
-                action = machine.on_claim(slot, index, self.clock(), unusable=unusable)
+                action = machine.on_claim(slot, index, self.clock(), unusable=unusable, refused=refused)
             elif isinstance(action, WaitForSlots):
                 prefix = self.schema.slots_prefix(self.app, action.source)
-                self.read(prefix, action.index, action.wait, keys=True)
-                action = self.after_wait(machine, blocked=action.index > 0) or machine.on_slots_changed(self.clock())
+                index, _keys = self.read(prefix, action.index, action.wait, keys=True)
+                action = self.after_wait(machine, action.index, index) or machine.on_slots_changed(self.clock())
             elif isinstance(action, ListNodes):
                 self.log(f"looking for another source: {action.reason}")
                 action = machine.on_nodes(self.list_nodes(), self.clock())
             elif isinstance(action, Sleep):
                 self.sleep(action.seconds)
-                action = self.after_wait(machine) or machine.on_slept(self.clock())
+                action = machine.on_release(self.read_release(), self.clock()) or machine.on_slept(self.clock())
             elif isinstance(action, RunTask):
                 ok, error = self.run(action)
                 action = machine.on_task(ok, error, self.clock())
             elif isinstance(action, ReleaseSlot):
-                self.release_slot(action.source, action.slot)
-                action = machine.on_released(self.clock())
+                recorded = self.release_and_record(action)
+                action = machine.on_released(recorded, self.clock())
             else:
                 raise TypeError(f"unknown action {action!r}")
 
-    def after_wait(self, machine: PullMachine, blocked: bool = True):
-        """Re-read the release after a wait (not after a plain read) so an abort is seen."""
-        if not blocked:
+    def after_wait(self, machine: PullMachine, waited: int, index: int):
+        """Re-read the release when a blocking read came back unchanged (it timed out), so an
+        abort is seen within ``max_wait``; a change of the key read is handled first."""
+        if not waited or index != waited:
             return None
         return machine.on_release(self.read_release(), self.clock())
 

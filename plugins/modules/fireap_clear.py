@@ -10,7 +10,7 @@ short_description: Lift a fireap fire lock, abort a release run, or wipe an app'
 version_added: 0.1.0
 description:
   - Lifts the fire lock of O(app) (destroys the Consul session holding it), so that the next
-    M(fireap.consul.fireap_fire) starts without O(force).
+    M(fireap.consul.fireap_fire) starts without O(fireap.consul.fireap_fire#module:force).
   - With O(abort=true), marks the running release as aborted with O(reason). Targets that have not
     started do not start; targets waiting for a source give up and record a failure; targets already
     pulling finish their task.
@@ -60,7 +60,7 @@ seealso:
   - module: fireap.consul.fireap_fire
   - module: fireap.consul.fireap_info
 author:
-  - fireap maintainers
+  - fireap maintainers (@fireap)
 """
 
 EXAMPLES = r"""

@@ -111,7 +111,7 @@ seealso:
   - module: fireap.consul.fireap_info
   - module: fireap.consul.fireap_clear
 author:
-  - fireap maintainers
+  - fireap maintainers (@fireap)
 """
 
 EXAMPLES = r"""

@@ -11,8 +11,8 @@ version_added: 0.1.0
 description:
   - Reads the release record, the plan, every target's state and the fire lock of O(app) from Consul KV
     and reports the current run's progress, failures, propagation tree and timings.
-  - Reads every target's record (O(N) data); meant for the controller, for example polled by a playbook
-    until RV(finished) is true. It never changes anything.
+  - Reads every target's record, so its result grows linearly with the number of targets; meant
+    for the controller, for example polled by a playbook until RV(finished) is true. It never changes anything.
   - A node that is already done at the run's version from an earlier run counts as done.
 extends_documentation_fragment:
   - fireap.consul.connection
@@ -38,7 +38,7 @@ seealso:
   - module: fireap.consul.fireap_fire
   - module: fireap.consul.fireap_clear
 author:
-  - fireap maintainers
+  - fireap maintainers (@fireap)
 """
 
 EXAMPLES = r"""

@@ -106,7 +106,7 @@ def installed(cluster, tmp_path_factory):
     extra_vars = work / "extra-vars.yml"
     extra_vars.write_text(_apps(nodes_dir))
     inventory = double.workdir / "inventory.yml"
-    runs = [playbook(SETUP, inventory, work, "-e", f"@{extra_vars}") for _ in range(2)]
+    runs = [playbook(SETUP, inventory, work, "-e", f"@{extra_vars}") for _run in range(2)]
     for run in runs:
         assert run.returncode == 0, f"setup.yml failed:\n{run.output}"
     return {"double": double, "target": target, "work": work, "inventory": inventory, "nodes_dir": nodes_dir,

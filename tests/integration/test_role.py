@@ -82,7 +82,7 @@ def deployed(cluster, tmp_path_factory):
     command = [str(ANSIBLE_PLAYBOOK), "-i", str(double.workdir / "inventory.yml"), "-e", f"@{extra_vars}",
                str(PLAYBOOK)]
     runs = []
-    for _ in range(2):
+    for _run in range(2):
         # cwd outside the repository: the run must not depend on its ansible.cfg.
         result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
                                 timeout=PLAYBOOK_TIMEOUT, check=False)

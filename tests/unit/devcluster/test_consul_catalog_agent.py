@@ -24,7 +24,7 @@ def _catalog_service(target, name: str, index=None, **params) -> tuple[str, list
 def _until_catalog(target, name: str, predicate) -> list[dict]:
     """Block on /v1/catalog/service/:name until *predicate(entries)* holds (at most 3 wake-ups)."""
     index, entries = _catalog_service(target, name)
-    for _ in range(3):
+    for _wakeup in range(3):
         if predicate(entries):
             return entries
         index, entries = _catalog_service(target, name, index)

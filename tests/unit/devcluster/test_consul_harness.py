@@ -32,7 +32,7 @@ def test_parse_http_addr_rejects_anything_else(value):
 
 def test_free_port_range_is_bindable_as_a_whole():
     base = find_free_port_range(5)
-    sockets = [socket.socket() for _ in range(5)]
+    sockets = [socket.socket() for _offset in range(5)]
     try:
         for offset, sock in enumerate(sockets):
             sock.bind(("127.0.0.1", base + offset))

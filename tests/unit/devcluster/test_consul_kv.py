@@ -36,9 +36,9 @@ def test_update_bumps_modify_index_and_keeps_create_index(consul_target, kv_pref
     kv = consul_target.client().kv
     key = kv_prefix + "update"
     kv.put(key, "one")
-    _, first = kv.get(key)
+    _index, first = kv.get(key)
     kv.put(key, "two")
-    _, second = kv.get(key)
+    _index, second = kv.get(key)
     assert second["Value"] == b"two"
     assert second["CreateIndex"] == first["CreateIndex"]
     assert second["ModifyIndex"] > first["ModifyIndex"]
@@ -50,7 +50,7 @@ def test_flags_are_stored_as_unsigned_64_bit(consul_target, kv_prefix):
     for flags in (0, 42, 2**64 - 1):
         key = f"{kv_prefix}flags-{flags}"
         assert kv.put(key, "v", flags=flags) is True
-        _, entry = kv.get(key)
+        _index, entry = kv.get(key)
         assert entry["Flags"] == flags
 
 
@@ -181,7 +181,7 @@ def test_acquire_sets_session_and_increments_lock_index(consul_target, kv_prefix
     key = kv_prefix + "lock"
     session = make_session()
     assert kv.put(key, "holder-1", acquire=session) is True
-    _, entry = kv.get(key)
+    _index, entry = kv.get(key)
     assert entry["Session"] == session
     assert entry["LockIndex"] == 1
     assert entry["Value"] == b"holder-1"
@@ -194,7 +194,7 @@ def test_reacquire_by_the_holder_updates_value_and_keeps_lock_index(consul_targe
     session = make_session()
     kv.put(key, "first", acquire=session)
     assert kv.put(key, "second", acquire=session) is True
-    _, entry = kv.get(key)
+    _index, entry = kv.get(key)
     assert entry["LockIndex"] == 1
     assert entry["Session"] == session
     assert entry["Value"] == b"second"
@@ -207,7 +207,7 @@ def test_acquire_of_a_key_held_by_another_session_is_refused(consul_target, kv_p
     holder, other = make_session(), make_session()
     kv.put(key, "holder", acquire=holder)
     assert kv.put(key, "intruder", acquire=other) is False
-    _, entry = kv.get(key)
+    _index, entry = kv.get(key)
     assert entry["Session"] == holder
     assert entry["Value"] == b"holder"
     assert entry["LockIndex"] == 1
@@ -239,7 +239,7 @@ def test_write_without_acquire_proceeds_on_a_locked_key(consul_target, kv_prefix
     holder = make_session()
     kv.put(key, "locked", acquire=holder)
     assert kv.put(key, "plain write") is True
-    _, entry = kv.get(key)
+    _index, entry = kv.get(key)
     assert entry["Value"] == b"plain write"
     assert entry["Session"] == holder
 

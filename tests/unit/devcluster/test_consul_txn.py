@@ -94,7 +94,7 @@ def test_txn_lock_check_session_and_unlock(consul_target, kv_prefix, make_sessio
     assert kv.get(kv_prefix + "side")[1] is None
     unlock = {"KV": {"Verb": "unlock", "Key": key, "Value": _b64("free"), "Session": holder}}
     assert consul_target.http("PUT", "/v1/txn", json_body=[unlock]).status_code == 200
-    _, entry = kv.get(key)
+    _index, entry = kv.get(key)
     assert not entry.get("Session")
     assert entry["LockIndex"] == 1
 

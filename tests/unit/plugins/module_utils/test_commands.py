@@ -164,7 +164,6 @@ def test_variable_in_unsafe_shell_context_refused(template, where):
     assert str(info.value).startswith("{{ %s }} %s" % (template_variables_name(template), where))
 
 
-
 @pytest.mark.parametrize("template", [
     "echo \"it's\" {{ app }}",
     "echo 'a \"b' {{ app }} \"c 'd\"",

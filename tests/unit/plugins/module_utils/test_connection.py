@@ -344,7 +344,7 @@ def test_backoff_grows_with_jitter_and_is_capped(monkeypatch):
     monkeypatch.setattr(_connection, "BACKOFF_BASE", 0.5)
     monkeypatch.setattr(_connection, "BACKOFF_MAX", 8.0)
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (9, 8.0)]:
-        delays = {backoff_delay(attempt) for _ in range(50)}
+        delays = {backoff_delay(attempt) for _draw in range(50)}
         assert all(ceiling / 2 <= delay <= ceiling for delay in delays), attempt
         assert len(delays) > 1, "no jitter"
 
@@ -409,7 +409,7 @@ class ScriptedConsul:
 
     @property
     def methods(self):
-        return [method for method, *_ in self.requests]
+        return [method for method, *_call in self.requests]
 
     def close(self):
         self.release.set()

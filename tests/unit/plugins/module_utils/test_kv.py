@@ -32,7 +32,7 @@ RELEASE = ReleaseRecord(
     filters=ReleaseFilters(node="^web", service="nginx", tag="blue"),
 )
 LOCK = LockRecord(run_id="run-1", holder="controller.example.com", since=1700000000.25)
-PLAN = PlanEntry(run_id="run-1", source="node-0", stage=2, slot=1, after="node-2")
+PLAN = PlanEntry(run_id="run-1", source="node-0", stage=2, slot=1, after="node-2", source_address="10.1.2.3")
 STATES = [
     NodeState(version="v1", run_id="run-1", status="done", started=1.0, depth=0, finished=1.0),
     NodeState(version="v1", run_id="run-1", status="waiting", started=2.0),
@@ -113,6 +113,9 @@ def test_release_defaults_and_flags():
 def test_unknown_fields_are_ignored_for_newer_writers():
     data = {**PLAN.to_dict(), "future_field": [1, 2]}
     assert PlanEntry.from_json(json.dumps(data)) == PLAN
+    # An entry of an older writer has no address: the puller looks it up.
+    older = {name: value for name, value in PLAN.to_dict().items() if name != "source_address"}
+    assert PlanEntry.from_json(json.dumps(older)).source_address is None
 
 
 def test_has_means_done_at_that_exact_version():
@@ -176,6 +179,7 @@ def test_malformed_node_state_names_the_key_and_the_problem(value, reason):
         (PlanEntry, {**PLAN.to_dict(), "stage": 0}, "field 'stage' must be >= 1"),
         (PlanEntry, {**PLAN.to_dict(), "slot": -1}, "field 'slot' must be >= 0"),
         (PlanEntry, {**PLAN.to_dict(), "after": "x y"}, "after name 'x y'"),
+        (PlanEntry, {**PLAN.to_dict(), "source_address": 5}, "field 'source_address' must be str, got 5"),
     ],
 )
 def test_malformed_records_name_the_key_and_the_problem(cls, data, reason):

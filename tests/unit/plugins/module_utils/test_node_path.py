@@ -54,6 +54,7 @@ def _run(lib: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
         env={"PATH": "/usr/bin:/bin"},
         cwd=lib,
     )

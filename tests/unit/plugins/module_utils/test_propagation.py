@@ -9,6 +9,7 @@ import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, PlanEntry, ReleaseRecord
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    CheckStart,
     ClaimSlot,
     ListNodes,
     NodeView,
@@ -124,6 +125,13 @@ def test_schedule_order_puts_the_leader_first_and_sorts_the_rest():
     }
 
 
+def test_plan_entries_carry_the_source_address_when_known():
+    plan = plan_release(["lead", "a", "b", "c"], "lead", 1, "r", {"lead": "10.0.0.1", "a": "10.0.0.2"})
+    assert plan["a"].source_address == plan["b"].source_address == "10.0.0.1"
+    assert plan["c"].source == "a" and plan["c"].source_address == "10.0.0.2"
+    assert plan_release(["lead", "a"], "lead", 2, "r")["a"].source_address is None
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -180,19 +188,24 @@ def view(status=None, held=True, **kwargs):
 
 
 def started(plan=PLAN, own=None, timings=TIMINGS):
-    """A machine that wrote its waiting record; returns (machine, first wait action)."""
+    """A machine that started waiting (writing nothing); returns (machine, first wait action)."""
     machine = PullMachine("me", RELEASE, plan, own, timings)
     action = machine.start(T0)
-    assert isinstance(action, WriteState)
-    assert action.state == NodeState(version="v2", run_id="r2", status="waiting", started=T0)
-    return machine, machine.on_written(True, T0)
+    assert isinstance(action, WaitForNode)
+    return machine, action
 
 
-def claimed(source="src", depth=3):
+def claim(source, depth, slots=None):
+    """The ClaimSlot of ``source``: the slots in order and the pulling record to write."""
+    slots = slot_order("me", 2, 1) if slots is None else slots
+    return ClaimSlot(source, slots, state("pulling", source=source, depth=depth))
+
+
+def claimed(depth=3):
     """A machine at the ClaimSlot for its preferred source (done, depth ``depth``)."""
     machine, _wait = started()
     action = machine.on_node("src", view("done", source="x", depth=depth), 5, T0 + 1)
-    assert action == ClaimSlot("src", slot_order("me", 2, 1))
+    assert action == claim("src", depth + 1)
     return machine
 
 
@@ -220,14 +233,20 @@ def test_start_ends_without_running_anything(release, plan, own, reason):
 def test_start_proceeds_from_an_older_version_or_an_interrupted_pull():
     for own in (state("done", version="v1", run_id="r1", source="a"), state("pulling", source="a")):
         machine = PullMachine("me", RELEASE, PLAN, own, TIMINGS)
-        assert isinstance(machine.start(T0), WriteState)
+        assert machine.start(T0) == WaitForNode("src", 0, 0.0)
 
 
-def test_waiting_write_refused_means_another_worker_runs():
-    machine = PullMachine("me", RELEASE, PLAN, None, TIMINGS)
-    machine.start(T0)
-    result = machine.on_written(False, T0)
-    assert result == PullResult(None, "the record of node me is held or changed by another worker")
+def test_a_first_stage_node_claims_the_leader_at_once():
+    plan = PlanEntry(run_id="r2", source="lead", stage=1, slot=1)
+    machine = PullMachine("me", RELEASE, plan, None, TIMINGS)
+    assert machine.start(T0) == claim("lead", 1)
+    assert machine.on_claim(1, 0, T0) == RunTask("lead", 1)
+
+
+def test_claim_refused_for_our_own_record_ends_without_running():
+    machine = claimed()
+    result = machine.on_claim(None, 0, T0 + 2, refused=True)
+    assert result == PullResult(None, "the record of node me is held or changed by another worker; did not pull")
 
 
 def test_waits_on_the_source_or_first_on_the_previous_slot_holder():
@@ -239,38 +258,35 @@ def test_waits_on_the_source_or_first_on_the_previous_slot_holder():
     "prev, now, expected",
     [
         (view("waiting"), T0 + 1, WaitForNode("prev", 7, 10)),
-        (view("pulling", source="src"), T0 + 1, WaitForNode("prev", 7, 10)),
+        (view("pulling", source="src"), T0 + 1, WaitForNode("prev", 7, 10, claim_soon=True)),
         (None, T0 + 15, WaitForNode("prev", 7, 5)),  # not started yet: wait until the grace ends
-        (view("done", source="src"), T0 + 1, ClaimSlot("src", slot_order("me", 2, 1))),  # so src is done
+        (view("done", source="src"), T0 + 1, claim("src", 1)),  # so src is done
         (view("done", source="other"), T0 + 1, WaitForNode("src", 0, 0.0)),
         (view("failed", source="src"), T0 + 1, WaitForNode("src", 0, 0.0)),
         (view("pulling", source="elsewhere"), T0 + 1, WaitForNode("src", 0, 0.0)),
         (view("pulling", source="src", held=False), T0 + 1, WaitForNode("src", 0, 0.0)),  # crashed
-        (None, T0 + 20, WaitForNode("src", 0, 0.0)),  # never started within the grace
+        (None, T0 + 20, CheckStart("prev")),  # not started within the grace: could it have?
         (view("done", run_id="r1", source="src"), T0 + 1, WaitForNode("src", 0, 0.0)),  # had it already
         (view("pulling", run_id="r1", source="src"), T0 + 1, WaitForNode("prev", 7, 10)),  # old run, may start
     ],
 )
 def test_waiting_on_the_previous_slot_holder(prev, now, expected):
-    machine, _ = started(PLAN_AFTER)
+    machine, _first = started(PLAN_AFTER)
     assert machine.on_node("prev", prev or NodeView(None), 7, now) == expected
 
 
 def test_previous_holder_done_from_our_source_lets_us_claim_at_once():
-    machine, _ = started(PLAN_AFTER)
-    machine.on_node("prev", view("done", source="src", depth=3), 7, T0 + 1)
-    assert machine.on_claim(1, 8, T0 + 1) == WriteState(state("pulling", source="src", depth=3))
+    machine, _first = started(PLAN_AFTER)
+    assert machine.on_node("prev", view("done", source="src", depth=3), 7, T0 + 1) == claim("src", 3)
+    assert machine.on_claim(1, 8, T0 + 1) == RunTask("src", 1)
 
 
 def test_done_source_is_claimed_with_the_planned_slot_first_then_pulled_and_reported():
     machine = claimed(depth=3)
-    action = machine.on_claim(1, 40, T0 + 2)
-    assert action == WriteState(state("pulling", source="src", depth=4))
-    assert machine.on_written(True, T0 + 2) == RunTask("src", 1)
-    assert machine.on_task(True, None, T0 + 9) == ReleaseSlot("src", 1)
+    assert machine.on_claim(1, 40, T0 + 2) == RunTask("src", 1)
     done = NodeState(version="v2", run_id="r2", status="done", started=T0, source="src", depth=4, finished=T0 + 9)
-    assert machine.on_released(T0 + 9) == WriteState(done)
-    result = machine.on_written(True, T0 + 9)
+    assert machine.on_task(True, None, T0 + 9) == ReleaseSlot("src", 1, done)
+    result = machine.on_released(True, T0 + 9)
     assert result == PullResult(done, "pulled version v2 from src", True)
     assert not result.failed
 
@@ -278,29 +294,18 @@ def test_done_source_is_claimed_with_the_planned_slot_first_then_pulled_and_repo
 def test_task_failure_is_reported_as_failed_with_the_error():
     machine = claimed()
     machine.on_claim(0, 40, T0 + 2)
-    machine.on_written(True, T0 + 2)
-    assert machine.on_task(False, "exit 23", T0 + 5) == ReleaseSlot("src", 0)
-    action = machine.on_released(T0 + 5)
+    action = machine.on_task(False, "exit 23", T0 + 5)
+    assert (action.source, action.slot) == ("src", 0)
     assert action.state.status == "failed" and action.state.error == "exit 23"
-    result = machine.on_written(True, T0 + 5)
-    assert result.failed and result.ran_task and "task failed pulling from src: exit 23" in result.reason
-
-
-def test_pulling_write_refused_releases_the_slot_without_running():
-    machine = claimed()
-    machine.on_claim(1, 40, T0 + 2)
-    assert machine.on_written(False, T0 + 2) == ReleaseSlot("src", 1)
-    result = machine.on_released(T0 + 2)
-    assert result.state is None and not result.ran_task and "did not pull" in result.reason
+    result = machine.on_released(True, T0 + 5)
+    assert result.state == action.state and result.failed and result.ran_task and "task failed pulling from src: exit 23" in result.reason
 
 
 def test_final_write_refused_still_returns_the_outcome():
     machine = claimed()
     machine.on_claim(1, 40, T0 + 2)
-    machine.on_written(True, T0 + 2)
     machine.on_task(True, None, T0 + 3)
-    machine.on_released(T0 + 3)
-    result = machine.on_written(False, T0 + 3)
+    result = machine.on_released(False, T0 + 3)
     assert result.state.status == "done" and result.ran_task
     assert "could not be recorded" in result.reason
 
@@ -311,12 +316,10 @@ def test_final_write_refused_still_returns_the_outcome():
         (view("failed", error="no space"), T0 + 1, True, "source src failed: no space"),
         (view("pulling", source="x", held=False), T0 + 1, True, "source src stopped without finishing"),
         (view("waiting", held=False), T0 + 1, True, "source src stopped without finishing"),
-        (NodeView(None), T0 + 20, False, "source src has not started run r2 within 20s"),
-        (view("done", version="v1", run_id="r1", source="x"), T0 + 25, False, "has not started run r2"),
     ],
 )
 def test_unusable_preferred_source_sends_to_the_fallback(source, now, excluded, reason):
-    machine, _ = started()
+    machine, _first = started()
     action = machine.on_node("src", source, 3, now)
     assert isinstance(action, ListNodes) and reason in action.reason
     assert ("src" in machine.excluded) is excluded
@@ -326,21 +329,80 @@ def test_unusable_preferred_source_sends_to_the_fallback(source, now, excluded, 
     "source, now, expected",
     [
         (view("waiting"), T0 + 500, WaitForNode("src", 3, 10)),  # started: no grace, only the timeout
-        (view("pulling", source="x"), T0 + 595, WaitForNode("src", 3, 5)),  # capped by the deadline
+        # Pulling: the session is made while it pulls; the wait is capped by the deadline.
+        (view("pulling", source="x"), T0 + 595, WaitForNode("src", 3, 5, claim_soon=True)),
         (NodeView(None), T0 + 12, WaitForNode("src", 3, 8)),  # capped by the start grace
     ],
 )
 def test_pending_source_is_waited_on_with_bounded_blocking_queries(source, now, expected):
-    machine, _ = started()
+    machine, _first = started()
     assert machine.on_node("src", source, 3, now) == expected
+
+
+@pytest.mark.parametrize("source", [NodeView(None), view("done", version="v1", run_id="r1", source="x")])
+def test_a_source_not_started_within_the_grace_is_checked(source):
+    machine, _first = started()
+    assert machine.on_node("src", source, 3, T0 + 19) == WaitForNode("src", 3, 1)
+    assert machine.on_node("src", source, 3, T0 + 20) == CheckStart("src")
+
+
+SRC_PLAN = PlanEntry(run_id="r2", source="s0", stage=1, slot=0)
+
+
+@pytest.mark.parametrize(
+    "plan, source, after, now, expected",
+    [
+        # Its own source done at T0 + 1: it could have started 20 s ago, it will not come.
+        (SRC_PLAN, view("done", source="x"), NodeView(None), T0 + 21, "source src has not started run r2 within 20s"),
+        (None, NodeView(None), NodeView(None), T0 + 20, "source src has no plan entry for run r2"),
+        (PlanEntry(run_id="r1", source="s0", stage=1, slot=0), view("done", source="x"), NodeView(None), T0 + 20,
+         "source src has no plan entry for run r2"),
+        # Its source failed: it falls back itself, and had 20 s to.
+        (SRC_PLAN, view("failed"), NodeView(None), T0 + 21, "has not started run r2 within 20s"),
+        # Its source done and its slot predecessor gone: both long enough ago.
+        (PlanEntry(run_id="r2", source="s0", stage=2, slot=0, after="a0"), view("done", source="x"),
+         view("done", source="s0"), T0 + 21, "has not started run r2 within 20s"),
+    ],
+)
+def test_a_source_that_could_have_started_long_ago_is_late(plan, source, after, now, expected):
+    machine, _first = started()
+    assert machine.on_node("src", NodeView(None), 3, T0 + 20) == CheckStart("src")
+    action = machine.on_start_check(plan, source, after, now)
+    assert isinstance(action, ListNodes) and expected in action.reason
+    assert "src" not in machine.excluded
+
+
+@pytest.mark.parametrize(
+    "plan, source, after, now, expected",
+    [
+        # Its source is still pulling: the grace starts over from now.
+        (SRC_PLAN, view("pulling", source="x"), NodeView(None), T0 + 20, WaitForNode("src", 3, 10)),
+        (SRC_PLAN, NodeView(None), NodeView(None), T0 + 20, WaitForNode("src", 3, 10)),
+        # Its source was done at T0 + 1: the grace ends at T0 + 21.
+        (SRC_PLAN, view("done", source="x"), NodeView(None), T0 + 20, WaitForNode("src", 3, 1)),
+        # Its slot predecessor still pulls from its source: it may not start yet.
+        (PlanEntry(run_id="r2", source="s0", stage=2, slot=0, after="a0"), view("done", source="x"),
+         view("pulling", source="s0"), T0 + 30, WaitForNode("src", 3, 10)),
+    ],
+)
+def test_a_source_that_could_not_start_yet_is_waited_for(plan, source, after, now, expected):
+    machine, _first = started()
+    machine.on_node("src", NodeView(None), 3, T0 + 20)
+    assert machine.on_start_check(plan, source, after, now) == expected
+
+
+def test_a_late_previous_slot_holder_sends_us_to_our_source():
+    machine, _first = started(PLAN_AFTER)
+    assert machine.on_node("prev", NodeView(None), 7, T0 + 20) == CheckStart("prev")
+    assert machine.on_start_check(None, NodeView(None), NodeView(None), T0 + 20) == WaitForNode("src", 0, 0.0)
 
 
 def test_busy_slots_are_waited_on_then_abandoned_after_the_busy_grace():
     machine = claimed()
     assert machine.on_claim(None, 41, T0 + 2) == WaitForSlots("src", 41, 10)
-    assert machine.on_slots_changed(T0 + 5) == ClaimSlot("src", slot_order("me", 2, 1))
+    assert machine.on_slots_changed(T0 + 5) == claim("src", 4)
     assert machine.on_claim(None, 42, T0 + 10) == WaitForSlots("src", 42, 7)  # grace ends at T0 + 17
-    assert machine.on_slots_changed(T0 + 17) == ClaimSlot("src", slot_order("me", 2, 1))
+    assert machine.on_slots_changed(T0 + 17) == claim("src", 4)
     action = machine.on_claim(None, 43, T0 + 17)
     assert isinstance(action, ListNodes) and "all 2 slots of source src stayed busy for 15s" in action.reason
     assert "src" not in machine.excluded
@@ -354,7 +416,7 @@ def test_source_without_address_is_excluded():
 
 
 def fallback_machine():
-    machine, _ = started()
+    machine, _first = started()
     assert isinstance(machine.on_node("src", view("failed"), 3, T0 + 1), ListNodes)
     return machine
 
@@ -378,7 +440,7 @@ def test_fallback_prefers_shallow_then_idle_sources_and_skips_the_unusable():
     }
     action = machine.on_nodes(views, T0 + 2)
     assert machine.candidates == [("d1", 1), ("d2", 1), ("deep", 2), ("lead", 0)]
-    assert action == ClaimSlot("d1", slot_order("me", 2))
+    assert action == claim("d1", 2, slot_order("me", 2))
 
 
 def test_fallback_tries_candidates_then_blocks_and_relists():
@@ -386,19 +448,20 @@ def test_fallback_tries_candidates_then_blocks_and_relists():
     views = {name: view("done", source="lead", depth=1) for name in ("a", "b", "c")}
     first = machine.on_nodes(views, T0 + 2)
     order = [name for name, _depth in machine.candidates]
-    assert first == ClaimSlot(order[0], slot_order("me", 2))
-    assert machine.on_claim(None, 50, T0 + 2) == ClaimSlot(order[1], slot_order("me", 2))
+    assert first == claim(order[0], 2, slot_order("me", 2))
+    assert machine.on_claim(None, 50, T0 + 2) == claim(order[1], 2, slot_order("me", 2))
     # fallback_tries = 2: block on the last tried candidate until the listing is max_wait old.
     assert machine.on_claim(None, 51, T0 + 3) == WaitForSlots(order[1], 51, 9)
-    assert machine.on_slots_changed(T0 + 4) == ClaimSlot(order[1], slot_order("me", 2))
+    assert machine.on_slots_changed(T0 + 4) == claim(order[1], 2, slot_order("me", 2))
     assert machine.on_claim(None, 52, T0 + 5) == WaitForSlots(order[1], 52, 7)
     assert isinstance(machine.on_slots_changed(T0 + 12), ListNodes)
 
 
 def test_fallback_claim_records_the_depth_of_the_chosen_source():
     machine = fallback_machine()
-    machine.on_nodes({"deep": view("done", source="x", depth=4)}, T0 + 2)
-    assert machine.on_claim(0, 9, T0 + 2) == WriteState(state("pulling", source="deep", depth=5))
+    action = machine.on_nodes({"deep": view("done", source="x", depth=4)}, T0 + 2)
+    assert action == claim("deep", 5, slot_order("me", 2))
+    assert machine.on_claim(0, 9, T0 + 2) == RunTask("deep", 0)
 
 
 def test_fallback_ties_are_broken_per_puller_so_fallbacks_spread():
@@ -407,7 +470,6 @@ def test_fallback_ties_are_broken_per_puller_so_fallbacks_spread():
     for i in range(40):
         machine = PullMachine(f"puller-{i}", RELEASE, PLAN, None, TIMINGS)
         machine.start(T0)
-        machine.on_written(True, T0)
         machine.on_node("src", view("failed"), 3, T0)
         action = machine.on_nodes(views, T0)
         firsts.add(action.source)
@@ -427,7 +489,7 @@ def test_no_candidate_sleeps_with_backoff_and_relists():
 
 
 def test_abort_while_waiting_records_failed_and_stops():
-    machine, _ = started()
+    machine, _first = started()
     aborted = ReleaseRecord(**{**RELEASE.__dict__, "status": "aborted", "aborted_reason": "rollback"})
     action = machine.on_release(aborted, T0 + 3)
     assert isinstance(action, WriteState)
@@ -437,21 +499,21 @@ def test_abort_while_waiting_records_failed_and_stops():
 
 
 def test_release_unchanged_lets_the_wait_go_on():
-    machine, _ = started()
+    machine, _first = started()
     assert machine.on_release(RELEASE, T0 + 3) is None
     assert machine.on_node("src", view("waiting"), 3, T0 + 3) == WaitForNode("src", 3, 10)
 
 
 @pytest.mark.parametrize("release, what", [(None, "was deleted"), ("new", "now describes run r3")])
 def test_another_run_restarts_the_worker(release, what):
-    machine, _ = started()
+    machine, _first = started()
     new = ReleaseRecord(**{**RELEASE.__dict__, "run_id": "r3", "version": "v3"}) if release else None
     assert machine.on_release(new, T0 + 3) == Restart(f"the release record {what}")
 
 
 @pytest.mark.parametrize("phase", ["source", "slots", "fallback"])
 def test_timeout_records_failed_with_what_was_awaited(phase):
-    machine, _ = started()
+    machine, _first = started()
     late = T0 + 600
     if phase == "source":
         action = machine.on_node("src", view("pulling", source="x"), 3, late)
@@ -472,7 +534,7 @@ def test_timeout_records_failed_with_what_was_awaited(phase):
 
 
 def test_answers_out_of_turn_are_programming_errors():
-    machine, _ = started()
+    machine, _first = started()
     with pytest.raises(RuntimeError, match="answer for phase claim received in phase wait-source"):
         machine.on_claim(0, 1, T0)
     with pytest.raises(RuntimeError, match=r"on_node\(other\) is not expected"):
@@ -494,3 +556,10 @@ def test_answers_out_of_turn_are_programming_errors():
 def test_timings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PullTimings(**kwargs)
+
+
+def test_the_first_wait_blocks_from_the_release_index():
+    machine = PullMachine("me", RELEASE, PLAN_AFTER, None, TIMINGS, release_index=70)
+    assert machine.start(T0) == WaitForNode("prev", 70, 10)
+    first_stage = PlanEntry(run_id="r2", source="lead", stage=1, slot=0)
+    assert isinstance(PullMachine("me", RELEASE, first_stage, None, TIMINGS, release_index=70).start(T0), ClaimSlot)

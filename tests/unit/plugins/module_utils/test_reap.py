@@ -409,7 +409,7 @@ def env(multi_agent_target, kv_prefix, tmp_path, monkeypatch):
 
 def test_a_new_event_starts_a_worker_and_is_recorded(env):
     env.fire()
-    rc, _ = env.handle([event("ev-1", 3)])
+    rc, _out = env.handle([event("ev-1", 3)])
     assert rc == 0
     assert env.spawns.calls == [(str(env.config), APP, str(env.log_file))]
     assert load_processed(str(env.state_dir / PROCESSED_FILE)) == (["ev-1"], None)
@@ -423,7 +423,7 @@ def test_a_new_event_starts_a_worker_and_is_recorded(env):
 def test_a_replayed_event_is_not_handled_again_but_the_release_is_still_checked(env):
     env.fire()
     env.handle([event("ev-1", 3)])
-    rc, _ = env.handle([event("ev-1", 3)])
+    rc, _out = env.handle([event("ev-1", 3)])
     assert rc == 0
     log = env.log()
     assert "invoked with 1 event(s), 0 new" in log
@@ -434,7 +434,7 @@ def test_a_replayed_event_is_not_handled_again_but_the_release_is_still_checked(
 
 def test_the_watch_start_call_with_no_events_catches_up(env):
     env.fire()
-    rc, _ = env.handle([])
+    rc, _out = env.handle([])
     assert rc == 0
     assert [call[1] for call in env.spawns.calls] == [APP]
     assert "invoked with 0 event(s), 0 new" in env.log()
@@ -537,7 +537,7 @@ def test_a_malformed_release_exits_1_but_other_apps_are_checked(env):
                                target_count=2, fired_at=1.0)
     env.put(env.schema.plan("db", env.node), plan("run-db", source=env.leader))
     env.put(env.schema.release("db"), db_release)
-    rc, _ = env.handle([])
+    rc, _out = env.handle([])
     assert rc == 1
     assert f"app=web version=-: cannot check the release: malformed KV key '{env.schema.release(APP)}'" in env.log()
     assert [call[1] for call in env.spawns.calls] == ["db"]
@@ -653,6 +653,17 @@ def test_bad_usage_exits_2(argv, capsys):
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "Exit codes: 0 ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", [[], ["--dry-run"], ["--worker", APP]])
+def test_without_py_consul_only_check_runs(tmp_path, capsys, monkeypatch, mode):
+    monkeypatch.setattr(_reap, "PY_CONSUL_IMPORT_ERROR", ImportError("No module named 'consul'"))
+    monkeypatch.setattr(sys, "stdin", None)
+    config = write_config(tmp_path / "c.yml", {}, "fireap/", {APP: {"exec_commands": ["true"]}})
+    assert main(["--config", str(config), "--check"], out=io.StringIO()) == 0
+    assert main(["--config", str(config), *mode]) == 2
+    assert capsys.readouterr().err == "fireap-reap needs py-consul: No module named 'consul'\n"
+    assert not (tmp_path / "state").exists()
 
 
 def test_an_invalid_config_exits_2_before_reading_stdin(tmp_path, capsys, monkeypatch):

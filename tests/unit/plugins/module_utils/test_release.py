@@ -206,7 +206,10 @@ def test_fire_writes_release_plan_leader_state_lock_and_event(cluster, client, s
     assert (release.version, release.run_id, release.fanout, release.leader) == ("1.0.0", run_id, 2, leader)
     assert release.target_count == NODES and release.status == "running"
 
-    expected = plan_release(result["targets"], leader, 2, run_id)
+    # Each entry carries its source's catalog address, so pullers need not look it up.
+    addresses = {node["Node"]: node["Address"] for node in client.catalog.nodes()[1]}
+    expected = plan_release(result["targets"], leader, 2, run_id, addresses)
+    assert all(entry.source_address for entry in expected.values())
     _index, plans = client.kv.get(schema.plan_prefix("web"), recurse=True)
     assert {e["Key"]: PlanEntry.from_json(e["Value"]) for e in plans} == {
         schema.plan("web", name): entry for name, entry in expected.items()

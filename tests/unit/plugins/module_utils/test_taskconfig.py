@@ -232,6 +232,15 @@ def test_error_empty_document(tmp_path):
         load_config(write(tmp_path, "# nothing\n"))
 
 
+def test_error_without_pyyaml(tmp_path, monkeypatch):
+    monkeypatch.setattr(_taskconfig, "YAML_IMPORT_ERROR", ImportError("No module named 'yaml'"))
+    path = write(tmp_path, "apps: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (path + ": cannot parse the config: the PyYAML Python library is required "
+                               "but cannot be imported: No module named 'yaml'")
+
+
 def test_error_document_not_mapping():
     assert error_of(["apps"]).startswith(SOURCE + ": must be a YAML mapping")
 

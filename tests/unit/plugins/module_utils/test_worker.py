@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 
+import consul
 import pytest
 from consul_harness import DoubleProcess, wait_until
 
@@ -84,13 +85,13 @@ class Task:
         return run_task
 
 
-def fire(cluster, schema, app, fanout, targets=None, version="v1"):
+def fire(cluster, schema, app, fanout, targets=None, version="v1", addresses=None):
     """Write what fireap_fire writes: plan (txn batches), leader state, release record."""
     client = cluster.client(0)
     leader = cluster.node_names[0]
     targets = cluster.node_names if targets is None else targets
     run_id = uuid.uuid4().hex
-    plan = plan_release(targets, leader, fanout, run_id)
+    plan = plan_release(targets, leader, fanout, run_id, addresses)
     for batch in txn_set_batches((schema.plan(app, node), entry.to_json()) for node, entry in plan.items()):
         client.txn.put(batch)
     now = time.time()
@@ -259,9 +260,12 @@ def test_an_abort_stops_a_waiting_worker_and_records_why(cluster, schema):
     thread = threading.Thread(
         target=lambda: box.update(run_workers(cluster, schema, app, [waiting], task, patient)[0])
     )
+    control(cluster, "stats", "DELETE")
     thread.start()
     client = cluster.client()
-    wait_until(lambda: client.kv.get(schema.node(app, waiting))[1], 60, f"the waiting record of {waiting}")
+    # A waiting worker writes nothing: it is waiting once it read its records and its predecessor.
+    wait_until(lambda: control(cluster, "stats", "GET")["agents"][waiting]["requests"] >= 2, 60, f"{waiting} waiting")
+    assert client.kv.get(schema.node(app, waiting))[1] is None
     aborted = ReleaseRecord(**{**release.__dict__, "status": "aborted", "aborted_reason": "operator"})
     client.kv.put(schema.release(app), aborted.to_json())
     thread.join(120)
@@ -298,16 +302,18 @@ def control(cluster, path, method="PUT"):
 
 def test_requests_per_node_stay_constant_without_any_listing(cluster, schema):
     app = "cost"
-    _release, plan = fire(cluster, schema, app, 2)
+    addresses = {node["Node"]: node["Address"] for node in cluster.client().catalog.nodes()[1]}
+    _release, plan = fire(cluster, schema, app, 2, addresses=addresses)
     control(cluster, "stats", "DELETE")
     patient = PullTimings(watch_timeout=120, start_grace=30, busy_grace=30, max_wait=10)
     _results, logs = run_workers(cluster, schema, app, list(plan), Task(), patient)
     stats = control(cluster, "stats", "GET")["agents"]
-    # Each worker talks only to its own agent: reads of release/plan/own record, session
-    # create/destroy, its waiting/pulling/done writes, a few wakes, one slot claim, one
-    # catalog lookup, one release. No node lists the other nodes' records.
+    # Each worker talks only to its own agent: one txn reading release/plan/own record, a
+    # few blocking reads of the node waited on, session create/destroy, one claim txn, one
+    # txn releasing the slot with the final record. No node lists the other nodes' records
+    # or reads the catalog (the plan carries the addresses, as fireap_fire writes it).
     assert all(not any("looking for another source" in line for line in lines) for lines in logs.values())
-    assert max(stats[node]["requests"] for node in plan) <= 30
+    assert max(stats[node]["requests"] for node in plan) <= 12
 
 
 def test_the_task_and_its_report_survive_the_agent_restarting(cluster, schema):
@@ -354,3 +360,39 @@ def test_a_session_lost_while_the_task_runs_is_reported_and_the_pull_completes(c
     assert states(cluster, schema, app)[node] == result.state
     assert any("was no longer held by this worker" in line for line in lines), lines
     assert f"session lost: writing {schema.node(app, node)} with check-and-set instead" in lines
+
+
+def test_the_source_address_comes_from_the_plan(cluster, schema):
+    app = "address"
+    leader, node = cluster.node_names[0], cluster.node_names[1]
+    fire(cluster, schema, app, 1, targets=[leader, node], addresses={leader: "192.0.2.7"})
+    task = Task()
+    run_workers(cluster, schema, app, [node], task)
+    assert task.calls == [(node, SourceInfo(leader, "192.0.2.7"))]
+
+
+class _WithoutGetOrEmpty:
+    """A client of an agent older than Consul 1.14: /v1/txn refuses the "get-or-empty" verb."""
+
+    def __init__(self, client):
+        self.client = client
+        self.txn = self
+
+    def put(self, ops):
+        if any(op["KV"]["Verb"] == "get-or-empty" for op in ops):
+            raise consul.ConsulException('400 Failed to parse body: unknown KV verb "get-or-empty"')
+        return self.client.txn.put(ops)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_an_agent_without_read_transactions_is_read_key_by_key(cluster, schema):
+    app = "oldagent"
+    leader, node = cluster.node_names[0], cluster.node_names[3]
+    fire(cluster, schema, app, 1, targets=[leader, node])
+    lines = []
+    client = _WithoutGetOrEmpty(cluster.client(3))
+    result = pull(client, app, node, Task().for_node(node), schema=schema, timings=FAST, log=lines.append)
+    assert result.state.status == "done" and result.ran_task
+    assert sum("reading key by key" in line for line in lines) == 1, lines
