@@ -264,7 +264,12 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         nodes_dir = roots[leader].parent
         if any(root != nodes_dir / name for name, root in roots.items()):
             raise DemoError(f"the node roots are not all <dir>/<node name>: {roots}")
-        print(f"dev cluster: {nodes} nodes, leader {leader}, workdir {workdir}", flush=True)
+        ports = [node["http_port"] for node in info["nodes"]]
+        print(
+            f"dev cluster: {nodes} nodes, Consul HTTP API on 127.0.0.1:{ports[0]}-{ports[-1]} "
+            f"(one port per agent), leader {leader}, workdir {workdir}",
+            flush=True,
+        )
         for root in roots.values():
             (root / APP_DIR).mkdir(parents=True, exist_ok=True)
 
@@ -301,6 +306,7 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         return verify(roots, leader, version, fanout, seconds, report_path) and status == 0
     finally:
         cluster.stop()
+        print("dev cluster stopped", flush=True)
 
 
 def verify(roots: dict[str, Path], leader: str, version: str, fanout: int, seconds: float, report_path: Path) -> bool:
