@@ -149,19 +149,12 @@ after:
       type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import (
-    CONNECTION_ARGUMENT_SPEC,
-    HAS_PY_CONSUL,
-    PY_CONSUL_IMPORT_ERROR,
-    ConsulOptions,
-    FireapConsulError,
-    build_client,
-    consul_errors,
-)
-from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
-from ansible_collections.fireap.consul.plugins.module_utils._release import ReleaseError, clear
+from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
+from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
+from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_consul
+from ansible_collections.fireap.consul.plugins.module_utils._release import clear
 
 ARGUMENT_SPEC = dict(
     CONNECTION_ARGUMENT_SPEC,
@@ -176,29 +169,20 @@ ARGUMENT_SPEC = dict(
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if not HAS_PY_CONSUL:
-        module.fail_json(msg=missing_required_lib("py-consul"), exception=str(PY_CONSUL_IMPORT_ERROR))
     params = module.params
     if params["reason"] is not None and not params["abort"]:
         module.fail_json(msg="reason is stored when aborting: it requires abort=true")
-    try:
-        options = ConsulOptions.from_params(params)
-        if options.token:
-            module.no_log_values.add(options.token)
-        schema = Schema(params["kv_prefix"])
-        with build_client(options) as client, consul_errors(options, f"clearing app {params['app']!r}"):
-            result = clear(
-                client,
-                schema,
-                params["app"],
-                lift_lock=params["lift_lock"],
-                abort=params["abort"],
-                wipe=params["wipe"],
-                reason=params["reason"],
-                check_mode=module.check_mode,
-            )
-    except (FireapConsulError, ReleaseError, ValueError) as err:
-        module.fail_json(msg=str(err))
+    with fireap_consul(module, f"clearing app {params['app']!r}") as (client, schema):
+        result = clear(
+            client,
+            schema,
+            params["app"],
+            lift_lock=params["lift_lock"],
+            abort=params["abort"],
+            wipe=params["wipe"],
+            reason=params["reason"],
+            check_mode=module.check_mode,
+        )
     if module._diff:
         result["diff"] = {"before": result["before"], "after": result["after"]}
     module.exit_json(**result)

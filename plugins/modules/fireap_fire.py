@@ -277,21 +277,13 @@ info:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import (
-    CONNECTION_ARGUMENT_SPEC,
-    HAS_PY_CONSUL,
-    PY_CONSUL_IMPORT_ERROR,
-    ConsulOptions,
-    FireapConsulError,
-    build_client,
-    consul_errors,
-)
+from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._release import (
     DEFAULT_FANOUT,
-    ReleaseError,
     ReleaseWaitTimeout,
     fire,
     retry_stragglers,
@@ -368,8 +360,6 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, required_by={"tag": "service"})
-    if not HAS_PY_CONSUL:
-        module.fail_json(msg=missing_required_lib("py-consul"), exception=str(PY_CONSUL_IMPORT_ERROR))
     params = module.params
     if params["wait_timeout"] < 0:
         module.fail_json(msg=f"wait_timeout must be a number of seconds >= 0, got {params['wait_timeout']:g}")
@@ -377,15 +367,8 @@ def main() -> None:
         given = [name for name in _NOT_WITH_RETRY if params[name]]
         if given:
             module.fail_json(msg=f"retry_stragglers=true re-fires the current run; it cannot be combined with {', '.join(given)}")
-    try:
-        options = ConsulOptions.from_params(params)
-        if options.token:
-            module.no_log_values.add(options.token)
-        schema = Schema(params["kv_prefix"])
-        with build_client(options) as client, consul_errors(options, f"releasing app {params['app']!r}"):
-            result = run(module, client, schema)
-    except (FireapConsulError, ReleaseError, ValueError) as err:
-        module.fail_json(msg=str(err))
+    with fireap_consul(module, f"releasing app {params['app']!r}") as (client, schema):
+        result = run(module, client, schema)
     module.exit_json(**result)
 
 

@@ -241,19 +241,12 @@ lock:
       type: float
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import (
-    CONNECTION_ARGUMENT_SPEC,
-    HAS_PY_CONSUL,
-    PY_CONSUL_IMPORT_ERROR,
-    ConsulOptions,
-    FireapConsulError,
-    build_client,
-    consul_errors,
-)
-from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
-from ansible_collections.fireap.consul.plugins.module_utils._release import ReleaseError, info
+from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
+from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
+from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_consul
+from ansible_collections.fireap.consul.plugins.module_utils._release import info
 
 ARGUMENT_SPEC = dict(
     CONNECTION_ARGUMENT_SPEC,
@@ -264,18 +257,9 @@ ARGUMENT_SPEC = dict(
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if not HAS_PY_CONSUL:
-        module.fail_json(msg=missing_required_lib("py-consul"), exception=str(PY_CONSUL_IMPORT_ERROR))
     params = module.params
-    try:
-        options = ConsulOptions.from_params(params)
-        if options.token:
-            module.no_log_values.add(options.token)
-        schema = Schema(params["kv_prefix"])
-        with build_client(options) as client, consul_errors(options, f"reading the release of app {params['app']!r}"):
-            result = info(client, schema, params["app"])
-    except (FireapConsulError, ReleaseError, ValueError) as err:
-        module.fail_json(msg=str(err))
+    with fireap_consul(module, f"reading the release of app {params['app']!r}") as (client, schema):
+        result = info(client, schema, params["app"])
     for warning in result.pop("warnings"):
         module.warn(warning)
     module.exit_json(changed=False, **result)
