@@ -8,7 +8,6 @@ port, and the per-agent request and byte counters are read from ``/_devcluster/s
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import C
 
 from .demo import ClusterProcess, DemoError
 from .embedded import DevCluster
-from .workdir import CLUSTER_FILE, INVENTORY_FILE
+from .workdir import CLUSTER_FILE, INVENTORY_FILE, fresh_workdir
 
 #: Where the double is served: in a thread of the benchmark's own process, or in a process
 #: of its own so that serving HTTP and the simulated nodes do not share one interpreter lock.
@@ -55,14 +54,10 @@ def cpu_times() -> tuple[int, int]:
 
 def fresh_dir(path: Path) -> Path:
     """Create ``path`` empty; an earlier benchmark's directory is emptied, any other content refused."""
-    path = path.absolute()
-    if path.exists() and any(path.iterdir()):
-        if not (path / MARKER).exists():
-            raise BenchError(f"{path} is not empty and was not made by the benchmark; choose another work directory")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("made by python -m devcluster bench; emptied by its next run\n")
-    return path
+    try:
+        return fresh_workdir(path, MARKER, "the benchmark")
+    except ValueError as err:
+        raise BenchError(str(err)) from None
 
 
 class BenchCluster:

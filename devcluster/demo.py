@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .embedded import find_free_port_range
-from .workdir import CLUSTER_FILE, INVENTORY_FILE
+from .workdir import CLUSTER_FILE, INVENTORY_FILE, fresh_workdir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_CONFIG = REPO_ROOT / "ansible.cfg"
@@ -212,12 +212,10 @@ class ClusterProcess:
 
 def prepare_workdir(workdir: Path) -> None:
     """Create ``workdir``, emptying it when an earlier demo left it; refuse any other content."""
-    if workdir.exists() and any(workdir.iterdir()):
-        if not (workdir / MARKER).exists():
-            raise DemoError(f"{workdir} is not empty and was not made by the demo; choose another --workdir")
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("made by python -m devcluster demo; emptied by its next run\n")
+    try:
+        fresh_workdir(workdir, MARKER, "the demo")
+    except ValueError as err:
+        raise DemoError(str(err)) from None
 
 
 def run_playbook(args: list[str], what: str) -> tuple[int, float]:

@@ -14,6 +14,7 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,22 @@ def _inventory(nodes: list[NodeInfo], acl_token: str | None) -> dict[str, Any]:
             },
         }
     }
+
+
+def fresh_workdir(path: Path, marker: str, owner: str) -> Path:
+    """Create ``path`` empty for a tool (demo, benchmark) that marks its dirs with ``marker``.
+
+    A directory an earlier run of that tool left is emptied; any other non-empty one is
+    refused with ValueError, so a mistyped path never loses someone's files.
+    """
+    path = path.absolute()
+    if path.exists() and any(path.iterdir()):
+        if not (path / marker).exists():
+            raise ValueError(f"{path} is not empty and was not made by {owner}; choose another work directory")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / marker).write_text(f"made by {owner}; emptied by its next run\n")
+    return path
 
 
 def _atomic_write(path: Path, text: str) -> None:
