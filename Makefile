@@ -4,10 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NODES ?= 20
 FANOUT ?= 5
-DEBIAN_TOOLS := rsync parallel shellcheck
+DEBIAN_TOOLS := rsync parallel shellcheck chromium
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test lint sanity units changelog molecule demo bench chaos clean
 
 setup: $(VENV)/.installed $(COLLECTION_LINK) system-tools
 
@@ -31,17 +31,40 @@ system-tools:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: setup lint sanity
-	$(PY) -m pytest -q tests/unit tests/integration
+# The unit tests (tests/unit) run under ansible-test, each in a fork of its own and on as many
+# workers as there are CPUs; plain pytest runs only the integration tests, so no test runs twice.
+test: setup lint sanity units changelog molecule
+	$(PY) -m pytest -q tests/integration
 
-# ansible-test sanity on a copy of the tree under build/sanity/ansible_collections/fireap/consul/.
+# ansible-test sanity and units run offline in the venv, on a copy of the tree under
+# build/<command>/ansible_collections/fireap/consul/.
 sanity: setup
-	tests/sanity/run.sh
+	tests/ansible-test-offline/run.sh sanity
+
+units: setup
+	tests/ansible-test-offline/run.sh units
 
 # ansible-lint reads .ansible-lint (profile production); the venv's bin on PATH lets it find
 # ansible-playbook and ansible-galaxy, and the collection link lets playbooks resolve fireap.consul.
 lint: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ansible-lint
+
+# The fragments and changelogs/changelog.yaml lint clean, and CHANGELOG.md is what
+# changelog.yaml generates (regenerated in a scratch copy, compared byte for byte).
+changelog: setup
+	$(VENV)/bin/antsibull-changelog lint
+	$(VENV)/bin/antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
+	@scratch=$$(mktemp -d) && mkdir "$$scratch/changelogs" \
+	  && cp changelogs/config.yaml changelogs/changelog.yaml "$$scratch/changelogs/" && cp galaxy.yml "$$scratch/" \
+	  && (cd "$$scratch" && $(CURDIR)/$(VENV)/bin/antsibull-changelog generate) \
+	  && cmp "$$scratch/CHANGELOG.md" CHANGELOG.md; status=$$?; rm -rf "$$scratch"; \
+	  if [ $$status -ne 0 ]; then echo "CHANGELOG.md is not what changelogs/changelog.yaml generates: run antsibull-changelog generate" >&2; fi; \
+	  exit $$status
+
+# The fireap_node role on this machine against a one-agent Consul double (extensions/molecule/default);
+# HOME inside build/ keeps molecule's working files out of the user's home directory.
+molecule: setup
+	HOME="$(CURDIR)/build/molecule/home" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/molecule test
 
 demo: setup
 	$(PY) -m devcluster demo --nodes $(NODES) --fanout $(FANOUT) --workdir build/demo
@@ -49,6 +72,10 @@ demo: setup
 # The standard benchmark set; figures and plots go to build/bench/.
 bench: setup
 	$(PY) -m devcluster bench --standard
+
+# Releases on the dev cluster under injected faults; the outcome goes to build/chaos/chaos.json.
+chaos: setup
+	$(PY) -m devcluster chaos --json build/chaos/chaos.json
 
 clean:
 	rm -rf build .pytest_cache
