@@ -4,13 +4,17 @@ Starts `python -m devcluster serve`, installs fireap on every node with playbook
 (app ``demo``: each node rsyncs its source node's ``<root>/app/`` into its own), puts a new
 build (about a thousand files, a few MB, and a VERSION file) into the leader's app
 directory, releases it with playbooks/release.yml, then checks that every node's app tree
-equals the leader's, file by file. The cluster is stopped at the end, also after a failure
-or Ctrl-C. Exit status 0 only when every node has the new build.
+equals the leader's, file by file. While the release runs, the terminal shows the leader's
+installed ``fireap-monitor`` (the playbook's output goes to ``<workdir>/release.log``); the
+playbook writes the run's JSON and HTML reports to ``<workdir>/report.json`` and
+``<workdir>/report.html``. The cluster is stopped at the end, also after a failure or Ctrl-C.
+Exit status 0 only when every node has the new build.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +42,8 @@ APP_DIR = "app"
 MARKER = ".fireap-demo"
 VARS_FILE = "demo-vars.yml"
 REPORT_FILE = "report.json"
+REPORT_HTML_FILE = "report.html"
+RELEASE_LOG = "release.log"
 CLUSTER_LOG = "devcluster.log"
 
 BUILD_FILES = 1000
@@ -46,6 +52,10 @@ BUILD_FILE_SIZES = (1024, 6 * 1024)
 
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
+#: How long the monitor may take to show the end of the run after the playbook has seen it.
+MONITOR_GRACE = 15.0
+#: Lines of the release playbook's log shown when it failed.
+LOG_TAIL_LINES = 40
 
 
 class DemoError(Exception):
@@ -200,14 +210,20 @@ class ClusterProcess:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to a child still running and wait for it; SIGKILL after STOP_TIMEOUT."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def prepare_workdir(workdir: Path) -> None:
@@ -218,28 +234,69 @@ def prepare_workdir(workdir: Path) -> None:
         raise DemoError(str(err)) from None
 
 
-def run_playbook(args: list[str], what: str) -> tuple[int, float]:
-    """Run ansible-playbook from the project root, its output shown live; (exit status, seconds).
-
-    On Ctrl-C ansible-playbook gets SIGINT too and time to stop its workers, which run in
-    sessions of their own and would be left behind if it were killed at once.
-    """
+def announce(what: str, args: list[str]) -> None:
+    """Say which playbook runs now, before it or anything it starts writes to the terminal."""
     print(f"\n=== {what}: ansible-playbook {shlex.join(args)}", flush=True)
+
+
+def run_playbook(args: list[str], log_path: Path | None = None) -> tuple[int, float]:
+    """Run ansible-playbook from the project root; (exit status, seconds).
+
+    Its output is shown live, or goes to ``log_path``. On Ctrl-C ansible-playbook gets SIGINT
+    too and time to stop its workers, which run in sessions of their own and would be left
+    behind if it were killed at once.
+    """
     began = time.monotonic()
-    proc = subprocess.Popen(
-        [ansible_tool("ansible-playbook"), *args], cwd=REPO_ROOT, env=ansible_env(), stdin=subprocess.DEVNULL
-    )
-    try:
-        status = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+    with open(log_path, "wb") if log_path else contextlib.nullcontext() as log:
+        proc = subprocess.Popen(
+            [ansible_tool("ansible-playbook"), *args],
+            cwd=REPO_ROOT,
+            env=ansible_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT if log else None,
+        )
         try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
+            status = proc.wait()
+        except KeyboardInterrupt:
+            stop_process(proc, signal.SIGINT)
+            raise
     return status, time.monotonic() - began
+
+
+def monitor_command(host_vars: dict) -> list[str]:
+    """The node's installed fireap-monitor for the demo app, with the node's own Consul settings."""
+    return [
+        str(Path(host_vars["fireap_node_prefix"]) / "bin" / "fireap-monitor"),
+        "--config",
+        str(Path(host_vars["fireap_node_config_dir"]) / "config.yml"),
+        "--app",
+        APP,
+    ]
+
+
+def release_with_monitor(args: list[str], what: str, monitor: list[str], log_path: Path) -> tuple[int, float]:
+    """Run the release playbook into ``log_path`` while ``monitor`` shows the run live.
+
+    The monitor starts first, waits for the run and exits when it is over; it is stopped when
+    it has not within MONITOR_GRACE of the playbook's end (a run that timed out, or a playbook
+    that failed before it fired). Nothing else writes to the terminal meanwhile, so that the
+    monitor's in-place redraw stays intact. The log's tail is shown when the playbook failed.
+    """
+    announce(what, args)
+    print(f"live display: {shlex.join(monitor)}", flush=True)
+    proc = subprocess.Popen(monitor, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    try:
+        status, seconds = run_playbook(args, log_path)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(MONITOR_GRACE)
+    finally:
+        stop_process(proc, signal.SIGTERM)
+    print(f"release playbook output: {log_path}", flush=True)
+    if status != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print("\n".join(["", f"--- the last {len(tail)} lines of {log_path}", *tail]), flush=True)
+    return status, seconds
 
 
 def leader_of(inventory: dict) -> str:
@@ -273,9 +330,9 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
 
         vars_path = workdir / VARS_FILE
         vars_path.write_text(vars_file_text({APP: {"exec_commands": [rsync_command(nodes_dir)]}}))
-        status, _seconds = run_playbook(
-            ["-i", str(inventory_path), "-e", f"@{vars_path}", str(SETUP_PLAYBOOK)], "install fireap"
-        )
+        setup_args = ["-i", str(inventory_path), "-e", f"@{vars_path}", str(SETUP_PLAYBOOK)]
+        announce("install fireap", setup_args)
+        status, _seconds = run_playbook(setup_args)
         if status != 0:
             raise DemoError(f"installing fireap failed: ansible-playbook exited with status {status}")
 
@@ -283,7 +340,8 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         files, size = write_build(roots[leader] / APP_DIR, version)
         print(f"\nnew build {version} on {leader}: {files} files, {size / 1e6:.1f} MB", flush=True)
         report_path = workdir / REPORT_FILE
-        status, seconds = run_playbook(
+        host_vars = inventory["all"]["children"]["fireap_nodes"]["hosts"][leader]
+        status, seconds = release_with_monitor(
             [
                 "-i",
                 str(inventory_path),
@@ -295,9 +353,13 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
                 f"fireap_fanout={fanout}",
                 "-e",
                 f"fireap_report_path={report_path}",
+                "-e",
+                f"fireap_report_html_path={workdir / REPORT_HTML_FILE}",
                 str(RELEASE_PLAYBOOK),
             ],
             f"release {APP} {version}",
+            monitor_command(host_vars),
+            workdir / RELEASE_LOG,
         )
         if status != 0:
             print(f"\nthe release playbook exited with status {status}; checking the nodes anyway", flush=True)
@@ -328,6 +390,9 @@ def verify(roots: dict[str, Path], leader: str, version: str, fanout: int, secon
         lines.append(
             f"max depth {report['max_depth']} (bound ceil(log_{fanout + 1} {nodes})+1 = {depth_bound(nodes, fanout)})"
         )
+    html_report = report_path.with_name(REPORT_HTML_FILE)
+    if html_report.exists():
+        lines.append(f"report: {html_report}")
     lines.append(f"nodes whose app tree equals the leader's: {nodes - len(problems)}/{nodes}")
     print("\n".join(lines), flush=True)
     for name, difference in problems.items():

@@ -162,6 +162,11 @@ def test_release_copies_the_build_to_every_node_and_writes_the_report(installed)
     assert data["release"]["fanout"] == FANOUT
     assert 1 <= data["max_depth"] <= data["ideal_stages"] + 1
     assert TOKEN not in run.output
+    page = report.with_suffix(".html").read_text()  # next to the JSON report by default
+    assert page.startswith("<!DOCTYPE html>") and "<h1>demo 1.0.1</h1>" in page
+    assert page.count('<rect class="bar ') == NODES
+    for name in installed["target"].node_names:
+        assert f'data-node="{name}"' in page
 
 
 def test_release_without_a_version_releases_the_next_one(installed):
@@ -208,7 +213,8 @@ def test_too_many_failures_abort_the_run(installed):
     report = installed["work"] / "report-canary.json"
     # 0: the first failure aborts; the slow nodes keep the run going meanwhile.
     run = release(installed, "canary", "fireap_version=1", f"fireap_fanout={FANOUT}", "fireap_poll_interval=1",
-                  "fireap_max_fail_percentage=0", f"fireap_report_path={report}")
+                  "fireap_max_fail_percentage=0", f"fireap_report_path={report}",
+                  f"fireap_report_html_path={installed['work'] / 'canary.html'}")
     assert run.returncode != 0, run.output
     aborting = re.search(r"^canary 1: aborting the run: ([12]) of 7 targets failed \(\d+\.\d%\), "
                          r"more than max_fail_percentage 0%$", run.output, re.MULTILINE)
@@ -219,3 +225,6 @@ def test_too_many_failures_abort_the_run(installed):
     assert (data["aborted"], data["status"], data["succeeded"]) == (True, "aborted", False)
     assert data["release"]["aborted_reason"].endswith("more than max_fail_percentage 0%")
     assert data["lock"]["held"] is False, "the abort lifts the fire lock"
+    page = (installed["work"] / "canary.html").read_text()
+    assert '<span class="status status-aborted">aborted</span>' in page
+    assert re.search(r"<td class=\"node\">node-00[12]</td>.*?<pre>.*bad build.*</pre>", page, re.DOTALL), page

@@ -132,8 +132,11 @@ def test_files_are_installed_with_their_modes(deployed):
         }]}
         assert stat.S_IMODE(reap.stat().st_mode) == 0o755
         assert reap.read_text().startswith(f"#!{sys.executable}\n")
+        monitor = root / "opt" / "fireap" / "bin" / "fireap-monitor"
+        assert stat.S_IMODE(monitor.stat().st_mode) == 0o755
+        assert monitor.read_text().startswith(f"#!{sys.executable}\n")
         installed = root / "opt" / "fireap" / "lib" / "ansible_collections" / "fireap" / "consul" / "plugins"
-        for module in ("_reap.py", "_worker.py"):
+        for module in ("_reap.py", "_worker.py", "_monitor.py", "_report.py"):
             source = REPO_ROOT / "plugins" / "module_utils" / module
             assert (installed / "module_utils" / module).read_bytes() == source.read_bytes()
         for directory in ("var/lib/fireap", "var/log/fireap"):
@@ -201,3 +204,20 @@ def test_a_fired_release_reaches_every_node_through_the_installed_handler(deploy
             assert finished[state.source].depth == state.depth - 1
             assert finished[state.source].finished <= state.finished
     assert not (out_dir / f"{leader}.txt").exists()
+
+
+def test_the_installed_monitor_shows_the_release_with_the_node_config(deployed):
+    """Runs after the release above: every node done, read with the node's config (token, prefix)."""
+    double, target = deployed["double"], deployed["target"]
+    root = _node_root(double, target.agents[2].name)
+    monitor = root / "opt" / "fireap" / "bin" / "fireap-monitor"
+    config = root / "etc" / "fireap" / "config.yml"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONSUL_")}
+    shown = subprocess.run([str(monitor), "--config", str(config), "--app", APP, "--one-shot"], capture_output=True,
+                           text=True, timeout=60, check=False, env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert re.fullmatch(rf"{APP} 2\.0\.1  run \S{{12}}  fired .* UTC  finished after \d+\.\ds", lines[0]), lines[0]
+    assert f"{NODES}/{NODES} done, 0 failed" in lines[1]
+    assert [line.split()[:3] for line in lines[4:]] == [[name, "2.0.1", "done"] for name in target.node_names]
+    assert TOKEN not in shown.stdout + shown.stderr

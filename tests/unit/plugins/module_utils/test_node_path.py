@@ -1,8 +1,8 @@
 """The node path runs without ansible: the files the role installs, on their own.
 
 Nodes get only py-consul and PyYAML. This venv has ansible (and Jinja2) installed, so a
-stray import would go unnoticed; the handler here runs in a child interpreter that
-refuses those imports, from a lib tree laid out as the role lays it out.
+stray import would go unnoticed; the handler and the monitor here run in a child
+interpreter that refuses those imports, from a lib tree laid out as the role lays it out.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import yaml
 
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.plugins.module_utils._release import clear, fire
+
 REPO_ROOT = Path(__file__).resolve().parents[4]
 ROLE_VARS = REPO_ROOT / "roles" / "fireap_node" / "vars" / "main.yml"
 
 RUNNER = r"""
-import importlib.abc, json, sys
+import importlib, importlib.abc, json, sys
 
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -29,8 +32,8 @@ class Refuse(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Refuse())
 sys.path.insert(0, sys.argv[1])
-from ansible_collections.fireap.consul.plugins.module_utils import _reap
-code = _reap.main(sys.argv[2:])
+command = importlib.import_module("ansible_collections.fireap.consul.plugins.module_utils." + sys.argv[2])
+code = command.main(sys.argv[3:])
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("ansible", "jinja2"))
 print("LEAKED " + json.dumps(leaked))
 sys.exit(code)
@@ -47,9 +50,10 @@ def _install_lib(tmp_path: Path) -> Path:
     return lib
 
 
-def _run(lib: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+def _run(lib: Path, *args: str, stdin: str = "", module: str = "_reap") -> subprocess.CompletedProcess:
+    """Run ``module``'s main(args) from ``lib`` in an interpreter that refuses ansible and jinja2."""
     return subprocess.run(
-        [sys.executable, "-c", RUNNER, str(lib), *args],
+        [sys.executable, "-c", RUNNER, str(lib), module, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -60,9 +64,10 @@ def _run(lib: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     )
 
 
-def _config(tmp_path: Path, consul: dict) -> Path:
+def _config(tmp_path: Path, consul: dict, **settings) -> Path:
     path = tmp_path / "config.yml"
     config = {
+        **settings,
         "consul": consul,
         "state_dir": str(tmp_path / "state"),
         "log_file": str(tmp_path / "reap.log"),
@@ -100,3 +105,27 @@ def test_the_refusal_really_refuses(tmp_path):
     run = _run(lib, "--config", str(_config(tmp_path, {"port": 1})), "--check")
     assert run.returncode != 0
     assert "the node path imported ansible" in run.stderr
+
+
+def test_the_installed_monitor_shows_a_release_and_writes_its_report_without_ansible(tmp_path, consul_target, kv_prefix):
+    agent = consul_target.agents[0]
+    client = consul_target.client()
+    schema = Schema(kv_prefix)
+    fired = fire(client, schema, "web", version="5.0.1", fanout=2)
+    try:
+        consul = {"host": agent.host, "port": agent.port, "scheme": agent.scheme}
+        if consul_target.token:
+            consul["token"] = consul_target.token
+        config = _config(tmp_path, dict(consul), kv_prefix=kv_prefix)
+        lib = _install_lib(tmp_path)
+        shown = _run(lib, "--config", str(config), "--app", "web", "--one-shot", module="_monitor")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "LEAKED []" in shown.stdout
+        assert f"web 5.0.1  run {fired['run_id'][:12]}" in shown.stdout
+        report = tmp_path / "report.html"
+        written = _run(lib, "--config", str(config), "--app", "web", "--report", str(report), module="_monitor")
+        assert written.returncode == 0, written.stdout + written.stderr
+        assert "LEAKED []" in written.stdout
+        assert report.read_text().count('<rect class="bar ') == 1, "the leader is done, the others have not started"
+    finally:
+        clear(client, schema, "web")
