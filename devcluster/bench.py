@@ -23,21 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_COLLECTION_PARENT = REPO_ROOT / "build"
-if not (_COLLECTION_PARENT / "ansible_collections" / "fireap" / "consul").exists():
-    raise ImportError(f"{_COLLECTION_PARENT}/ansible_collections/fireap/consul is missing: run `make setup` first")
-if str(_COLLECTION_PARENT) not in sys.path:
-    sys.path.insert(0, str(_COLLECTION_PARENT))
 
-from ansible_collections.fireap.consul.plugins.module_utils._release import FANOUT_MAX, FANOUT_MIN  # noqa: E402
+from .collection_path import REPO_ROOT
+from ansible_collections.fireap.consul.plugins.module_utils._release import FANOUT_MAX, FANOUT_MIN
 
-from .bench_baselines import run_ansible, run_parallel, sleep_command  # noqa: E402
-from .bench_cluster import DOUBLE_KINDS, SUBPROCESS, BenchCluster, BenchError  # noqa: E402
-from .bench_inproc import run_inproc  # noqa: E402
-from .bench_plot import write_plot  # noqa: E402
-from .bench_process import ProcessBench  # noqa: E402
-from .bench_core import (  # noqa: E402
+from .bench_baselines import run_ansible, run_parallel, sleep_command
+from .bench_cluster import DOUBLE_KINDS, SUBPROCESS, BenchCluster, BenchError
+from .bench_inproc import run_inproc
+from .bench_plot import write_plot
+from .bench_process import ProcessBench
+from .bench_core import (
     ANSIBLE,
     BASELINES,
     INPROC,

@@ -2,15 +2,18 @@
 
 Each node but the leader gets a thread that does what its agent's watch and fireap-reap
 would: it blocks on ``/v1/event/list?name=FIREAP:TASK`` of its own agent, and when the
-event arrives runs the real ``_worker.pull`` with its own py-consul client, the task
-sleeping ``t``. The release is fired with the real ``_release.fire`` against the leader's
-agent. Measured: from the start of the fire until the last pull returned (its done record
-written). The handler's own reads before a worker starts (1 to 3 KV reads) are not part of
-this mode; process mode runs the real handler.
+event arrives runs the real ``_worker.pull`` with its own py-consul client (over a lean
+keep-alive transport, see ``bench_client``), the task sleeping ``t``. The release is fired
+with the real ``_release.fire`` against the leader's agent. Measured: from the start of the
+fire until the last node's done record was acknowledged (its final /v1/txn; the destroy of
+its session after that is cleanup and not counted). The handler's own reads before a worker
+starts (1 to 3 KV reads) are not part of this mode; process mode runs the real handler.
 
 The node threads are spread over worker processes (one per CPU by default): a Python
 process runs one thread at a time, and a single process simulating hundreds of nodes'
-HTTP clients would measure its own interpreter lock rather than the release.
+HTTP clients would measure its own interpreter lock rather than the release. The fire
+waits until the double holds every node's blocking event query, so the nodes' own arming
+is not counted in the release.
 """
 
 from __future__ import annotations
@@ -25,21 +28,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import ConsulOptions, build_client
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
 from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME, clear, fire
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
+from .bench_client import BenchConsul
 from .bench_cluster import CLIENT_TIMEOUT, BenchCluster, BenchError, Node, cpu_times
 from .bench_core import INPROC, RunResult, TaskTiming, busy_fraction
 
 APP = "bench"
 #: How long a node waits for the event before it gives up (the run is then a failure).
 EVENT_WAIT_SECONDS = 120
-#: Pause between the last node arming its event wait and the fire, so that every blocking
-#: query is parked at its agent as a long-running watch's would be.
-SETTLE_SECONDS = 0.5
+#: Requests each node's agent has seen once the node's blocking event query is parked: the
+#: first list (for the index) and the blocking one.
+ARMING_REQUESTS = 2
+#: Pause between polls of the double's counters while the nodes park their event queries.
+PARK_POLL_SECONDS = 0.05
 #: Stack of each node's thread: they only run the pull, well within this.
 THREAD_STACK_BYTES = 512 * 1024
 #: Seconds the worker processes get to end once they reported.
@@ -52,6 +57,11 @@ _WORKER_PROGRAM = (
     "import sys; sys.path[:0] = sys.argv[1:]; from devcluster.bench_inproc import worker_main; worker_main()"
 )
 ARMED = "armed"
+#: The interpreter lock's switch interval in a worker process (Python's default: 5 ms). Its
+#: hundreds of node threads only ever run briefly between two HTTP calls, which release the
+#: lock anyway; forcing a hand-over every 5 ms among hundreds of runnable threads costs more
+#: CPU in futex wake-ups than it buys (at N=1000: 1.8 s of system time per run, 0.6-1.0 s at 50 ms).
+SWITCH_INTERVAL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,18 @@ class NodeOutcome:
     depth: int | None
     error: str | None
     returned: float
+    done_at: float | None
 
     @classmethod
     def from_dict(cls, data: dict) -> NodeOutcome:
         timing = data["timing"]
         return cls(
-            data["node"], TaskTiming(**timing) if timing else None, data["depth"], data["error"], data["returned"]
+            data["node"],
+            TaskTiming(**timing) if timing else None,
+            data["depth"],
+            data["error"],
+            data["returned"],
+            data["done_at"],
         )
 
 
@@ -77,7 +93,7 @@ class _NodeThread(threading.Thread):
 
     def __init__(self, node: Node, task_seconds: float, armed: threading.Semaphore) -> None:
         super().__init__(name=f"bench-{node.name}", daemon=True)
-        self.client = build_client(ConsulOptions(host=node.address, port=node.http_port, timeout=CLIENT_TIMEOUT))
+        self.client = BenchConsul(node.address, node.http_port, CLIENT_TIMEOUT)
         self.node = node.name
         self.task_seconds = task_seconds
         self.armed = armed
@@ -85,6 +101,7 @@ class _NodeThread(threading.Thread):
         self.depth: int | None = None
         self.error: str | None = None
         self.returned = 0.0
+        self.done_at: float | None = None
 
     def run(self) -> None:
         try:
@@ -116,6 +133,7 @@ class _NodeThread(threading.Thread):
             self.error = result.reason
         else:
             self.depth = state.depth
+            self.done_at = self.client.http.kv_written
 
     def task(self, source: SourceInfo) -> tuple[bool, None]:
         started = time.time()
@@ -124,7 +142,7 @@ class _NodeThread(threading.Thread):
         return True, None
 
     def outcome(self) -> NodeOutcome:
-        return NodeOutcome(self.node, self.timing, self.depth, self.error, self.returned)
+        return NodeOutcome(self.node, self.timing, self.depth, self.error, self.returned, self.done_at)
 
 
 def worker_main() -> None:
@@ -135,6 +153,7 @@ def worker_main() -> None:
     """
     job = json.loads(sys.stdin.readline())
     threading.stack_size(THREAD_STACK_BYTES)
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     armed = threading.Semaphore(0)
     nodes = [Node(name, address, port, Path()) for name, address, port in job["nodes"]]
     threads = [_NodeThread(node, job["task_seconds"], armed) for node in nodes]
@@ -217,13 +236,27 @@ def run_inproc(
             worker.stop()
 
 
+def _await_parked(cluster: BenchCluster, names: list[str]) -> None:
+    """Return once every node's blocking event query has reached its agent, as a
+    long-running watch's would have, so the fire does not race the nodes' own arming."""
+    deadline = time.monotonic() + EVENT_WAIT_SECONDS
+    while True:
+        agents = cluster.stats()["agents"]
+        late = [name for name in names if agents[name]["requests"] < ARMING_REQUESTS]
+        if not late:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{len(late)} node(s) did not park their event query within {EVENT_WAIT_SECONDS}s")
+        time.sleep(PARK_POLL_SECONDS)
+
+
 def _release(
     cluster: BenchCluster, fanout: int, task_seconds: float, version: str, timeout: float, workers: list[_Worker]
 ) -> RunResult:
     for worker in workers:
         if worker.line(EVENT_WAIT_SECONDS) != ARMED:
             raise BenchError(f"the nodes of worker process {worker.process.pid} did not start waiting for the event")
-    time.sleep(SETTLE_SECONDS)
+    _await_parked(cluster, [node.name for worker in workers for node in worker.nodes])
 
     leader = cluster.client(cluster.leader.name)
     schema = Schema()
@@ -262,7 +295,7 @@ def _release(
         leader=cluster.leader.name,
         fired=fired,
         leader_ready=leader_ready,
-        completed=max((item.returned for item in outcomes.values()), default=leader_ready),
+        completed=max((item.done_at or item.returned for item in outcomes.values()), default=leader_ready),
         depths={item.node: item.depth for item in outcomes.values() if item.depth is not None}
         | {cluster.leader.name: 0},
         tasks={item.node: item.timing for item in outcomes.values() if item.timing is not None},

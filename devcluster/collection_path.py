@@ -1,0 +1,16 @@
+"""Importing this module makes ``ansible_collections.fireap.consul`` importable from the checkout.
+
+The benchmark and the chaos suite drive the collection's own code in-process; ``make setup``
+links the checkout under ``build/ansible_collections/fireap/consul`` for that.
+"""
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COLLECTION_PARENT = REPO_ROOT / "build"
+
+if not (COLLECTION_PARENT / "ansible_collections" / "fireap" / "consul").exists():
+    raise ImportError(f"{COLLECTION_PARENT}/ansible_collections/fireap/consul is missing: run `make setup` first")
+if str(COLLECTION_PARENT) not in sys.path:
+    sys.path.insert(0, str(COLLECTION_PARENT))
