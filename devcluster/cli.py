@@ -1,5 +1,5 @@
-"""Command line: `python -m devcluster serve --nodes N --http-port P --workdir DIR`, `demo` (demo.py)
-and `bench` (bench.py)."""
+"""Command line: `python -m devcluster serve --nodes N --http-port P --workdir DIR`, `demo` (demo.py),
+`bench` (bench.py) and `chaos` (chaos.py)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--acl-token", help="enable default-deny ACLs with this management token")
     serve.add_argument("--data-dir", type=Path, help="keep the servers' state here across restarts")
     serve.add_argument("--datacenter", default="dc1", help="datacenter name (default: dc1)")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain) on every port")
+    serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
     serve.set_defaults(run=_serve)
     # Listed for --help only: main() hands `demo ...` to demo.py's own parser.
     commands.add_parser("demo", help="release a build across a local cluster end to end (see demo --help)")
     commands.add_parser("bench", help="measure fireap against the ideal and push baselines (see bench --help)")
+    commands.add_parser("chaos", help="inject faults into releases and report what survived (see chaos --help)")
     return parser
 
 
@@ -63,6 +66,8 @@ async def _serve(args: argparse.Namespace) -> int:
         acl_token=args.acl_token,
         data_dir=args.data_dir,
         datacenter=args.datacenter,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -71,8 +76,9 @@ async def _serve(args: argparse.Namespace) -> int:
     began = time.monotonic()
     await cluster.start()
     last = cluster.nodes[-1]
+    scheme = "https" if cluster.tls else "http"
     print(
-        f"devcluster: {len(cluster.nodes)} agents on {cluster.host}:{cluster.http_port}..{last.http_port} "
+        f"devcluster: {len(cluster.nodes)} agents on {scheme}://{cluster.host}:{cluster.http_port}..{last.http_port} "
         f"(datacenter {cluster.datacenter}) up in {time.monotonic() - began:.2f}s; "
         f"{cluster.workdir / 'cluster.json'}",
         flush=True,
@@ -94,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["chaos"]:
+        from .chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="devcluster: %(levelname)s %(name)s: %(message)s")
     try:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,21 @@ class ClusterError(ValueError):
     """Invalid cluster parameters."""
 
 
+def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server side of HTTPS on every agent port (as Consul's ports.https with tls.https), or None."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ClusterError("--tls-cert and --tls-key go together: give both or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as err:
+        raise ClusterError(f"cannot load the TLS certificate {cert} with key {key}: {err}") from None
+    return context
+
+
 class Cluster:
     """Runs inside an event loop; see embedded.DevCluster for use from other threads."""
 
@@ -49,6 +65,8 @@ class Cluster:
         data_dir: Path | None = None,
         datacenter: str = "dc1",
         host: str = "127.0.0.1",
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
         if nodes < 1:
             raise ClusterError(f"--nodes must be at least 1, got {nodes}")
@@ -64,6 +82,7 @@ class Cluster:
         self.workdir = Path(workdir).absolute()
         self.acl_token = acl_token
         self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
+        self.tls = _tls_context(tls_cert, tls_key)
         self.nodes: list[NodeInfo] = plan_nodes(self.workdir, nodes, http_port, host)
         self.state = ConsulState(datacenter)
         self.timers = SessionTimers(self.state)
@@ -157,7 +176,7 @@ class Cluster:
 
     async def _listen(self, agent: Agent) -> None:
         assert self._runner is not None
-        site = web.TCPSite(self._runner, self.host, agent.http_port, backlog=LISTEN_BACKLOG)
+        site = web.TCPSite(self._runner, self.host, agent.http_port, backlog=LISTEN_BACKLOG, ssl_context=self.tls)
         await site.start()
         self._sites[agent.name] = site
 

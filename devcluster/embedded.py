@@ -80,6 +80,8 @@ class DevCluster:
         acl_token: str | None = None,
         data_dir: str | Path | None = None,
         datacenter: str = "dc1",
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self._cluster = Cluster(
             nodes=nodes,
@@ -88,6 +90,8 @@ class DevCluster:
             acl_token=acl_token,
             data_dir=Path(data_dir) if data_dir is not None else None,
             datacenter=datacenter,
+            tls_cert=Path(tls_cert) if tls_cert is not None else None,
+            tls_key=Path(tls_key) if tls_key is not None else None,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -25,6 +25,8 @@ from pathlib import Path
 import consul
 import requests
 
+from devcluster.polling import wait_until  # noqa: F401  (re-exported for the tests)
+
 ADDR_ENV = "FIREAP_TEST_CONSUL_HTTP_ADDR"
 TOKEN_ENV = "FIREAP_TEST_CONSUL_HTTP_TOKEN"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -282,18 +284,6 @@ def event_index(event_id: str) -> int:
     if len(digits) != 32:
         raise ValueError(f"not a UUID: {event_id!r}")
     return int(digits[:16], 16) ^ int(digits[16:], 16)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll *predicate* until it returns a truthy value (returned) or *timeout* seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(interval)
 
 
 def in_background(fn, *args, **kwargs) -> concurrent.futures.Future:

@@ -62,8 +62,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO, TypeVar
 
 try:
     from consul.callback import CB
@@ -80,7 +81,9 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     PY_CONSUL_IMPORT_ERROR,
     ConsulOptions,
     ConsulOptionsError,
+    ConsulUnreachable,
     FireapConsulError,
+    backoff_delay,
     build_client,
     consul_errors,
 )
@@ -111,6 +114,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     load_config,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._worker import (
+    DEFAULT_RETRY_WINDOW,
     PullError,
     SourceInfo,
     pull,
@@ -132,9 +136,9 @@ DRY_RUN_SOURCE = SourceInfo(name="<source-name>", address="<source-address>")
 
 #: The directory holding ``ansible_collections/``: where the worker imports this module from.
 IMPORT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 5))
-#: ``python -c`` program of a worker: argv[1] is IMPORT_ROOT, the rest are fireap-reap's
+#: ``python -c`` program of a worker or handler: argv[1] is IMPORT_ROOT, the rest are fireap-reap's
 #: arguments. Unlike PYTHONPATH, this does not leak into the environment of the app's commands.
-_WORKER_PROGRAM = (
+_ENTRY_PROGRAM = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from ansible_collections.fireap.consul.plugins.module_utils._reap import main; sys.exit(main())"
 )
@@ -377,6 +381,44 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
     return AppCheck(app, start, reason, release)
 
 
+# --- retries ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+#: Statuses of a Consul that is restarting or overloaded: worth another try.
+TRANSIENT_STATUSES = frozenset((429, 500, 502, 503, 504))
+
+
+def is_transient(err: FireapConsulError) -> bool:
+    """Whether Consul may answer a second try: no answer at all, or a restarting or busy agent."""
+    return isinstance(err, ConsulUnreachable) or err.status in TRANSIENT_STATUSES
+
+
+def retrying(call: Callable[[], T], log: logging.LoggerAdapter | logging.Logger,
+             window: float = DEFAULT_RETRY_WINDOW, sleep: Callable[[float], None] = time.sleep,
+             clock: Callable[[], float] = time.monotonic) -> T:
+    """``call()``, made again with backoff and jitter while Consul does not answer, for up to
+    ``window`` s (an agent restart, a server outage); other errors and the last one are raised.
+
+    A worker's reads go through this: a worker that gave up at the first refused connection
+    would leave its node behind until the next event.
+    """
+    started = clock()
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except FireapConsulError as err:
+            if not is_transient(err):
+                raise
+            attempt += 1
+            delay = backoff_delay(attempt)
+            if clock() - started + delay > window:
+                raise
+            log.warning("%s; retrying in %.1fs", err, delay)
+            sleep(delay)
+
+
 # --- logging -----------------------------------------------------------------------------
 
 
@@ -465,11 +507,16 @@ def _open_output(log_file: str):
         return open(os.devnull, "wb")
 
 
+def handler_command(config_path: str) -> list[str]:
+    """The command line of ``fireap-reap --config config_path`` run by this interpreter
+    from these very files: what the role's entry point runs, without the entry point."""
+    return [sys.executable, "-c", _ENTRY_PROGRAM, IMPORT_ROOT, "--config", os.path.abspath(config_path)]
+
+
 def start_worker(config_path: str, app: str, log_file: str) -> int:
     """Start ``fireap-reap --worker app`` detached: new session, stdin from /dev/null,
     output appended to ``log_file``; return its pid without waiting for it."""
-    command = [sys.executable, "-c", _WORKER_PROGRAM, IMPORT_ROOT,
-               "--config", os.path.abspath(config_path), "--worker", app]
+    command = [*handler_command(config_path), "--worker", app]
     with _open_output(log_file) as output:
         process = subprocess.Popen(
             command,
@@ -682,7 +729,7 @@ class _Worker:
         tried that run yet (a failed run is not retried until it is fired again)."""
         log = _context(self.app)
         try:
-            result = check_app(self.client, self.options, self.schema, self.app, self.node, log)
+            result = retrying(lambda: check_app(self.client, self.options, self.schema, self.app, self.node, log), log)
         except (FireapConsulError, KVRecordError) as err:
             log.error("cannot check the release: %s", err)
             return _Outcome.UNCHECKED
@@ -701,8 +748,9 @@ class _Worker:
     def run_task(self, source: SourceInfo) -> tuple[bool, str | None]:
         """The pull's task: the app's commands, run against ``source``."""
         reader = _Reader(self.client, self.options)
+        key = self.schema.node(self.app, self.node)
         try:
-            version = _pulling_version(reader, self.schema.node(self.app, self.node), source.name)
+            version = retrying(lambda: _pulling_version(reader, key, source.name), _context(self.app))
         except (FireapConsulError, KVRecordError, ValueError) as err:
             return False, f"cannot tell which version is being pulled: {err}"
         variables = CommandVariables(app=self.app, version=version, node=self.node,
@@ -803,7 +851,9 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
             check_app_name(args.worker)
             app_config = config.app(args.worker)
     except (ConfigError, ConsulOptionsError, ValueError) as err:
-        sys.stderr.write(f"fireap-reap: {err}\n")
+        # Connection options are checked apart from the file: name where they come from.
+        where = f"{args.config}: consul: " if isinstance(err, ConsulOptionsError) else ""
+        sys.stderr.write(f"fireap-reap: {where}{err}\n")
         return EXIT_USAGE
     warning = configure_logging(None if args.dry_run else config.log_file)
     if warning:

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ansible_collections.fireap.consul.plugins.module_utils import _reap
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     ConsulOptions,
     ConsulUnreachable,
+    FireapConsulError,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME, event_payload
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -36,6 +38,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._reap import (
     check_app,
     decide,
     decode_payload,
+    handler_command,
     load_processed,
     main,
     newest_per_app,
@@ -673,6 +676,68 @@ def test_an_invalid_config_exits_2_before_reading_stdin(tmp_path, capsys, monkey
     assert "apps: must be a mapping of app names to settings" in capsys.readouterr().err
 
 
+class FlakyCall:
+    """Raises the given errors in turn, then answers "ok"; records the sleeps asked for."""
+
+    def __init__(self, *errors):
+        self.errors = list(errors)
+        self.calls = 0
+        self.sleeps = []
+
+    def __call__(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+class LineLog:
+    """The logger interface retrying() uses, keeping the lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, fmt, *args):
+        self.lines.append(fmt % args)
+
+
+def test_a_worker_read_is_retried_with_backoff_while_consul_does_not_answer():
+    call = FlakyCall(ConsulUnreachable("connection refused"), FireapConsulError("HTTP 503", status=503))
+    log = LineLog()
+    assert _reap.retrying(call, log, window=60, sleep=call.sleeps.append) == "ok"
+    assert call.calls == 3
+    assert 0.25 <= call.sleeps[0] <= 0.5 and 0.5 <= call.sleeps[1] <= 1.0
+    assert log.lines[0].startswith("connection refused; retrying in ")
+
+
+def test_a_refusal_is_not_retried_and_the_window_bounds_the_retries():
+    refused = FlakyCall(FireapConsulError("HTTP 403 Permission denied", status=403))
+    with pytest.raises(FireapConsulError, match="403"):
+        _reap.retrying(refused, LineLog(), window=60, sleep=refused.sleeps.append)
+    assert (refused.calls, refused.sleeps) == (1, [])
+    now = [0.0]
+    down = FlakyCall(*[ConsulUnreachable("connection refused")] * 100)
+    with pytest.raises(ConsulUnreachable):
+        _reap.retrying(down, LineLog(), window=10, sleep=lambda s: now.__setitem__(0, now[0] + s),
+                       clock=lambda: now[0])
+    assert now[0] <= 10 and down.calls > 3
+
+
+def test_invalid_connection_options_name_the_file_and_section(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)
+    config = tmp_path / "c.yml"
+    config.write_text("consul: {port: eighty}\napps: {web: {exec_commands: ['true']}}\n")
+    assert main(["--config", str(config)]) == 2
+    assert f"fireap-reap: {config}: consul: port must be an integer between 1 and 65535" in capsys.readouterr().err
+
+
+def test_handler_command_runs_this_tree_s_fireap_reap(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text("apps: {web: {exec_commands: ['true']}}\n")
+    done = subprocess.run([*handler_command(str(config)), "--check"], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout) == (0, f"{config}: valid; apps: web\n")
+
+
 @pytest.mark.parametrize("app, message", [("nope", "no app 'nope' is configured"), ("../x", "app name '../x'")])
 def test_a_worker_for_an_unknown_or_invalid_app_exits_2(tmp_path, capsys, app, message):
     config = write_config(tmp_path / "c.yml", {}, "fireap/", {APP: {"exec_commands": ["true"]}})
@@ -708,8 +773,13 @@ def _sibling_imports(name: str) -> set[str]:
     return {f"{match}.py" for match in re.findall(pattern, text)}
 
 
-def test_the_role_copies_exactly_the_modules_fireap_reap_imports():
-    needed, pending = set(), ["_reap.py"]
+def test_the_role_copies_exactly_the_modules_its_entry_points_import():
+    """fireap-reap and every other program the role installs on a node (its bin templates)."""
+    templates = (REPO_ROOT / "roles" / "fireap_node" / "templates").glob("*.j2")
+    entry_points = {f"{name}.py" for template in templates
+                    for name in re.findall(r"module_utils\.(_\w+) import main", template.read_text())}
+    assert "_reap.py" in entry_points
+    needed, pending = set(), sorted(entry_points)
     while pending:
         name = pending.pop()
         if name not in needed:

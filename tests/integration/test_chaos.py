@@ -1,0 +1,148 @@
+"""Fault injection, for real, against a dev cluster whose nodes run the real fireap-reap handler.
+
+One cluster (ACLs on, a data dir so that it can be killed and restarted) serves every test;
+each scenario of devcluster/chaos.py uses apps of its own. Every test checks the common
+figures (survivors all done, no slot left held, no command run twice for one version on one
+node, no KV record lost or rolled back) and the scenario's own facts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from devcluster.chaos import HANG_TIMEOUT, HOSTILE_VERSION, OUTAGE_SECONDS, ChaosCluster, Outcome, run_scenario
+
+pytestmark = pytest.mark.double_only
+
+NODES = 10
+FANOUT = 2
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ChaosCluster(NODES, FANOUT, tmp_path_factory.mktemp("chaos")) as chaos:
+        yield chaos
+
+
+def assert_nothing_lost(outcome: Outcome) -> None:
+    assert outcome.faults > 0, outcome
+    assert outcome.survivors > 0, outcome
+    assert outcome.survivors_done == outcome.survivors, outcome
+    assert (outcome.leaked_slots, outcome.duplicate_runs, outcome.lost_records) == (0, 0, 0), outcome
+    assert outcome.problems == [], outcome
+
+
+@pytest.mark.xfail(strict=True, reason="fireap_info reports a crashed puller's unheld 'pulling' record as pulling, "
+                                       "so the re-fire to stragglers leaves it out and the run never ends")
+def test_killed_pullers_are_never_done_and_a_refire_completes_them(cluster):
+    outcome = run_scenario(cluster, "puller_crash")
+    killed = outcome.facts["killed"]
+    assert len(killed) == 1
+    for seen in killed.values():
+        assert seen["record"] == "pulling" and seen["reported"] in ("failed", "pending"), killed
+    assert outcome.facts["refired_to"] == list(killed)
+    assert outcome.facts["refired_done"] == len(killed)
+    assert_nothing_lost(outcome)
+
+
+@pytest.mark.xfail(strict=True, reason="a pull whose task failed is recorded failed at once: the propagation core "
+                                       "does not move a puller to another source when its source died")
+def test_pullers_of_a_crashed_source_move_to_other_sources(cluster):
+    outcome = run_scenario(cluster, "source_crash")
+    assert outcome.facts["pullers_at_crash"], outcome
+    assert_nothing_lost(outcome)
+    crashed = outcome.facts["crashed"]
+    assert crashed not in outcome.facts["moved"].values()
+    assert set(outcome.facts["moved"]) == set(outcome.facts["pullers_at_crash"])
+
+
+def test_a_consul_outage_is_ridden_out_without_running_anything_twice(cluster):
+    outcome = run_scenario(cluster, "consul_outage")
+    assert_nothing_lost(outcome)
+    assert 0 < outcome.facts["done_at_outage"] < NODES
+    assert outcome.facts["workers_that_retried"] > 0, "no worker saw the outage"
+    assert 5 <= OUTAGE_SECONDS <= 10
+
+
+def test_replays_duplicates_and_old_events_run_nothing_twice_and_downgrade_nothing(cluster):
+    outcome = run_scenario(cluster, "replays_duplicates")
+    assert_nothing_lost(outcome)
+    assert outcome.facts["downgraded"] == []
+    assert outcome.facts["two_apps_one_invocation"] == {"events": 2, "exit": 0}
+    assert outcome.survivors == 3 * NODES
+
+
+def test_two_fires_of_one_app_have_one_winner_and_another_app_goes_on(cluster):
+    outcome = run_scenario(cluster, "concurrent_fires")
+    assert_nothing_lost(outcome)
+    assert len(outcome.facts["race_winners"]) == 1
+    (message,) = outcome.facts["race_loser_messages"]
+    assert "app 'race'" in message and "locked" in message
+    assert outcome.survivors == 2 * NODES
+
+
+def test_bad_input_is_refused_clearly_and_loses_nothing(cluster):
+    outcome = run_scenario(cluster, "bad_input")
+    assert_nothing_lost(outcome)
+    events = outcome.facts["events"]
+    assert "is not JSON" in events["payload not JSON"]
+    assert "not UTF-8" in events["payload not UTF-8"]
+    assert "no 'version' field" in events["no version"]
+    assert "not configured on this node" in events["unknown app"]
+    assert "may only contain" in events["app with ../"] and "may only contain" in events["app with a shell metacharacter"]
+    assert "whitespace or control characters" in events["version with a newline"]
+    assert events["payload over 100 bytes"].startswith("refused by Consul: 413")
+    assert all(result["exit"] == 0 and result["log"] for result in outcome.facts["stdin"].values())
+    assert "not valid base64" in outcome.facts["stdin"]["payload not base64"]["log"]
+    configs = outcome.facts["configs"]
+    assert "apps.input.max_semaphores" in configs["wrong type"]
+    assert "apps.input.exec_command: unknown key" in configs["unknown key"]
+    assert "inside double quotes" in configs["quoted variable"]
+    assert "filters are not supported" in configs["Jinja filter"]
+    assert "consul: port" in configs["bad Consul port"]
+    assert "consul: port" in configs["handler run on a broken config"]
+    assert all(message != "accepted" for message in outcome.facts["module_arguments"].values())
+    assert outcome.facts["hostile_version"] == {"version": HOSTILE_VERSION, "files_planted": []}
+
+
+def test_failed_and_hung_commands_follow_their_policy(cluster):
+    outcome = run_scenario(cluster, "command_failures")
+    assert_nothing_lost(outcome)
+    outcomes = outcome.facts["outcomes"]
+    for name in outcome.facts["injected"]:
+        assert outcomes["fail-abort"][name]["status"] == "failed"
+        assert "(1 later command not run)" in outcomes["fail-abort"][name]["error"]
+        assert outcomes["fail-ignore"][name]["status"] == "done"
+        assert f"timed out after {HANG_TIMEOUT}s" in outcomes["hang"][name]["error"]
+    assert outcome.facts["hung_left"] == []
+
+
+def test_without_the_token_everything_is_refused_clearly_and_the_token_never_leaks(cluster):
+    outcome = run_scenario(cluster, "access")
+    assert_nothing_lost(outcome)
+    refusals = outcome.facts["refusals"]
+    assert refusals["handler without a token"].startswith("exit 1: ")
+    assert "no ACL token was given" in refusals["handler without a token"]
+    assert "no ACL token was given" in refusals["module without a token"]
+    assert "ACL not found" in refusals["module with a wrong token"]
+    assert outcome.facts["files_holding_the_token"] == 2 * NODES
+    assert outcome.facts["token_leaks"] == []
+
+
+def test_nodes_whose_agent_missed_the_event_catch_up_when_it_starts(cluster):
+    outcome = run_scenario(cluster, "missed_events")
+    assert_nothing_lost(outcome)
+    assert set(outcome.facts["while_down"].values()) == {"pending"}
+    assert outcome.facts["caught_up"] == len(outcome.facts["while_down"])
+    assert outcome.facts["events_fired"] == 1
+
+
+@pytest.mark.xfail(strict=True, reason="a waiting puller whose source finishes after the abort still claims a slot "
+                                       "and runs: the claim does not check that the release is unchanged")
+def test_past_the_failure_budget_the_run_is_aborted_and_nodes_not_started_never_start(cluster):
+    outcome = run_scenario(cluster, "failure_budget")
+    report = outcome.facts["report"]
+    assert report["status"] == "aborted" and "max_fail_percentage" in report["reason"]
+    assert outcome.facts["not_started"] > 0
+    assert outcome.facts["started_after_abort"] == []
+    assert_nothing_lost(outcome)
