@@ -91,8 +91,10 @@ def write_cluster_files(
     acl_token: str | None,
     data_dir: Path | None,
 ) -> None:
-    """Publish inventory.yml, then cluster.json last: waiters poll for cluster.json."""
-    _atomic_write(workdir / INVENTORY_FILE, yaml.safe_dump(_inventory(nodes, acl_token), sort_keys=False))
+    """Publish inventory.yml (owner-only when it carries the ACL token), then cluster.json last:
+    waiters poll for cluster.json."""
+    _atomic_write(workdir / INVENTORY_FILE, yaml.safe_dump(_inventory(nodes, acl_token), sort_keys=False),
+                  0o600 if acl_token else 0o644)
     cluster = {
         "datacenter": datacenter,
         "http_port_base": http_port,
@@ -159,7 +161,11 @@ def fresh_workdir(path: Path, marker: str, owner: str) -> Path:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to a temporary file created with ``mode``, then rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(text)
     os.replace(tmp, path)

@@ -25,8 +25,6 @@ from pathlib import Path
 import consul
 import requests
 
-from devcluster.polling import wait_until  # noqa: F401  (re-exported for the tests)
-
 ADDR_ENV = "FIREAP_TEST_CONSUL_HTTP_ADDR"
 TOKEN_ENV = "FIREAP_TEST_CONSUL_HTTP_TOKEN"
 REPO_ROOT = Path(__file__).resolve().parent.parent

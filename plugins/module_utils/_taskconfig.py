@@ -14,8 +14,8 @@ role variables; the node's fireap-reap handler and the controller modules read i
     state_dir: /var/lib/fireap            # absolute: processed events, lock files
     log_file: /var/log/fireap/reap.log    # absolute
     defaults:               # settings for every app; each app may override any of them
-      max_semaphores: 5     # fan-out k: pullers one source serves at once, 1..64
-      wait_after_fire: 0    # seconds to wait after firing the event, >= 0
+      max_semaphores: 5     # fan-out k: pullers one source serves at once, 1..64; the
+                            # default fanout of fireap_fire on this node
       watch_timeout: 600    # seconds a release may take before waiters give up, > 0
       command_timeout: 300  # seconds each command may run, > 0
       on_command_failure: abort   # abort: stop at the first failed command, the node
@@ -110,7 +110,6 @@ class AppConfig:
 
     name: str
     max_semaphores: int
-    wait_after_fire: float
     watch_timeout: float
     command_timeout: float
     on_command_failure: str
@@ -189,15 +188,10 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
     return check
 
 
-def _seconds(allow_zero: bool) -> Callable[[Any], float]:
-    bound = ">= 0" if allow_zero else "> 0"
-
-    def check(value: Any) -> float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)):
-            raise _Invalid("must be a number of seconds %s, got %s" % (bound, _show(value)))
-        return value
-    return check
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _Invalid("must be a number of seconds > 0, got %s" % _show(value))
+    return value
 
 
 def _choice(value: Any) -> str:
@@ -304,9 +298,8 @@ def _filter_regexp(value: Any) -> Optional[str]:
 
 _SETTINGS: Dict[str, Callable[[Any], Any]] = {
     "max_semaphores": _integer(1, MAX_SEMAPHORES_LIMIT),
-    "wait_after_fire": _seconds(allow_zero=True),
-    "watch_timeout": _seconds(allow_zero=False),
-    "command_timeout": _seconds(allow_zero=False),
+    "watch_timeout": _seconds,
+    "command_timeout": _seconds,
     "on_command_failure": _choice,
     "before_commands": _commands,
     "exec_commands": _commands,
@@ -319,7 +312,6 @@ _SETTINGS: Dict[str, Callable[[Any], Any]] = {
 
 BUILTIN_DEFAULTS: Mapping[str, Any] = types.MappingProxyType({
     "max_semaphores": 5,
-    "wait_after_fire": 0,
     "watch_timeout": 600,
     "command_timeout": 300,
     "on_command_failure": "abort",
@@ -418,7 +410,6 @@ def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
     return AppConfig(
         name=name,
         max_semaphores=settings["max_semaphores"],
-        wait_after_fire=settings["wait_after_fire"],
         watch_timeout=settings["watch_timeout"],
         command_timeout=settings["command_timeout"],
         on_command_failure=settings["on_command_failure"],

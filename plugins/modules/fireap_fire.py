@@ -74,8 +74,15 @@ options:
       - How many nodes one finished node serves at the same time (C(k)); between V(1) and V(64).
       - Small values suit transfers bounded by the source's bandwidth; large values suit short or
         latency-bound tasks.
+      - When not set, the app's C(max_semaphores) from O(config) on the host the module runs on, or
+        V(5) when that file does not exist.
     type: int
-    default: 5
+  config:
+    description:
+      - The task config file (as installed by the P(fireap.consul.fireap_node#role) role) that gives
+        the default of O(fanout). Read only when O(fanout) is not set and the file exists.
+    type: path
+    default: /etc/fireap/config.yml
   force:
     description:
       - Take the fire lock over even when the run holding it is still in progress. That run's nodes that
@@ -277,6 +284,8 @@ info:
   type: dict
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
@@ -289,6 +298,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._release import (
     retry_stragglers,
     wait,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import DEFAULT_PATH, ConfigError, load_config
 
 #: Longest single blocking read while waiting: an abort is noticed within this many seconds.
 WAIT_POLL = 5.0
@@ -300,7 +310,8 @@ ARGUMENT_SPEC = dict(
     node_filter={"type": "str"},
     service={"type": "str"},
     tag={"type": "str"},
-    fanout={"type": "int", "default": DEFAULT_FANOUT},
+    fanout={"type": "int"},
+    config={"type": "path", "default": DEFAULT_PATH},
     force={"type": "bool", "default": False},
     retry_stragglers={"type": "bool", "default": False},
     kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
@@ -327,6 +338,18 @@ def _outcome_problem(progress: dict) -> str | None:
     return None
 
 
+def fanout_of(params: dict) -> int:
+    """The run's fan-out: as given, else the app's max_semaphores in the task config, else the default."""
+    if params["fanout"] is not None:
+        return params["fanout"]
+    if not os.path.exists(params["config"]):
+        return DEFAULT_FANOUT
+    try:
+        return load_config(params["config"]).app(params["app"]).max_semaphores
+    except ConfigError as err:
+        raise ConfigError(f"{err} (fanout is not set: it defaults to the app's max_semaphores in this file)") from None
+
+
 def run(module: AnsibleModule, client, schema: Schema) -> dict:
     params = module.params
     if params["retry_stragglers"]:
@@ -340,7 +363,7 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
         node_filter=params["node_filter"],
         service=params["service"],
         tag=params["tag"],
-        fanout=params["fanout"],
+        fanout=fanout_of(params),
         force=params["force"],
         check_mode=module.check_mode,
     )

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from consul_harness import DoubleProcess, wait_until
+from consul_harness import DoubleProcess
+
+from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NodeState,

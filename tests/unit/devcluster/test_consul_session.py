@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from consul_harness import wait_until
+from devcluster.polling import wait_until
 
 NS = 1_000_000_000  # LockDelay is reported in nanoseconds
 

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from consul_harness import event_index, unique_name, wait_until
+from consul_harness import event_index, unique_name
+
+from devcluster.polling import wait_until
 
 HANDLER_TIMEOUT = 20.0
 

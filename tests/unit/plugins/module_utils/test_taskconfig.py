@@ -52,7 +52,6 @@ def test_load_full_config(tmp_path):
         log_file: /srv/fireap/reap.log
         defaults:
           max_semaphores: 3
-          wait_after_fire: 2.5
           watch_timeout: 900
           command_timeout: 60
           on_command_failure: ignore
@@ -78,7 +77,7 @@ def test_load_full_config(tmp_path):
     assert config.log_file == "/srv/fireap/reap.log"
     assert list(config.apps) == ["myapp", "other"]
     assert config.app("myapp") == AppConfig(
-        name="myapp", max_semaphores=3, wait_after_fire=2.5, watch_timeout=900,
+        name="myapp", max_semaphores=3, watch_timeout=900,
         command_timeout=60, on_command_failure="ignore",
         before_commands=("systemctl stop {{ app }}",),
         exec_commands=("rsync -a --delete {{ remote.address }}::apps/{{ app }}/ "
@@ -99,8 +98,8 @@ def test_builtin_defaults():
     assert config.state_dir == "/var/lib/fireap"
     assert config.log_file == "/var/log/fireap/reap.log"
     app = config.app("myapp")
-    assert (app.max_semaphores, app.wait_after_fire, app.watch_timeout,
-            app.command_timeout, app.on_command_failure) == (5, 0, 600, 300, "abort")
+    assert (app.max_semaphores, app.watch_timeout,
+            app.command_timeout, app.on_command_failure) == (5, 600, 300, "abort")
     assert (app.before_commands, app.after_commands) == ((), ())
     assert (app.service_filter, app.tag_filter) == (None, None)
 
@@ -314,23 +313,17 @@ def test_max_semaphores_bounds_accepted():
     assert parse_config(app_config(max_semaphores=64)).app("myapp").max_semaphores == 64
 
 
-@pytest.mark.parametrize("key, value, bound", [
-    ("wait_after_fire", -1, ">= 0"),
-    ("wait_after_fire", "10", ">= 0"),
-    ("watch_timeout", 0, "> 0"),
-    ("watch_timeout", float("inf"), "> 0"),
-    ("command_timeout", -0.5, "> 0"),
-    ("command_timeout", False, "> 0"),
-    ("command_timeout", float("nan"), "> 0"),
+@pytest.mark.parametrize("key, value", [
+    ("watch_timeout", 0),
+    ("watch_timeout", float("inf")),
+    ("watch_timeout", "10"),
+    ("command_timeout", -0.5),
+    ("command_timeout", False),
+    ("command_timeout", float("nan")),
 ])
-def test_error_seconds(key, value, bound):
+def test_error_seconds(key, value):
     message = error_of(app_config(**{key: value}))
-    assert message.startswith("%s: apps.myapp.%s: must be a number of seconds %s, got "
-                              % (SOURCE, key, bound))
-
-
-def test_seconds_zero_allowed_for_wait_after_fire():
-    assert parse_config(app_config(wait_after_fire=0.0)).app("myapp").wait_after_fire == 0
+    assert message.startswith("%s: apps.myapp.%s: must be a number of seconds > 0, got " % (SOURCE, key))
 
 
 def test_error_on_command_failure():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from consul_harness import find_free_port_range, in_background, wait_until
+from consul_harness import find_free_port_range, in_background
+
+from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
 from ansible_collections.fireap.consul.plugins.modules import fireap_fire
@@ -52,6 +54,38 @@ def test_fire_records_the_run_and_hides_the_token(acl_cluster, connection, prefi
     with acl_cluster.client(0) as client:
         stored = json.loads(client.kv.get(f"{prefix}web/release")[1]["Value"])
     assert stored == result["release"]
+
+
+@pytest.mark.parametrize("config_text, fanout", [("defaults:\n  exec_commands: [\"true\"]\napps:\n  web:\n    max_semaphores: 3\n", 3), (None, 5)])
+def test_fanout_defaults_to_max_semaphores_of_the_task_config(connection, prefix, run_module, tmp_path, config_text, fanout):
+    config = tmp_path / "config.yml"
+    if config_text is not None:
+        config.write_text(config_text)
+    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, config=str(config)))
+    assert run.code == 0 and run.result["fanout"] == fanout, run.stdout
+    assert run.result["release"]["fanout"] == fanout
+
+
+def test_an_explicit_fanout_wins_over_the_task_config(connection, prefix, run_module, tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text("defaults:\n  exec_commands: [\"true\"]\napps:\n  web:\n    max_semaphores: 3\n")
+    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, fanout=7, config=str(config)))
+    assert run.code == 0 and run.result["fanout"] == 7, run.stdout
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("defaults:\n  exec_commands: [\"true\"]\napps:\n  api: {}\n", "no app 'web' is configured (apps: api) (fanout is not set"),
+    ("apps:\n  web:\n    max_semaphores: 0\n", "apps.web.max_semaphores: must be an integer from 1 to 64, got 0"),
+    ("apps: [\n", "invalid YAML"),
+])
+def test_a_task_config_without_a_usable_fanout_fails_clearly(acl_cluster, connection, prefix, run_module, tmp_path,
+                                                             config_text, message):
+    config = tmp_path / "config.yml"
+    config.write_text(config_text)
+    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, config=str(config)))
+    assert run.failed and message in run.result["msg"], run.result["msg"]
+    assert str(config) in run.result["msg"]
+    assert kv_keys(acl_cluster, prefix) == []
 
 
 def test_token_from_the_environment_is_used_and_hidden(acl_cluster, connection, prefix, run_module, monkeypatch):
