@@ -24,6 +24,11 @@ Pull rules, in the order the machine applies them:
 * at most ``fanout`` pullers per source: a slot key must be acquired before pulling; the
   slot and the ``pulling`` record are written together, and so are the slot's release and
   the final record;
+* a task that failed while its source's node is down (Consul's serfHealth check critical)
+  is the source's failure, not the puller's: the slot is released with the record left
+  ``pulling``, and the puller goes to the fallback without that source;
+* a task that succeeded keeps its error text in the ``done`` record (failures the app's
+  ``on_command_failure: ignore`` let it go past);
 * the worker gives up at ``watch_timeout`` with a failed state saying what it waited for.
 """
 
@@ -244,7 +249,8 @@ class Sleep:
 
 @dataclass(frozen=True)
 class RunTask:
-    """Run the app's task against ``source``; answer ``on_task(ok, error)``."""
+    """Run the app's task against ``source``; answer ``on_task(ok, error, now, source_down)``,
+    where ``source_down`` tells whether a failed task's source node is down."""
 
     source: str
     slot: int
@@ -252,9 +258,9 @@ class RunTask:
 
 @dataclass(frozen=True)
 class ReleaseSlot:
-    """Release ``<app>/slots/<source>/<slot>`` and write ``state`` (done or failed) as our
-    record, in one transaction when the session still holds both; answer
-    ``on_released(recorded)``."""
+    """Release ``<app>/slots/<source>/<slot>`` and write ``state`` (done or failed; still
+    ``pulling`` when the source went down) as our record, in one transaction when the session
+    still holds both; answer ``on_released(recorded)``."""
 
     source: str
     slot: int
@@ -344,6 +350,8 @@ class PullMachine:
         self.slot: int | None = None
         self.after_write = None  # what to do once the pending write is answered
         self.outcome: PullResult | None = None  # result of the task, reported once recorded
+        self.source_lost: str | None = None  # why the slot being released is left for another source
+        self.ran_task = False  # the task ran (once, or again after its source went down)
 
     # -- entry ------------------------------------------------------------------------
 
@@ -552,27 +560,38 @@ class PullMachine:
         self._expect(_SLEEP)
         return self._list("no done node had a free slot", now)
 
-    def on_task(self, ok: bool, error: str | None, now: float):
+    def on_task(self, ok: bool, error: str | None, now: float, source_down: bool = False):
+        """The task's outcome. ``error`` may come with ``ok`` (failures the app's policy
+        ignored): the done record keeps it. ``source_down``: the task failed while its source's
+        node was down, so the pull moves to another source once the slot is released."""
         self._expect(_RUN)
+        self.phase = _RELEASE
+        message = error or "the task failed without a message"
         if ok:
-            final = replace(self.state, status=NODE_DONE, finished=now, error=None)
+            final = replace(self.state, status=NODE_DONE, finished=now, error=error or None)
             reason = f"pulled version {self.release.version} from {self.source}"
+        elif source_down:
+            self.source_lost = f"source {self.source} went down during the pull: {message}"
+            return ReleaseSlot(self.source, self.slot, self.state)
         else:
-            message = error or "the task failed without a message"
             final = replace(self.state, status=NODE_FAILED, finished=now, error=message)
             reason = f"task failed pulling from {self.source}: {message}"
         self.outcome = PullResult(final, reason, True)
         self.state = final
-        self.phase = _RELEASE
         return ReleaseSlot(self.source, self.slot, final)
 
     def on_released(self, recorded: bool, now: float):
-        """The slot was released; ``recorded``: the final record was written."""
+        """The slot was released; ``recorded``: the record was written."""
         self._expect(_RELEASE)
+        if self.source_lost is not None:
+            reason, self.source_lost = self.source_lost, None
+            if not recorded:
+                return self._finish(None, f"{reason}; {_LOST.format(self.node)}; did not pull again")
+            return self._start_fallback(reason, now, exclude=self.source)
         outcome = self.outcome
         if recorded:
-            return self._finish(outcome.state, outcome.reason, True)
-        return self._finish(outcome.state, f"{outcome.reason}; but this could not be recorded: {_LOST.format(self.node)}", True)
+            return self._finish(outcome.state, outcome.reason)
+        return self._finish(outcome.state, f"{outcome.reason}; but this could not be recorded: {_LOST.format(self.node)}")
 
     # -- transitions ------------------------------------------------------------------
 
@@ -580,9 +599,9 @@ class PullMachine:
         if self.phase != phase:
             raise RuntimeError(f"answer for phase {phase} received in phase {self.phase}")
 
-    def _finish(self, state, reason, ran_task=False):
+    def _finish(self, state, reason):
         self.phase = _DONE
-        return PullResult(state, reason, ran_task)
+        return PullResult(state, reason, self.ran_task)
 
     def _write(self, state: NodeState, then):
         self.phase = _WRITE
@@ -695,4 +714,5 @@ class PullMachine:
 
     def _run(self, source: str, slot: int):
         self.phase = _RUN
+        self.ran_task = True
         return RunTask(source, slot)

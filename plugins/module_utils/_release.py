@@ -77,7 +77,8 @@ DEFAULT_FANOUT = 5
 DEFAULT_ABORT_REASON = "aborted with fireap_clear"
 
 #: Counted statuses of a target in info(): a node's own status, or "pending" when it has
-#: no record for the run (the event has not reached it, or its worker has not started).
+#: no live record for the run (the event has not reached it, its worker has not started,
+#: or its worker died before finishing).
 PENDING = "pending"
 TARGET_STATUSES = (NODE_DONE, NODE_PULLING, NODE_WAITING, NODE_FAILED, PENDING)
 
@@ -322,10 +323,11 @@ def _read_lock(client, schema: Schema, app: str) -> tuple[dict | None, LockRecor
         return entry, None
 
 
-def _read_tree(client, schema: Schema, app: str, prefix: str, cls, warnings: list[str]) -> tuple[int, dict]:
-    """Every record under ``prefix`` by node name; malformed ones are skipped with a warning."""
+def _read_tree(client, schema: Schema, app: str, prefix: str, cls, warnings: list[str]) -> tuple[int, dict, set[str]]:
+    """Every record under ``prefix`` by node name (malformed ones are skipped with a warning),
+    and the names of those whose key a session holds."""
     index, entries = client.kv.get(prefix, recurse=True, consistency="consistent")
-    records = {}
+    records, held = {}, set()
     for entry in entries or ():
         key = entry["Key"]
         try:
@@ -333,7 +335,10 @@ def _read_tree(client, schema: Schema, app: str, prefix: str, cls, warnings: lis
             records[name] = cls.from_json(entry.get("Value"), key)
         except ValueError as err:
             warnings.append(f"ignored {err}")
-    return int(index or 0), records
+            continue
+        if entry.get("Session"):
+            held.add(name)
+    return int(index or 0), records, held
 
 
 # --- progress ---------------------------------------------------------------------------
@@ -348,9 +353,19 @@ def _target_status(state: NodeState | None, release: ReleaseRecord) -> str:
 
 
 def _progress(client, schema: Schema, app: str, release: ReleaseRecord, warnings: list[str]):
-    """(targets in schedule order, plan by node, states by node, index of the nodes prefix)."""
-    _plan_index, plans = _read_tree(client, schema, app, schema.plan_prefix(app), PlanEntry, warnings)
-    nodes_index, states = _read_tree(client, schema, app, schema.nodes_prefix(app), NodeState, warnings)
+    """(targets in schedule order, plan by node, states by node, index of the nodes prefix).
+
+    A worker holds its unfinished record of the run with its session; a record no longer
+    held belongs to a worker that died (kill -9, its node lost) and will not finish unless
+    the node is woken again, so it is left out: the node counts as pending, and
+    retry_stragglers fires to it.
+    """
+    _plan_index, plans, _held = _read_tree(client, schema, app, schema.plan_prefix(app), PlanEntry, warnings)
+    nodes_index, states, held = _read_tree(client, schema, app, schema.nodes_prefix(app), NodeState, warnings)
+    states = {
+        name: state for name, state in states.items()
+        if state.run_id != release.run_id or state.terminal or name in held
+    }
     plans = {name: plan for name, plan in plans.items() if plan.run_id == release.run_id and name != release.leader}
     targets = schedule_order(list(plans), release.leader)
     if len(targets) != release.target_count:
@@ -493,7 +508,8 @@ def info(client, schema: Schema, app: str) -> dict:
     Returns ``exists`` (a release record is present), ``release`` (the record), ``run_id``,
     ``version``, ``status`` (running / finished / aborted / none), ``finished`` (every target
     done or failed), ``succeeded`` (finished without failures), ``counts`` per status
-    (done, pulling, waiting, failed, pending = no record for this run yet), ``total``,
+    (done, pulling, waiting, failed, pending = no live record for this run: not started yet,
+    or its worker died before finishing), ``total``,
     ``percent`` (share of targets finished), ``failed_nodes`` (node, source, error),
     ``nodes`` (one row per target in schedule order: status, planned and actual source,
     stage, depth, started, finished, duration, error), ``tree`` (source -> children of this
@@ -776,14 +792,15 @@ def fire(
 
 
 def retry_stragglers(client, schema: Schema, app: str, version: str | None = None, check_mode: bool = False) -> dict:
-    """Fire the current run's event again, only to its targets that never started.
+    """Fire the current run's event again, only to its targets that never started or whose
+    worker died.
 
-    A straggler has no record for the run and is not done at its version (the event was
-    lost, or the agent was down). Each event's node filter anchors exactly some of them
-    (``^(a|b)$``), split so that every event fits Consul's size limit; the run id and plan
-    are unchanged. ``version``, when given, must be the run's. Returns ``run_id``,
-    ``version``, ``stragglers``, ``events`` (list of ``{event_id, node_filter}``; event_id
-    None in check mode).
+    A straggler has no live record for the run and is not done at its version (the event
+    was lost, the agent was down, or its worker died mid-pull). Each event's node filter
+    anchors exactly some of them (``^(a|b)$``), split so that every event fits Consul's size
+    limit; the run id and plan are unchanged. ``version``, when given, must be the run's.
+    Returns ``run_id``, ``version``, ``stragglers``, ``events`` (list of ``{event_id,
+    node_filter}``; event_id None in check mode).
     """
     check_name(app, "app")
     if version is not None:

@@ -7,17 +7,20 @@ reports what it saw. All decisions live in ``_propagation``; this module only do
 * a session (TTL, behavior release, lock-delay 0 so a crashed puller's slot is reusable at
   once, node check serfHealth) is created once the node waited on is pulling, or at the
   claim (a node waiting for a node that has not started holds none), renewed every TTL/2 by a background thread and destroyed at the end, also on errors;
-* the claim is one /v1/txn that locks the slot and the node's own record (``pulling``) with
-  that session, so watchers can tell a crashed worker (record not finished, key no longer
-  held) from a slow one; the end is one /v1/txn that unlocks the slot and writes the final
-  record. When the session was lost the final write falls back to CAS on the record last
-  written;
+* the claim is one /v1/txn that checks the release record's ModifyIndex (as last read) and
+  locks the slot and the node's own record (``pulling``) with that session, so watchers can
+  tell a crashed worker (record not finished, key no longer held) from a slow one, and a
+  release aborted or replaced since it was read is seen before anything runs; the end is one
+  /v1/txn that unlocks the slot and writes the final record. When the session was lost the
+  final write falls back to CAS on the record last written;
 * waits are blocking queries on one key (``nodes/<node>``) or one source's slots prefix,
   at most ``max_wait`` s each; the release is re-read only when one came back unchanged,
   so an abort is noticed within ``max_wait``;
 * the source's address comes from the plan entry (the catalog only for other sources);
+  when the task fails, the source node's serfHealth check (health endpoint of the local
+  agent) tells the machine whether the source went down;
 * Consul errors that a restarting agent causes (connection refused, 5xx, 429) are retried
-  with backoff for up to ``retry_window`` s; the task itself is never run twice.
+  with backoff for up to ``retry_window`` s; the task itself is never retried after one.
 
 Requests per node do not grow with the cluster size, except in the fallback listing.
 Only stdlib and py-consul: nodes run this without Ansible.
@@ -89,6 +92,10 @@ class _SessionLost(Exception):
     """Consul no longer knows our session ("invalid session" on acquire or release)."""
 
 
+class _ReleaseChanged(Exception):
+    """A claim was refused because the release record changed since the worker read it."""
+
+
 class _TxnRefused(Exception):
     """A /v1/txn was rolled back (409): ``errors`` maps each failed op's index to Consul's reason."""
 
@@ -123,12 +130,14 @@ def _txn_entry(result: dict) -> dict | None:
     return entry
 
 
-def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None = None) -> dict:
+def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None = None, index: int | None = None) -> dict:
     op = {"Verb": verb, "Key": key}
     if value is not None:
         op["Value"] = base64.b64encode(value).decode("ascii")
     if session is not None:
         op["Session"] = session
+    if index is not None:
+        op["Index"] = index
     return {"KV": op}
 
 
@@ -197,6 +206,7 @@ class _Worker:
         self.written: bytes | None = None  # the last record this worker wrote
         self.address: str | None = None  # the claimed source's address
         self.plan: PlanEntry | None = None
+        self.release_index = 0  # ModifyIndex of the release record as last read; claims check it
         self.txn_reads = True  # False once Consul refused a read-only txn ("get-or-empty")
 
     # -- Consul calls with retries ----------------------------------------------------
@@ -244,6 +254,7 @@ class _Worker:
     def read_release(self) -> ReleaseRecord | None:
         key = self.schema.release(self.app)
         _index, entry = self.read(key)
+        self.release_index = entry["ModifyIndex"] if entry else 0
         return self.parse(ReleaseRecord, key, entry, strict=True)
 
     def parse(self, cls, key, entry, strict=False):
@@ -346,7 +357,8 @@ class _Worker:
 
     def claim(self, action: ClaimSlot) -> tuple[int | None, int, str | None, bool]:
         """``(slot, slots index, unusable, refused)``: lock a free slot and our own record
-        (``pulling``) together; the slots are read only once the preferred one is refused."""
+        (``pulling``) together, if the release record is still the one last read (else
+        _ReleaseChanged); the slots are read only once the preferred one is refused."""
         address = self.source_address(action.source)
         if address is None:
             return None, 0, f"node {action.source} has no address in the catalog", False
@@ -360,16 +372,19 @@ class _Worker:
                 continue
             key = self.schema.slot(self.app, action.source, j)
             ops = [
+                _kv_op("check-index", self.schema.release(self.app), index=self.release_index),
                 _kv_op("lock", key, self.node.encode("utf-8"), self.session_id),
                 _kv_op("lock", own_key, value, self.session_id),
             ]
             try:
                 self.call(f"acquiring {key}", _txn_put, self.client, ops)
             except _TxnRefused as err:
+                if 0 in err.errors:
+                    raise _ReleaseChanged(err.errors[0]) from None
                 if any("invalid session" in what.lower() for what in err.errors.values()):
                     self.renewer.lost.set()  # retried with a new session
                     return None, 0, None, False
-                if 1 in err.errors:
+                if 2 in err.errors:
                     return None, 0, None, True
                 if n == 0:
                     index, entries = self.read(prefix, recurse=True)
@@ -438,7 +453,18 @@ class _Worker:
             views[name] = self.node_view(entry["Key"], entry)
         return views
 
-    def run(self, action: RunTask):
+    def node_down(self, name: str) -> bool:
+        """Whether Consul sees node ``name`` as failed: its serfHealth check is critical. When
+        that cannot be read, the node counts as up, so the failed task is recorded as such."""
+        try:
+            _index, checks = self.call(f"reading the health of node {name}", self.client.health.node, name)
+        except (PullError, _SessionLost) as err:
+            self.log(f"could not read the health of node {name}: {err}")
+            return False
+        return any(check.get("CheckID") == "serfHealth" and check.get("Status") == "critical" for check in checks or ())
+
+    def run(self, action: RunTask) -> tuple[bool, str | None, bool]:
+        """``(ok, error, source_down)``; the source's health is read only when the task failed."""
         source = SourceInfo(action.source, self.address)
         self.log(f"pulling from {source.name} ({source.address}) over slot {action.slot}")
         try:
@@ -447,7 +473,10 @@ class _Worker:
             ok, error = False, f"task runner raised {type(err).__name__}: {err}"
         if self.renewer is not None and self.renewer.lost.is_set():
             self.log("the session ended while the task ran: its slot may have been taken by another puller")
-        return bool(ok), error
+        source_down = not ok and self.node_down(source.name)
+        if source_down:
+            self.log(f"the task failed ({error}) and node {source.name} is down (serfHealth critical)")
+        return bool(ok), error, source_down
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -467,8 +496,8 @@ class _Worker:
         self.plan = plan = self.parse(PlanEntry, plan_key, plan_entry, strict=True)
         own = self.parse(NodeState, own_key, own_entry)
         self.written = own_entry.get("Value") if own_entry else None
-        release_index = release_entry["ModifyIndex"] if release_entry else 0
-        machine = PullMachine(self.node, release, plan, own, self.timings, release_index)
+        self.release_index = release_entry["ModifyIndex"] if release_entry else 0
+        machine = PullMachine(self.node, release, plan, own, self.timings, self.release_index)
         action = machine.start(self.clock())
         while True:
             if isinstance(action, (PullResult, Restart)):
@@ -488,7 +517,13 @@ class _Worker:
                 plan_of, source, after = self.check_start(action)
                 action = machine.on_start_check(plan_of, source, after, self.clock())
             elif isinstance(action, ClaimSlot):
-                slot, index, unusable, refused = self.claim(action)
+                try:
+                    slot, index, unusable, refused = self.claim(action)
+                except _ReleaseChanged as err:
+                    self.log(f"not claiming a slot on {action.source}: the release record changed ({err})")
+                    # The machine ends the run, or (same run, still running) the claim is made again.
+                    action = machine.on_release(self.read_release(), self.clock()) or action
+                    continue
                 if slot is not None:
                     self.log(f"claimed slot {slot} on {action.source}")
                 action = machine.on_claim(slot, index, self.clock(), unusable=unusable, refused=refused)
@@ -503,8 +538,8 @@ class _Worker:
                 self.sleep(action.seconds)
                 action = machine.on_release(self.read_release(), self.clock()) or machine.on_slept(self.clock())
             elif isinstance(action, RunTask):
-                ok, error = self.run(action)
-                action = machine.on_task(ok, error, self.clock())
+                ok, error, source_down = self.run(action)
+                action = machine.on_task(ok, error, self.clock(), source_down)
             elif isinstance(action, ReleaseSlot):
                 recorded = self.release_and_record(action)
                 action = machine.on_released(recorded, self.clock())
@@ -537,7 +572,8 @@ def pull(
 
     ``client`` is a ``consul.Consul`` talking to ``node``'s own agent. The fan-out and the
     version come from the release record. ``run_task(SourceInfo)`` runs the app's commands
-    and returns ``(ok, error)``; it is called at most once per run. ``log`` receives one
+    and returns ``(ok, error)``; it is called once per run, again only after a failure while
+    its source's node was down (then against another source). ``log`` receives one
     line per decision. ``clock`` (epoch seconds) stamps records and measures graces and
     ``timings.watch_timeout``. Raises ``PullError`` when Consul stays unreachable beyond
     ``retry_window`` s or refuses a request, or when the release or plan record is malformed;

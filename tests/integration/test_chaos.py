@@ -32,8 +32,6 @@ def assert_nothing_lost(outcome: Outcome) -> None:
     assert outcome.problems == [], outcome
 
 
-@pytest.mark.xfail(strict=True, reason="fireap_info reports a crashed puller's unheld 'pulling' record as pulling, "
-                                       "so the re-fire to stragglers leaves it out and the run never ends")
 def test_killed_pullers_are_never_done_and_a_refire_completes_them(cluster):
     outcome = run_scenario(cluster, "puller_crash")
     killed = outcome.facts["killed"]
@@ -45,8 +43,6 @@ def test_killed_pullers_are_never_done_and_a_refire_completes_them(cluster):
     assert_nothing_lost(outcome)
 
 
-@pytest.mark.xfail(strict=True, reason="a pull whose task failed is recorded failed at once: the propagation core "
-                                       "does not move a puller to another source when its source died")
 def test_pullers_of_a_crashed_source_move_to_other_sources(cluster):
     outcome = run_scenario(cluster, "source_crash")
     assert outcome.facts["pullers_at_crash"], outcome
@@ -137,8 +133,6 @@ def test_nodes_whose_agent_missed_the_event_catch_up_when_it_starts(cluster):
     assert outcome.facts["events_fired"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a waiting puller whose source finishes after the abort still claims a slot "
-                                       "and runs: the claim does not check that the release is unchanged")
 def test_past_the_failure_budget_the_run_is_aborted_and_nodes_not_started_never_start(cluster):
     outcome = run_scenario(cluster, "failure_budget")
     report = outcome.facts["report"]

@@ -301,6 +301,50 @@ def test_task_failure_is_reported_as_failed_with_the_error():
     assert result.state == action.state and result.failed and result.ran_task and "task failed pulling from src: exit 23" in result.reason
 
 
+def test_failures_ignored_by_the_app_policy_keep_their_error_in_the_done_record():
+    machine = claimed()
+    machine.on_claim(1, 40, T0 + 2)
+    ignored = "1 of 2 commands failed, ignored (on_command_failure: ignore): exec_commands[0] (exit status 3)"
+    action = machine.on_task(True, ignored, T0 + 5)
+    assert action.state.status == "done" and action.state.error == ignored
+    assert machine.on_released(True, T0 + 5).state == action.state
+
+
+def test_a_task_failed_with_its_source_down_moves_to_another_source():
+    machine = claimed(depth=3)
+    pulling = claim("src", 4).state
+    assert machine.on_claim(1, 40, T0 + 2) == RunTask("src", 1)
+    # The slot is released with the record left pulling: nothing is recorded failed.
+    assert machine.on_task(False, "rsync: connection refused", T0 + 5, source_down=True) == ReleaseSlot("src", 1, pulling)
+    action = machine.on_released(True, T0 + 5)
+    assert isinstance(action, ListNodes)
+    assert action.reason == "source src went down during the pull: rsync: connection refused"
+    assert "src" in machine.excluded
+    views = {"src": view("done", source="x", depth=3), "d1": view("done", source="lead", depth=1)}
+    assert machine.on_nodes(views, T0 + 6) == claim("d1", 2, slot_order("me", 2))
+    assert machine.on_claim(0, 41, T0 + 6) == RunTask("d1", 0)
+    done = machine.on_task(True, None, T0 + 9)
+    assert done.state == NodeState(version="v2", run_id="r2", status="done", started=T0, source="d1", depth=2, finished=T0 + 9)
+    assert machine.on_released(True, T0 + 9) == PullResult(done.state, "pulled version v2 from d1", True)
+
+
+def test_a_source_down_is_only_heard_for_a_failed_task():
+    machine = claimed()
+    machine.on_claim(1, 40, T0 + 2)
+    assert machine.on_task(True, None, T0 + 5, source_down=True).state.status == "done"
+
+
+def test_a_source_down_whose_slot_release_was_not_recorded_ends_without_pulling_again():
+    machine = claimed()
+    machine.on_claim(1, 40, T0 + 2)
+    machine.on_task(False, "gone", T0 + 5, source_down=True)
+    result = machine.on_released(False, T0 + 5)
+    assert result == PullResult(
+        None, "source src went down during the pull: gone; the record of node me is held or changed by another worker; "
+        "did not pull again", True,
+    )
+
+
 def test_final_write_refused_still_returns_the_outcome():
     machine = claimed()
     machine.on_claim(1, 40, T0 + 2)

@@ -12,7 +12,8 @@ import re
 import uuid
 
 import pytest
-from consul_harness import DoubleProcess, in_background, wait_until
+from consul_harness import DoubleProcess, in_background
+from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils import _reap as reap
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -89,10 +90,16 @@ def read_json(client, key):
     return None if entry is None else json.loads(entry["Value"])
 
 
-def put_state(client, schema, app, node, **fields):
+def put_state(client, schema, app, node, session=None, **fields):
+    """Write a node record, held by ``session`` if given (as a live worker holds an unfinished one)."""
     state = NodeState(**fields)
-    assert client.kv.put(schema.node(app, node), state.to_json())
+    assert client.kv.put(schema.node(app, node), state.to_json(), acquire=session)
     return state
+
+
+def worker_session(client):
+    """A session standing for live workers; the schema fixture destroys it."""
+    return client.session.create(lock_delay=0)
 
 
 def finish_all(client, schema, app, result, status="done"):
@@ -406,7 +413,8 @@ def test_malformed_release_record_is_reported_and_wipe_removes_it(client, schema
 
 def test_check_mode_changes_nothing(cluster, client, schema, leader):
     first = fire(client, schema, "web", "1.0")
-    put_state(client, schema, "web", cluster.node_names[1], version="1.0", run_id=first["run_id"], status="waiting", started=5.0)
+    put_state(client, schema, "web", cluster.node_names[1], session=worker_session(client), version="1.0",
+              run_id=first["run_id"], status="waiting", started=5.0)
     before = kv_dump(client, schema)
     events_before = cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json()
 
@@ -438,16 +446,19 @@ def test_info_without_a_release(client, schema):
 def test_info_counts_tree_pending_and_timings(client, schema, leader):
     fired = fire(client, schema, "web", "2.0", fanout=2)
     run, targets = fired["run_id"], fired["targets"]
-    n1, n2, n3, n4, n5, n6, n7 = targets[1:8]
+    n1, n2, n3, n4, n5, n6, n7, n8 = targets[1:9]
     common = {"version": "2.0", "run_id": run}
+    live = worker_session(client)
     put_state(client, schema, "web", n1, status="done", started=100.0, finished=104.0, source=leader, depth=1, **common)
     put_state(client, schema, "web", n2, status="done", started=100.0, finished=106.5, source=leader, depth=1, **common)
     put_state(client, schema, "web", n3, status="done", started=104.0, finished=109.0, source=n1, depth=2, **common)
-    put_state(client, schema, "web", n4, status="pulling", started=104.0, source=n1, depth=2, **common)
-    put_state(client, schema, "web", n5, status="waiting", started=105.0, **common)
+    put_state(client, schema, "web", n4, session=live, status="pulling", started=104.0, source=n1, depth=2, **common)
+    put_state(client, schema, "web", n5, session=live, status="waiting", started=105.0, **common)
     put_state(client, schema, "web", n6, status="failed", started=105.0, finished=107.0, source=n2, depth=2, error="rsync exit 23", **common)
     # Done at this version in an earlier run: counts as done, not part of this run's tree.
     put_state(client, schema, "web", n7, version="2.0", run_id="older", status="done", started=1.0, finished=2.0, source=leader, depth=1)
+    # Its worker died mid-pull (no session holds the record): pending, not part of the tree.
+    put_state(client, schema, "web", n8, status="pulling", started=104.0, source=n2, depth=2, **common)
 
     result = info(client, schema, "web")
     pending = NODES - 8
@@ -465,6 +476,7 @@ def test_info_counts_tree_pending_and_timings(client, schema, leader):
     assert rows[n3]["duration"] == 5.0 and rows[n4]["duration"] is None
     assert rows[n7]["status"] == "done" and rows[n7]["this_run"] is False
     assert rows[targets[-1]]["status"] == "pending" and rows[targets[-1]]["started"] is None
+    assert rows[n8]["status"] == "pending" and rows[n8]["this_run"] is False
     assert rows[leader]["depth"] == 0 and rows[leader]["stage"] == 0
     assert result["lock"]["held"] is True and result["lock"]["run_id"] == run
     assert result["warnings"] == []
@@ -522,12 +534,17 @@ def test_wait_stops_on_abort_and_on_replacement(client, schema):
 # --- retry_stragglers ---------------------------------------------------------------------
 
 
-def test_retry_fires_to_exactly_the_targets_that_never_started(cluster, client, schema, leader):
+def test_retry_fires_to_exactly_the_targets_that_never_started_or_whose_worker_died(cluster, client, schema, leader):
     fired = fire(client, schema, "web", "1.2")
     started = fired["targets"][1:-2]
+    live = worker_session(client)
     for name in started:
-        put_state(client, schema, "web", name, version="1.2", run_id=fired["run_id"], status="waiting", started=3.0)
-    stragglers = fired["targets"][-2:]
+        put_state(client, schema, "web", name, session=live, version="1.2", run_id=fired["run_id"], status="waiting",
+                  started=3.0)
+    never_started, died = fired["targets"][-2:]
+    put_state(client, schema, "web", died, version="1.2", run_id=fired["run_id"], status="pulling", started=3.0,
+              source=leader, depth=1)
+    stragglers = [never_started, died]
 
     result = retry_stragglers(client, schema, "web", "1.2")
     assert (result["run_id"], result["version"], result["stragglers"]) == (fired["run_id"], "1.2", stragglers)

@@ -17,7 +17,8 @@ from collections import Counter
 
 import consul
 import pytest
-from consul_harness import DoubleProcess, wait_until
+from consul_harness import DoubleProcess
+from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NodeState,
@@ -227,6 +228,73 @@ def test_a_source_whose_session_ends_mid_pull_counts_as_crashed(cluster, schema)
     client.session.destroy(session)
     thread.join(120)
     assert box[second].state.status == "done" and box[second].state.source == leader
+
+
+def four_nodes_with_a_stage_two_puller(cluster, schema, app):
+    """Fire with fan-out 1 to the leader and three nodes: ``first`` (stage 1, from the leader)
+    is recorded done; ``puller`` (stage 2) plans to pull from ``first`` with no predecessor."""
+    targets = cluster.node_names[:4]
+    release, plan = fire(cluster, schema, app, 1, targets=targets)
+    leader, first, _second, puller = schedule_order(targets, cluster.node_names[0])
+    assert plan[puller] == PlanEntry(run_id=release.run_id, source=first, stage=2, slot=0)
+    return release, leader, first, puller
+
+
+def test_a_puller_whose_source_goes_down_mid_task_moves_to_another_source(cluster, schema):
+    app = "srcdown"
+    release, leader, first, puller = four_nodes_with_a_stage_two_puller(cluster, schema, app)
+    done = NodeState(version="v1", run_id=release.run_id, status="done", started=time.time(), source=leader, depth=1,
+                     finished=time.time())
+    assert cluster.client().kv.put(schema.node(app, first), done.to_json())
+    task = Task()
+
+    def source_dies(source):
+        if source.name == first:  # the source's node fails while we pull from it
+            control(cluster, f"agents/{first}/stop")
+            task.calls.append((puller, source))
+            return False, "rsync: connection refused"
+        return task.for_node(puller)(source)
+
+    lines = []
+    try:
+        result = pull(cluster.client(cluster.node_names.index(puller)), app, puller, source_dies, schema=schema,
+                      timings=FAST, log=lines.append)
+    finally:
+        control(cluster, f"agents/{first}/start")
+    assert result.ran_task and result.state.status == "done" and result.state.source == leader, "\n".join(lines)
+    assert result.state.depth == 1 and result.state.error is None
+    assert [source.name for _node, source in task.calls] == [first, leader]
+    assert f"looking for another source: source {first} went down during the pull: rsync: connection refused" in lines
+    assert states(cluster, schema, app)[puller] == result.state
+    assert_clean(cluster, schema, app, [puller])
+
+
+def test_a_claim_after_the_release_was_aborted_is_refused_and_runs_nothing(cluster, schema):
+    app = "late"
+    release, leader, first, puller = four_nodes_with_a_stage_two_puller(cluster, schema, app)
+    patient = PullTimings(watch_timeout=120, start_grace=60, busy_grace=60, max_wait=10)
+    task = Task()
+    box = {}
+    control(cluster, "stats", "DELETE")
+    thread = threading.Thread(target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [puller], task, patient)))
+    thread.start()
+    # One txn read, then a blocking read of its source's record: the worker is waiting.
+    wait_until(lambda: control(cluster, "stats", "GET")["agents"][puller]["requests"] >= 2, 60, f"{puller} waiting")
+    client = cluster.client()
+    aborted = ReleaseRecord(**{**release.__dict__, "status": "aborted", "aborted_reason": "over the failure budget"})
+    client.kv.put(schema.release(app), aborted.to_json())
+    # Its source finishes right after the abort: the wait ends on that change, not on a timeout.
+    done = NodeState(version="v1", run_id=release.run_id, status="done", started=time.time(), source=leader, depth=1,
+                     finished=time.time())
+    client.kv.put(schema.node(app, first), done.to_json())
+    thread.join(120)
+    results, logs = box["run"]
+    result = results[puller]
+    assert result.failed and result.state.error == f"release {release.run_id} was aborted: over the failure budget"
+    assert task.calls == [] and not result.ran_task
+    assert any(f"not claiming a slot on {first}: the release record changed" in line for line in logs[puller]), logs
+    assert states(cluster, schema, app)[puller] == result.state
+    assert_clean(cluster, schema, app, [puller])
 
 
 def test_a_node_done_at_the_version_runs_nothing_again(cluster, schema):
