@@ -39,6 +39,8 @@ APP_DIR = demo.APP_DIR
 PUSH_DIR = "push"
 TASK_STARTED = "task-started"
 VARS_FILE = "bench-vars.yml"
+#: The output of the role's install playbook, in the cluster's work directory.
+INSTALL_LOG = "install.log"
 TREE_FILES = 1000
 TREE_DIRS = 20
 TREE_BYTES = 12_000_000
@@ -117,14 +119,15 @@ class ProcessBench:
         }
         vars_path = self.cluster.workdir / VARS_FILE
         vars_path.write_text(demo.vars_file_text({APP: app}))
+        log_path = self.cluster.workdir / INSTALL_LOG
         try:
             status, _seconds = demo.run_playbook(
-                ["-i", str(self.cluster.inventory), "-e", f"@{vars_path}", str(demo.SETUP_PLAYBOOK)], "install fireap"
+                ["-i", str(self.cluster.inventory), "-e", f"@{vars_path}", str(demo.SETUP_PLAYBOOK)], log_path
             )
         except demo.DemoError as err:
             raise BenchError(str(err)) from err
         if status != 0:
-            raise BenchError(f"installing fireap failed: ansible-playbook exited with status {status}")
+            raise BenchError(f"installing fireap failed: ansible-playbook exited with status {status}; see {log_path}")
         time.sleep(INSTALL_SETTLE_SECONDS)
 
     def transfer_seconds(self) -> float:
