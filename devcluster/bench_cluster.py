@@ -15,8 +15,8 @@ import requests
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import ConsulOptions, build_client
 
-from .demo import ClusterProcess, DemoError
 from .embedded import DevCluster
+from .serve_process import ServeError, ServeProcess
 from .workdir import CLUSTER_FILE, INVENTORY_FILE, fresh_workdir
 
 #: Where the double is served: in a thread of the benchmark's own process, or in a process
@@ -69,14 +69,14 @@ class BenchCluster:
         self.kind = kind
         self.workdir = fresh_dir(workdir)
         self._embedded: DevCluster | None = None
-        self._process: ClusterProcess | None = None
+        self._process: ServeProcess | None = None
         try:
             if kind == EMBEDDED:
                 self._embedded = DevCluster(nodes, None, self.workdir).start()
             else:
-                self._process = ClusterProcess(nodes, self.workdir)
+                self._process = ServeProcess(nodes, self.workdir, new_session=True)
                 self._process.start()
-        except (DemoError, OSError, RuntimeError) as err:
+        except (ServeError, OSError, RuntimeError) as err:
             self.close()
             raise BenchError(f"the dev cluster of {nodes} nodes did not start: {err}") from err
         info = json.loads((self.workdir / CLUSTER_FILE).read_text())

@@ -83,12 +83,10 @@ from ansible_collections.fireap.consul.plugins.module_utils._release import (
 )
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 
-from .demo import START_TIMEOUT, STOP_TIMEOUT
-from .embedded import find_free_port_range
-from .workdir import CLUSTER_FILE, INVENTORY_FILE, fresh_workdir
+from .serve_process import ServeError, ServeProcess
+from .workdir import INVENTORY_FILE, fresh_workdir
 
 MARKER = ".fireap-chaos"
-CLUSTER_LOG = "devcluster.log"
 DEFAULT_NODES = 50
 DEFAULT_FANOUT = 3
 #: Seconds the double stays down in the outage scenario (the issue asks for 5 to 10).
@@ -224,52 +222,6 @@ def hung_commands() -> list[int]:
     return [pid for pid in _pids() if _proc_cmdline(pid) == ["sleep", str(HANG_SECONDS)]]
 
 
-class ServeProcess:
-    """`python -m devcluster serve` on fixed ports with a data dir: killed and started again, it
-    comes back where it was."""
-
-    def __init__(self, nodes: int, http_port: int, workdir: Path, data_dir: Path, acl_token: str) -> None:
-        self.command = [
-            sys.executable, "-m", "devcluster", "serve", "--nodes", str(nodes), "--http-port", str(http_port),
-            "--workdir", str(workdir), "--data-dir", str(data_dir), "--acl-token", acl_token,
-        ]
-        self.workdir = workdir
-        self.log_path = workdir / CLUSTER_LOG
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> dict:
-        """Start the double; its cluster.json once every agent listens."""
-        cluster_file = self.workdir / CLUSTER_FILE
-        cluster_file.unlink(missing_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                return json.loads(cluster_file.read_text())
-            if self.proc.poll() is not None:
-                raise ChaosError(f"the dev cluster exited with status {self.proc.returncode}; see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise ChaosError(f"the dev cluster did not start within {START_TIMEOUT:.0f}s; see {self.log_path}")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash: no shutdown, running watch handlers are left behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
 # --- the cluster ----------------------------------------------------------------------------
 
 
@@ -286,12 +238,13 @@ class ChaosCluster:
         self.fanout = fanout
         self.token = str(uuid.uuid4())
         self.schema = Schema()
-        self.port = find_free_port_range(nodes)
-        self.process = ServeProcess(nodes, self.port, self.workdir, self.workdir / "data", self.token)
+        # Ports fixed at the first start: killed and started again, the double comes back where it was.
+        self.process = ServeProcess(nodes, self.workdir, acl_token=self.token, data_dir=self.workdir / "data",
+                                    new_session=True)
         self.http = requests.Session()
         self.http.headers["X-Consul-Token"] = self.token
         self._clients: list = []
-        info_ = self.process.start()
+        info_ = self.serve()
         try:
             self.nodes = {node["name"]: node for node in info_["nodes"]}
             self.names = list(self.nodes)
@@ -377,11 +330,18 @@ class ChaosCluster:
         return [client.event.fire(EVENT_NAME, payload, node=pattern)["ID"]
                 for pattern in anchored_node_filters(nodes, budget)]
 
+    def serve(self) -> dict:
+        """Start the double; its cluster.json."""
+        try:
+            return self.process.start()
+        except ServeError as err:
+            raise ChaosError(str(err)) from None
+
     def outage(self, seconds: float) -> None:
         """Kill the whole double (servers and agents), keep it down, start it on the same data dir."""
         self.process.kill()
         time.sleep(seconds)
-        self.process.start()
+        self.serve()
 
     def run_handler(self, name: str, stdin: str, config: Path | None = None) -> subprocess.CompletedProcess:
         """Run the node's fireap-reap by hand as its watch does, with ``stdin`` as the event array."""

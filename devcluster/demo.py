@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from .embedded import find_free_port_range
-from .workdir import CLUSTER_FILE, INVENTORY_FILE, fresh_workdir
+from .serve_process import ServeError, ServeProcess, stop_process
+from .workdir import INVENTORY_FILE, fresh_workdir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_CONFIG = REPO_ROOT / "ansible.cfg"
@@ -44,14 +44,11 @@ VARS_FILE = "demo-vars.yml"
 REPORT_FILE = "report.json"
 REPORT_HTML_FILE = "report.html"
 RELEASE_LOG = "release.log"
-CLUSTER_LOG = "devcluster.log"
 
 BUILD_FILES = 1000
 BUILD_DIRS = 20
 BUILD_FILE_SIZES = (1024, 6 * 1024)
 
-START_TIMEOUT = 120.0
-STOP_TIMEOUT = 15.0
 #: How long the monitor may take to show the end of the run after the playbook has seen it.
 MONITOR_GRACE = 15.0
 #: Lines of the release playbook's log shown when it failed.
@@ -162,70 +159,6 @@ def depth_bound(nodes: int, fanout: int) -> int:
     return stages + 1
 
 
-class ClusterProcess:
-    """`python -m devcluster serve` in a session of its own, stopped with SIGTERM."""
-
-    def __init__(self, nodes: int, workdir: Path) -> None:
-        self.nodes = nodes
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> dict:
-        """Start the cluster and return its cluster.json once every agent listens."""
-        base = find_free_port_range(self.nodes)
-        cmd = [
-            sys.executable,
-            "-m",
-            "devcluster",
-            "serve",
-            "--nodes",
-            str(self.nodes),
-            "--http-port",
-            str(base),
-            "--workdir",
-            str(self.workdir),
-        ]
-        log_path = self.workdir / CLUSTER_LOG
-        with open(log_path, "ab") as log:
-            # A session of its own: Ctrl-C reaches the playbooks, the cluster is stopped last.
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        cluster_file = self.workdir / CLUSTER_FILE
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                return json.loads(cluster_file.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            if self.proc.poll() is not None:
-                raise DemoError(f"the dev cluster exited with status {self.proc.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise DemoError(f"the dev cluster did not start within {START_TIMEOUT:.0f}s; see {log_path}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, signal.SIGTERM)
-
-
-def stop_process(proc: subprocess.Popen, sig: int) -> None:
-    """Send ``sig`` to a child still running and wait for it; SIGKILL after STOP_TIMEOUT."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def prepare_workdir(workdir: Path) -> None:
     """Create ``workdir``, emptying it when an earlier demo left it; refuse any other content."""
     try:
@@ -309,9 +242,13 @@ def leader_of(inventory: dict) -> str:
 def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
     """The whole demo; True when every node has the leader's build."""
     prepare_workdir(workdir)
-    cluster = ClusterProcess(nodes, workdir)
+    # A session of its own: Ctrl-C reaches the playbooks, the cluster is stopped last.
+    cluster = ServeProcess(nodes, workdir, new_session=True)
     try:
-        info = cluster.start()
+        try:
+            info = cluster.start()
+        except ServeError as err:
+            raise DemoError(str(err)) from None
         inventory_path = workdir / INVENTORY_FILE
         inventory = yaml.safe_load(inventory_path.read_text())
         leader = leader_of(inventory)

@@ -8,15 +8,8 @@ started as ``python -m devcluster serve`` on a free port range and stopped after
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
-import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -25,15 +18,15 @@ from pathlib import Path
 import consul
 import requests
 
+from devcluster.serve_process import ServeError, ServeProcess
+
 ADDR_ENV = "FIREAP_TEST_CONSUL_HTTP_ADDR"
 TOKEN_ENV = "FIREAP_TEST_CONSUL_HTTP_TOKEN"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Marks "send the target's own token" in ConsulTarget.client() and .http(); pass None for no token.
 TARGET_TOKEN = object()
 
 DOUBLE_START_TIMEOUT = 60.0
-DOUBLE_STOP_TIMEOUT = 10.0
 HTTP_TIMEOUT = 30.0
 
 
@@ -158,26 +151,6 @@ def real_target_from_env() -> ConsulTarget | None:
     return ConsulTarget([Agent(name=name, host=host, port=port, scheme=scheme)], token=token)
 
 
-def find_free_port_range(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A base port such that base .. base+count-1 can all be bound on *host* right now."""
-    rng = random.Random()
-    for _attempt in range(attempts):
-        base = rng.randrange(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-        return base
-    raise HarnessError(f"no free range of {count} ports on {host} after {attempts} attempts")
-
-
 class DoubleProcess:
     """One run of ``python -m devcluster serve`` and the target it serves."""
 
@@ -191,38 +164,16 @@ class DoubleProcess:
         if nodes < 1:
             raise HarnessError(f"the double needs at least one node, not {nodes}")
         self.workdir = Path(workdir)
-        self.nodes = nodes
         self.acl_token = acl_token
-        self.data_dir = Path(data_dir) if data_dir else None
-        self.log_path = self.workdir / "devcluster.log"
-        self.proc: subprocess.Popen | None = None
+        self.process = ServeProcess(nodes, self.workdir, acl_token=acl_token, data_dir=data_dir)
         self.target: ConsulTarget | None = None
 
     def start(self, timeout: float = DOUBLE_START_TIMEOUT) -> ConsulTarget:
         """Start the double and wait until its cluster.json is written (all ports listen)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cluster_file = self.workdir / "cluster.json"
-        cluster_file.unlink(missing_ok=True)
-        base = find_free_port_range(self.nodes)
-        cmd = [sys.executable, "-m", "devcluster", "serve", "--nodes", str(self.nodes)]
-        cmd += ["--http-port", str(base), "--workdir", str(self.workdir)]
-        if self.acl_token:
-            cmd += ["--acl-token", self.acl_token]
-        if self.data_dir:
-            cmd += ["--data-dir", str(self.data_dir)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while True:
-            cluster = _read_cluster_file(cluster_file)
-            if cluster is not None:
-                break
-            if self.proc.poll() is not None:
-                raise HarnessError(f"{' '.join(cmd)} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise HarnessError(f"{cluster_file} not written within {timeout:.0f}s:\n{self.log_tail()}")
-            time.sleep(0.1)
+        try:
+            cluster = self.process.start(timeout)
+        except ServeError as err:
+            raise HarnessError(str(err)) from None
         agents = [
             Agent(
                 name=node["name"],
@@ -230,45 +181,24 @@ class DoubleProcess:
                 port=int(node["http_port"]),
                 config_dir=Path(node["config_dir"]) if node.get("config_dir") else None,
             )
-            for node in cluster
+            for node in cluster["nodes"]
         ]
         self.target = ConsulTarget(agents, token=self.acl_token)
         return self.target
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if the double has not exited within DOUBLE_STOP_TIMEOUT."""
-        self._end(signal.SIGTERM)
+        """SIGTERM, then SIGKILL if the double has not exited in time."""
+        self._close_target()
+        self.process.stop()
 
     def kill(self) -> None:
         """SIGKILL at once, as a crash would."""
-        self._end(signal.SIGKILL)
+        self._close_target()
+        self.process.kill()
 
-    def _end(self, sig: signal.Signals) -> None:
+    def _close_target(self) -> None:
         if self.target is not None:
             self.target.close()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(DOUBLE_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def _read_cluster_file(path: Path) -> list[dict] | None:
-    """The node list of cluster.json, or None while it is absent or still being written."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data["nodes"] or None
 
 
 def unique_name(kind: str = "name") -> str:

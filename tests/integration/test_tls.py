@@ -16,17 +16,18 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from consul_harness import find_free_port_range
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from devcluster import find_free_port_range
+from devcluster.serve_process import ServeProcess
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     ConsulOptions,
@@ -97,23 +98,12 @@ def tls(tmp_path_factory):
     """The double over HTTPS: certificate paths, the cluster's nodes and the serve log."""
     directory = tmp_path_factory.mktemp("tls")
     certs = make_certificates(directory)
-    workdir = directory / "cluster"
-    port = find_free_port_range(NODES)
-    command = [sys.executable, "-m", "devcluster", "serve", "--nodes", str(NODES), "--http-port", str(port),
-               "--workdir", str(workdir), "--acl-token", TOKEN, "--tls-cert", certs["cert"], "--tls-key", certs["key"]]
-    log_path = directory / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    double = ServeProcess(NODES, directory / "cluster", acl_token=TOKEN, tls_cert=certs["cert"], tls_key=certs["key"])
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (workdir / "cluster.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        nodes = json.loads((workdir / "cluster.json").read_text())["nodes"]
-        yield {**certs, "nodes": nodes, "port": port, "dir": directory, "log": log_path}
+        nodes = double.start(START_TIMEOUT)["nodes"]
+        yield {**certs, "nodes": nodes, "port": double.http_port, "dir": directory, "log": double.log_path}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        double.stop()
 
 
 def options(tls, **overrides) -> ConsulOptions:

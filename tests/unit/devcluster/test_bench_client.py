@@ -8,8 +8,9 @@ import threading
 
 import pytest
 import requests
-from consul_harness import find_free_port_range, in_background, unique_name
+from consul_harness import in_background, unique_name
 
+from devcluster import find_free_port_range
 from devcluster.bench_client import BenchConsul
 
 TIMEOUT = 30.0

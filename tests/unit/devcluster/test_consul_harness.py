@@ -1,11 +1,9 @@
-"""The test harness itself: address parsing, port ranges and the event-index formula."""
+"""The test harness itself: address parsing and the event-index formula."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-from consul_harness import HarnessError, event_index, find_free_port_range, parse_http_addr
+from consul_harness import HarnessError, event_index, parse_http_addr
 
 
 @pytest.mark.parametrize(
@@ -28,17 +26,6 @@ def test_parse_http_addr_accepts_the_consul_http_addr_forms(value, expected):
 def test_parse_http_addr_rejects_anything_else(value):
     with pytest.raises(HarnessError, match="FIREAP_TEST_CONSUL_HTTP_ADDR"):
         parse_http_addr(value)
-
-
-def test_free_port_range_is_bindable_as_a_whole():
-    base = find_free_port_range(5)
-    sockets = [socket.socket() for _offset in range(5)]
-    try:
-        for offset, sock in enumerate(sockets):
-            sock.bind(("127.0.0.1", base + offset))
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def test_event_index_xors_the_two_halves_of_the_uuid():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from consul_harness import find_free_port_range, in_background
+from consul_harness import in_background
 
+from devcluster import find_free_port_range
 from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema

@@ -1,0 +1,88 @@
+"""ServeProcess: `python -m devcluster serve` as a child process, started, stopped, killed and
+started again, and the free port range it takes when given no port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+
+from devcluster import find_free_port_range
+from devcluster.serve_process import ServeError, ServeProcess
+
+TIMEOUT = 10
+
+
+def test_start_returns_the_cluster_file_once_every_agent_answers_and_stop_ends_the_double(tmp_path):
+    workdir = tmp_path / "work"
+    process = ServeProcess(2, workdir, new_session=True)
+    try:
+        cluster = process.start()
+        assert cluster == json.loads((workdir / "cluster.json").read_text())
+        assert (cluster["http_port_base"], cluster["acl"], cluster["data_dir"]) == (process.http_port, False, None)
+        nodes = cluster["nodes"]
+        assert [node["name"] for node in nodes] == ["node-000", "node-001"]
+        assert [node["http_port"] for node in nodes] == [process.http_port, process.http_port + 1]
+        for node in nodes:
+            assert requests.get(f"http://127.0.0.1:{node['http_port']}/v1/status/leader", timeout=TIMEOUT).ok
+        assert os.getsid(process.proc.pid) == process.proc.pid
+        with pytest.raises(ServeError, match="already running"):
+            process.start()
+    finally:
+        process.stop()
+    assert process.proc.returncode == 0
+    assert "devcluster: stopped" in process.log_tail()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{process.http_port}/v1/status/leader", timeout=TIMEOUT)
+
+
+def test_a_killed_double_started_again_on_its_data_dir_keeps_its_ports_and_keys(tmp_path):
+    token = "serve-process-test-token"
+    headers = {"X-Consul-Token": token}
+    process = ServeProcess(1, tmp_path / "work", acl_token=token, data_dir=tmp_path / "data")
+    try:
+        port = process.start()["nodes"][0]["http_port"]
+        url = f"http://127.0.0.1:{port}/v1/kv/serve-process/key"
+        assert requests.put(url, data=b"kept", timeout=TIMEOUT).status_code == 403
+        assert requests.put(url, data=b"kept", headers=headers, timeout=TIMEOUT).json() is True
+        process.kill()
+        assert process.proc.returncode == -signal.SIGKILL
+        assert process.start()["nodes"][0]["http_port"] == port
+        answer = requests.get(url, params={"raw": ""}, headers=headers, timeout=TIMEOUT)
+        assert (answer.status_code, answer.content) == (200, b"kept")
+    finally:
+        process.stop()
+
+
+def test_a_refused_option_fails_the_start_with_the_end_of_the_log(tmp_path):
+    process = ServeProcess(1, tmp_path / "work", tls_cert=tmp_path / "cert.pem")
+    with pytest.raises(ServeError, match="exited with status 1") as failure:
+        process.start()
+    message = str(failure.value)
+    assert str(process.log_path) in message
+    assert "devcluster: error: --tls-cert and --tls-key go together" in message
+
+
+def test_a_double_not_ready_in_time_is_killed(tmp_path):
+    process = ServeProcess(1, tmp_path / "work")
+    with pytest.raises(ServeError, match="did not write .*cluster.json within 0s and was killed"):
+        process.start(timeout=0)
+    assert process.proc.returncode == -signal.SIGKILL
+
+
+def test_a_free_port_range_binds_as_a_whole_below_the_ephemeral_ports():
+    base = find_free_port_range(5)
+    sockets = [socket.socket() for _offset in range(5)]
+    try:
+        for offset, sock in enumerate(sockets):
+            sock.bind(("127.0.0.1", base + offset))
+    finally:
+        for sock in sockets:
+            sock.close()
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert base + 5 <= low
