@@ -18,6 +18,7 @@ from ansible.utils.display import Display
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
+from ansible_collections.fireap.consul.plugins.module_utils._release import COUNT_ORDER, counts_text
 
 display = Display()
 
@@ -33,9 +34,6 @@ ARGUMENT_SPEC = dict(
     straggler_retry_after={"type": "float", "default": 30.0},
     kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
 )
-
-#: Counted statuses in the order progress lines show them (fireap_info's counts keys).
-PROGRESS_STATUSES = ("failed", "pulling", "waiting", "pending")
 
 #: Failed or unfinished targets named in a message; the rest are counted.
 MAX_NAMED = 10
@@ -210,11 +208,8 @@ def _check_numbers(args: dict) -> None:
 
 def progress_line(progress: dict, elapsed: float) -> str:
     """``web 1.4.3: 37/100 done, 2 failed, 3 pulling, 0 waiting, 58 pending [21s]``."""
-    counts = progress["counts"]
-    parts = [f"{counts['done']}/{progress['total']} done"]
-    parts += [f"{counts[status]} {status}" for status in PROGRESS_STATUSES]
     suffix = " (aborted)" if progress["status"] == "aborted" else ""
-    return f"{progress['app']} {progress['version']}: {', '.join(parts)} [{elapsed:.0f}s]{suffix}"
+    return f"{progress['app']} {progress['version']}: {counts_text(progress)} [{elapsed:.0f}s]{suffix}"
 
 
 def too_many_failures(progress: dict, max_fail_percentage: float | None) -> bool:
@@ -240,7 +235,7 @@ def outcome_problem(progress: dict, timed_out: bool, aborted: bool, timeout: flo
         return None
     lines = [
         f"{head}: "
-        + ", ".join(f"{counts[status]} {status}" for status in ("done",) + PROGRESS_STATUSES)
+        + ", ".join(f"{counts[status]} {status}" for status in COUNT_ORDER)
         + f" of {progress['total']} targets"
     ]
     failed = progress["failed_nodes"]

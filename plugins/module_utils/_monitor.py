@@ -35,13 +35,14 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
 )
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema, check_name
 from ansible_collections.fireap.consul.plugins.module_utils._release import (
+    COUNT_ORDER,
     MIN_POLL_INTERVAL,
     STATUS_FINISHED,
     ReleaseError,
+    counts_text,
     info as release_info,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._report import (
-    COUNT_ORDER,
     format_seconds,
     format_time,
     render_report,
@@ -95,12 +96,9 @@ def progress_bar(counts: dict, total: int, width: int = BAR_WIDTH) -> str:
     return "[" + BAR_DONE * done + BAR_FAILED * failed + BAR_LEFT * (width - done - failed) + "]"
 
 
-def counts_text(info: dict) -> str:
+def progress_text(info: dict) -> str:
     """``12/20 done, 1 failed, 3 pulling, 0 waiting, 4 pending (65.0%)``."""
-    counts = info["counts"]
-    parts = [f"{counts.get('done', 0)}/{info['total']} done"]
-    parts += [f"{counts.get(status, 0)} {status}" for status in COUNT_ORDER[1:]]
-    return ", ".join(parts) + f" ({info['percent']:.1f}%)"
+    return f"{counts_text(info)} ({info['percent']:.1f}%)"
 
 
 def header_line(info: dict) -> str:
@@ -177,7 +175,7 @@ def render_frame(info: dict, width: int | None = None, max_rows: int | None = No
     """
     lines = [header_line(info)]
     if info["run_id"] is not None:
-        lines.append(f"{progress_bar(info['counts'], info['total'])} {counts_text(info)}")
+        lines.append(f"{progress_bar(info['counts'], info['total'])} {progress_text(info)}")
         lines.append("")
         lines += render_table(info, max_rows)
         failed = [row for row in info["nodes"] if row["status"] == "failed"]
@@ -225,7 +223,7 @@ def change_lines(before: dict | None, info: dict) -> list[str]:
     if lines or status_changed:
         elapsed = format_seconds(info["timings"].get("elapsed"))
         suffix = "" if info["status"] == "running" else f"; {info['status']}"
-        lines.append(f"{info['app']} {info['version']}: {counts_text(info)} [{elapsed}]{suffix}")
+        lines.append(f"{info['app']} {info['version']}: {progress_text(info)} [{elapsed}]{suffix}")
     return [printable(line) for line in lines]
 
 

@@ -81,6 +81,8 @@ DEFAULT_ABORT_REASON = "aborted with fireap_clear"
 #: or its worker died before finishing).
 PENDING = "pending"
 TARGET_STATUSES = (NODE_DONE, NODE_PULLING, NODE_WAITING, NODE_FAILED, PENDING)
+#: The order in which progress lines, the monitor and the report show the counts.
+COUNT_ORDER = (NODE_DONE, NODE_FAILED, NODE_PULLING, NODE_WAITING, PENDING)
 
 #: What info() reports as the release's status besides the record's own running/aborted.
 STATUS_FINISHED = "finished"
@@ -952,3 +954,11 @@ def clear(
     result["before"] = before
     result["after"] = after
     return result
+
+
+def counts_text(progress: dict) -> str:
+    """``37/100 done, 2 failed, 3 pulling, 0 waiting, 58 pending``, from info()'s counts."""
+    counts = progress["counts"]
+    parts = [f"{counts.get(NODE_DONE, 0)}/{progress['total']} done"]
+    parts += [f"{counts.get(status, 0)} {status}" for status in COUNT_ORDER[1:]]
+    return ", ".join(parts)

@@ -20,6 +20,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from ansible_collections.fireap.consul.plugins.module_utils._release import COUNT_ORDER
+
 #: Keys of an info() result the report reads.
 REQUIRED_KEYS = ("app", "version", "run_id", "status", "counts", "total", "nodes", "tree", "timings", "release")
 
@@ -28,8 +30,6 @@ REQUIRED_KEYS = ("app", "version", "run_id", "status", "counts", "total", "nodes
 DEPTH_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000")
 #: Bars of nodes without a depth (failed before they claimed a source).
 NO_DEPTH_COLOUR = "#999999"
-
-COUNT_ORDER = ("done", "failed", "pulling", "waiting", "pending")
 
 _PLOT_WIDTH = 720
 _LABEL_CHAR_WIDTH = 7
