@@ -8,6 +8,7 @@ import uuid
 import pytest
 from consul_harness import DoubleProcess
 
+from ansible.module_utils import _internal as module_internals
 from ansible.module_utils.testing import patch_module_args
 
 NODES = 4
@@ -59,12 +60,15 @@ class ModuleRun:
 
 
 @pytest.fixture
-def run_module(capsys):
+def run_module(capsys, monkeypatch):
     """``run_module(module, args, check_mode=False, diff=False)`` -> ModuleRun."""
 
     def run(module, args: dict, check_mode: bool = False, diff: bool = False) -> ModuleRun:
         full = dict(args, _ansible_check_mode=check_mode, _ansible_diff=diff)
         capsys.readouterr()
+        # Once a test has imported controller code (a filter plugin, say), module_utils would
+        # send warnings to the controller's display instead of the module's result.
+        monkeypatch.setattr(module_internals, "is_controller", False)
         with patch_module_args(full), pytest.raises(SystemExit) as exited:
             module.main()
         return ModuleRun(exited.value.code, capsys.readouterr().out)
