@@ -9,11 +9,13 @@ fire until the last node's done record was acknowledged (its final /v1/txn; the 
 its session after that is cleanup and not counted). The handler's own reads before a worker
 starts (1 to 3 KV reads) are not part of this mode; process mode runs the real handler.
 
-The node threads are spread over worker processes (one per CPU by default): a Python
-process runs one thread at a time, and a single process simulating hundreds of nodes'
-HTTP clients would measure its own interpreter lock rather than the release. The fire
-waits until the double holds every node's blocking event query, so the nodes' own arming
-is not counted in the release.
+The nodes are spread over worker processes (one per CPU by default). A worker process runs
+its nodes as gevent greenlets (``monkey.patch_all``: threads, sockets and sleeps become
+cooperative), so the unchanged threaded code of the worker and of py-consul runs with one
+OS thread per process: hundreds of OS threads contending for one interpreter lock cost
+more CPU in hand-overs than the nodes' own requests, and served them in no fair order.
+The fire waits until the double holds every node's blocking event query, so the nodes' own
+arming is not counted in the release.
 """
 
 from __future__ import annotations
@@ -45,23 +47,17 @@ EVENT_WAIT_SECONDS = 120
 ARMING_REQUESTS = 2
 #: Pause between polls of the double's counters while the nodes park their event queries.
 PARK_POLL_SECONDS = 0.05
-#: Stack of each node's thread: they only run the pull, well within this.
-THREAD_STACK_BYTES = 512 * 1024
 #: Seconds the worker processes get to end once they reported.
 WORKER_EXIT_SECONDS = 30.0
 #: Import roots of a worker process: the repository (devcluster) and the collection's parent.
 IMPORT_ROOTS = (str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "build"))
 #: ``python -c`` program of a worker process: argv[1:] are the import roots; the job comes
-#: on stdin as JSON.
+#: on stdin as JSON. gevent patches the standard library before anything imports it.
 _WORKER_PROGRAM = (
+    "from gevent import monkey; monkey.patch_all(); "
     "import sys; sys.path[:0] = sys.argv[1:]; from devcluster.bench_inproc import worker_main; worker_main()"
 )
 ARMED = "armed"
-#: The interpreter lock's switch interval in a worker process (Python's default: 5 ms). Its
-#: hundreds of node threads only ever run briefly between two HTTP calls, which release the
-#: lock anyway; forcing a hand-over every 5 ms among hundreds of runnable threads costs more
-#: CPU in futex wake-ups than it buys (at N=1000: 1.8 s of system time per run, 0.6-1.0 s at 50 ms).
-SWITCH_INTERVAL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,8 @@ class NodeOutcome:
 
 
 class _NodeThread(threading.Thread):
-    """One node: wait for the event on its own agent, then pull with a sleeping task."""
+    """One node: wait for the event on its own agent, then pull with a sleeping task (a
+    greenlet in a worker process, see the module docstring)."""
 
     def __init__(self, node: Node, task_seconds: float, armed: threading.Semaphore) -> None:
         super().__init__(name=f"bench-{node.name}", daemon=True)
@@ -152,8 +149,6 @@ def worker_main() -> None:
     stdout: the line ``armed``, then one JSON line with the list of outcomes.
     """
     job = json.loads(sys.stdin.readline())
-    threading.stack_size(THREAD_STACK_BYTES)
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     armed = threading.Semaphore(0)
     nodes = [Node(name, address, port, Path()) for name, address, port in job["nodes"]]
     threads = [_NodeThread(node, job["task_seconds"], armed) for node in nodes]

@@ -112,12 +112,10 @@ class Cluster:
         self._bootstrap_catalog()
         self.timers.arm_all()
         # handler_cancellation: a client that hangs up ends its blocking query, as in Consul.
-        self._runner = web.AppRunner(
-            HttpApi(self).make_app(),
+        self._runner = web.ServerRunner(
+            HttpApi(self).make_server(handler_cancellation=True, access_log=None),
             handle_signals=False,
-            access_log=None,
             shutdown_timeout=1.0,
-            handler_cancellation=True,
         )
         await self._runner.setup()
         try:

@@ -36,13 +36,13 @@ class Control:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    async def handle(self, request: web.Request, path: str, serving: Agent) -> web.Response:
+    async def handle(self, request: web.BaseRequest, path: str, serving: Agent) -> web.Response:
         try:
             return self._json(await self._route(request, path[len(PREFIX) :].strip("/").split("/"), serving))
         except ControlError as err:
             return web.Response(status=err.status, text=str(err) + "\n")
 
-    async def _route(self, request: web.Request, parts: list[str], serving: Agent) -> Any:
+    async def _route(self, request: web.BaseRequest, parts: list[str], serving: Agent) -> Any:
         method = request.method
         if parts == ["agents"]:
             self._method(method, "GET")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
@@ -220,7 +220,13 @@ class _Record:
     """JSON (de)serialisation shared by the records below."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Field name -> value, nested records as dicts. The fields hold JSON scalars only, so
+        this skips dataclasses.asdict's deep copy, a third of a fire's CPU at 1000 targets."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.to_dict() if isinstance(value, _Record) else value
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -71,11 +71,14 @@ def test_an_agent_that_does_not_listen_is_a_connection_error():
         client.kv.get("anything")
 
 
-class _OneAnswerPerConnection(threading.Thread):
-    """An HTTP server that answers one request per connection, then closes it without saying so."""
+class _FixedAnswer(threading.Thread):
+    """An HTTP server that sends the same raw answer to every request, on kept-alive
+    connections unless ``close`` (then it closes each connection after its answer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes, close: bool) -> None:
         super().__init__(daemon=True)
+        self.answer = answer
+        self.close_after = close
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
@@ -87,26 +90,47 @@ class _OneAnswerPerConnection(threading.Thread):
             except OSError:
                 return
             self.connections += 1
-            with conn:
-                data = b""
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while True:
                 while b"\r\n\r\n" not in data:
                     chunk = conn.recv(4096)
                     if not chunk:
-                        break
+                        return
                     data += chunk
-                body = b"[]"
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 7\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
+                _head, _sep, data = data.partition(b"\r\n\r\n")
+                conn.sendall(self.answer)
+                if self.close_after:
+                    return
 
     def close(self) -> None:
         self.sock.close()
 
 
-def test_a_read_is_sent_again_on_a_fresh_connection_when_the_agent_closed_the_idle_one():
-    server = _OneAnswerPerConnection()
-    server.start()
+@pytest.fixture
+def fixed_answer():
+    servers = []
+
+    def start(answer: bytes, close: bool = False) -> _FixedAnswer:
+        server = _FixedAnswer(answer, close)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_a_read_is_sent_again_on_a_fresh_connection_when_the_agent_closed_the_idle_one(fixed_answer):
+    # The server closes each connection after one answer without saying so.
+    server = fixed_answer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 7\r\nContent-Length: 2\r\n\r\n[]",
+        close=True,
+    )
     client = BenchConsul("127.0.0.1", server.port, TIMEOUT)
     try:
         assert client.event.list() == ("7", [])
@@ -117,4 +141,57 @@ def test_a_read_is_sent_again_on_a_fresh_connection_when_the_agent_closed_the_id
             client.event.fire("bench")
     finally:
         client.http.close()
-        server.close()
+
+
+def test_a_chunked_answer_is_read_whole_and_the_connection_kept(fixed_answer):
+    body = (
+        b'[{"ID":"e1","Name":"bench","Payload":null,"NodeFilter":"","ServiceFilter":"",'
+        b'"TagFilter":"","Version":1,"LTime":3}]'
+    )
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:]))
+    server = fixed_answer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 9\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+    client = BenchConsul("127.0.0.1", server.port, TIMEOUT)
+    try:
+        for _ in range(2):
+            index, events = client.event.list()
+            assert index == "9" and [event["ID"] for event in events] == ["e1"]
+        assert server.connections == 1
+    finally:
+        client.http.close()
+
+
+def test_an_answer_that_says_close_is_followed_by_a_new_connection(fixed_answer):
+    server = fixed_answer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 4\r\n"
+        b"Connection: close\r\nContent-Length: 2\r\n\r\n[]"
+    )
+    client = BenchConsul("127.0.0.1", server.port, TIMEOUT)
+    try:
+        assert client.event.list() == ("4", [])
+        assert client.event.list() == ("4", [])
+        assert server.connections == 2
+    finally:
+        client.http.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 abc Weird\r\n\r\n", "bad status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "bad header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[]", "closed after 2 of 10 body bytes"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size line"),
+    ],
+)
+def test_an_answer_that_is_not_http_is_a_connection_error(fixed_answer, answer, message):
+    server = fixed_answer(answer, close=True)
+    client = BenchConsul("127.0.0.1", server.port, TIMEOUT)
+    try:
+        with pytest.raises(requests.exceptions.ConnectionError, match=message):
+            client.event.list()
+    finally:
+        client.http.close()
