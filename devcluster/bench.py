@@ -135,6 +135,7 @@ def summary(record: dict) -> str:
         f"bytes/node mean {record['bytes_per_node']['mean'] / 1024:.1f} KiB",
         f"coordination p50 {_ms(record['coordination_latency_ms']['p50'])} "
         f"p99 {_ms(record['coordination_latency_ms']['p99'])}",
+        f"hand-off p50 {_ms(record['handoff_latency_ms']['p50'])} p99 {_ms(record['handoff_latency_ms']['p99'])}",
     ]
     for name in BASELINES:
         seconds = record.get(f"{name}_seconds")

@@ -29,11 +29,13 @@ CONFIG_FIELDS = ("nodes", "fanout", "mode")
 
 @dataclass(frozen=True)
 class TaskTiming:
-    """When one node's task ran (epoch seconds) and which node it pulled from."""
+    """When one node's task ran (epoch seconds), which node it pulled from, and when Consul
+    acknowledged its done record (None when not known)."""
 
     source: str
     started: float
     finished: float
+    done_written: float | None = None
 
 
 @dataclass
@@ -91,30 +93,47 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def coordination_latencies(
-    tasks: Mapping[str, TaskTiming], plan: Mapping[str, PlanEntry], leader: str, leader_ready: float
+    tasks: Mapping[str, TaskTiming],
+    plan: Mapping[str, PlanEntry],
+    leader: str,
+    leader_ready: float,
+    from_task_end: bool = False,
 ) -> dict[str, float]:
     """Seconds from the moment each puller could start to the start of its task.
 
-    A puller can start once its source is done (the leader: once the event is out) and, when
-    it took the slot its plan shares with an earlier puller of the same source (``after``),
-    once that puller is done too. Pullers whose source or predecessor has no timing are left
-    out.
+    A puller can start once its source's done record is written (the leader's: once the
+    event is out) and, when it took the slot its plan shares with an earlier puller of the
+    same source (``after``), once that puller's is written too. ``from_task_end`` counts
+    from the end of those nodes' tasks instead (the hand-off: the done write included).
+    Pullers whose source or predecessor has no timing are left out.
     """
-    finished = {name: timing.finished for name, timing in tasks.items()}
-    finished[leader] = leader_ready
+    ready_at = {
+        name: timing.finished if from_task_end or timing.done_written is None else timing.done_written
+        for name, timing in tasks.items()
+    }
+    ready_at[leader] = leader_ready
     latencies = {}
     for name, timing in tasks.items():
-        if timing.source not in finished:
+        if timing.source not in ready_at:
             continue
-        ready = finished[timing.source]
+        ready = ready_at[timing.source]
         entry = plan.get(name)
         if entry is not None and entry.source == timing.source and entry.after is not None:
             before = tasks.get(entry.after)
             if before is None or before.source != timing.source:
                 continue
-            ready = max(ready, before.finished)
+            ready = max(ready, ready_at[entry.after])
         latencies[name] = timing.started - ready
     return latencies
+
+
+def _latency_ms(latencies: Sequence[float]) -> dict:
+    return {
+        "p50": 1000 * percentile(latencies, 50) if latencies else None,
+        "p99": 1000 * percentile(latencies, 99) if latencies else None,
+        "max": 1000 * max(latencies) if latencies else None,
+        "samples": len(latencies),
+    }
 
 
 def stage_delays(
@@ -160,7 +179,9 @@ def make_record(result: RunResult, baselines: Mapping[str, float] | None = None)
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(sorted(unknown))}; known: {', '.join(BASELINES)}")
     ideal = ideal_seconds(result.nodes, result.fanout, result.task_seconds)
-    latencies = list(coordination_latencies(result.tasks, result.plan, result.leader, result.leader_ready).values())
+    args = (result.tasks, result.plan, result.leader, result.leader_ready)
+    latencies = list(coordination_latencies(*args).values())
+    handoffs = list(coordination_latencies(*args, from_task_end=True).values())
     record = {
         "nodes": result.nodes,
         "fanout": result.fanout,
@@ -174,12 +195,8 @@ def make_record(result: RunResult, baselines: Mapping[str, float] | None = None)
         "max_depth": max(result.depths.values(), default=0),
         "stages": stage_count(result.nodes, result.fanout),
         **node_costs(result.stats, result.leader),
-        "coordination_latency_ms": {
-            "p50": 1000 * percentile(latencies, 50) if latencies else None,
-            "p99": 1000 * percentile(latencies, 99) if latencies else None,
-            "max": 1000 * max(latencies) if latencies else None,
-            "samples": len(latencies),
-        },
+        "coordination_latency_ms": _latency_ms(latencies),
+        "handoff_latency_ms": _latency_ms(handoffs),
         "stage_start_delay_ms": {
             str(stage): 1000 * delay
             for stage, delay in stage_delays(result.tasks, result.plan, result.fired, result.task_seconds).items()

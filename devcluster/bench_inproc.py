@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, Schema
@@ -293,7 +293,11 @@ def _release(
         completed=max((item.done_at or item.returned for item in outcomes.values()), default=leader_ready),
         depths={item.node: item.depth for item in outcomes.values() if item.depth is not None}
         | {cluster.leader.name: 0},
-        tasks={item.node: item.timing for item in outcomes.values() if item.timing is not None},
+        tasks={
+            item.node: replace(item.timing, done_written=item.done_at)
+            for item in outcomes.values()
+            if item.timing is not None
+        },
         plan=plan_release(outcome["targets"], outcome["leader"], fanout, outcome["run_id"]),
         stats=stats,
         failures=failures,

@@ -44,6 +44,7 @@ RECORD_KEYS = {
     "bytes_per_node",
     "leader",
     "coordination_latency_ms",
+    "handoff_latency_ms",
     "stage_start_delay_ms",
     "failures",
     "failed_nodes",
@@ -126,6 +127,21 @@ def test_coordination_latency_counts_from_the_source_and_the_slot_predecessor():
     assert latencies == pytest.approx({"n01": 0.010, "n02": 0.030, "n03": 0.005, "n04": 0.040, "n05": 0.050})
 
 
+def test_coordination_latency_counts_from_the_done_write_and_the_handoff_from_the_task_end():
+    names, plan = _plan(6, 2)
+    tasks = {
+        "n01": TaskTiming("n00", started=10.010, finished=11.0, done_written=11.004),
+        "n02": TaskTiming("n00", started=10.030, finished=11.2),  # no done write known: its task end
+        "n03": TaskTiming("n00", started=11.010, finished=12.0),
+        "n04": TaskTiming("n00", started=11.240, finished=12.0),
+        "n05": TaskTiming("n01", started=11.050, finished=12.0),
+    }
+    latencies = coordination_latencies(tasks, plan, "n00", leader_ready=10.0)
+    assert latencies == pytest.approx({"n01": 0.010, "n02": 0.030, "n03": 0.006, "n04": 0.040, "n05": 0.046})
+    handoffs = coordination_latencies(tasks, plan, "n00", leader_ready=10.0, from_task_end=True)
+    assert handoffs == pytest.approx({"n01": 0.010, "n02": 0.030, "n03": 0.010, "n04": 0.040, "n05": 0.050})
+
+
 def test_coordination_latency_of_a_fallback_counts_from_its_actual_source():
     names, plan = _plan(5, 2)
     tasks = {
@@ -187,10 +203,10 @@ def _result(fired=100.0, completed=101.2, failures=None) -> RunResult:
         completed=completed,
         depths={"n00": 0, "n01": 1, "n02": 1, "n03": 1, "n04": 1},
         tasks={
-            "n01": TaskTiming("n00", fired + 0.02, fired + 0.52),
-            "n02": TaskTiming("n00", fired + 0.03, fired + 0.53),
-            "n03": TaskTiming("n00", fired + 0.54, fired + 1.04),
-            "n04": TaskTiming("n00", fired + 0.56, fired + 1.06),
+            "n01": TaskTiming("n00", fired + 0.02, fired + 0.52, fired + 0.53),
+            "n02": TaskTiming("n00", fired + 0.03, fired + 0.53, fired + 0.54),
+            "n03": TaskTiming("n00", fired + 0.54, fired + 1.04, fired + 1.05),
+            "n04": TaskTiming("n00", fired + 0.56, fired + 1.06, fired + 1.07),
         },
         plan=plan,
         stats=_stats(
@@ -211,8 +227,10 @@ def test_record_shape_and_figures():
     assert record["max_depth"] == 1 and record["stages"] == 2
     assert record["requests_per_node"] == {"mean": 10, "max": 12}
     assert record["coordination_latency_ms"]["samples"] == 4
-    # n01 10 ms, n02 20 ms after the event; n03 20 ms after n01, n04 30 ms after n02
-    assert record["coordination_latency_ms"]["p50"] == pytest.approx(20.0)
+    # n01 10 ms, n02 20 ms after the event; n03 10 ms after n01's done write, n04 20 ms after n02's
+    assert record["coordination_latency_ms"]["p50"] == pytest.approx(15.0)
+    # from the end of the tasks: n03 20 ms after n01's, n04 30 ms after n02's
+    assert record["handoff_latency_ms"]["p50"] == pytest.approx(20.0)
     assert record["double"] == SUBPROCESS
     assert record["failures"] == 0
     json.dumps(record)  # plain JSON
