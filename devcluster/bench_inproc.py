@@ -215,7 +215,7 @@ def run_inproc(
 ) -> RunResult:
     """Release ``version`` of the bench app across ``cluster`` once; see the module docstring.
 
-    ``processes``: worker processes the node threads are spread over (default: one per
+    ``processes``: worker processes the nodes are spread over (default: one per
     CPU). ``timeout``: seconds after the fire to wait for the last node; nodes not done by
     then are failures and the run is aborted so that their threads end.
     """
