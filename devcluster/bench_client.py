@@ -82,7 +82,7 @@ class _Connection:
         status_line = self._line()
         if not status_line:
             raise _Closed()
-        version, _, rest = status_line.partition(b" ")
+        version, _sep, rest = status_line.partition(b" ")
         if not version.startswith(b"HTTP/1."):
             raise _ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
         try:
