@@ -8,6 +8,10 @@ https://developer.hashicorp.com/consul/api-docs/status
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+import requests
 from consul_harness import unique_name
 
 SYNC_TIMEOUT = "20s"  # catalog sync of a local registration is asynchronous (anti-entropy)
@@ -104,3 +108,34 @@ def test_status_leader_and_peers(consul_target):
     peers = consul_target.http("GET", "/v1/status/peers").json()
     assert isinstance(leader, str) and ":" in leader
     assert leader in peers
+
+
+def test_answers_carry_consuls_headers_and_no_server_header(consul_target):
+    """Consul's HTTP server (Go's net/http) sends no Server header; every answer carries Date
+    and X-Consul-Default-Acl-Policy, blocking-capable reads their X-Consul-Index."""
+    for method, path in (("GET", "/v1/status/leader"), ("GET", f"/v1/kv/{unique_name('missing')}")):
+        response = consul_target.http(method, path)
+        assert "Server" not in response.headers, (path, dict(response.headers))
+        assert response.headers["Date"]
+        assert response.headers["X-Consul-Default-Acl-Policy"] in ("allow", "deny")
+    assert int(response.headers["X-Consul-Index"]) >= 1
+
+
+@pytest.mark.double_only
+def test_stats_count_each_request_and_every_byte_of_its_answer(consul_target):
+    """/_devcluster/stats counts the agent's requests and the bytes of its answers as sent,
+    headers aiohttp adds itself (Date, Content-Length) included."""
+    endpoint = consul_target.agents[0]
+    stats_url = f"{endpoint.base_url}/_devcluster/stats"
+    assert requests.delete(stats_url, timeout=30).status_code == 200
+    request = f"GET /v1/status/leader HTTP/1.1\r\nHost: {endpoint.host}\r\nConnection: close\r\n\r\n".encode()
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    counters = requests.get(stats_url, timeout=30).json()["agents"][endpoint.name]
+    assert counters["requests"] == 1
+    assert counters["bytes_in"] == len(request)
+    assert counters["bytes_out"] == len(answer)
