@@ -142,6 +142,23 @@ def injected_failure_command(nodes_dir: Path) -> str:
     return _in_node(nodes_dir, "if [ -e inject-fail-{{ app }} ]; then echo injected failure >&2; exit 3; fi")
 
 
+def started_marker(app: str) -> str:
+    """The file a node's first command of ``app`` leaves in its directory (budget app)."""
+    return f"started-{app}"
+
+
+def waiting_failure_command(nodes_dir: Path) -> str:
+    """Leaves ``started-<app>``; on the nodes whose directory holds ``inject-fail-<app>``, then
+    fails once the node named in that file has left its own (or after 30 s): the failures
+    come only after that node has begun its pull."""
+    marker = started_marker("{{ app }}")
+    return _in_node(
+        nodes_dir,
+        f"touch {marker} && if [ -e inject-fail-{{{{ app }}}} ]; then m=../$(cat inject-fail-{{{{ app }}}})/{marker}; "
+        "timeout 30 sh -c 'until [ -e \"$0\" ]; do sleep 0.05; done' \"$m\"; echo injected failure >&2; exit 3; fi",
+    )
+
+
 def injected_hang_command(nodes_dir: Path) -> str:
     """Hangs on the nodes whose directory holds ``inject-hang-<app>``."""
     return _in_node(nodes_dir, f"if [ -e inject-hang-{{{{ app }}}} ]; then sleep {HANG_SECONDS}; fi")
@@ -160,7 +177,7 @@ def chaos_apps(nodes_dir: Path) -> dict[str, dict[str, Any]]:
         "fail-ignore": {"exec_commands": failing, "on_command_failure": "ignore"},
         "hang": {"exec_commands": [injected_hang_command(nodes_dir), pull_command(nodes_dir, 0.3)],
                  "command_timeout": HANG_TIMEOUT},
-        "budget": {"exec_commands": [injected_failure_command(nodes_dir), pull_command(nodes_dir, 2)]},
+        "budget": {"exec_commands": [waiting_failure_command(nodes_dir), pull_command(nodes_dir, 2)]},
     }
 
 
@@ -952,10 +969,12 @@ def missed_events(cluster: ChaosCluster, probe: Probe) -> Outcome:
 def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     app, version = "budget", "1"
     order = [name for name in cluster.names if name != cluster.leader]
-    # All of the first stage but one: they fail before most nodes start, while one pulls on.
+    # All of the first stage but one: they fail before most nodes start, once the one left
+    # has begun its pull (which it finishes: the survivor).
     injected = order[:max(1, cluster.fanout - 1)]
+    survivor = order[len(injected)]
     for name in injected:
-        (cluster.root(name) / f"inject-fail-{app}").touch()
+        (cluster.root(name) / f"inject-fail-{app}").write_text(survivor)
     outcome = Outcome("failure_budget", len(cluster.names), len(injected),
                       f"the first stage fails; max_fail_percentage {MAX_FAIL_PERCENTAGE:g}")
     fired = probe.fire(app, version)
@@ -976,6 +995,8 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     probe.settled([app])
     for name in injected:
         (cluster.root(name) / f"inject-fail-{app}").unlink()
+    for name in targets:
+        (cluster.root(name) / started_marker(app)).unlink(missing_ok=True)
     final = probe.views(app)
     ran_after_abort = sorted(name for name in not_started if probe.runs(app, name)[version]
                              or (final.get(name) and final[name].state and final[name].state.status == NODE_DONE))
