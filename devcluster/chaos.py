@@ -137,25 +137,22 @@ def source_checked_command(nodes_dir: Path, seconds: float) -> str:
     return _in_node(nodes_dir, f"{alive} && sleep {seconds:g} && {alive} && {_record()}")
 
 
-def injected_failure_command(nodes_dir: Path) -> str:
-    """Fails on the nodes whose directory holds ``inject-fail-<app>``."""
-    return _in_node(nodes_dir, "if [ -e inject-fail-{{ app }} ]; then echo injected failure >&2; exit 3; fi")
-
-
 def started_marker(app: str) -> str:
-    """The file a node's first command of ``app`` leaves in its directory (budget app)."""
+    """The file the failing step of ``app`` leaves in a node's directory when it runs."""
     return f"started-{app}"
 
 
-def waiting_failure_command(nodes_dir: Path) -> str:
-    """Leaves ``started-<app>``; on the nodes whose directory holds ``inject-fail-<app>``, then
-    fails once the node named in that file has left its own (or after 30 s): the failures
-    come only after that node has begun its pull."""
+def injected_failure_command(nodes_dir: Path) -> str:
+    """Fails on the nodes whose directory holds ``inject-fail-<app>``. When that file names
+    a node, the failure waits until that node's own step has left ``started-<app>`` (at
+    most 30 s), so that it comes only after that node has begun its pull."""
     marker = started_marker("{{ app }}")
+    inject = "inject-fail-{{ app }}"
     return _in_node(
         nodes_dir,
-        f"touch {marker} && if [ -e inject-fail-{{{{ app }}}} ]; then m=../$(cat inject-fail-{{{{ app }}}})/{marker}; "
-        "timeout 30 sh -c 'until [ -e \"$0\" ]; do sleep 0.05; done' \"$m\"; echo injected failure >&2; exit 3; fi",
+        f"touch {marker} && if [ -e {inject} ]; then if [ -s {inject} ]; then m=../$(cat {inject})/{marker}; "
+        "timeout 30 sh -c 'until [ -e \"$0\" ]; do sleep 0.05; done' \"$m\"; fi; "
+        "echo injected failure >&2; exit 3; fi",
     )
 
 
@@ -177,7 +174,7 @@ def chaos_apps(nodes_dir: Path) -> dict[str, dict[str, Any]]:
         "fail-ignore": {"exec_commands": failing, "on_command_failure": "ignore"},
         "hang": {"exec_commands": [injected_hang_command(nodes_dir), pull_command(nodes_dir, 0.3)],
                  "command_timeout": HANG_TIMEOUT},
-        "budget": {"exec_commands": [waiting_failure_command(nodes_dir), pull_command(nodes_dir, 2)]},
+        "budget": {"exec_commands": [injected_failure_command(nodes_dir), pull_command(nodes_dir, 2)]},
     }
 
 
