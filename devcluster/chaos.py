@@ -214,17 +214,18 @@ def worker_pids(config_path: Path, app: str | None = None) -> list[int]:
 
 
 def kill_tree(pid: int) -> int:
-    """SIGKILL ``pid`` and every process below it (its commands run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for other in _pids():
-        parent = _proc_parent(other)
-        if parent is not None:
-            children.setdefault(parent, []).append(other)
+    """SIGKILL ``pid`` and every process below it (its commands run in sessions of their own).
+
+    Each process is stopped before its children are looked up, so none can start another
+    between the look-up and the kill: a command forked meanwhile would run on, orphaned.
+    """
     victims, pending = [], [pid]
     while pending:
         current = pending.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(current, signal.SIGSTOP)
         victims.append(current)
-        pending.extend(children.get(current, ()))
+        pending.extend(other for other in _pids() if _proc_parent(other) == current)
     for victim in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
