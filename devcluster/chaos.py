@@ -976,7 +976,7 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     outcome = Outcome("failure_budget", len(cluster.names), len(injected),
                       f"the first stage fails; max_fail_percentage {MAX_FAIL_PERCENTAGE:g}")
     fired = probe.fire(app, version)
-    targets, run_id = fired["targets"], fired["run_id"]
+    targets = fired["targets"]
 
     def over_budget() -> dict | None:
         progress = info(probe.client, cluster.schema, app)
@@ -986,9 +986,9 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     reason = (f"{progress['counts']['failed']} of {progress['total']} targets failed, "
               f"more than max_fail_percentage {MAX_FAIL_PERCENTAGE:g}%")
     clear(probe.client, cluster.schema, app, abort=True, reason=reason)
-    at_abort = probe.views(app)
-    started = {name for name, view in at_abort.items() if view.state is not None and view.state.run_id == run_id
-               and view.state.status in (NODE_PULLING, NODE_DONE, NODE_FAILED)} - {cluster.leader}
+    # Started: the nodes whose commands had begun (their marker is there). A node that had
+    # claimed a slot but not begun its commands stops at the abort, as it should.
+    started = {name for name in targets if (cluster.root(name) / started_marker(app)).exists()} - {cluster.leader}
     not_started = [name for name in targets if name not in started and name != cluster.leader]
     probe.settled([app])
     for name in injected:
@@ -1008,7 +1008,7 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
         outcome.problems.append(f"{len(ran_after_abort)} nodes started after the abort: {ran_after_abort}")
     if report["status"] != "aborted" or "max_fail_percentage" not in (report["release"]["aborted_reason"] or ""):
         outcome.problems.append(f"the report does not say why the run stopped: {report['release']}")
-    # Survivors: the nodes already pulling when the abort came, which finish; the rest stop.
+    # Survivors: the nodes whose commands had begun when the abort came, which finish; the rest stop.
     faulted = set(injected) | set(not_started) | {cluster.leader}
     return probe.measure(outcome, [(app, version, targets, faulted)])
 
