@@ -11,10 +11,11 @@ COLLECTION_LINK := build/ansible_collections/fireap/consul
 
 setup: $(VENV)/.installed $(COLLECTION_LINK) system-tools
 
-$(VENV)/.installed: requirements.txt
+# requirements-dev.txt includes requirements.txt: a change to either rebuilds the venv.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 # ansible-test and ansible-playbook find the collection under ansible_collections/<ns>/<name>.

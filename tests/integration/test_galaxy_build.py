@@ -1,7 +1,11 @@
 """The collection as Galaxy ships it: built, installed into an empty path, documented, working.
 
 ``ansible-galaxy collection build`` makes the tarball from the repository; it must hold the
-collection and none of the tree's build output, working files or caches.
+collection and none of the tree's build output, working files or caches, nor the workshop
+that develops and tests it (the Consul double, the Makefile, the development requirements,
+the molecule scenario, the benchmark's images). It names the collection's runtime Python
+packages for ansible-builder: meta/execution-environment.yml points at a requirements file
+that ships with it.
 ``ansible-galaxy collection install`` puts it into a fresh path, and everything below runs
 with ANSIBLE_COLLECTIONS_PATH naming only that path, outside the repository (so its
 ansible.cfg and build/ link play no part): ``ansible-doc`` of every module, filter and role,
@@ -33,12 +37,25 @@ FQCN = f"{GALAXY['namespace']}.{GALAXY['name']}"
 MODULES = sorted(path.stem for path in (REPO_ROOT / "plugins" / "modules").glob("*.py"))
 FILTERS = sorted(path.stem for path in (REPO_ROOT / "plugins" / "filter").glob("*.py"))
 ROLES = sorted(path.name for path in (REPO_ROOT / "roles").iterdir() if path.is_dir())
+#: ansible-test sanity's ignore files: they ship, so that it runs on the installed collection.
+SANITY_IGNORES = sorted(f"tests/sanity/{path.name}" for path in (REPO_ROOT / "tests" / "sanity").glob("ignore-*.txt"))
 NODES = 3
 COMMAND_TIMEOUT = 600
-#: Names no tarball may hold at any depth: caches, VCS data, compiled files.
-NEVER_SHIPPED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".ansible", ".ansible-tmp", ".venv"}
+#: Names no tarball may hold at any depth: caches, VCS data, compiled files, molecule scenarios.
+NEVER_SHIPPED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".ansible", ".ansible-tmp", ".venv",
+                 "molecule"}
 #: Top-level entries of the tree that are build output or local working files.
 NOT_SHIPPED_AT_TOP = {"build", ".ci", "tests/output", "changelogs/.plugin-cache.yaml"}
+#: Entries of the tree that develop and test the collection: the Consul double and its benchmark,
+#: the commands, the development requirements, a checkout's settings, the molecule scenario,
+#: the benchmark's images, and the tests that need the double (only tests/sanity ships).
+WORKSHOP = {"devcluster", "Makefile", "requirements-dev.txt", ".ansible-lint", "pytest.ini", "ansible.cfg",
+            ".gitignore", "extensions/molecule", "docs/bench.png", "docs/bench.svg", "tests/ansible-test-offline",
+            "tests/unit", "tests/integration", "tests/conftest.py", "tests/consul_harness.py"}
+#: The repository's development requirements; they include the runtime file with `-r`.
+DEV_REQUIREMENTS = "requirements-dev.txt"
+#: The Python packages the collection needs on the controller and the nodes.
+RUNTIME_PACKAGES = {"py-consul", "pyyaml"}
 CONNECTION_OPTIONS = {"host", "port", "scheme", "validate_certs", "ca_path", "token", "timeout", "retries"}
 APP = "web"
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -94,11 +111,41 @@ def installed(tarball, tmp_path_factory) -> Installed:
     return result
 
 
-def test_the_tarball_holds_the_collection_and_no_build_output_or_caches(tarball):
+def shipped_names(tarball: Path) -> list[str]:
     with tarfile.open(tarball) as archive:
-        names = [member.name.removeprefix("./") for member in archive.getmembers()]
+        return [member.name.removeprefix("./") for member in archive.getmembers()]
+
+
+def shipped_text(tarball: Path, name: str) -> str:
+    with tarfile.open(tarball) as archive:
+        member = archive.extractfile(name)
+        assert member is not None, f"{name} in {tarball.name} is not a file"
+        return member.read().decode()
+
+
+def requirement_lines(text: str) -> list[str]:
+    """The lines of a pip requirements file without comments and blank lines."""
+    lines = (re.sub(r"(^|\s)#.*", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def requirement_name(line: str) -> str:
+    """The normalised project name of a requirement line (PEP 503)."""
+    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+    assert match, f"not a requirement: {line!r}"
+    return re.sub(r"[-_.]+", "-", match.group()).lower()
+
+
+def requirement_names(text: str) -> set[str]:
+    """The projects a requirements file names itself (not through -r or other options)."""
+    return {requirement_name(line) for line in requirement_lines(text) if not line.startswith("-")}
+
+
+def test_the_tarball_holds_the_collection_and_no_build_output_or_caches(tarball):
+    names = shipped_names(tarball)
     shipped = set(names)
     for required in ("MANIFEST.json", "FILES.json", "README.md", "LICENSE", "CHANGELOG.md", "meta/runtime.yml",
+                     "meta/execution-environment.yml", *SANITY_IGNORES,
                      "changelogs/changelog.yaml", "docs/configuration.md", "playbooks/release.yml",
                      *(f"plugins/modules/{module}.py" for module in MODULES),
                      *(f"plugins/filter/{name}.py" for name in FILTERS),
@@ -110,6 +157,53 @@ def test_the_tarball_holds_the_collection_and_no_build_output_or_caches(tarball)
         assert not name.endswith((".pyc", ".tar.gz")), f"{tarball.name} holds {name}"
         assert not any(name == top or name.startswith(top + "/") for top in NOT_SHIPPED_AT_TOP), (
             f"{tarball.name} holds {name}")
+        assert not any(name == top or name.startswith(top + "/") for top in WORKSHOP), (
+            f"{tarball.name} holds {name}, which develops or tests the collection")
+
+
+def test_the_tarball_names_its_runtime_python_packages_for_ansible_builder(tarball):
+    shipped = set(shipped_names(tarball))
+    meta = yaml.safe_load(shipped_text(tarball, "meta/execution-environment.yml"))
+    dependencies = meta["dependencies"]
+    # ansible-builder takes these paths relative to the collection's root, and only files that ship.
+    for kind in ("python", "system"):
+        path = dependencies.get(kind)
+        if path is None:
+            continue
+        assert isinstance(path, str) and not path.startswith(("/", "..")), (kind, path)
+        assert path in shipped, f"meta/execution-environment.yml names {path}, which {tarball.name} lacks"
+    runtime_file = dependencies["python"]
+    runtime = shipped_text(tarball, runtime_file)
+    for line in requirement_lines(runtime):
+        if line.startswith(("-r", "--requirement", "-c", "--constraint")):
+            included = os.path.normpath(os.path.join(os.path.dirname(runtime_file), line.split(None, 1)[1]))
+            assert included in shipped, f"{runtime_file} includes {included}, which {tarball.name} lacks"
+    names = requirement_names(runtime)
+    assert RUNTIME_PACKAGES <= names, f"{runtime_file} names {sorted(names)}"
+    # An execution environment brings its own Ansible; the development tools stay in the repository.
+    assert not names & {"ansible", "ansible-core"}, f"{runtime_file} names {sorted(names)}"
+    dev_only = requirement_names((REPO_ROOT / DEV_REQUIREMENTS).read_text())
+    assert not names & dev_only, f"{runtime_file} names development packages {sorted(names & dev_only)}"
+    # No other requirements file ships beside the runtime one: the development ones stay home.
+    extra = {name for name in shipped if re.fullmatch(r"requirements[^/]*\.txt", name)} - {runtime_file}
+    assert not extra, f"{tarball.name} holds {sorted(extra)}"
+
+
+def test_every_python_version_is_pinned_in_one_file():
+    """requirements.txt pins the runtime packages, requirements-dev.txt the rest and includes it."""
+    runtime_file = yaml.safe_load((REPO_ROOT / "meta" / "execution-environment.yml").read_text())["dependencies"][
+        "python"]
+    dev_lines = requirement_lines((REPO_ROOT / DEV_REQUIREMENTS).read_text())
+    assert f"-r {runtime_file}" in dev_lines, f"{DEV_REQUIREMENTS} does not include {runtime_file}"
+    pinned_in: dict[str, list[str]] = {}
+    for path in (runtime_file, DEV_REQUIREMENTS, "tests/unit/requirements.txt"):
+        for line in requirement_lines((REPO_ROOT / path).read_text()):
+            if not line.startswith("-") and re.search(r"[=<>~!]=|[<>]", line):
+                pinned_in.setdefault(requirement_name(line), []).append(path)
+    twice = {name: paths for name, paths in pinned_in.items() if len(paths) > 1}
+    assert not twice, f"pinned in more than one file: {twice}"
+    for line in dev_lines + requirement_lines((REPO_ROOT / runtime_file).read_text()):
+        assert line.startswith("-") or "==" in line, f"not pinned: {line}"
 
 
 def test_the_installed_collection_is_the_built_version(installed):
