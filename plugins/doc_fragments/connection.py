@@ -5,7 +5,10 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    """Use with ``extends_documentation_fragment: [fireap.consul.connection]``."""
+    """Use with ``extends_documentation_fragment: [fireap.consul.connection]``.
+
+    The matching argument spec comes from ``fireap_argument_spec()`` in module_utils/_module.py.
+    """
 
     DOCUMENTATION = r"""
 options:

@@ -6,11 +6,13 @@ Modules only: this file imports ansible, so the node handler never loads it.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
+    CONNECTION_ARGUMENT_SPEC,
     HAS_PY_CONSUL,
     PY_CONSUL_IMPORT_ERROR,
     ConsulOptions,
@@ -18,8 +20,29 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     build_client,
     consul_errors,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._release import ReleaseError
+
+#: Options every module takes besides the connection (doc fragment fireap.consul.app).
+APP_ARGUMENT_SPEC = {
+    "app": {"type": "str", "required": True},
+    "kv_prefix": {"type": "str", "default": DEFAULT_PREFIX},
+}
+
+
+def fireap_argument_spec(**own) -> dict:
+    """A module's argument spec: the options every fireap module shares, then its ``own``.
+
+    The shared options are the Consul connection options (doc fragment fireap.consul.connection)
+    and those of APP_ARGUMENT_SPEC (fireap.consul.app); :func:`fireap_consul` reads them. The
+    result is a new dict, free to change. A module option may not reuse a shared option's name,
+    which would silently give that name another meaning in this module.
+    """
+    shared = dict(CONNECTION_ARGUMENT_SPEC, **APP_ARGUMENT_SPEC)
+    clash = sorted(set(own) & set(shared))
+    if clash:
+        raise ValueError(f"module options {', '.join(clash)} would replace shared options of the same name")
+    return copy.deepcopy(dict(shared, **own))
 
 
 @contextmanager

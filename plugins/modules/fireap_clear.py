@@ -18,24 +18,17 @@ description:
     states, slots); nodes then treat the app as never released.
 extends_documentation_fragment:
   - fireap.consul.connection
+  - fireap.consul.app
+  - fireap.consul.attributes
+  - fireap.consul.attributes.action_group
 attributes:
   check_mode:
-    description: Reports what would change without changing anything.
     support: full
   diff_mode:
-    description: Shows the release record and the lock before and after.
     support: full
+    details:
+      - Shows the release record and the lock before and after.
 options:
-  app:
-    description:
-      - Name of the app.
-    type: str
-    required: true
-  kv_prefix:
-    description:
-      - Consul KV prefix under which fireap keeps its state. Must end with V(/).
-    type: str
-    default: fireap/
   lift_lock:
     description:
       - Destroy the session holding the app's fire lock, if any.
@@ -151,15 +144,10 @@ after:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
-from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
-from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_consul
+from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._release import clear
 
-ARGUMENT_SPEC = dict(
-    CONNECTION_ARGUMENT_SPEC,
-    app={"type": "str", "required": True},
-    kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
+ARGUMENT_SPEC = fireap_argument_spec(
     lift_lock={"type": "bool", "default": True},
     abort={"type": "bool", "default": False},
     reason={"type": "str"},

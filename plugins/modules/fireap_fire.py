@@ -25,23 +25,24 @@ description:
     targets that have not started (the event was lost or their agent was down).
 extends_documentation_fragment:
   - fireap.consul.connection
+  - fireap.consul.app
+  - fireap.consul.attributes
+  - fireap.consul.attributes.action_group
 attributes:
   check_mode:
-    description: Computes the version, the targets and the lock decision without writing to KV or firing an event.
     support: full
+    details:
+      - Computes the version, the targets and the lock decision without writing to KV or firing an event.
   diff_mode:
-    description: Shows the release record before and after.
     support: full
+    details:
+      - Shows the release record before and after.
 options:
-  app:
-    description:
-      - Name of the app to release, as configured on the nodes.
-      - Letters, digits, V(_), V(.) and V(-) only.
-    type: str
-    required: true
   version:
     description:
-      - Version to release; printable, without whitespace, at most 64 characters.
+      - Version to release; 1 to 64 letters, digits and C(._+~-), starting with a letter or a digit
+        (V(1.4.2), V(v7), V(2.0-rc1), V(1.0+build.5)). Every node checks the version it reads from
+        Consul by the same rule, so it can never reach a command as an option or as shell code.
       - When omitted, the last run of digits of the previous run's version is incremented
         (V(1.4.2) becomes V(1.4.3), V(v7) becomes V(v8)); without a previous run the version is V(1).
       - The event carries the app and version as compact JSON, which must fit Consul's 100-byte budget for
@@ -96,12 +97,6 @@ options:
       - Cannot be combined with O(node_filter), O(service), O(tag) or O(force).
     type: bool
     default: false
-  kv_prefix:
-    description:
-      - Consul KV prefix under which fireap keeps its state; must match the nodes' configuration.
-      - Must end with V(/).
-    type: str
-    default: fireap/
   wait:
     description:
       - Wait until every target is done or failed (or the run is aborted) before returning.
@@ -288,9 +283,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
-from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
-from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_consul
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._release import (
     DEFAULT_FANOUT,
     ReleaseWaitTimeout,
@@ -303,9 +297,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import D
 #: Longest single blocking read while waiting: an abort is noticed within this many seconds.
 WAIT_POLL = 5.0
 
-ARGUMENT_SPEC = dict(
-    CONNECTION_ARGUMENT_SPEC,
-    app={"type": "str", "required": True},
+ARGUMENT_SPEC = fireap_argument_spec(
     version={"type": "str"},
     node_filter={"type": "str"},
     service={"type": "str"},
@@ -314,7 +306,6 @@ ARGUMENT_SPEC = dict(
     config={"type": "path", "default": DEFAULT_PATH},
     force={"type": "bool", "default": False},
     retry_stragglers={"type": "bool", "default": False},
-    kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
     wait={"type": "bool", "default": False},
     wait_timeout={"type": "float", "default": 3600.0},
 )

@@ -16,24 +16,18 @@ description:
   - A node that is already done at the run's version from an earlier run counts as done.
 extends_documentation_fragment:
   - fireap.consul.connection
+  - fireap.consul.app
+  - fireap.consul.attributes
+  - fireap.consul.attributes.action_group
 attributes:
   check_mode:
-    description: Read-only; runs normally in check mode.
     support: full
+    details:
+      - Read-only; runs normally in check mode.
   diff_mode:
-    description: Changes nothing, so there is no diff.
     support: none
-options:
-  app:
-    description:
-      - Name of the app.
-    type: str
-    required: true
-  kv_prefix:
-    description:
-      - Consul KV prefix under which fireap keeps its state. Must end with V(/).
-    type: str
-    default: fireap/
+    details:
+      - Changes nothing, so there is no diff.
 seealso:
   - module: fireap.consul.fireap_fire
   - module: fireap.consul.fireap_clear
@@ -243,16 +237,10 @@ lock:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
-from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
-from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_consul
+from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._release import info
 
-ARGUMENT_SPEC = dict(
-    CONNECTION_ARGUMENT_SPEC,
-    app={"type": "str", "required": True},
-    kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
-)
+ARGUMENT_SPEC = fireap_argument_spec()
 
 
 def main() -> None:

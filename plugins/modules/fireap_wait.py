@@ -27,6 +27,9 @@ description:
     still holds the run's progress, so a later task can report on it.
 extends_documentation_fragment:
   - fireap.consul.connection
+  - fireap.consul.app
+  - fireap.consul.attributes
+  - fireap.consul.attributes.action_group
 attributes:
   action:
     description: Runs on the controller and executes the fireap modules on the target host.
@@ -35,17 +38,14 @@ attributes:
     description: Cannot run asynchronously.
     support: none
   check_mode:
-    description: Skipped in check mode (a fire in check mode starts no run to wait for).
     support: none
+    details:
+      - Skipped in check mode (a fire in check mode starts no run to wait for).
   diff_mode:
-    description: Produces no diff.
     support: none
+    details:
+      - Produces no diff.
 options:
-  app:
-    description:
-      - Name of the app.
-    type: str
-    required: true
   run_id:
     description:
       - Id of the run to wait for, as returned by M(fireap.consul.fireap_fire).
@@ -76,14 +76,9 @@ options:
       - V(0) disables re-firing.
     type: float
     default: 30
-  kv_prefix:
-    description:
-      - Consul KV prefix under which fireap keeps its state. Must end with V(/).
-    type: str
-    default: fireap/
 notes:
-  - The connection options are passed as given to the modules the plugin runs; module defaults set for
-    the action group C(group/fireap.consul.consul) apply when this action is part of that group.
+  - The connection options are passed as given to the modules the plugin runs, those set in C(module_defaults)
+    for the action group C(group/fireap.consul.consul) included.
   - Progress lines are printed by the controller while the task runs, whatever the callback plugin.
 seealso:
   - module: fireap.consul.fireap_fire
