@@ -15,18 +15,27 @@ Whitespace inside the braces is allowed (``{{app}}``, ``{{ app }}``). Nothing el
 Jinja is: filters (``|``), expressions, statements (``{% ... %}``) and comments
 (``{# ... #}``) are refused, as is a name outside the list above.
 
-Every value is inserted as one shell word quoted with :func:`shlex.quote`, so a value such
-as ``1.0;rm -rf /``, ``$(id)`` or one with a newline stays inert data. Values are
-already quoted: write ``/opt/{{ app }}/`` and never ``"/opt/{{ app }}/"``. Placing a
-variable inside quotes, after a backslash or inside a here-document body would let the
-shell re-interpret the quoted value, so such templates are refused. The quoting protects
-one level of shell only: a command that hands a value to another shell (``ssh host
-...``, ``sh -c ...``) has that shell parse it again.
+Values are checked before anything is rendered (``CommandVariables``): names, versions and
+addresses follow the rules they obey in Consul (``_validation``), so none can start with
+``-`` (no command takes one for an option) or hold whitespace, a quote or a character any
+shell acts on. On top of that, every value is inserted as one shell word quoted with
+:func:`shlex.quote`. Values are already quoted: write ``/opt/{{ app }}/`` and never
+``"/opt/{{ app }}/"``.
+
+A variable may stand only where its quoted word stays a plain argument. Templates that put
+one where the shell or the command parses a word again are refused when the config is
+loaded: inside quotes, after a backslash, in a here-document body, inside backquotes,
+``$(( ))``, ``(( ))``, ``[[ ]]`` or ``${...}``; as an argument of ``eval``, ``let``,
+``trap``, ``alias``, ``.``/``source``, ``parallel``, ``watch`` or ``awk``; in the command
+line of a shell or interpreter given program text (``sh -c``, ``bash -lc``, ``su -c``,
+``sudo -s``, ``python -c``, ``perl -e``, ...); and after the destination of ``ssh`` (the
+remote shell parses its command again). ``$(...)`` is a plain context of its own.
 
 Runner
 ------
 Each command runs as ``/bin/sh -c <command>`` in a session (and process group) of its own,
-stdin from ``/dev/null``, stdout and stderr captured together; only the last
+stdin from ``/dev/null``, with the handler's environment less every Consul credential
+(``command_environment``), stdout and stderr captured together; only the last
 :data:`OUTPUT_TAIL_BYTES` are kept. A command that outlives its timeout has its whole
 process group sent SIGTERM, then SIGKILL after a short grace. Processes that a command
 leaves running in the background after it exits successfully are not touched; they must
@@ -46,7 +55,13 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    check_address,
+    check_name,
+    check_version,
+)
 
 VARIABLES = ("app", "version", "node", "remote.name", "remote.address")
 PHASES = ("before_commands", "exec_commands", "after_commands")
@@ -68,6 +83,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 # Characters after which '#' starts a shell comment.
 _WORD_BREAK = " \t\n;&|()<>"
 
+# Consul's credential variables (CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_AUTH,
+# CONSUL_CLIENT_KEY, CONSUL_CLIENT_CERT, ...) and any other CONSUL_* naming a secret.
+_CREDENTIAL = re.compile(r"CONSUL_\w*(TOKEN|AUTH|KEY|CERT|SECRET|PASSWORD|LICENSE)", re.IGNORECASE)
+
 _log = logging.getLogger(__name__)
 
 
@@ -77,7 +96,9 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class CommandVariables:
-    """The values a command template may use (see the module docstring)."""
+    """The values a command template may use (see the module docstring), each checked by
+    the rule it obeys in Consul (``_validation``): none can start with ``-`` or hold a
+    character any shell would act on, whatever KV or the event said."""
 
     app: str
     version: str
@@ -86,14 +107,11 @@ class CommandVariables:
     remote_address: str
 
     def __post_init__(self) -> None:
-        for field in ("app", "version", "node", "remote_name", "remote_address"):
-            value = getattr(self, field)
-            if not isinstance(value, str):
-                raise TypeError(
-                    "command variable %s must be a string, got %r" % (field, value))
-            if "\0" in value:
-                raise ValueError(
-                    "command variable %s contains a NUL byte: %r" % (field, value))
+        check_name(self.app, "app")
+        check_version(self.version)
+        check_name(self.node, "node")
+        check_name(self.remote_name, "source node")
+        check_address(self.remote_address, "source address")
 
     def value(self, name: str) -> str:
         """The value of a template variable (``remote.name`` and so on)."""
@@ -165,21 +183,108 @@ def _split(template: str) -> Tuple[_Part, ...]:
     return tuple(parts)
 
 
+# Commands that take an argument as code to parse again, wherever it stands in their line.
+_CODE_COMMANDS = frozenset(("eval", "let", "trap", "alias", "source", ".", "parallel", "watch",
+                            "awk", "gawk", "mawk", "nawk", "read", "mapfile", "readarray"))
+# Shells and interpreters: with one of these options, an argument is a program text.
+_INLINE_CODE_OPTIONS = {
+    "sh": "c", "bash": "c", "dash": "c", "zsh": "c", "ksh": "c", "mksh": "c", "ash": "c", "busybox": "c",
+    "su": "c", "runuser": "c", "script": "c", "sudo": "si", "doas": "s",
+    "python": "c", "perl": "eE", "ruby": "e", "node": "ep", "php": "rR", "lua": "e", "tclsh": "c",
+    # bash: an integer attribute evaluates assigned words as arithmetic; -v names a variable.
+    "declare": "i", "typeset": "i", "local": "i", "printf": "v", "test": "v", "[": "v",
+}
+# Commands that run the rest of their command line as a command of its own.
+_WRAPPERS = frozenset(("sudo", "doas", "env", "nohup", "nice", "ionice", "timeout", "stdbuf", "setsid",
+                       "chroot", "exec", "command", "builtin", "flock", "chrt", "taskset", "unbuffer",
+                       "xargs", "runuser", "su", "coproc"))
+# ssh options that take the next word as their value.
+_SSH_VALUE_OPTIONS = "BbcDEeFIiJLlmOopQRSWw"
+# Words that start a compound command rather than name one.
+_RESERVED = frozenset(("if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "case",
+                       "esac", "!", "{", "}", "time"))
+_VARIABLE_MARK = "\0"
+# A word that opens an array element assignment: name[ ... (the subscript is arithmetic).
+_SUBSCRIPT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\[[^\]]*\Z")
+
+
+def _command_name(word: str) -> str:
+    name = word.rsplit("/", 1)[-1]
+    return name.rstrip("0123456789.") if name.startswith("python") else name
+
+
+def _takes_inline_code(command: str, option: str, letters: str) -> bool:
+    if option.startswith("--"):
+        return command in ("su", "runuser", "script") and option.startswith("--command") or (
+            command in ("sudo", "doas") and option in ("--shell", "--login"))
+    return option.startswith("-") and any(letter in option[1:] for letter in letters)
+
+
+def _reparsed_by(words: List[str]) -> Optional[str]:
+    """Why a value placed after ``words`` (the simple command so far) would be parsed again
+    as code, or None."""
+    for index, word in enumerate(words):
+        name = _command_name(word)
+        if name in _CODE_COMMANDS and _in_command_position(words, index):
+            return "is an argument of '%s', which runs its arguments as code" % name
+        letters = _INLINE_CODE_OPTIONS.get(name)
+        if letters and any(_takes_inline_code(name, option, letters) for option in words[index + 1:]):
+            return "is in a '%s' command line with an option that runs program text" % name
+        if name == "ssh" and (index == 0 or words[index - 1] not in ("-e", "--rsh")):
+            if _ssh_destination_passed(words[index + 1:]):
+                return "is in the command ssh runs through the remote shell"
+    return None
+
+
+def _in_command_position(words: List[str], index: int) -> bool:
+    """Whether ``words[index]`` names the command run: first, or after a command that runs
+    the rest of its line (``sudo``, ``env``, ``find -exec``, ...), an option or an assignment."""
+    if index == 0:
+        return True
+    before = words[index - 1]
+    if _command_name(before) in _WRAPPERS or before in ("-exec", "-execdir", "-ok"):
+        return True
+    return (before.startswith("-") or "=" in before) and any(
+        _command_name(word) in _WRAPPERS for word in words[:index - 1])
+
+
+def _ssh_destination_passed(arguments: List[str]) -> bool:
+    expect_value = False
+    for word in arguments:
+        if expect_value:
+            expect_value = False
+        elif word.startswith("-") and len(word) > 1:
+            expect_value = word[-1] in _SSH_VALUE_OPTIONS and len(word) == 2
+        else:
+            return True
+    return False
+
+
 class _ShellContext:
     """Tracks, well enough to place variables safely, how /bin/sh reads a template.
 
-    A frame stack: "top" and "subst" (inside ``$(...)`` or backticks) are unquoted
-    contexts, "single" and "double" are quotes. Once a here-document body starts, the
-    rest of the text is not tracked: variables are refused there.
+    A frame stack: "top" and "subst" (inside ``$(...)``) are plain command contexts that also
+    collect the words of the current simple command; "single" and "double" are quotes;
+    "backtick", "arith" (``$(( ))``, ``(( ))``) and "param" (``${...}``) are contexts whose
+    text the shell parses or evaluates again. Once a here-document body starts, the rest
+    of the text is not tracked: variables are refused there.
     """
 
     def __init__(self) -> None:
-        self.frames = [["top", 0]]  # kind, open parentheses (for "subst")
+        self.frames = [self._command_frame("top")]
         self.escaped = False
         self.in_comment = False
         self.heredoc_pending = False
         self.in_heredoc = False
         self.previous = "\n"
+
+    @staticmethod
+    def _command_frame(kind: str) -> dict:
+        return {"kind": kind, "depth": 0, "words": [], "word": "", "test": False}
+
+    def _command(self) -> dict:
+        """The innermost command frame (top or subst)."""
+        return next(frame for frame in reversed(self.frames) if frame["kind"] in ("top", "subst"))
 
     def feed(self, text: str) -> None:
         index = 0
@@ -188,64 +293,150 @@ class _ShellContext:
 
     def _step(self, text: str, index: int) -> int:
         char = text[index]
-        kind = self.frames[-1][0]
+        frame = self.frames[-1]
+        kind = frame["kind"]
         advance = 1
         if self.escaped:
             self.escaped = False
+            self._command()["word"] += char
         elif self.in_comment:
             if char == "\n":
                 self.in_comment = False
+                self._end_command()
                 self._newline()
         elif kind == "single":
             if char == "'":
                 self.frames.pop()
+            else:
+                self._command()["word"] += char
         elif char == "\\":
             self.escaped = True
+        elif text.startswith("$((", index) and kind != "arith":
+            self.frames.append({"kind": "arith", "depth": 0})
+            self._command()["word"] += "$"
+            advance = 3
+        elif text.startswith("$[", index):
+            self.frames.append({"kind": "arith", "depth": 0, "close": "]"})
+            self._command()["word"] += "$"
+            advance = 2
         elif text.startswith("$(", index):
-            self.frames.append(["subst", 0])
+            self._command()["word"] += "$"
+            self.frames.append(self._command_frame("subst"))
+            advance = 2
+        elif text.startswith("${", index):
+            self._command()["word"] += "$"
+            self.frames.append({"kind": "param", "depth": 0})
             advance = 2
         elif kind == "double":
             if char == '"':
                 self.frames.pop()
             elif char == "`":
-                self.frames.append(["backtick", 0])
+                self.frames.append({"kind": "backtick", "depth": 0})
+            else:
+                self._command()["word"] += char
+        elif kind == "arith":
+            advance = self._step_arith(text, index, frame)
+        elif kind == "param" and char == "}":
+            self.frames.pop()
         else:
             advance = self._step_unquoted(text, index, kind)
         self.previous = text[index + advance - 1]
         return advance
 
+    def _step_arith(self, text: str, index: int, frame: dict) -> int:
+        char = text[index]
+        if frame.get("close") == "]":
+            if char == "]":
+                self.frames.pop()
+        elif char == "(":
+            frame["depth"] += 1
+        elif char == ")":
+            if frame["depth"]:
+                frame["depth"] -= 1
+            elif text.startswith("))", index):
+                self.frames.pop()
+                return 2
+        return 1
+
     def _step_unquoted(self, text: str, index: int, kind: str) -> int:
         char = text[index]
+        command = self._command()
         if char == "'":
-            self.frames.append(["single", 0])
+            self.frames.append({"kind": "single", "depth": 0})
         elif char == '"':
-            self.frames.append(["double", 0])
+            self.frames.append({"kind": "double", "depth": 0})
         elif char == "`":
             if kind == "backtick":
                 self.frames.pop()
             else:
-                self.frames.append(["backtick", 0])
+                self.frames.append({"kind": "backtick", "depth": 0})
+        elif kind in ("backtick", "param"):
+            pass
         elif char == "#" and self.previous in _WORD_BREAK:
             self.in_comment = True
+        elif text.startswith("((", index) and not command["word"] and not command["words"]:
+            self.frames.append({"kind": "arith", "depth": 0})
+            return 2
         elif char == "(" and kind == "subst":
-            self.frames[-1][1] += 1
+            self.frames[-1]["depth"] += 1
+            self._end_command()
         elif char == ")" and kind == "subst":
-            if self.frames[-1][1]:
-                self.frames[-1][1] -= 1
+            if self.frames[-1]["depth"]:
+                self.frames[-1]["depth"] -= 1
+                self._end_command()
             else:
+                self._end_word()
                 self.frames.pop()
+                self._command()["word"] += "$"
+        elif text.startswith("<<<", index):
+            self._end_word()
+            command["herestring"] = True
+            return 3
         elif text.startswith("<<", index):
+            self._end_word()
             self.heredoc_pending = True
             return 2
+        elif char in " \t":
+            self._end_word()
         elif char == "\n":
+            self._end_command()
             self._newline()
+        elif char in ";&|()":
+            if command["test"] and char in "&|()":
+                self._end_word()
+            else:
+                self._end_command()
+        else:
+            command["word"] += char
         return 1
+
+    def _end_word(self) -> None:
+        command = self._command()
+        word, command["word"] = command["word"], ""
+        if not word:
+            return
+        if word == "[[":
+            command["test"] = True
+        elif word == "]]":
+            command["test"] = False
+        elif word in _RESERVED and not command["words"]:
+            return
+        command["words"].append(word)
+
+    def _end_command(self) -> None:
+        self._end_word()
+        command = self._command()
+        command["herestring"] = False
+        if not command["test"]:
+            command["words"] = []
 
     def _newline(self) -> None:
         if self.heredoc_pending:
             self.in_heredoc = True
 
     def check_variable(self, name: str) -> None:
+        kinds = [frame["kind"] for frame in self.frames]
+        command = self._command()
         if self.in_heredoc:
             problem = ("is in a here-document body, where its quoting does not apply: "
                        "use it in a command argument instead")
@@ -254,12 +445,29 @@ class _ShellContext:
                        "remove the backslash")
         elif self.in_comment:
             return
-        elif self.frames[-1][0] in ("single", "double"):
+        elif kinds[-1] in ("single", "double"):
             problem = ("is inside %s quotes: values are inserted already shell-quoted, "
-                       "so write the variable outside any quotes" % self.frames[-1][0])
+                       "so write the variable outside any quotes" % kinds[-1])
+        elif "backtick" in kinds:
+            problem = ("is inside backquotes, whose text the shell parses again: "
+                       "use $(...) instead")
+        elif "arith" in kinds:
+            problem = ("is inside an arithmetic expression ($(( )) or (( ))), where the shell "
+                       "evaluates the contents of a quoted word")
+        elif "param" in kinds:
+            problem = "is inside a parameter expansion ${...}"
+        elif command["test"]:
+            problem = "is inside [[ ]], where a quoted word can still be evaluated as arithmetic"
+        elif command.get("herestring"):
+            problem = "is in a here-string (<<<), which feeds it to the command as its input"
+        elif _SUBSCRIPT.match(command["word"]):
+            problem = "is an array subscript, which bash evaluates as arithmetic"
         else:
-            self.previous = "x"
-            return
+            problem = _reparsed_by(command["words"])
+            if problem is None:
+                self.previous = "x"
+                command["word"] += _VARIABLE_MARK
+                return
         raise TemplateError("{{ %s }} %s" % (name, problem))
 
 
@@ -286,8 +494,15 @@ def template_variables(template: str) -> Tuple[str, ...]:
 
 def render_command(template: str, variables: CommandVariables) -> str:
     """The command line for ``template`` with every variable shell-quoted."""
+    return fill_template(template, {name: variables.value(name) for name in VARIABLES})
+
+
+def fill_template(template: str, values: Mapping[str, str]) -> str:
+    """``template`` with each placeholder replaced by its value from ``values`` as one
+    shell-quoted word. The quoting holds for any string; ``render_command`` only ever gives
+    it values that passed ``CommandVariables``' checks."""
     return "".join(
-        shlex.quote(variables.value(part.name)) if isinstance(part, _Variable) else part
+        shlex.quote(values[part.name]) if isinstance(part, _Variable) else part
         for part in _parse(template))
 
 
@@ -421,6 +636,14 @@ def _collect(proc: subprocess.Popen, tail: _Tail, deadline: float) -> bool:
     return True
 
 
+def command_environment(environ: Optional[Mapping[str, str]] = None) -> dict:
+    """The environment the app's commands run with: the handler's (``environ``, default
+    ``os.environ``: the agent's, as the watch passed it on) without any Consul credential,
+    whether or not the handler itself took its token from there."""
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in environ.items() if not _CREDENTIAL.match(name)}
+
+
 def _format_seconds(seconds: float) -> str:
     return "%gs" % seconds
 
@@ -430,7 +653,7 @@ def _run_one(label: str, command: str, timeout: float, kill_grace: float) -> Com
     try:
         proc = subprocess.Popen(
             [SHELL, "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, start_new_session=True, env=command_environment())
     except OSError as exc:
         return CommandResult(label, command, None, time.monotonic() - start, "",
                              "could not start %s: %s" % (SHELL, exc))

@@ -11,9 +11,9 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
 A worker writes its ``nodes/<node>`` record with ``acquire`` of its session, so a record
 that is not finished (waiting/pulling) and no longer held belongs to a crashed worker.
 
-Records are JSON objects. Reading validates them: a malformed record raises
-``KVRecordError`` naming the key, so one corrupt value never crashes a worker with a
-``KeyError`` deep inside the algorithm. Unknown fields are ignored so that a newer
+Records are JSON objects. Reading validates every field by ``_validation``'s rules, the
+ones the leader writes by: a malformed record raises ``KVRecordError`` naming the key, so a
+corrupt or hostile value never crashes a worker, reaches a command or sizes an allocation. Unknown fields are ignored so that a newer
 writer does not break an older reader. Times are float epoch seconds. Versions are
 opaque strings compared by equality, never ordered.
 
@@ -27,13 +27,27 @@ import json
 import re
 from dataclasses import dataclass, field
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Callable
+
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    ERROR_MAX_LENGTH,
+    FANOUT_MAX,
+    LINE_MAX_LENGTH,
+    STAGE_MAX,
+    TARGETS_MAX,
+    check_address,
+    check_fanout,
+    check_int,
+    check_name,
+    check_run_id,
+    check_text,
+    check_time,
+    check_version,
+    show,
+)
 
 DEFAULT_PREFIX = "fireap/"
 
-# Names that become one path segment of a key. Consul accepts more in node names, but
-# only these survive every Consul release's key validation and never alter the path.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.,/-]+")
 
 RELEASE_RUNNING = "running"
@@ -63,20 +77,6 @@ class KVRecordError(ValueError):
         self.reason = reason
         where = f"KV key {key!r}" if key else "record"
         super().__init__(f"malformed {where}: {reason}")
-
-
-def check_name(value: Any, what: str) -> str:
-    """Return ``value`` if it can be one key segment (an app or node name); else ValueError.
-
-    ``what`` names the value in the error ("app", "node", ...).
-    """
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} name must be a non-empty string, got {value!r}")
-    if not NAME_PATTERN.fullmatch(value):
-        raise ValueError(f"{what} name {value!r} may only contain letters, digits, '_', '.' and '-'")
-    if ".." in value or value == ".":
-        raise ValueError(f"{what} name {value!r} must not be '.' or contain '..'")
-    return value
 
 
 def check_prefix(prefix: Any) -> str:
@@ -154,7 +154,7 @@ def _load_object(data: str | bytes | None, key: str | None) -> dict:
             raise KVRecordError(key, f"not UTF-8: {exc}") from None
     try:
         obj = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise KVRecordError(key, f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise KVRecordError(key, f"expected a JSON object, got {type(obj).__name__}")
@@ -169,46 +169,55 @@ def _get(obj: dict, name: str, key: str | None, kinds: tuple, *, optional: bool 
     value = obj[name]
     # bool is an int in Python; never accept it where a number is meant.
     if isinstance(value, bool) and bool not in kinds:
-        raise KVRecordError(key, f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        raise KVRecordError(key, f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}, got {show(value)}")
     if not isinstance(value, kinds):
-        raise KVRecordError(key, f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        raise KVRecordError(key, f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}, got {show(value)}")
     return value
 
 
-def _string(obj, name, key, *, optional=False) -> str | None:
-    value = _get(obj, name, key, (str,), optional=optional)
-    if value == "" and not optional:
-        raise KVRecordError(key, f"field {name!r} must not be empty")
-    return value
+def _checked(obj, name, key, check: Callable[[Any], Any], *, optional=False) -> Any:
+    """Field ``name`` passed through ``check`` (one of ``_validation``'s rules)."""
+    if name not in obj or obj[name] is None:
+        if optional:
+            return None
+        raise KVRecordError(key, f"missing field {name!r}")
+    try:
+        return check(obj[name])
+    except ValueError as exc:
+        raise KVRecordError(key, f"field {name!r}: {exc}") from None
 
 
 def _name(obj, name, key, *, optional=False) -> str | None:
-    value = _get(obj, name, key, (str,), optional=optional)
-    if value is None:
-        return None
-    try:
-        return check_name(value, name)
-    except ValueError as exc:
-        raise KVRecordError(key, str(exc)) from None
+    return _checked(obj, name, key, lambda value: check_name(value, name), optional=optional)
 
 
-def _int(obj, name, key, minimum: int) -> int:
-    value = _get(obj, name, key, (int,))
-    if value < minimum:
-        raise KVRecordError(key, f"field {name!r} must be >= {minimum}, got {value}")
-    return value
+def _int(obj, name, key, low: int, high: int) -> int:
+    return _checked(obj, name, key, lambda value: check_int(value, name, low, high))
 
 
 def _time(obj, name, key, *, optional=False) -> float | None:
-    value = _get(obj, name, key, (int, float), optional=optional)
-    return None if value is None else float(value)
+    return _checked(obj, name, key, lambda value: check_time(value, name), optional=optional)
+
+
+def _line(obj, name, key, *, optional=False) -> str | None:
+    return _checked(obj, name, key, lambda value: check_text(value, name, LINE_MAX_LENGTH), optional=optional)
 
 
 def _choice(obj, name, key, choices: tuple) -> str:
     value = _get(obj, name, key, (str,))
     if value not in choices:
-        raise KVRecordError(key, f"field {name!r} must be one of {', '.join(choices)}, got {value!r}")
+        raise KVRecordError(key, f"field {name!r} must be one of {', '.join(choices)}, got {show(value)}")
     return value
+
+
+def run_of(data: str | bytes | None, key: str | None = None) -> tuple[str, str] | None:
+    """``(run_id, version)`` of a release value whose other fields may be malformed, or None
+    when these two are not valid either: enough for a node to record that it failed the run."""
+    try:
+        obj = _load_object(data, key)
+        return _checked(obj, "run_id", key, check_run_id), _checked(obj, "version", key, check_version)
+    except KVRecordError:
+        return None
 
 
 def _revalidate(cls, record):
@@ -257,7 +266,7 @@ class ReleaseFilters(_Record):
     def from_dict(cls, obj: Any, key: str | None = None) -> ReleaseFilters:
         if not isinstance(obj, dict):
             raise KVRecordError(key, f"field 'filters' must be an object, got {obj!r}")
-        values = {name: _get(obj, name, key, (str,), optional=True) for name in FILTER_NAMES}
+        values = {name: _line(obj, name, key, optional=True) for name in FILTER_NAMES}
         if values["tag"] and not values["service"]:
             raise KVRecordError(key, "filter 'tag' requires filter 'service'")
         return cls(**values)
@@ -295,15 +304,15 @@ class ReleaseRecord(_Record):
         record = object.__new__(cls)  # validated field by field here; skip __post_init__
         values = dict(
             app=_name(obj, "app", key),
-            version=_string(obj, "version", key),
-            run_id=_string(obj, "run_id", key),
-            fanout=_int(obj, "fanout", key, 1),
+            version=_checked(obj, "version", key, check_version),
+            run_id=_checked(obj, "run_id", key, check_run_id),
+            fanout=_checked(obj, "fanout", key, check_fanout),
             leader=_name(obj, "leader", key),
-            target_count=_int(obj, "target_count", key, 1),
+            target_count=_int(obj, "target_count", key, 1, TARGETS_MAX),
             fired_at=_time(obj, "fired_at", key),
             filters=ReleaseFilters.from_dict(obj.get("filters") or {}, key),
             status=_choice(obj, "status", key, RELEASE_STATUSES),
-            aborted_reason=_string(obj, "aborted_reason", key, optional=True),
+            aborted_reason=_line(obj, "aborted_reason", key, optional=True),
         )
         for name, value in values.items():
             object.__setattr__(record, name, value)
@@ -325,8 +334,8 @@ class LockRecord(_Record):
     def from_dict(cls, obj: dict, key: str | None = None) -> LockRecord:
         record = object.__new__(cls)
         for name, value in (
-            ("run_id", _string(obj, "run_id", key)),
-            ("holder", _string(obj, "holder", key)),
+            ("run_id", _checked(obj, "run_id", key, check_run_id)),
+            ("holder", _line(obj, "holder", key)),
             ("since", _time(obj, "since", key)),
         ):
             object.__setattr__(record, name, value)
@@ -359,12 +368,12 @@ class PlanEntry(_Record):
     def from_dict(cls, obj: dict, key: str | None = None) -> PlanEntry:
         record = object.__new__(cls)
         for name, value in (
-            ("run_id", _string(obj, "run_id", key)),
+            ("run_id", _checked(obj, "run_id", key, check_run_id)),
             ("source", _name(obj, "source", key)),
-            ("stage", _int(obj, "stage", key, 1)),
-            ("slot", _int(obj, "slot", key, 0)),
+            ("stage", _int(obj, "stage", key, 1, STAGE_MAX)),
+            ("slot", _int(obj, "slot", key, 0, FANOUT_MAX - 1)),
             ("after", _name(obj, "after", key, optional=True)),
-            ("source_address", _string(obj, "source_address", key, optional=True) or None),
+            ("source_address", _checked(obj, "source_address", key, check_address, optional=True)),
         ):
             object.__setattr__(record, name, value)
         return record
@@ -402,14 +411,15 @@ class NodeState(_Record):
 
     @classmethod
     def from_dict(cls, obj: dict, key: str | None = None) -> NodeState:
-        version = _string(obj, "version", key)
-        run_id = _string(obj, "run_id", key)
+        version = _checked(obj, "version", key, check_version)
+        run_id = _checked(obj, "run_id", key, check_run_id)
         status = _choice(obj, "status", key, NODE_STATUSES)
         started = _time(obj, "started", key)
         source = _name(obj, "source", key, optional=True)
-        depth = None if obj.get("depth") is None else _int(obj, "depth", key, 0)
+        depth = None if obj.get("depth") is None else _int(obj, "depth", key, 0, TARGETS_MAX)
         finished = _time(obj, "finished", key, optional=True)
-        error = _string(obj, "error", key, optional=True)
+        error = _checked(obj, "error", key, lambda value: check_text(value, "error", ERROR_MAX_LENGTH, lines=True),
+                         optional=True)
         if source is None and depth not in (None, 0):
             raise KVRecordError(key, f"depth {depth} without a source")
         if source is not None and (depth is None or depth < 1):

@@ -33,7 +33,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     build_client,
     consul_errors,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema, check_name
+from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name
 from ansible_collections.fireap.consul.plugins.module_utils._release import (
     COUNT_ORDER,
     MIN_POLL_INTERVAL,

@@ -10,6 +10,9 @@ Pull rules, in the order the machine applies them:
 * nothing runs twice: a node done at the release's version, the leader, a node that is not
   a target (no plan entry for this run), a node failed in this run and an aborted release
   all end the worker before anything runs;
+* a run whose release record or plan entry for this node is malformed (``RunProblem``), or
+  whose plan names the node as its own source, is recorded ``failed`` with the reason, so a
+  target never looks pending forever;
 * a node writes nothing and holds no session while it waits: it first waits for
   ``plan.after`` (the puller scheduled on the same source slot one stage earlier) to finish,
   then for its preferred source to be done at the version (a stage-1 node whose source is
@@ -44,24 +47,20 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_FAILED,
     NODE_PULLING,
     NODE_WAITING,
+    KVRecordError,
     NodeState,
     PlanEntry,
     ReleaseRecord,
-    check_name,
+    run_of,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout, check_name, clip
 
 # --- the doubling schedule -------------------------------------------------------------
 
 
-def _check_fanout(fanout) -> int:
-    if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 1:
-        raise ValueError(f"fanout must be an integer >= 1, got {fanout!r}")
-    return fanout
-
-
 def stage_count(n_nodes: int, fanout: int) -> int:
     """Stages the schedule needs for ``n_nodes`` (leader included): ceil(log_{k+1} N)."""
-    fanout = _check_fanout(fanout)
+    fanout = check_fanout(fanout)
     if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 1:
         raise ValueError(f"node count must be an integer >= 1, got {n_nodes!r}")
     stages, reached = 0, 1
@@ -77,7 +76,7 @@ def schedule_position(index: int, fanout: int) -> tuple[int, int, int]:
     With s = floor(log_{k+1} index) and base = (k+1)^s: source = (index - base) // k,
     slot = (index - base) % k, stage = s + 1. Integer arithmetic only (no float log).
     """
-    fanout = _check_fanout(fanout)
+    fanout = check_fanout(fanout)
     if isinstance(index, bool) or not isinstance(index, int) or index < 1:
         raise ValueError(f"schedule index must be an integer >= 1, got {index!r}")
     s, base = 0, 1
@@ -116,7 +115,7 @@ def plan_release(
     ``addresses`` (node name -> catalog address) fills in each entry's ``source_address``.
     """
     addresses = addresses or {}
-    fanout = _check_fanout(fanout)
+    fanout = check_fanout(fanout)
     order = schedule_order(targets, leader)
     plan = {}
     for index in range(1, len(order)):
@@ -140,7 +139,7 @@ def spread_key(puller: str, candidate: str) -> int:
 
 def slot_order(puller: str, fanout: int, preferred: int | None = None) -> tuple[int, ...]:
     """Slots to try on a source: the preferred one, then all others from a puller-specific start."""
-    fanout = _check_fanout(fanout)
+    fanout = check_fanout(fanout)
     start = spread_key(puller, "") % fanout
     rotated = [(start + j) % fanout for j in range(fanout)]
     if preferred is not None and 0 <= preferred < fanout:
@@ -288,6 +287,48 @@ class PullResult:
         return self.state is not None and self.state.status == NODE_FAILED
 
 
+@dataclass(frozen=True)
+class RunProblem:
+    """Run ``run_id`` (at ``version``) cannot be pulled: its release record or this node's plan
+    entry is malformed (``reason`` names the key). The node records ``failed`` for it."""
+
+    run_id: str
+    version: str
+    reason: str
+
+
+def read_run(
+    release_key: str, release_value: bytes | None, plan_key: str, plan_value: bytes | None
+) -> tuple[ReleaseRecord | None, PlanEntry | None, RunProblem | None]:
+    """The release record and this node's plan entry from their KV values (None: no key).
+
+    A malformed one becomes a ``RunProblem`` when the run it concerns can still be told: a
+    plan entry under a valid release, or a release whose ``run_id`` and ``version`` are valid
+    and for which this node has a plan entry. Otherwise ``KVRecordError`` is raised: nothing
+    can be recorded for a run nobody can name.
+    """
+    try:
+        release = None if release_value is None else ReleaseRecord.from_json(release_value, release_key)
+    except KVRecordError as err:
+        run = run_of(release_value, release_key)
+        if run is None or plan_value is None:
+            raise
+        try:
+            plan_run = PlanEntry.from_json(plan_value, plan_key).run_id
+        except KVRecordError:
+            plan_run = run[0]
+        if plan_run != run[0]:
+            raise
+        return None, None, RunProblem(run[0], run[1], str(err))
+    try:
+        plan = None if plan_value is None else PlanEntry.from_json(plan_value, plan_key)
+    except KVRecordError as err:
+        if release is None:
+            return None, None, None
+        return release, None, RunProblem(release.run_id, release.version, str(err))
+    return release, plan, None
+
+
 # --- the state machine -----------------------------------------------------------------
 
 _LOST = "the record of node {} is held or changed by another worker"
@@ -313,7 +354,8 @@ class PullMachine:
     ``Restart``) ends it. ``now`` is the adapter's clock (epoch seconds); it stamps the
     records and measures graces and the timeout. ``release_index`` is the ModifyIndex of the
     release record as read: the first wait blocks from it instead of reading first, since
-    the node waited on usually has not changed since (0: read first).
+    the node waited on usually has not changed since (0: read first). ``problem``: the
+    run's records are malformed (see ``read_run``).
     """
 
     def __init__(
@@ -324,8 +366,10 @@ class PullMachine:
         own: NodeState | None,
         timings: PullTimings = PullTimings(),
         release_index: int = 0,
+        problem: RunProblem | None = None,
     ) -> None:
         self.node = check_name(node, "node")
+        self.problem = problem
         self.release_index = release_index
         self.release = release
         self.plan = plan
@@ -356,19 +400,24 @@ class PullMachine:
     # -- entry ------------------------------------------------------------------------
 
     def start(self, now: float):
-        release, own = self.release, self.own
-        if release is None:
+        release, own, problem = self.release, self.own, self.problem
+        if release is None and problem is None:
             return self._finish(own, "no release recorded for this app")
-        if release.aborted:
-            return self._finish(own, f"release {release.run_id} was aborted: {release.aborted_reason or 'no reason given'}")
-        if own is not None and own.has(release.version):
-            return self._finish(own, f"already done at version {release.version}")
-        if self.node == release.leader:
-            return self._finish(own, f"this node is the leader of run {release.run_id}")
+        if release is not None:
+            if release.aborted:
+                reason = release.aborted_reason or "no reason given"
+                return self._finish(own, f"release {release.run_id} was aborted: {reason}")
+            if own is not None and own.has(release.version):
+                return self._finish(own, f"already done at version {release.version}")
+            if self.node == release.leader:
+                return self._finish(own, f"this node is the leader of run {release.run_id}")
+        if problem is not None:
+            return self._fail_run(problem.run_id, problem.version, problem.reason, now)
         if self.plan is None or self.plan.run_id != release.run_id:
             return self._finish(own, f"not a target of run {release.run_id} (no plan entry for it)")
         if self.node in (self.plan.source, self.plan.after):
-            return self._finish(own, f"the plan entry of run {release.run_id} names this node as its own source")
+            reason = f"the plan entry of run {release.run_id} names this node as its own source"
+            return self._fail_run(release.run_id, release.version, reason, now)
         if own is not None and own.run_id == release.run_id and own.status == NODE_FAILED:
             return self._finish(own, f"already failed in run {release.run_id}: {own.error}; fire again to retry")
         self.started = now
@@ -568,13 +617,13 @@ class PullMachine:
         self.phase = _RELEASE
         message = error or "the task failed without a message"
         if ok:
-            final = replace(self.state, status=NODE_DONE, finished=now, error=error or None)
+            final = replace(self.state, status=NODE_DONE, finished=now, error=clip(error) if error else None)
             reason = f"pulled version {self.release.version} from {self.source}"
         elif source_down:
             self.source_lost = f"source {self.source} went down during the pull: {message}"
             return ReleaseSlot(self.source, self.slot, self.state)
         else:
-            final = replace(self.state, status=NODE_FAILED, finished=now, error=message)
+            final = replace(self.state, status=NODE_FAILED, finished=now, error=clip(message))
             reason = f"task failed pulling from {self.source}: {message}"
         self.outcome = PullResult(final, reason, True)
         self.state = final
@@ -616,8 +665,18 @@ class PullMachine:
             status=NODE_FAILED,
             started=self.started,
             finished=now,
-            error=reason,
+            error=clip(reason),
         )
+        return self._write(failed, lambda _now: self._finish(failed, reason))
+
+    def _fail_run(self, run_id: str, version: str, reason: str, now: float):
+        """Record ``failed`` for a run that cannot be pulled, once (not again when recorded)."""
+        own = self.own
+        if own is not None and own.run_id == run_id and own.status == NODE_FAILED:
+            return self._finish(own, f"already failed in run {run_id}: {own.error}; fire again to retry")
+        self.started = now
+        failed = NodeState(version=version, run_id=run_id, status=NODE_FAILED, started=now, finished=now,
+                           error=clip(reason))
         return self._write(failed, lambda _now: self._finish(failed, reason))
 
     def _expired(self, now: float):

@@ -94,17 +94,15 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     PlanEntry,
     ReleaseRecord,
     Schema,
-    check_name,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     PullMachine,
     PullResult,
     PullTimings,
+    RunProblem,
+    read_run,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
-    EVENT_NAME,
-    check_version,
-)
+from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     DEFAULT_PATH,
     AppConfig,
@@ -112,6 +110,12 @@ from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     TaskConfig,
     check_app_name,
     load_config,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    check_name,
+    check_version,
+    clip,
+    escape_controls,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._worker import (
     DEFAULT_RETRY_WINDOW,
@@ -131,8 +135,16 @@ PROCESSED_FILE = "processed-events.json"
 HANDLER_LOCK_FILE = "handler.lock"
 EVENT_ID_MAX_LENGTH = 64
 
-#: Stand-ins for the source node in ``--dry-run`` output.
-DRY_RUN_SOURCE = SourceInfo(name="<source-name>", address="<source-address>")
+#: Stand-ins for the source node in ``--dry-run`` output (valid values, like every other:
+#: ``.invalid`` is the top-level domain reserved never to resolve).
+DRY_RUN_SOURCE = SourceInfo(name="SOURCE_NODE", address="source-address.invalid")
+
+#: Who may read the log and the state directory: they hold command lines, output tails and
+#: the record of handled events. The group is the agent's; others get nothing.
+LOG_FILE_MODE = 0o640
+STATE_DIR_MODE = 0o750
+#: Longest log line (the message after the fixed fields): output tails fit, a flood does not.
+LOG_MESSAGE_MAX_LENGTH = 16384
 
 #: The directory holding ``ansible_collections/``: where the worker imports this module from.
 IMPORT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 5))
@@ -174,7 +186,7 @@ def decode_payload(payload) -> tuple[str, str]:
     """``(app, version)`` from an event's ``Payload`` (base64 text); ValueError saying why not.
 
     The payload is what ``_release.event_payload`` makes, checked as fireap_fire checks it:
-    the app name by ``_taskconfig.check_app_name``, the version by ``_release.check_version``.
+    the app name by ``_taskconfig.check_app_name``, the version by ``_validation.check_version``.
     """
     if payload is None:
         raise ValueError("it has no payload")
@@ -320,19 +332,36 @@ def save_processed(path: str, ids: list[str]) -> None:
 
 @dataclass(frozen=True)
 class AppCheck:
-    """What the node should do for one app, with the release record it was decided on."""
+    """What the node should do for one app, with the release record it was decided on (or
+    the problem of a run whose records are malformed)."""
 
     app: str
     start: bool
     reason: str
     release: ReleaseRecord | None
+    problem: RunProblem | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        if self.release is not None:
+            return self.release.run_id
+        return None if self.problem is None else self.problem.run_id
+
+    @property
+    def version(self) -> str:
+        if self.release is not None:
+            return self.release.version
+        return "-" if self.problem is None else self.problem.version
 
 
-def decide(node: str, release: ReleaseRecord | None, plan: PlanEntry | None, own: NodeState | None) -> tuple[bool, str]:
+def decide(node: str, release: ReleaseRecord | None, plan: PlanEntry | None, own: NodeState | None,
+           problem: RunProblem | None = None) -> tuple[bool, str]:
     """Whether ``node`` needs a worker for this release, and why; the pull's own start rules."""
-    action = PullMachine(node, release, plan, own).start(0.0)
+    action = PullMachine(node, release, plan, own, problem=problem).start(0.0)
     if isinstance(action, PullResult):
         return False, action.reason
+    if problem is not None:
+        return True, f"run {problem.run_id} cannot be pulled ({problem.reason}): recording it as failed"
     if own is None:
         state = "no state yet"
     else:
@@ -363,22 +392,29 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
     only when the answer still depends on them (1 to 3 single-key reads).
 
     Raises FireapConsulError when Consul does not answer and KVRecordError for a malformed
-    release or plan record; a malformed own state is logged and treated as absent (the
-    worker overwrites it).
+    release record of a run that cannot be named (``read_run``); a malformed own state is
+    logged and treated as absent (the worker overwrites it).
     """
     reader = _Reader(client, options)
-    release = reader.record(ReleaseRecord, schema.release(app))
-    own = plan = None
-    if release is not None and not release.aborted:
+    release_key, plan_key = schema.release(app), schema.plan(app, node)
+    release_value = reader.value(release_key)
+    try:
+        release = None if release_value is None else ReleaseRecord.from_json(release_value, release_key)
+    except KVRecordError:
+        release = None
+    malformed = release_value is not None and release is None
+    own = plan_value = None
+    if malformed or (release is not None and not release.aborted):
         own_key = schema.node(app, node)
         try:
             own = reader.record(NodeState, own_key)
         except KVRecordError as err:
             log.warning("%s; treating this node as having no state", err)
-        if not (own is not None and own.has(release.version)) and node != release.leader:
-            plan = reader.record(PlanEntry, schema.plan(app, node))
-    start, reason = decide(node, release, plan, own)
-    return AppCheck(app, start, reason, release)
+        if malformed or (not (own is not None and own.has(release.version)) and node != release.leader):
+            plan_value = reader.value(plan_key)
+    release, plan, problem = read_run(release_key, release_value, plan_key, plan_value)
+    start, reason = decide(node, release, plan, own, problem)
+    return AppCheck(app, start, reason, release, problem)
 
 
 # --- retries ---------------------------------------------------------------------------
@@ -432,6 +468,41 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _OneLineFormatter(logging.Formatter):
+    """One record, one line: every control character of the message (newlines of output
+    tails and of any value read from Consul included) is written as an escape, and the
+    message is cut at LOG_MESSAGE_MAX_LENGTH, so no value can forge or flood a log line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = clip(escape_controls(record.message), LOG_MESSAGE_MAX_LENGTH)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return escape_controls(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_controls(super().formatStack(stack_info))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
+def _private_file(path: str) -> None:
+    """Create ``path`` with LOG_FILE_MODE if missing; take world access away if it has any."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_FILE_MODE))
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o007:
+        os.chmod(path, mode & ~0o007)
+
+
+def private_dir(path: str) -> None:
+    """Create directory ``path`` with STATE_DIR_MODE if missing; take world access away."""
+    os.makedirs(path, mode=STATE_DIR_MODE, exist_ok=True)
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o007:
+        os.chmod(path, mode & ~0o007)
+
+
 def configure_logging(log_file: str | None) -> str | None:
     """Send the handler's log to ``log_file`` (stderr when None); return a warning when the
     file cannot be opened and stderr is used instead."""
@@ -441,12 +512,14 @@ def configure_logging(log_file: str | None) -> str | None:
         handler = logging.StreamHandler(sys.stderr)
     else:
         try:
-            os.makedirs(os.path.dirname(log_file), exist_ok=True)
+            # The directory may be shared (/var/log): create it if missing, never change it.
+            os.makedirs(os.path.dirname(log_file), mode=STATE_DIR_MODE, exist_ok=True)
+            _private_file(log_file)
             handler = logging.FileHandler(log_file, encoding="utf-8")
         except OSError as err:
             handler = logging.StreamHandler(sys.stderr)
             warning = f"cannot write the log file {log_file} ({err.strerror or err}); logging to stderr"
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler.setFormatter(_OneLineFormatter(LOG_FORMAT, LOG_DATE_FORMAT))
     handler.addFilter(_ContextFilter())
     for old in list(_log.handlers):
         _log.removeHandler(old)
@@ -502,6 +575,7 @@ def _discard(path: str) -> None:
 
 def _open_output(log_file: str):
     try:
+        _private_file(log_file)
         return open(log_file, "ab")
     except OSError:
         return open(os.devnull, "wb")
@@ -565,7 +639,7 @@ class _Handler:
         path = os.path.join(state_dir, PROCESSED_FILE)
         with contextlib.ExitStack() as stack:
             try:
-                os.makedirs(state_dir, mode=0o750, exist_ok=True)
+                private_dir(state_dir)
                 # Serialises handlers (a manual run beside the watch's) around the record.
                 stack.enter_context(_flock(os.path.join(state_dir, HANDLER_LOCK_FILE), blocking=True))
             except OSError as err:
@@ -619,8 +693,8 @@ class _Handler:
             if self.dry_run:
                 self.out.write(f"{app}: could not be checked: {err}\n")
             return False
-        if result.release is not None:
-            log = _context(app, result.release.version)
+        if result.run_id is not None:
+            log = _context(app, result.version)
         if event is not None and result.release is not None and event.version != result.release.version:
             log.info("the release record names version %s (run %s), not the event's %s: following the record",
                      result.release.version, result.release.run_id, event.version)
@@ -647,6 +721,8 @@ class _Handler:
 
     def print_commands(self, result: AppCheck) -> None:
         self.out.write(f"{result.app}: would start a worker: {result.reason}\n")
+        if result.release is None:
+            return
         try:
             variables = CommandVariables(
                 app=result.app, version=result.release.version, node=self.node,
@@ -702,7 +778,7 @@ class _Worker:
         attempted: set[str] = set()
         rc = EXIT_OK
         try:
-            os.makedirs(state_dir, mode=0o750, exist_ok=True)
+            private_dir(state_dir)
         except OSError as err:
             _context(self.app).error("cannot use state_dir %s: %s", state_dir, err.strerror or err)
             return EXIT_USAGE
@@ -733,17 +809,17 @@ class _Worker:
         except (FireapConsulError, KVRecordError) as err:
             log.error("cannot check the release: %s", err)
             return _Outcome.UNCHECKED
-        if result.release is not None:
-            log = _context(self.app, result.release.version)
+        if result.run_id is not None:
+            log = _context(self.app, result.version)
         if not result.start:
             log.info("nothing to do: %s", result.reason)
             return _Outcome.IDLE
-        run_id = result.release.run_id
+        run_id = result.run_id
         if run_id in attempted:
             log.info("run %s was tried by this worker already; not again", run_id)
             return _Outcome.IDLE
         attempted.add(run_id)
-        return self.pull(result.release)
+        return self.pull(result)
 
     def run_task(self, source: SourceInfo) -> tuple[bool, str | None]:
         """The pull's task: the app's commands, run against ``source``."""
@@ -758,9 +834,10 @@ class _Worker:
         outcome = run_phases(self.app_config, variables, log=_context(self.app, version))
         return outcome.ok, outcome.error
 
-    def pull(self, release: ReleaseRecord) -> str:
-        log = _context(self.app, release.version)
-        log.info("pulling run %s (fan-out %d)", release.run_id, release.fanout)
+    def pull(self, check: AppCheck) -> str:
+        log = _context(self.app, check.version)
+        if check.release is not None:
+            log.info("pulling run %s (fan-out %d)", check.release.run_id, check.release.fanout)
         try:
             result = pull(self.client, self.app, self.node, self.run_task, schema=self.schema,
                           timings=self.timings, log=log.info)

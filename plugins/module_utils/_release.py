@@ -50,8 +50,14 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     ReleaseFilters,
     ReleaseRecord,
     Schema,
-    check_name,
     txn_set_batches,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    LINE_MAX_LENGTH,
+    check_fanout,
+    check_name,
+    check_text,
+    check_version,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     plan_release,
@@ -70,9 +76,6 @@ EVENT_SIZE_LIMIT = 512
 #: Serf name "consul:event:FIREAP:TASK" twice, msgpack field names, event ID, times), with margin.
 EVENT_OVERHEAD = 200
 
-VERSION_MAX_LENGTH = 64
-FANOUT_MIN = 1
-FANOUT_MAX = 64
 DEFAULT_FANOUT = 5
 DEFAULT_ABORT_REASON = "aborted with fireap_clear"
 
@@ -126,24 +129,6 @@ class ReleaseWaitTimeout(ReleaseError):
 
 
 # --- input checks -----------------------------------------------------------------------
-
-
-def check_version(version) -> str:
-    """Return ``version`` if it can be released: printable, no whitespace, 1..64 characters."""
-    if not isinstance(version, str) or not version:
-        raise ValueError(f"version must be a non-empty string, got {version!r}")
-    if len(version) > VERSION_MAX_LENGTH:
-        raise ValueError(f"version {version!r} has {len(version)} characters; at most {VERSION_MAX_LENGTH} are allowed")
-    if any(char.isspace() for char in version) or not version.isprintable():
-        raise ValueError(f"version {version!r} must not contain whitespace or control characters")
-    return version
-
-
-def check_fanout(fanout) -> int:
-    """Return ``fanout`` if it is an integer within FANOUT_MIN..FANOUT_MAX."""
-    if isinstance(fanout, bool) or not isinstance(fanout, int) or not FANOUT_MIN <= fanout <= FANOUT_MAX:
-        raise ValueError(f"fanout must be an integer from {FANOUT_MIN} to {FANOUT_MAX}, got {fanout!r}")
-    return fanout
 
 
 def next_version(previous: str | None) -> str:
@@ -914,6 +899,8 @@ def clear(
     check_name(app, "app")
     if reason is not None and (not isinstance(reason, str) or not reason.strip()):
         raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+    if reason is not None:
+        check_text(reason, "reason", LINE_MAX_LENGTH)
     release_key = schema.release(app)
     try:
         release_entry, release = _read_release(client, schema, app)

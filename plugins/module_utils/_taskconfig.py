@@ -34,8 +34,9 @@ role variables; the node's fireap-reap handler and the controller modules read i
 
 Rules:
 
-- App names match ``[A-Za-z0-9_.-]+``, are at most 48 characters and neither are ``.``
-  nor contain ``..`` (they become part of Consul KV keys and of the event payload). An
+- App names match ``[A-Za-z0-9_][A-Za-z0-9_.-]*`` (``_validation.check_name``), are at most
+  48 characters and contain no ``..`` (they become part of Consul KV keys, of the event
+  payload and of commands). An
   app name that YAML reads as a number or boolean must be quoted.
 - After merging with ``defaults``, every app needs at least one command.
 - Commands are templates with ``{{ app }}``, ``{{ version }}``, ``{{ node }}``,
@@ -81,15 +82,18 @@ from ansible_collections.fireap.consul.plugins.module_utils._commands import (
 )
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     DEFAULT_PREFIX,
-    check_name,
     check_prefix,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    FANOUT_MAX,
+    FANOUT_MIN,
+    check_name,
 )
 
 DEFAULT_PATH = "/etc/fireap/config.yml"
 DEFAULT_STATE_DIR = "/var/lib/fireap"
 DEFAULT_LOG_FILE = "/var/log/fireap/reap.log"
 APP_NAME_MAX_LENGTH = 48
-MAX_SEMAPHORES_LIMIT = 64
 
 _FILTER_PAIRS = (("service", "service_regexp"), ("tag", "tag_regexp"))
 
@@ -297,7 +301,7 @@ def _filter_regexp(value: Any) -> Optional[str]:
 
 
 _SETTINGS: Dict[str, Callable[[Any], Any]] = {
-    "max_semaphores": _integer(1, MAX_SEMAPHORES_LIMIT),
+    "max_semaphores": _integer(FANOUT_MIN, FANOUT_MAX),
     "watch_timeout": _seconds,
     "command_timeout": _seconds,
     "on_command_failure": _choice,

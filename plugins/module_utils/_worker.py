@@ -48,8 +48,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     PlanEntry,
     ReleaseRecord,
     Schema,
-    check_name,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_address, check_name
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     CheckStart,
     ClaimSlot,
@@ -65,6 +65,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     WaitForNode,
     WaitForSlots,
     WriteState,
+    read_run,
 )
 
 DEFAULT_SESSION_TTL = 15
@@ -90,6 +91,11 @@ class PullError(Exception):
 
 class _SessionLost(Exception):
     """Consul no longer knows our session ("invalid session" on acquire or release)."""
+
+
+class _ReleaseMalformed(Exception):
+    """The release record became malformed while the worker waited: start over, so that the
+    run is recorded as failed (``read_run``) if it can still be named."""
 
 
 class _ReleaseChanged(Exception):
@@ -128,6 +134,10 @@ def _txn_entry(result: dict) -> dict | None:
     if entry.get("Value") is not None:
         entry["Value"] = base64.b64decode(entry["Value"])
     return entry
+
+
+def _value(entry: dict | None) -> bytes | None:
+    return None if entry is None else entry.get("Value")
 
 
 def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None = None, index: int | None = None) -> dict:
@@ -255,16 +265,18 @@ class _Worker:
         key = self.schema.release(self.app)
         _index, entry = self.read(key)
         self.release_index = entry["ModifyIndex"] if entry else 0
-        return self.parse(ReleaseRecord, key, entry, strict=True)
+        try:
+            return None if entry is None else ReleaseRecord.from_json(entry.get("Value"), key)
+        except KVRecordError as err:
+            raise _ReleaseMalformed(str(err)) from err
 
-    def parse(self, cls, key, entry, strict=False):
+    def parse(self, cls, key, entry):
+        """The record of a KV entry; None when it is missing or malformed (logged)."""
         if entry is None:
             return None
         try:
             return cls.from_json(entry.get("Value"), key)
         except KVRecordError as err:
-            if strict:
-                raise PullError(str(err)) from err
             self.log(f"ignoring {err}")
             return None
 
@@ -349,19 +361,27 @@ class _Worker:
             self.written = value
         return ok
 
-    def source_address(self, source: str) -> str | None:
+    def source_address(self, source: str) -> tuple[str | None, str | None]:
+        """``(address, None)``, or ``(None, why the source cannot be used)``. The catalog's
+        answer is checked like every other value read from Consul (``check_address``)."""
         if self.plan is not None and source == self.plan.source and self.plan.source_address:
-            return self.plan.source_address
+            return self.plan.source_address, None
         _idx, info = self.call(f"looking up node {source}", self.client.catalog.node, source)
-        return ((info or {}).get("Node") or {}).get("Address") or None
+        address = ((info or {}).get("Node") or {}).get("Address")
+        if not address:
+            return None, f"node {source} has no address in the catalog"
+        try:
+            return check_address(address, f"the catalog address of node {source}"), None
+        except ValueError as err:
+            return None, str(err)
 
     def claim(self, action: ClaimSlot) -> tuple[int | None, int, str | None, bool]:
         """``(slot, slots index, unusable, refused)``: lock a free slot and our own record
         (``pulling``) together, if the release record is still the one last read (else
         _ReleaseChanged); the slots are read only once the preferred one is refused."""
-        address = self.source_address(action.source)
+        address, unusable = self.source_address(action.source)
         if address is None:
-            return None, 0, f"node {action.source} has no address in the catalog", False
+            return None, 0, unusable, False
         self.ensure_session()
         own_key = self.schema.node(self.app, self.node)
         value = action.state.to_json().encode("utf-8")
@@ -482,7 +502,11 @@ class _Worker:
 
     def drive(self) -> PullResult:
         while True:
-            result = self.drive_run()
+            try:
+                result = self.drive_run()
+            except _ReleaseMalformed as err:
+                self.log(f"{err}: starting over")
+                continue
             if isinstance(result, PullResult):
                 return result
             self.log(f"{result.reason}: starting over")
@@ -492,12 +516,15 @@ class _Worker:
         plan_key = self.schema.plan(self.app, self.node)
         own_key = self.schema.node(self.app, self.node)
         release_entry, plan_entry, own_entry = self.read_keys(release_key, plan_key, own_key)
-        release = self.parse(ReleaseRecord, release_key, release_entry, strict=True)
-        self.plan = plan = self.parse(PlanEntry, plan_key, plan_entry, strict=True)
+        try:
+            release, plan, problem = read_run(release_key, _value(release_entry), plan_key, _value(plan_entry))
+        except KVRecordError as err:
+            raise PullError(str(err)) from err
+        self.plan = plan
         own = self.parse(NodeState, own_key, own_entry)
         self.written = own_entry.get("Value") if own_entry else None
-        self.release_index = release_entry["ModifyIndex"] if release_entry else 0
-        machine = PullMachine(self.node, release, plan, own, self.timings, self.release_index)
+        self.release_index = release_entry["ModifyIndex"] if release_entry and release else 0
+        machine = PullMachine(self.node, release, plan, own, self.timings, self.release_index, problem=problem)
         action = machine.start(self.clock())
         while True:
             if isinstance(action, (PullResult, Restart)):

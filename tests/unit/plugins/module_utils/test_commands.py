@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import time
 
@@ -11,7 +12,9 @@ from ansible_collections.fireap.consul.plugins.module_utils import _commands
 from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     OUTPUT_TAIL_BYTES,
     CommandVariables,
+    VARIABLES as NAMES,
     TemplateError,
+    fill_template,
     render_command,
     render_phases,
     run_commands,
@@ -43,11 +46,34 @@ HOSTILE = [
 ]
 
 
+FIELDS = ("app", "version", "node", "remote_name", "remote_address")
+
+
 def variables(**values):
     fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0",
                   remote_address="10.0.0.1")
     fields.update(values)
     return CommandVariables(**fields)
+
+
+def unchecked_variables(**values):
+    """CommandVariables holding ``values`` without the checks: what the quoting layer alone
+    would make of a value that got past them."""
+    fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0",
+                  remote_address="10.0.0.1")
+    fields.update(values)
+    unchecked = object.__new__(CommandVariables)
+    for name, value in fields.items():
+        object.__setattr__(unchecked, name, value)
+    return unchecked
+
+
+def fill(template, **values):
+    """fill_template with every placeholder's value (``remote_name`` for ``remote.name``)."""
+    fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0",
+                  remote_address="10.0.0.1")
+    fields.update(values)
+    return fill_template(template, {name: fields[name.replace(".", "_")] for name in NAMES})
 
 
 def sh(command):
@@ -100,30 +126,48 @@ def test_render_all_variables():
 
 
 def test_render_quotes_values():
-    rendered = render_command("cp {{ version }} /opt/{{ app }}/",
-                              variables(version="1.0;rm -rf /", app="my app"))
+    rendered = fill("cp {{ version }} /opt/{{ app }}/", version="1.0;rm -rf /", app="my app")
     assert rendered == "cp '1.0;rm -rf /' /opt/'my app'/"
+    assert render_command("cp {{ version }} /opt/{{ app }}/", variables(version="1.0~rc1")) == (
+        "cp '1.0~rc1' /opt/myapp/")
+
+
+def test_render_command_is_fill_template_with_the_checked_values():
+    template = "x {{ app }} {{ version }} {{ node }} {{ remote.name }} {{ remote.address }}"
+    values = {name: VARIABLES.value(name) for name in NAMES}
+    assert render_command(template, VARIABLES) == fill_template(template, values)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_value_arrives_as_one_intact_argument(value):
-    command = render_command("for a in {{ version }}; do printf '[%s]' \"$a\"; done",
-                             variables(version=value))
+    command = fill("for a in {{ version }}; do printf '[%s]' \"$a\"; done", version=value)
     assert sh(command) == "[%s]" % value
 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_value_joined_to_text_stays_one_word(value):
-    command = render_command("printf '%s\\n' /opt/{{ app }}/current", variables(app=value))
+    command = fill("printf '%s\\n' /opt/{{ app }}/current", app=value)
     assert sh(command) == "/opt/%s/current\n" % value
 
 
-def test_hostile_value_through_runner():
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_value_is_refused_for_every_variable(field, value):
+    with pytest.raises(ValueError):
+        variables(**{field: value})
+
+
+def test_hostile_value_through_runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     value = "1.0;touch pwned $(touch pwned2)`touch pwned3`"
-    result = run_commands(["printf '%s' {{ version }}"], variables(version=value),
+    with pytest.raises(ValueError, match="version"):
+        variables(version=value)
+    # Were a value to get past the checks, the quoting alone would still keep it inert.
+    result = run_commands(["printf '%s' {{ version }}"], unchecked_variables(version=value),
                           timeout=10, on_failure="abort")
     assert result.ok
     assert result.results[0].output == value
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("template, message", [
@@ -157,6 +201,7 @@ def test_template_refused(template, message):
     ('echo "a\\"{{ app }}"', "is inside double quotes"),
     ("echo \\{{ app }}", "follows a backslash"),
     ("cat <<EOF\n{{ version }}\nEOF", "is in a here-document body"),
+    ("echo `ls {{ app }}`", "is inside backquotes"),
 ])
 def test_variable_in_unsafe_shell_context_refused(template, where):
     with pytest.raises(TemplateError) as info:
@@ -169,7 +214,6 @@ def test_variable_in_unsafe_shell_context_refused(template, where):
     "echo 'a \"b' {{ app }} \"c 'd\"",
     "make # it's fine\necho {{ app }}",
     "echo \"$(ls {{ app }})\"",
-    "echo `ls {{ app }}`",
     "echo $( (cd /opt && ls) ) {{ app }}",
     "cat <<EOF > /opt/{{ app }}/VERSION\nfixed text\nEOF",
     "echo \\' {{ app }}",
@@ -179,14 +223,20 @@ def test_variable_in_safe_shell_context_accepted(template):
     assert "app" in template_variables(template)
 
 
-@pytest.mark.parametrize("field, value", [("version", 1.0), ("app", None)])
-def test_variables_must_be_strings(field, value):
-    with pytest.raises(TypeError, match="command variable %s must be a string" % field):
+@pytest.mark.parametrize("field, value, message", [
+    ("version", 1.0, "version must be a non-empty string, got 1.0"),
+    ("app", None, "app name must be a non-empty string, got None"),
+    ("node", b"n1", "node name must be a non-empty string, got b'n1'"),
+    ("remote_name", 7, "source node name must be a non-empty string, got 7"),
+    ("remote_address", None, "source address must be a non-empty string, got None"),
+])
+def test_variables_must_be_strings(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         variables(**{field: value})
 
 
 def test_variables_refuse_nul():
-    with pytest.raises(ValueError, match="command variable node contains a NUL byte"):
+    with pytest.raises(ValueError, match=re.escape("node name 'a\\x00b' may only contain")):
         variables(node="a\0b")
 
 
@@ -202,10 +252,10 @@ def test_render_phases_in_order_with_labels():
     config = app(before_commands=["stop {{ app }}"], exec_commands=["pull {{ remote.name }}",
                                                                     "check {{ version }}"],
                  after_commands=["start {{ app }}"])
-    assert render_phases(config, variables(version="2.0 beta")) == (
+    assert render_phases(config, variables(version="2.0~beta")) == (
         ("before_commands[0]", "stop myapp"),
         ("exec_commands[0]", "pull node-0"),
-        ("exec_commands[1]", "check '2.0 beta'"),
+        ("exec_commands[1]", "check '2.0~beta'"),
         ("after_commands[0]", "start myapp"),
     )
 

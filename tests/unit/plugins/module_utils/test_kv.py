@@ -141,11 +141,11 @@ GOOD_STATE = STATES[3].to_dict()
         ("null", "expected a JSON object, got NoneType"),
         ({**GOOD_STATE, "status": "finished"}, "field 'status' must be one of waiting, pulling, done, failed"),
         ({k: v for k, v in GOOD_STATE.items() if k != "version"}, "missing field 'version'"),
-        ({**GOOD_STATE, "version": ""}, "field 'version' must not be empty"),
-        ({**GOOD_STATE, "version": 2}, "field 'version' must be str"),
-        ({**GOOD_STATE, "depth": True}, "field 'depth' must be int"),
-        ({**GOOD_STATE, "depth": "1"}, "field 'depth' must be int"),
-        ({**GOOD_STATE, "started": "now"}, "field 'started' must be int/float"),
+        ({**GOOD_STATE, "version": ""}, "field 'version': version must be a non-empty string, got ''"),
+        ({**GOOD_STATE, "version": 2}, "field 'version': version must be a non-empty string, got 2"),
+        ({**GOOD_STATE, "depth": True}, "field 'depth': depth must be an integer from 0 to 100000, got True"),
+        ({**GOOD_STATE, "depth": "1"}, "field 'depth': depth must be an integer from 0 to 100000, got '1'"),
+        ({**GOOD_STATE, "started": "now"}, "field 'started': started must be a number of epoch seconds, got 'now'"),
         ({**GOOD_STATE, "source": "a/b"}, "source name 'a/b'"),
         ({**GOOD_STATE, "source": None, "depth": 2}, "depth 2 without a source"),
         ({**GOOD_STATE, "depth": 0}, "requires a depth >= 1"),
@@ -168,18 +168,20 @@ def test_malformed_node_state_names_the_key_and_the_problem(value, reason):
 @pytest.mark.parametrize(
     "cls, data, reason",
     [
-        (ReleaseRecord, {**RELEASE.to_dict(), "fanout": 0}, "field 'fanout' must be >= 1"),
-        (ReleaseRecord, {**RELEASE.to_dict(), "target_count": 2.5}, "field 'target_count' must be int"),
+        (ReleaseRecord, {**RELEASE.to_dict(), "fanout": 0}, "field 'fanout': fanout must be an integer from 1 to 64, got 0"),
+        (ReleaseRecord, {**RELEASE.to_dict(), "target_count": 2.5},
+         "field 'target_count': target_count must be an integer from 1 to 100000, got 2.5"),
         (ReleaseRecord, {**RELEASE.to_dict(), "status": "paused"}, "field 'status' must be one of running, aborted"),
         (ReleaseRecord, {**RELEASE.to_dict(), "app": "../etc"}, "app name '../etc'"),
         (ReleaseRecord, {**RELEASE.to_dict(), "filters": ["node"]}, "field 'filters' must be an object"),
-        (ReleaseRecord, {**RELEASE.to_dict(), "filters": {"node": 1}}, "field 'node' must be str"),
+        (ReleaseRecord, {**RELEASE.to_dict(), "filters": {"node": 1}}, "field 'node': node must be a string, got 1"),
         (ReleaseRecord, {**RELEASE.to_dict(), "filters": {"tag": "blue"}}, "filter 'tag' requires filter 'service'"),
         (LockRecord, {"run_id": "r", "holder": "h"}, "missing field 'since'"),
-        (PlanEntry, {**PLAN.to_dict(), "stage": 0}, "field 'stage' must be >= 1"),
-        (PlanEntry, {**PLAN.to_dict(), "slot": -1}, "field 'slot' must be >= 0"),
+        (PlanEntry, {**PLAN.to_dict(), "stage": 0}, "field 'stage': stage must be an integer from 1 to 64, got 0"),
+        (PlanEntry, {**PLAN.to_dict(), "slot": -1}, "field 'slot': slot must be an integer from 0 to 63, got -1"),
         (PlanEntry, {**PLAN.to_dict(), "after": "x y"}, "after name 'x y'"),
-        (PlanEntry, {**PLAN.to_dict(), "source_address": 5}, "field 'source_address' must be str, got 5"),
+        (PlanEntry, {**PLAN.to_dict(), "source_address": 5},
+         "field 'source_address': address must be a non-empty string, got 5"),
     ],
 )
 def test_malformed_records_name_the_key_and_the_problem(cls, data, reason):
@@ -192,7 +194,7 @@ def test_malformed_records_name_the_key_and_the_problem(cls, data, reason):
 def test_records_built_in_code_are_validated_like_records_read():
     with pytest.raises(KVRecordError, match="status 'done' requires a depth"):
         NodeState(version="1", run_id="r", status="done", started=1.0, finished=2.0)
-    with pytest.raises(KVRecordError, match="field 'fanout' must be >= 1"):
+    with pytest.raises(KVRecordError, match="field 'fanout': fanout must be an integer from 1 to 64, got 0"):
         ReleaseRecord(app="a", version="1", run_id="r", fanout=0, leader="l", target_count=1, fired_at=0)
     with pytest.raises(KVRecordError, match="filters must be a ReleaseFilters"):
         ReleaseRecord(app="a", version="1", run_id="r", fanout=1, leader="l", target_count=1, fired_at=0, filters={})

@@ -138,8 +138,9 @@ def test_plan_entries_carry_the_source_address_when_known():
         (lambda: schedule_order(["a", "a"], "l"), "target node 'a' is listed twice"),
         (lambda: schedule_order(["a/b"], "l"), "target node name 'a/b'"),
         (lambda: schedule_order(["a"], ""), "leader node name must be a non-empty string"),
-        (lambda: plan_release(["a"], "l", 0, "r"), "fanout must be an integer >= 1"),
-        (lambda: plan_release(["a"], "l", True, "r"), "fanout must be an integer >= 1"),
+        (lambda: plan_release(["a"], "l", 0, "r"), "fanout must be an integer from 1 to 64, got 0"),
+        (lambda: plan_release(["a"], "l", True, "r"), "fanout must be an integer from 1 to 64, got True"),
+        (lambda: plan_release(["a"], "l", 65, "r"), "fanout must be an integer from 1 to 64, got 65"),
         (lambda: stage_count(0, 2), "node count must be an integer >= 1"),
         (lambda: schedule_position(0, 2), "schedule index must be an integer >= 1"),
     ],
@@ -220,7 +221,6 @@ def claimed(depth=3):
         (RELEASE, None, None, "not a target of run r2"),
         (RELEASE, PlanEntry(run_id="r1", source="src", stage=1, slot=0), None, "not a target of run r2"),
         (RELEASE, PLAN, state("failed", error="disk full"), "already failed in run r2: disk full"),
-        (RELEASE, PlanEntry(run_id="r2", source="me", stage=1, slot=0), None, "names this node as its own source"),
     ],
 )
 def test_start_ends_without_running_anything(release, plan, own, reason):
@@ -228,6 +228,31 @@ def test_start_ends_without_running_anything(release, plan, own, reason):
     assert isinstance(result, PullResult)
     assert reason in result.reason
     assert result.state == own and not result.ran_task
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [PlanEntry(run_id="r2", source="me", stage=1, slot=0), PlanEntry(run_id="r2", source="src", stage=3, slot=0, after="me")],
+    ids=["source", "after"],
+)
+def test_a_plan_naming_this_node_as_its_own_source_is_recorded_failed(plan):
+    machine = PullMachine("me", RELEASE, plan, None, TIMINGS)
+    action = machine.start(T0)
+    reason = "the plan entry of run r2 names this node as its own source"
+    assert action == WriteState(
+        NodeState(version="v2", run_id="r2", status="failed", started=T0, finished=T0, error=reason)
+    )
+    result = machine.on_written(True, T0)
+    assert isinstance(result, PullResult)
+    assert result.failed and result.reason == reason and not result.ran_task
+
+
+def test_a_self_sourced_plan_already_recorded_failed_is_not_written_again():
+    reason = "the plan entry of run r2 names this node as its own source"
+    own = state("failed", error=reason, started=T0 - 5)
+    result = PullMachine("me", RELEASE, PlanEntry(run_id="r2", source="me", stage=1, slot=0), own, TIMINGS).start(T0)
+    assert isinstance(result, PullResult)
+    assert result.state == own and f"already failed in run r2: {reason}" in result.reason
 
 
 def test_start_proceeds_from_an_older_version_or_an_interrupted_pull():

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from ansible_collections.fireap.consul.plugins.module_utils import _reap
+from ansible_collections.fireap.consul.plugins.module_utils._commands import fill_template
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     ConsulOptions,
     ConsulUnreachable,
@@ -304,10 +306,37 @@ def test_check_app_treats_a_malformed_own_state_as_absent(caplog):
     assert "treating this node as having no state" in caplog.text
 
 
-@pytest.mark.parametrize("values", [_kv(b"not json"), _kv(release(), b'{"run_id": "run-1"}')])
-def test_check_app_raises_on_a_malformed_release_or_plan(values):
-    with pytest.raises(KVRecordError, match="malformed KV key 'fireap/web/"):
+@pytest.mark.parametrize("values", [
+    _kv(b"not json"),
+    _kv(b'{"run_id": "run-1"}', plan()),
+    _kv(json.dumps({**release().to_dict(), "run_id": "-r"}).encode(), plan()),
+])
+def test_check_app_raises_on_a_malformed_release_of_a_run_nobody_can_name(values):
+    with pytest.raises(KVRecordError, match="malformed KV key 'fireap/web/release'"):
         check_app(FakeClient(values), OPTIONS, SCHEMA, APP, ME)
+
+
+def test_check_app_turns_a_malformed_plan_under_a_valid_release_into_a_run_problem():
+    client = FakeClient(_kv(release(), b'{"run_id": "run-1"}'))
+    result = check_app(client, OPTIONS, SCHEMA, APP, ME)
+    assert result.start and result.release == release()
+    assert (result.problem.run_id, result.problem.version) == ("run-1", "1.0")
+    assert result.problem.reason == "malformed KV key 'fireap/web/plan/node-me': missing field 'source'"
+    assert result.reason == f"run run-1 cannot be pulled ({result.problem.reason}): recording it as failed"
+    assert (result.run_id, result.version) == ("run-1", "1.0")
+
+
+def test_check_app_turns_a_malformed_release_of_a_named_run_with_a_plan_entry_into_a_run_problem():
+    bad = json.dumps({**release().to_dict(), "fanout": 0}).encode()
+    result = check_app(FakeClient(_kv(bad, plan())), OPTIONS, SCHEMA, APP, ME)
+    assert result.start and result.release is None
+    assert (result.run_id, result.version) == ("run-1", "1.0")
+    assert "field 'fanout': fanout must be an integer from 1 to 64, got 0" in result.problem.reason
+    # Once recorded failed, the run is not tried again.
+    failed = NodeState(version="1.0", run_id="run-1", status="failed", started=1.0, finished=1.0,
+                       error=result.problem.reason)
+    again = check_app(FakeClient(_kv(bad, plan(), failed)), OPTIONS, SCHEMA, APP, ME)
+    assert not again.start and "already failed in run run-1" in again.reason
 
 
 def test_check_app_turns_transport_errors_into_fireap_errors():
@@ -501,7 +530,7 @@ def test_a_running_worker_gets_a_pending_request_instead_of_a_second_worker(env)
 
 
 def test_dry_run_prints_the_commands_and_writes_nothing(env, capsys):
-    env.fire(version="1.0;$(id)")
+    env.fire(version="1.0~rc1")
     rc, out = env.handle([event("ev-1", 3)], "--dry-run")
     assert rc == 0
     assert env.spawns.calls == []
@@ -509,8 +538,9 @@ def test_dry_run_prints_the_commands_and_writes_nothing(env, capsys):
     assert not env.log_file.exists()
     lines = out.splitlines()
     assert lines[0] == f"fireap-reap dry run on node {env.node}: 1 new event(s)"
-    assert lines[1] == f"{APP}: would start a worker: behind release 1.0;$(id) (run run-1): no state yet"
-    assert lines[2] == (f"  exec_commands[0]: echo web '1.0;$(id)' {env.node} '<source-name>' '<source-address>'"
+    assert lines[1] == f"{APP}: would start a worker: behind release 1.0~rc1 (run run-1): no state yet"
+    # The stand-ins for the source are valid values themselves; '~' is quoted by shlex.quote.
+    assert lines[2] == (f"  exec_commands[0]: echo web '1.0~rc1' {env.node} SOURCE_NODE source-address.invalid"
                         f" >> {env.ran}")
     assert lines[3] == "db: nothing to do: no release recorded for this app"
     assert "event ev-1 (LTime 3) asks for version 1.0\n" in capsys.readouterr().err
@@ -617,6 +647,167 @@ def test_start_worker_detaches_into_its_own_session_and_logs_to_the_file(tmp_pat
         _pid, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1
     assert "cannot learn this node's name: cannot reach the Consul agent" in log_file.read_text()
+
+
+# --- hostile values in KV: every target ends with a record, nothing hostile reaches a command ----
+
+#: One log record: timestamp, level, program[pid], context, message, on one line.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+                      r"fireap-reap\[\d+\] app=[A-Za-z0-9_.-]+ version=[A-Za-z0-9._+~-]+: \S")
+
+
+def assert_log_lines_well_formed(log: str) -> None:
+    lines = log.splitlines()
+    assert lines
+    for line in lines:
+        assert LOG_LINE.match(line), line
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", line), line
+
+
+def fake_ssh(directory: Path) -> str:
+    """An ``ssh`` that, like OpenSSH, runs the command of a ``-oProxyCommand=`` option."""
+    path = directory / "ssh"
+    path.write_text("#!/bin/sh\nfor arg in \"$@\"; do\n"
+                    "  case $arg in -oProxyCommand=*) /bin/sh -c \"${arg#-oProxyCommand=}\" ;; esac\n"
+                    "done\nexit 255\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def hostile_setup(env, tmp_path, commands):
+    """A config for agent 0 whose app runs ``commands``; returns (config, run the handler, run the worker)."""
+    config = write_config(tmp_path / "hostile.yml", consul_section(env.target), env.schema.prefix,
+                          {APP: {"exec_commands": commands}})
+
+    def handler(monkeypatch):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("[]"))
+        return main(["--config", str(config)], spawn=env.spawns, out=io.StringIO())
+
+    def worker():
+        return main(["--config", str(config), "--worker", APP])
+
+    return config, handler, worker
+
+
+def own_record(env) -> NodeState:
+    _index, entry = env.target.client().kv.get(env.schema.node(APP, env.node))
+    return NodeState.from_json(entry["Value"])
+
+
+def test_hostile_plan_address_never_reaches_a_command(env, tmp_path, monkeypatch, umask_022):
+    """The run is recorded failed, with the reason; the log is private and one record a line."""
+    ssh = shutil.which("ssh") or fake_ssh(tmp_path)
+    marker = tmp_path / "x"
+    hostile = f"-oProxyCommand=touch {marker}"
+    template = f"{ssh} -o BatchMode=yes -o ConnectTimeout=5 {{{{ remote.address }}}} true"
+    # Were the address to reach this command, even shell-quoted, it would run code: the test is live.
+    subprocess.run(["/bin/sh", "-c", fill_template(template, {"remote.address": hostile})], stdin=subprocess.DEVNULL,
+                   capture_output=True, timeout=60, check=False)
+    assert marker.exists()
+    marker.unlink()
+    _config, handler, worker = hostile_setup(env, tmp_path, [template])
+    env.fire()
+    entry = plan("run-1", source=env.leader).to_dict()
+    assert env.target.client().kv.put(env.schema.plan(APP, env.node), json.dumps({**entry, "source_address": hostile}))
+
+    assert handler(monkeypatch) == 0
+    assert [call[1] for call in env.spawns.calls] == [APP]
+    plan_key = env.schema.plan(APP, env.node)
+    # The value is shown clipped (repr, at most 80 characters).
+    assert re.search(re.escape(f"app=web version=1.0: run run-1 cannot be pulled (malformed KV key '{plan_key}': field "
+                               "'source_address': address '-oProxyCommand=touch ") + r".*"
+                     + re.escape(" is neither an IP address nor a host name): recording it as failed: starting a worker"),
+                     env.log())
+
+    assert worker() == 1
+    assert not marker.exists()
+    failed = own_record(env)
+    assert (failed.status, failed.run_id, failed.version) == ("failed", "run-1", "1.0")
+    assert f"malformed KV key '{plan_key}': field 'source_address'" in failed.error
+    assert_log_lines_well_formed(env.log())
+    assert stat.S_IMODE(env.log_file.stat().st_mode) == 0o640
+    assert stat.S_IMODE(env.state_dir.stat().st_mode) == 0o750
+
+    # Recorded once: the next check has nothing to do.
+    assert handler(monkeypatch) == 0
+    assert len(env.spawns.calls) == 1
+    assert "nothing to do: already failed in run run-1" in env.log()
+
+
+def _self_sourced(env):
+    entry = plan("run-1", source=env.node).to_dict()
+    env.target.client().kv.put(env.schema.plan(APP, env.node), json.dumps(entry))
+    return "the plan entry of run run-1 names this node as its own source"
+
+
+def _malformed_plan(env):
+    entry = plan("run-1", source=env.leader).to_dict()
+    env.target.client().kv.put(env.schema.plan(APP, env.node), json.dumps({**entry, "stage": 0}))
+    return f"malformed KV key '{env.schema.plan(APP, env.node)}': field 'stage'"
+
+
+def _huge_fanout(env):
+    record = release("1.0", "run-1", leader=env.leader).to_dict()
+    env.target.client().kv.put(env.schema.release(APP), json.dumps({**record, "fanout": 10**12}))
+    return f"malformed KV key '{env.schema.release(APP)}': field 'fanout'"
+
+
+@pytest.mark.parametrize("corrupt", [_self_sourced, _malformed_plan, _huge_fanout],
+                         ids=["self-sourced plan", "malformed plan", "fanout 10**12"])
+def test_hostile_records_of_a_named_run_end_with_a_failed_record(env, tmp_path, monkeypatch, corrupt):
+    marker = tmp_path / "ran"
+    _config, handler, worker = hostile_setup(env, tmp_path, [f"touch {marker}"])
+    env.fire()
+    naming = corrupt(env)
+    assert handler(monkeypatch) == 0
+    assert [call[1] for call in env.spawns.calls] == [APP]
+    assert worker() == 1
+    assert not marker.exists()
+    failed = own_record(env)
+    assert (failed.status, failed.run_id, failed.version) == ("failed", "run-1", "1.0")
+    assert naming in failed.error
+    log = env.log()
+    assert f"app=web version=1.0: failed: {naming}" in log
+    assert_log_lines_well_formed(log)
+
+
+def test_hostile_token_in_the_environment_never_reaches_a_command(env, tmp_path, monkeypatch):
+    secret = env.target.token or f"token-secret-{os.getpid()}"
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", secret)
+    token_file = tmp_path / "token"
+    token_file.write_text(secret)
+    env_file = tmp_path / "env.txt"
+    _config, _handler, worker = hostile_setup(env, tmp_path, [f"env > {env_file}"])
+    env.fire()
+    assert worker() == 0
+    assert own_record(env).status == "done"
+    seen = env_file.read_text()
+    assert secret not in seen and "CONSUL_HTTP_TOKEN" not in seen
+    assert f"PATH={os.environ['PATH']}" in seen.splitlines()
+
+
+@pytest.mark.parametrize("version", ["1.0\n2024-01-01T00:00:00+0000 INFO fireap-reap[1] app=web version=9: forged",
+                                     "1" * 10240, "1.0\x1b[2J"], ids=["newline", "10 KB", "escape"])
+def test_hostile_version_in_kv_or_event_forges_no_log_line(env, version):
+    record = release("1.0", "run-1", leader=env.leader).to_dict()
+    env.target.client().kv.put(env.schema.release(APP), json.dumps({**record, "version": version}))
+    rc, _out = env.handle([event("ev-1", 3, version=version)])
+    assert rc == 1
+    assert env.spawns.calls == []
+    log = env.log()
+    assert_log_lines_well_formed(log)
+    assert "event ev-1 is skipped: its payload is invalid: version" in log
+    assert f"app=web version=-: cannot check the release: malformed KV key '{env.schema.release(APP)}': " \
+           "field 'version'" in log
+    assert max(len(line) for line in log.splitlines()) < 1000
+    assert "forged" not in log or "\\n2024-01-01" in log
 
 
 # --- --check and usage ---------------------------------------------------------------------------

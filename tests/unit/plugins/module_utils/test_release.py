@@ -141,10 +141,19 @@ def test_next_version_needs_digits():
 
 @pytest.mark.parametrize(
     "version, fragment",
-    [("", "non-empty"), ("1.0 beta", "whitespace"), ("1.0\n", "whitespace"), ("1\x00", "control"), ("v" * 65, "65 characters")],
+    [
+        ("", "non-empty"),
+        ("1.0 beta", "may only contain letters, digits and '._+~-'"),
+        ("1.0\n", "may only contain letters, digits and '._+~-'"),
+        ("1\x00", "may only contain letters, digits and '._+~-'"),
+        ("-1.0", "must start with a letter or a digit"),
+        ("1;id", "may only contain letters, digits and '._+~-'"),
+        ("é", "may only contain letters, digits and '._+~-'"),
+        ("v" * 65, "65 characters"),
+    ],
 )
 def test_bad_versions_are_refused(version, fragment):
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
         check_version(version)
 
 
@@ -152,8 +161,12 @@ def test_payload_is_compact_json_the_node_handler_decodes():
     assert event_payload("web", "1.4.3") == b'{"app":"web","version":"1.4.3"}'
     assert event_payload("web", "é") == '{"app":"web","version":"é"}'.encode()
     assert reap.EVENT_NAME == EVENT_NAME
-    for version in ("1.4.3", "é", 'quo"te\\'):
+    for version in ("1.4.3", "2.0-rc1+build.5~x", "v" * 64):
         assert reap.decode_payload(base64.b64encode(event_payload("web", version)).decode()) == ("web", version)
+    # What fire() refuses to send, a node refuses to read.
+    for version in ("é", 'quo"te\\', "-1"):
+        with pytest.raises(ValueError, match="its payload is invalid: version"):
+            reap.decode_payload(base64.b64encode(event_payload("web", version)).decode())
 
 
 @pytest.mark.parametrize(

@@ -463,8 +463,10 @@ def test_error_tag_from_defaults_without_service():
     ("my/app", "may only contain letters, digits, '_', '.' and '-'"),
     ("with space", "may only contain letters"),
     ("é", "may only contain letters"),
-    ("a..b", "must not be '.' or contain '..'"),
-    (".", "must not be '.' or contain '..'"),
+    ("a..b", "must not contain '..'"),
+    (".", "must start with a letter, a digit or '_'"),
+    ("-x", "must start with a letter, a digit or '_'"),
+    (".hidden", "must start with a letter, a digit or '_'"),
 ])
 def test_error_app_name(name, problem):
     message = error_of({"apps": {name: {"exec_commands": ["true"]}}})
@@ -488,7 +490,7 @@ def test_error_app_name_not_string():
         SOURCE + ": apps: app name 1.5 must be a string (quote it in YAML)")
 
 
-@pytest.mark.parametrize("name", ["x" * 48, "my.app-2_b", "1.0", "-x"])
+@pytest.mark.parametrize("name", ["x" * 48, "my.app-2_b", "1.0", "_x", "x-"])
 def test_app_names_accepted(name):
     assert check_app_name(name) == name
     assert list(parse_config({"apps": {name: {"exec_commands": ["true"]}}}).apps) == [name]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -27,6 +29,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     Schema,
     txn_set_batches,
 )
+from ansible_collections.fireap.consul.plugins.module_utils import _propagation
+from ansible_collections.fireap.consul.plugins.module_utils._commands import fill_template
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     PullTimings,
     plan_release,
@@ -464,3 +468,242 @@ def test_an_agent_without_read_transactions_is_read_key_by_key(cluster, schema):
     result = pull(client, app, node, Task().for_node(node), schema=schema, timings=FAST, log=lines.append)
     assert result.state.status == "done" and result.ran_task
     assert sum("reading key by key" in line for line in lines) == 1, lines
+
+
+# --- hostile values in KV: every target ends with a record, nothing hostile reaches a command -----
+
+
+def fake_ssh(directory) -> str:
+    """An ``ssh`` that, like OpenSSH, runs the command of a ``-oProxyCommand=`` option."""
+    path = directory / "ssh"
+    path.write_text(
+        "#!/bin/sh\n"
+        "for arg in \"$@\"; do\n"
+        "  case $arg in -oProxyCommand=*) /bin/sh -c \"${arg#-oProxyCommand=}\" ;; esac\n"
+        "done\n"
+        "exit 255\n"
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def ssh(tmp_path):
+    """OpenSSH's client when installed, else a stand-in that handles ProxyCommand the same way."""
+    return shutil.which("ssh") or fake_ssh(tmp_path)
+
+
+class ShellTask(Task):
+    """The injected run_task running a real command: ``template`` filled in with the source by
+    the quoting layer alone, so whatever address reaches the task reaches the command."""
+
+    def __init__(self, template):
+        super().__init__()
+        self.template = template
+
+    def for_node(self, node):
+        def run_task(source: SourceInfo):
+            with self.lock:
+                self.calls.append((node, source))
+            values = {"app": "app", "version": "v1", "node": node, "remote.name": source.name,
+                      "remote.address": source.address}
+            done = subprocess.run(["/bin/sh", "-c", fill_template(self.template, values)], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, check=False)
+            return done.returncode == 0, done.stdout.decode(errors="replace")
+
+        return run_task
+
+
+@pytest.fixture
+def no_slot_lists(monkeypatch):
+    """Fails the pull if a node builds the list of a source's slots (sized by the fan-out)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a slot list was built: slot_order{args}")
+
+    monkeypatch.setattr(_propagation, "slot_order", refuse)
+
+
+def two_nodes(cluster, schema, app):
+    """Fire with fan-out 1 to the leader and one node (stage 1, from the leader)."""
+    leader, node = cluster.node_names[0], cluster.node_names[1]
+    release, plan = fire(cluster, schema, app, 1, targets=[leader, node])
+    return release, plan[node], leader, node
+
+
+def pull_one(cluster, node, app, task, schema, timings=FAST):
+    lines = []
+    result = pull(cluster.client(cluster.node_names.index(node)), app, node, task.for_node(node), schema=schema,
+                  timings=timings, log=lines.append)
+    return result, lines
+
+
+def assert_recorded_failed(cluster, schema, app, node, result, release, naming):
+    """The pull ended failed, unrun, with a record in KV naming the problem."""
+    assert result.failed and not result.ran_task
+    recorded = states(cluster, schema, app)[node]
+    assert recorded == result.state
+    assert (recorded.status, recorded.run_id, recorded.version) == ("failed", release.run_id, release.version)
+    assert naming in recorded.error
+    assert "\n" not in recorded.error and len(recorded.error) < 1000
+    assert_clean(cluster, schema, app, [node])
+    return recorded
+
+
+def test_hostile_plan_address_never_reaches_the_command_and_the_run_is_recorded_failed(cluster, schema, tmp_path, ssh):
+    app = "hostaddr"
+    release, entry, _leader, node = two_nodes(cluster, schema, app)
+    marker = tmp_path / "x"
+    hostile = f"-oProxyCommand=touch {marker}"
+    # The hostile address makes the real command run code when it reaches it: the test is live.
+    subprocess.run(["/bin/sh", "-c", fill_template(f"{ssh} -o BatchMode=yes {{{{ remote.address }}}} true",
+                                                   {"remote.address": hostile})],
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+    assert marker.exists()
+    marker.unlink()
+    assert cluster.client().kv.put(schema.plan(app, node), json.dumps({**entry.to_dict(), "source_address": hostile}))
+    task = ShellTask(f"{ssh} -o BatchMode=yes -o ConnectTimeout=5 {{{{ remote.address }}}} true")
+    result, lines = pull_one(cluster, node, app, task, schema)
+    assert not marker.exists()
+    assert task.calls == []
+    recorded = assert_recorded_failed(cluster, schema, app, node, result, release,
+                                      f"malformed KV key '{schema.plan(app, node)}': field 'source_address'")
+    assert "neither an IP address nor a host name" in recorded.error, lines
+
+
+@pytest.mark.parametrize("field", ["source", "after"])
+def test_hostile_self_sourced_plan_is_recorded_failed(cluster, schema, field):
+    app = f"self{field}"
+    release, entry, _leader, node = two_nodes(cluster, schema, app)
+    assert cluster.client().kv.put(schema.plan(app, node), json.dumps({**entry.to_dict(), field: node}))
+    task = Task()
+    result, _lines = pull_one(cluster, node, app, task, schema)
+    assert task.calls == []
+    assert_recorded_failed(cluster, schema, app, node, result, release,
+                           f"the plan entry of run {release.run_id} names this node as its own source")
+    # Recorded once: a second worker does not write it again.
+    again, _lines = pull_one(cluster, node, app, task, schema)
+    assert again.state == result.state and again.reason.startswith(f"already failed in run {release.run_id}")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stage", 0), ("slot", 10**12), ("source", "-oProxyCommand=x"), ("source_address", "a;touch x"),
+    ("after", "a\nb"),
+])
+def test_hostile_malformed_plan_is_recorded_failed(cluster, schema, field, value):
+    app = f"badplan-{field}"
+    release, entry, _leader, node = two_nodes(cluster, schema, app)
+    assert cluster.client().kv.put(schema.plan(app, node), json.dumps({**entry.to_dict(), field: value}))
+    task = Task()
+    result, _lines = pull_one(cluster, node, app, task, schema)
+    assert task.calls == []
+    assert_recorded_failed(cluster, schema, app, node, result, release,
+                           f"malformed KV key '{schema.plan(app, node)}': field '{field}'")
+
+
+def test_hostile_fanout_release_is_recorded_failed_without_a_slot_list(cluster, schema, no_slot_lists):
+    app = "hugefanout"
+    release, _entry, _leader, node = two_nodes(cluster, schema, app)
+    assert cluster.client().kv.put(schema.release(app), json.dumps({**release.to_dict(), "fanout": 10**12}))
+    task = Task()
+    result, _lines = pull_one(cluster, node, app, task, schema)
+    assert task.calls == []
+    recorded = assert_recorded_failed(cluster, schema, app, node, result, release,
+                                      f"malformed KV key '{schema.release(app)}': field 'fanout'")
+    assert "fanout must be an integer from 1 to 64, got 1000000000000" in recorded.error
+
+
+def test_hostile_release_turning_malformed_while_a_worker_waits_is_recorded_failed(cluster, schema, no_slot_lists):
+    app = "turnsbad"
+    release, plan = fire(cluster, schema, app, 1, targets=cluster.node_names[:3])
+    waiting = next(node for node, entry in plan.items() if entry.stage == 2)
+    task = Task()
+    box = {}
+    patient = PullTimings(watch_timeout=120, start_grace=60, busy_grace=60, max_wait=1)
+    thread = threading.Thread(target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [waiting], task, patient)))
+    control(cluster, "stats", "DELETE")
+    thread.start()
+    wait_until(lambda: control(cluster, "stats", "GET")["agents"][waiting]["requests"] >= 2, 60, f"{waiting} waiting")
+    cluster.client().kv.put(schema.release(app), json.dumps({**release.to_dict(), "fanout": 10**12}))
+    thread.join(120)
+    results, logs = box["run"]
+    result = results[waiting]
+    assert task.calls == []
+    assert any("field 'fanout'" in line and "starting over" in line for line in logs[waiting]), logs[waiting]
+    assert_recorded_failed(cluster, schema, app, waiting, result, release,
+                           f"malformed KV key '{schema.release(app)}': field 'fanout'")
+
+
+@pytest.mark.parametrize("version", ["v1\nFORGED", "-v1", "v" * 10240])
+def test_hostile_version_stops_the_pull_with_an_error_on_one_line(cluster, schema, version):
+    app = "badversion"
+    release, _entry, _leader, node = two_nodes(cluster, schema, app)
+    assert cluster.client().kv.put(schema.release(app), json.dumps({**release.to_dict(), "version": version}))
+    task = Task()
+    with pytest.raises(PullError) as info:
+        pull_one(cluster, node, app, task, schema)
+    message = str(info.value)
+    assert f"malformed KV key '{schema.release(app)}': field 'version'" in message
+    assert "\n" not in message and len(message) < 1000
+    assert task.calls == []
+    assert node not in states(cluster, schema, app)
+
+
+class _HostileCatalog:
+    """A client whose catalog gives node ``name`` the address ``address``."""
+
+    def __init__(self, client, name, address):
+        self.client = client
+        self.name = name
+        self.address = address
+        self.catalog = self
+
+    def node(self, name, *args, **kwargs):
+        index, info = self.client.catalog.node(name, *args, **kwargs)
+        if name == self.name:
+            info = {**info, "Node": {**info["Node"], "Address": self.address}}
+        return index, info
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_hostile_catalog_address_of_a_source_makes_the_puller_use_another(cluster, schema, tmp_path):
+    app = "hostcatalog"
+    release, leader, first, puller = four_nodes_with_a_stage_two_puller(cluster, schema, app)
+    done = NodeState(version="v1", run_id=release.run_id, status="done", started=time.time(), source=leader, depth=1,
+                     finished=time.time())
+    assert cluster.client().kv.put(schema.node(app, first), done.to_json())
+    hostile = f"-oProxyCommand=touch {tmp_path / 'x'}"
+    client = _HostileCatalog(cluster.client(cluster.node_names.index(puller)), first, hostile)
+    task = Task()
+    lines = []
+    result = pull(client, app, puller, task.for_node(puller), schema=schema, timings=FAST, log=lines.append)
+    assert result.state.status == "done" and result.state.source != first, lines
+    assert [source.name for _node, source in task.calls] == [result.state.source]
+    assert all(source.address != hostile for _node, source in task.calls)
+    assert any(f"source {first} is unusable: the catalog address of node {first}" in line
+               and "neither an IP address nor a host name" in line for line in lines), lines
+    assert not (tmp_path / "x").exists()
+    assert_clean(cluster, schema, app, [puller])
+
+
+def test_hostile_huge_integer_time_in_the_release_is_recorded_failed(cluster, schema):
+    app = "hugetime"
+    release, _entry, _leader, node = two_nodes(cluster, schema, app)
+    record = json.dumps({**release.to_dict(), "fired_at": 10**400})
+    assert cluster.client().kv.put(schema.release(app), record)
+    task = Task()
+    result, _lines = pull_one(cluster, node, app, task, schema)
+    assert task.calls == []
+    assert_recorded_failed(cluster, schema, app, node, result, release,
+                           f"malformed KV key '{schema.release(app)}': field 'fired_at'")
+
+
+def test_hostile_deeply_nested_own_record_is_treated_as_absent(cluster, schema):
+    app = "nested"
+    _release, _entry, _leader, node = two_nodes(cluster, schema, app)
+    assert cluster.client().kv.put(schema.node(app, node), "[" * 200_000)
+    task = Task()
+    result, lines = pull_one(cluster, node, app, task, schema)
+    assert result.state.status == "done" and any("ignoring malformed KV key" in line for line in lines)

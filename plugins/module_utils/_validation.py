@@ -1,0 +1,174 @@
+"""The rules of every value fireap writes to Consul and reads back from it.
+
+Whoever can write KV under the prefix, or fire a user event, can put any value there, so a
+value read from Consul is untrusted input. The leader checks what it writes by these rules
+and every node checks what it reads by the very same ones. They are strict enough that an
+accepted value is inert wherever it goes:
+
+* names (apps, nodes), run IDs and versions start with a letter, a digit (or ``_`` for
+  names) and contain no whitespace, quote, shell metacharacter, ``/`` or control character:
+  no command can take one for an option, and no shell or path can give one a meaning;
+* an address is an IP literal (no zone) or a host name of DNS labels;
+* numbers have the leader's bounds (fan-out 1..64), so nothing a node allocates grows with
+  a number read from Consul;
+* free text (a failure's error, an abort reason) has a length bound and is never put into
+  a command; :func:`show` makes any value safe to put into a message or a log line.
+
+Stdlib only: nodes import this without Ansible.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from typing import Any
+
+NAME_MAX_LENGTH = 128
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+VERSION_MAX_LENGTH = 64
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*")
+RUN_ID_MAX_LENGTH = 64
+ADDRESS_MAX_LENGTH = 253
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+FANOUT_MIN = 1
+FANOUT_MAX = 64
+#: Most nodes one release may target; Consul's sizing guides stop near 5,000 per datacenter.
+TARGETS_MAX = 100_000
+#: Most stages a plan can have: ceil(log2(TARGETS_MAX)) + 1 at fan-out 1, with room.
+STAGE_MAX = 64
+
+#: A node's failure text (the failed command and its output tail) as recorded in KV.
+ERROR_MAX_LENGTH = 8192
+#: An abort reason, a lock holder, an event filter.
+LINE_MAX_LENGTH = 1024
+
+#: How much of a rejected value an error message shows.
+SHOWN_MAX_LENGTH = 80
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def show(value: Any, limit: int = SHOWN_MAX_LENGTH) -> str:
+    """``repr(value)`` cut to ``limit`` characters: safe in a message and a log line,
+    whatever the value holds (repr escapes newlines and control characters)."""
+    text = repr(value)
+    if len(text) > limit:
+        return f"{text[:limit]}... ({len(text)} characters)"
+    return text
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character (newline included) written as an escape."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def clip(text: str, limit: int = ERROR_MAX_LENGTH) -> str:
+    """``text`` cut to at most ``limit`` characters, saying so at the end when it was cut."""
+    if len(text) <= limit:
+        return text
+    marker = f"... [cut: {len(text)} characters in all]"
+    return text[: limit - len(marker)] + marker
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {show(value)}")
+    return value
+
+
+def check_name(value: Any, what: str) -> str:
+    """Return ``value`` if it can name an app or a node (one KV key segment, one shell word,
+    never an option); ``what`` names it in the error."""
+    _text(value, f"{what} name")
+    if len(value) > NAME_MAX_LENGTH:
+        raise ValueError(f"{what} name {show(value)} has {len(value)} characters; at most {NAME_MAX_LENGTH}")
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{what} name {show(value)} may only contain letters, digits, '_', '.' and '-', "
+            "and must start with a letter, a digit or '_'"
+        )
+    if ".." in value:
+        raise ValueError(f"{what} name {show(value)} must not contain '..'")
+    return value
+
+
+def check_version(value: Any) -> str:
+    """Return ``value`` if it can be released: 1..64 of letters, digits and ``._+~-``,
+    starting with a letter or digit (``1.4.2``, ``v7``, ``2.0-rc1``, ``1.0+build.5``)."""
+    _text(value, "version")
+    if len(value) > VERSION_MAX_LENGTH:
+        raise ValueError(f"version {show(value)} has {len(value)} characters; at most {VERSION_MAX_LENGTH}")
+    if not VERSION_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"version {show(value)} may only contain letters, digits and '._+~-', and must start with a letter "
+            "or a digit"
+        )
+    return value
+
+
+def check_run_id(value: Any) -> str:
+    """Return ``value`` if it can identify a run (fireap_fire makes them as UUID hex)."""
+    _text(value, "run id")
+    if len(value) > RUN_ID_MAX_LENGTH or not NAME_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"run id {show(value)} must be 1..{RUN_ID_MAX_LENGTH} letters, digits, '_', '.' or '-', "
+            "starting with a letter, a digit or '_'"
+        )
+    return value
+
+
+def check_address(value: Any, what: str = "address") -> str:
+    """Return ``value`` if it is a node address: an IPv4 or IPv6 literal without a zone, or a
+    host name of DNS labels (letters, digits, '-', '_'; no label starts or ends with '-')."""
+    _text(value, what)
+    if len(value) > ADDRESS_MAX_LENGTH:
+        raise ValueError(f"{what} {show(value)} has {len(value)} characters; at most {ADDRESS_MAX_LENGTH}")
+    if "%" not in value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            pass
+        else:
+            return value
+    if not all(_HOST_LABEL.fullmatch(label) for label in value.split(".")):
+        raise ValueError(f"{what} {show(value)} is neither an IP address nor a host name")
+    return value
+
+
+def check_int(value: Any, what: str, low: int, high: int) -> int:
+    """Return ``value`` if it is an integer (not a bool) within ``low..high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer from {low} to {high}, got {show(value)}")
+    return value
+
+
+def check_fanout(value: Any) -> int:
+    """Return ``value`` if it is a fan-out k: pullers one source serves at once."""
+    return check_int(value, "fanout", FANOUT_MIN, FANOUT_MAX)
+
+
+def check_time(value: Any, what: str) -> float:
+    """Return ``value`` as float epoch seconds if it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of epoch seconds, got {show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}")
+    return value
+
+
+def check_text(value: Any, what: str, limit: int, *, lines: bool = False) -> str:
+    """Return ``value`` if it is a string of at most ``limit`` characters without control
+    characters (``lines``: newlines and tabs allowed)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {show(value)}")
+    if len(value) > limit:
+        raise ValueError(f"{what} has {len(value)} characters; at most {limit}")
+    allowed = value.replace("\n", "").replace("\t", "") if lines else value
+    if _CONTROL.search(allowed):
+        raise ValueError(f"{what} {show(value)} must not contain control characters")
+    return value
