@@ -1,11 +1,12 @@
-"""A Consul double: real HTTP agents with Consul's semantics, all in one process.
+"""The collection's workshop: a Consul double and the tools that run releases against it.
 
-`python -m devcluster serve ...` runs a cluster from the command line;
-`DevCluster` runs one inside a test or benchmark process.
+Rooms (see README.md): ``consul`` the double itself (DevCluster runs it in this process,
+ServeProcess as ``python -m devcluster serve``), ``demo`` the end-to-end release demo,
+``bench`` the benchmark, ``chaos`` the fault-injection suite. ``polling`` and
+``collection_path`` serve several rooms. Nothing in the collection imports this package.
 """
 
-from .cluster import Cluster, ClusterError
-from .embedded import DevCluster, find_free_port_range
-from .workdir import NodeInfo, node_names
+from pathlib import Path
 
-__all__ = ["Cluster", "ClusterError", "DevCluster", "NodeInfo", "find_free_port_range", "node_names"]
+#: The checkout this package lives in (the collection's root).
+REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,113 +1,43 @@
-"""Command line: `python -m devcluster serve --nodes N --http-port P --workdir DIR`, `demo` (demo.py),
-`bench` (bench.py) and `chaos` (chaos.py)."""
+"""Command line: `python -m devcluster serve|demo|bench|chaos ...`; each command belongs to a room
+(consul/serve.py, demo/run.py, bench/cli.py, chaos/cli.py), which parses the rest."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
 import sys
-import time
-from pathlib import Path
-
-from .cluster import Cluster, ClusterError
-from .persistence import PersistenceError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The commands, for --help and for an unknown command; each room has a parser of its own."""
     parser = argparse.ArgumentParser(
         prog="python -m devcluster", description="A Consul double: N agents with Consul's HTTP API on 127.0.0.1."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser(
-        "serve",
-        help="run a cluster until SIGTERM/SIGINT",
-        description="Agent k answers on 127.0.0.1:P+k; DIR/cluster.json appears once every port listens.",
-    )
-    serve.add_argument("--nodes", type=_positive_int, required=True, help="number of nodes (agents)")
-    serve.add_argument("--http-port", type=_port, required=True, help="HTTP port of node-000; node k uses P+k")
-    serve.add_argument("--workdir", type=Path, required=True, help="where cluster.json, inventory.yml, node dirs go")
-    serve.add_argument("--acl-token", help="enable default-deny ACLs with this management token")
-    serve.add_argument("--data-dir", type=Path, help="keep the servers' state here across restarts")
-    serve.add_argument("--datacenter", default="dc1", help="datacenter name (default: dc1)")
-    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain) on every port")
-    serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
-    serve.set_defaults(run=_serve)
-    # Listed for --help only: main() hands `demo ...` to demo.py's own parser.
+    commands.add_parser("serve", help="run a cluster until SIGTERM/SIGINT (see serve --help)")
     commands.add_parser("demo", help="release a build across a local cluster end to end (see demo --help)")
     commands.add_parser("bench", help="measure fireap against the ideal and push baselines (see bench --help)")
     commands.add_parser("chaos", help="inject faults into releases and report what survived (see chaos --help)")
     return parser
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    cluster = Cluster(
-        nodes=args.nodes,
-        http_port=args.http_port,
-        workdir=args.workdir,
-        acl_token=args.acl_token,
-        data_dir=args.data_dir,
-        datacenter=args.datacenter,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    began = time.monotonic()
-    await cluster.start()
-    last = cluster.nodes[-1]
-    scheme = "https" if cluster.tls else "http"
-    print(
-        f"devcluster: {len(cluster.nodes)} agents on {scheme}://{cluster.host}:{cluster.http_port}..{last.http_port} "
-        f"(datacenter {cluster.datacenter}) up in {time.monotonic() - began:.2f}s; "
-        f"{cluster.workdir / 'cluster.json'}",
-        flush=True,
-    )
-    await stop.wait()
-    await cluster.close()
-    print("devcluster: stopped", flush=True)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Imported on demand: serving needs neither Ansible nor the collection.
+    if argv[:1] == ["serve"]:
+        from .consul.serve import main as serve_main
+
+        return serve_main(argv[1:])
     if argv[:1] == ["demo"]:
-        # Imported on demand: the demo drives Ansible and is not needed to serve.
-        from .demo import main as demo_main
+        from .demo.run import main as demo_main
 
         return demo_main(argv[1:])
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from .bench.cli import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["chaos"]:
-        from .chaos import main as chaos_main
+        from .chaos.cli import main as chaos_main
 
         return chaos_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="devcluster: %(levelname)s %(name)s: %(message)s")
-    try:
-        return asyncio.run(args.run(args))
-    except (ClusterError, PersistenceError) as err:
-        print(f"devcluster: error: {err}", file=sys.stderr)
-        return 1
+    build_parser().parse_args(argv)
+    return 2

@@ -1,13 +1,14 @@
 """Importing this module makes ``ansible_collections.fireap.consul`` importable from the checkout.
 
-The benchmark and the chaos suite drive the collection's own code in-process; ``make setup``
-links the checkout under ``build/ansible_collections/fireap/consul`` for that.
+The benchmark and the chaos suite drive the collection's own code in-process (their rooms
+import this module first); ``make setup`` links the checkout under
+``build/ansible_collections/fireap/consul`` for that.
 """
 
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from . import REPO_ROOT
+
 COLLECTION_PARENT = REPO_ROOT / "build"
 
 if not (COLLECTION_PARENT / "ansible_collections" / "fireap" / "consul").exists():

@@ -26,18 +26,38 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session")
-def consul_target(tmp_path_factory):
+def make_double(tmp_path_factory):
+    """The tests' one way to start the project's Consul double (``python -m devcluster serve``).
+
+    ``make_double(nodes=3, *, acl_token=None, data_dir=None, workdir=None, name="double")``
+    starts one and returns its ConsulTarget; ``target.double`` is the ServeProcess (``workdir``
+    with the inventory and node dirs, ``kill()``, ``stop()``). ``with make_double(...) as target:``
+    stops it when the block ends; any still running are stopped when the session ends.
+    """
+    started: list[consul_harness.ConsulTarget] = []
+
+    def make(nodes: int = 3, *, acl_token: str | None = None, data_dir: Path | None = None,
+             workdir: Path | None = None, name: str = "double") -> consul_harness.ConsulTarget:
+        target = consul_harness.start_double(workdir or tmp_path_factory.mktemp(name), nodes, acl_token=acl_token,
+                                             data_dir=data_dir)
+        started.append(target)
+        return target
+
+    yield make
+    for target in started:
+        target.close()
+
+
+@pytest.fixture(scope="session")
+def consul_target(make_double):
     """The Consul under test: the real agent named by the environment, else a 3-node double."""
     real = consul_harness.real_target_from_env()
     if real is not None:
         yield real
         real.close()
         return
-    double = consul_harness.DoubleProcess(tmp_path_factory.mktemp("devcluster"), nodes=3)
-    try:
-        yield double.start()
-    finally:
-        double.stop()
+    with make_double(nodes=3, name="devcluster") as target:
+        yield target
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 A real agent is used when FIREAP_TEST_CONSUL_HTTP_ADDR is set (``host:port`` or
 ``http(s)://host:port``, token from FIREAP_TEST_CONSUL_HTTP_TOKEN). Otherwise the double is
-started as ``python -m devcluster serve`` on a free port range and stopped afterwards.
+started as ``python -m devcluster serve`` (devcluster.consul.ServeProcess) on a free port range
+and stopped afterwards: tests start it with the ``make_double`` fixture (tests/conftest.py),
+which calls start_double here. Agents are devcluster's node record, NodeInfo.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import os
 import threading
 import urllib.parse
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import consul
 import requests
 
-from devcluster.serve_process import ServeError, ServeProcess
+from devcluster.consul import NodeInfo, ServeError, ServeProcess
 
 ADDR_ENV = "FIREAP_TEST_CONSUL_HTTP_ADDR"
 TOKEN_ENV = "FIREAP_TEST_CONSUL_HTTP_TOKEN"
@@ -34,32 +35,28 @@ class HarnessError(RuntimeError):
     """A Consul target could not be reached or started."""
 
 
-@dataclass(frozen=True)
-class Agent:
-    """One agent's HTTP API endpoint; config_dir is known only for the double's agents."""
-
-    name: str
-    host: str
-    port: int
-    scheme: str = "http"
-    config_dir: Path | None = None
-
-    @property
-    def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-
 class ConsulTarget:
-    """The agents under test, with py-consul clients and a raw HTTP helper."""
+    """The agents under test, with py-consul clients and a raw HTTP helper.
 
-    def __init__(self, agents: list[Agent], token: str | None = None) -> None:
+    ``double`` is the ServeProcess serving them when they are the project's double (None for a
+    real agent): its ``workdir`` holds the inventory and node directories, ``kill()`` crashes it.
+    ``close()`` (or the end of a ``with`` block) closes the clients and stops that double.
+    """
+
+    def __init__(self, agents: list[NodeInfo], token: str | None = None, double: ServeProcess | None = None) -> None:
         if not agents:
             raise HarnessError("a Consul target needs at least one agent")
         self.agents = list(agents)
         self.token = token
+        self.double = double
         self._http = requests.Session()
         self._clients: dict[tuple[int, str | None], consul.Consul] = {}
+
+    def __enter__(self) -> ConsulTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def multi_agent(self) -> bool:
@@ -111,7 +108,10 @@ class ConsulTarget:
     def close(self) -> None:
         for client in self._clients.values():
             client.http.session.close()
+        self._clients.clear()
         self._http.close()
+        if self.double is not None:
+            self.double.stop()
 
 
 def parse_http_addr(value: str) -> tuple[str, str, int]:
@@ -138,7 +138,7 @@ def real_target_from_env() -> ConsulTarget | None:
         return None
     scheme, host, port = parse_http_addr(addr)
     token = os.environ.get(TOKEN_ENV) or None
-    probe = ConsulTarget([Agent(name="", host=host, port=port, scheme=scheme)], token=token)
+    probe = ConsulTarget([NodeInfo(name="", host=host, port=port, scheme=scheme)], token=token)
     try:
         response = probe.http("GET", "/v1/agent/self")
     except requests.RequestException as err:
@@ -148,11 +148,36 @@ def real_target_from_env() -> ConsulTarget | None:
     if response.status_code != 200:
         raise HarnessError(f"GET /v1/agent/self on {addr}: {response.status_code} {response.text.strip()}")
     name = response.json()["Config"]["NodeName"]
-    return ConsulTarget([Agent(name=name, host=host, port=port, scheme=scheme)], token=token)
+    return ConsulTarget([NodeInfo(name=name, host=host, port=port, scheme=scheme)], token=token)
+
+
+def start_double(
+    workdir: Path,
+    nodes: int = 3,
+    *,
+    acl_token: str | None = None,
+    data_dir: Path | None = None,
+    timeout: float = DOUBLE_START_TIMEOUT,
+) -> ConsulTarget:
+    """Start ``python -m devcluster serve`` and wait until every agent listens; its target
+    (``target.double`` is the ServeProcess). Tests call it through the ``make_double`` fixture."""
+    if nodes < 1:
+        raise HarnessError(f"the double needs at least one node, not {nodes}")
+    double = ServeProcess(nodes, workdir, acl_token=acl_token, data_dir=data_dir)
+    try:
+        double.start(timeout)
+    except ServeError as err:
+        raise HarnessError(str(err)) from None
+    return ConsulTarget(double.nodes, token=acl_token, double=double)
 
 
 class DoubleProcess:
-    """One run of ``python -m devcluster serve`` and the target it serves."""
+    """``DoubleProcess(workdir, nodes, acl_token=, data_dir=)``, ``start()`` -> target, ``stop()``.
+
+    Kept only for tests that start their double themselves and are not moved to the
+    ``make_double`` fixture yet (tests/integration/test_galaxy_build.py,
+    tests/unit/plugins/module_utils/test_release.py and test_worker.py); new tests use the fixture.
+    """
 
     def __init__(
         self,
@@ -161,44 +186,22 @@ class DoubleProcess:
         acl_token: str | None = None,
         data_dir: Path | None = None,
     ) -> None:
-        if nodes < 1:
-            raise HarnessError(f"the double needs at least one node, not {nodes}")
         self.workdir = Path(workdir)
-        self.acl_token = acl_token
-        self.process = ServeProcess(nodes, self.workdir, acl_token=acl_token, data_dir=data_dir)
+        self._options = {"nodes": nodes, "acl_token": acl_token, "data_dir": data_dir}
         self.target: ConsulTarget | None = None
 
     def start(self, timeout: float = DOUBLE_START_TIMEOUT) -> ConsulTarget:
-        """Start the double and wait until its cluster.json is written (all ports listen)."""
-        try:
-            cluster = self.process.start(timeout)
-        except ServeError as err:
-            raise HarnessError(str(err)) from None
-        agents = [
-            Agent(
-                name=node["name"],
-                host="127.0.0.1",
-                port=int(node["http_port"]),
-                config_dir=Path(node["config_dir"]) if node.get("config_dir") else None,
-            )
-            for node in cluster["nodes"]
-        ]
-        self.target = ConsulTarget(agents, token=self.acl_token)
+        self.target = start_double(self.workdir, timeout=timeout, **self._options)
         return self.target
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if the double has not exited in time."""
-        self._close_target()
-        self.process.stop()
-
-    def kill(self) -> None:
-        """SIGKILL at once, as a crash would."""
-        self._close_target()
-        self.process.kill()
-
-    def _close_target(self) -> None:
         if self.target is not None:
             self.target.close()
+
+    def kill(self) -> None:
+        if self.target is not None and self.target.double is not None:
+            self.target.double.kill()
+        self.stop()
 
 
 def unique_name(kind: str = "name") -> str:

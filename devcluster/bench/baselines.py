@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from .bench_cluster import BenchError
-from .demo import REPO_ROOT, ansible_env, ansible_tool
+from .. import REPO_ROOT
+from ..demo.playbooks import ansible_env, ansible_tool
+from .double import BenchError
 
 PLAYBOOK_FILE = "baseline.yml"
 #: The leader's inventory group: a push leaves it out, as a release does.

@@ -6,8 +6,8 @@
 
 N counts every node, the leader included; the ideal is ceil(log_(k+1) N) * t. ``inproc``
 runs every node's real pull in a thread (threads spread over worker processes) with a task
-sleeping t (bench_inproc.py); ``process`` installs the real node side with Ansible and pulls a real
-tree with rsync, beside a GNU parallel push of the same tree (bench_process.py). With
+sleeping t (inproc.py); ``process`` installs the real node side with Ansible and pulls a real
+tree with rsync, beside a GNU parallel push of the same tree (process.py). With
 ``--repeat`` the figures are medians. ``--json`` writes the records and, next to them, a
 plot (PNG and SVG). ``--standard`` runs the set `make bench` uses.
 """
@@ -23,16 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ansible_collections.fireap.consul.plugins.module_utils._validation import FANOUT_MAX, FANOUT_MIN
 
-from .collection_path import REPO_ROOT
-from ansible_collections.fireap.consul.plugins.module_utils._release import FANOUT_MAX, FANOUT_MIN
-
-from .bench_baselines import run_ansible, run_parallel, sleep_command
-from .bench_cluster import DOUBLE_KINDS, SUBPROCESS, BenchCluster, BenchError
-from .bench_inproc import run_inproc
-from .bench_plot import write_plot
-from .bench_process import ProcessBench
-from .bench_core import (
+from .. import REPO_ROOT
+from ..consul import SUBPROCESS, Double
+from .baselines import run_ansible, run_parallel, sleep_command
+from .core import (
     ANSIBLE,
     BASELINES,
     INPROC,
@@ -43,6 +39,10 @@ from .bench_core import (
     ideal_seconds,
     make_record,
 )
+from .double import DOUBLE_KINDS, BenchError, leader_client, running_double
+from .inproc import run_inproc
+from .plot import write_plot
+from .process import ProcessBench
 
 OUTPUT_DIR = REPO_ROOT / "build" / "bench"
 STANDARD_JSON = OUTPUT_DIR / "bench.json"
@@ -93,23 +93,29 @@ def _timeout(config: Config) -> float:
 def run_config(config: Config, workdir: Path, double: str, processes: int | None = None) -> dict:
     """Measure one configuration ``config.repeat`` times on one cluster; the combined record."""
     records = []
-    with BenchCluster(config.nodes, workdir, PROCESS_DOUBLE if config.mode == PROCESS else double) as cluster:
-        if config.mode == PROCESS:
-            bench = ProcessBench(cluster, config.fanout, config.task_seconds)
-            bench.install()
-        for i, version in enumerate(_versions(config.repeat), 1):
+    with running_double(config.nodes, workdir, PROCESS_DOUBLE if config.mode == PROCESS else double) as cluster:
+        leader = leader_client(cluster)
+        try:
             if config.mode == PROCESS:
-                result, baselines = bench.run(version, _timeout(config), config.baselines)
-            else:
-                result = run_inproc(cluster, config.fanout, config.task_seconds, version, _timeout(config), processes)
-                baselines = _sleep_baselines(cluster, config)
-            record = make_record(result, baselines)
-            print(f"  run {i}/{config.repeat}: {summary(record)}", flush=True)
-            records.append(record)
+                bench = ProcessBench(cluster, leader, config.fanout, config.task_seconds)
+                bench.install()
+            for i, version in enumerate(_versions(config.repeat), 1):
+                if config.mode == PROCESS:
+                    result, baselines = bench.run(version, _timeout(config), config.baselines)
+                else:
+                    result = run_inproc(
+                        cluster, config.fanout, config.task_seconds, version, _timeout(config), processes, leader
+                    )
+                    baselines = _sleep_baselines(cluster, config)
+                record = make_record(result, baselines)
+                print(f"  run {i}/{config.repeat}: {summary(record)}", flush=True)
+                records.append(record)
+        finally:
+            leader.http.close()
     return combine(records)
 
 
-def _sleep_baselines(cluster: BenchCluster, config: Config) -> dict[str, float]:
+def _sleep_baselines(cluster: Double, config: Config) -> dict[str, float]:
     measured = {}
     command = sleep_command(config.task_seconds)
     hosts = [node.name for node in cluster.nodes if node.name != cluster.leader.name]

@@ -3,7 +3,7 @@
 Each node but the leader gets a thread that does what its agent's watch and fireap-reap
 would: it blocks on ``/v1/event/list?name=FIREAP:TASK`` of its own agent, and when the
 event arrives runs the real ``_worker.pull`` with its own py-consul client (over a lean
-keep-alive transport, see ``bench_client``), the task sleeping ``t``. The release is fired
+keep-alive transport, see ``client.py``), the task sleeping ``t``. The release is fired
 with the real ``_release.fire`` against the leader's agent. Measured: from the start of the
 fire until the last node's done record was acknowledged (its final /v1/txn; the destroy of
 its session after that is cleanup and not counted). The handler's own reads before a worker
@@ -28,16 +28,17 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
 from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME, clear, fire
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
-from .bench_client import BenchConsul
-from .bench_cluster import CLIENT_TIMEOUT, BenchCluster, BenchError, Node, cpu_times
-from .bench_core import INPROC, RunResult, TaskTiming, busy_fraction
+from .. import REPO_ROOT
+from ..consul import Double, NodeInfo
+from .client import BenchConsul
+from .core import INPROC, RunResult, TaskTiming, busy_fraction
+from .double import CLIENT_TIMEOUT, BenchError, cpu_times, leader_client
 
 APP = "bench"
 #: How long a node waits for the event before it gives up (the run is then a failure).
@@ -50,12 +51,12 @@ PARK_POLL_SECONDS = 0.05
 #: Seconds the worker processes get to end once they reported.
 WORKER_EXIT_SECONDS = 30.0
 #: Import roots of a worker process: the repository (devcluster) and the collection's parent.
-IMPORT_ROOTS = (str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "build"))
+IMPORT_ROOTS = (str(REPO_ROOT), str(REPO_ROOT / "build"))
 #: ``python -c`` program of a worker process: argv[1:] are the import roots; the job comes
 #: on stdin as JSON. gevent patches the standard library before anything imports it.
 _WORKER_PROGRAM = (
     "from gevent import monkey; monkey.patch_all(); "
-    "import sys; sys.path[:0] = sys.argv[1:]; from devcluster.bench_inproc import worker_main; worker_main()"
+    "import sys; sys.path[:0] = sys.argv[1:]; from devcluster.bench.inproc import worker_main; worker_main()"
 )
 ARMED = "armed"
 
@@ -88,9 +89,9 @@ class _NodeThread(threading.Thread):
     """One node: wait for the event on its own agent, then pull with a sleeping task (a
     greenlet in a worker process, see the module docstring)."""
 
-    def __init__(self, node: Node, task_seconds: float, armed: threading.Semaphore) -> None:
+    def __init__(self, node: NodeInfo, task_seconds: float, armed: threading.Semaphore) -> None:
         super().__init__(name=f"bench-{node.name}", daemon=True)
-        self.client = BenchConsul(node.address, node.http_port, CLIENT_TIMEOUT)
+        self.client = BenchConsul(node.host, node.port, CLIENT_TIMEOUT)
         self.node = node.name
         self.task_seconds = task_seconds
         self.armed = armed
@@ -145,12 +146,12 @@ class _NodeThread(threading.Thread):
 def worker_main() -> None:
     """A worker process: arm every node's event wait, print "armed", pull, print the outcomes.
 
-    stdin: one JSON line ``{"nodes": [[name, address, http_port], ...], "task_seconds": t}``;
+    stdin: one JSON line ``{"nodes": [[name, host, port], ...], "task_seconds": t}``;
     stdout: the line ``armed``, then one JSON line with the list of outcomes.
     """
     job = json.loads(sys.stdin.readline())
     armed = threading.Semaphore(0)
-    nodes = [Node(name, address, port, Path()) for name, address, port in job["nodes"]]
+    nodes = [NodeInfo(name, host, port) for name, host, port in job["nodes"]]
     threads = [_NodeThread(node, job["task_seconds"], armed) for node in nodes]
     for thread in threads:
         thread.start()
@@ -162,10 +163,10 @@ def worker_main() -> None:
     print(json.dumps([asdict(thread.outcome()) for thread in threads]), flush=True)
 
 
-class _Worker:
+class _WorkerProcess:
     """A worker process running some nodes' threads; its output lines are read by a thread."""
 
-    def __init__(self, nodes: list[Node], task_seconds: float) -> None:
+    def __init__(self, nodes: list[NodeInfo], task_seconds: float) -> None:
         self.nodes = nodes
         self.process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_PROGRAM, *IMPORT_ROOTS],
@@ -173,7 +174,7 @@ class _Worker:
             stdout=subprocess.PIPE,
             text=True,
         )
-        job = {"nodes": [[n.name, n.address, n.http_port] for n in nodes], "task_seconds": task_seconds}
+        job = {"nodes": [[n.name, n.host, n.port] for n in nodes], "task_seconds": task_seconds}
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.close()
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -211,32 +212,44 @@ def split(items: list, parts: int) -> list[list]:
 
 
 def run_inproc(
-    cluster: BenchCluster, fanout: int, task_seconds: float, version: str, timeout: float, processes: int | None = None
+    double: Double,
+    fanout: int,
+    task_seconds: float,
+    version: str,
+    timeout: float,
+    processes: int | None = None,
+    leader=None,
 ) -> RunResult:
-    """Release ``version`` of the bench app across ``cluster`` once; see the module docstring.
+    """Release ``version`` of the bench app across ``double`` once; see the module docstring.
 
     ``processes``: worker processes the nodes are spread over (default: one per
     CPU). ``timeout``: seconds after the fire to wait for the last node; nodes not done by
-    then are failures and the run is aborted so that their threads end.
+    then are failures and the run is aborted so that their threads end. ``leader``: the
+    leader's client (``leader_client``), made for this run when not given.
     """
-    pullers = [node for node in cluster.nodes if node.name != cluster.leader.name]
-    cluster.reset_stats()
-    workers: list[_Worker] = []
+    pullers = [node for node in double.nodes if node.name != double.leader.name]
+    double.reset_stats()
+    own_leader = leader is None
+    if own_leader:
+        leader = leader_client(double)
+    workers: list[_WorkerProcess] = []
     try:
         for share in split(pullers, processes or os.cpu_count() or 1):
-            workers.append(_Worker(share, task_seconds))
-        return _release(cluster, fanout, task_seconds, version, timeout, workers)
+            workers.append(_WorkerProcess(share, task_seconds))
+        return _release(double, leader, fanout, task_seconds, version, timeout, workers)
     finally:
         for worker in workers:
             worker.stop()
+        if own_leader:
+            leader.http.close()
 
 
-def _await_parked(cluster: BenchCluster, names: list[str]) -> None:
+def _await_parked(double: Double, names: list[str]) -> None:
     """Return once every node's blocking event query has reached its agent, as a
     long-running watch's would have, so the fire does not race the nodes' own arming."""
     deadline = time.monotonic() + EVENT_WAIT_SECONDS
     while True:
-        agents = cluster.stats()["agents"]
+        agents = double.stats()["agents"]
         late = [name for name in names if agents[name]["requests"] < ARMING_REQUESTS]
         if not late:
             return
@@ -246,14 +259,19 @@ def _await_parked(cluster: BenchCluster, names: list[str]) -> None:
 
 
 def _release(
-    cluster: BenchCluster, fanout: int, task_seconds: float, version: str, timeout: float, workers: list[_Worker]
+    double: Double,
+    leader,
+    fanout: int,
+    task_seconds: float,
+    version: str,
+    timeout: float,
+    workers: list[_WorkerProcess],
 ) -> RunResult:
     for worker in workers:
         if worker.line(EVENT_WAIT_SECONDS) != ARMED:
             raise BenchError(f"the nodes of worker process {worker.process.pid} did not start waiting for the event")
-    _await_parked(cluster, [node.name for worker in workers for node in worker.nodes])
+    _await_parked(double, [node.name for worker in workers for node in worker.nodes])
 
-    leader = cluster.client(cluster.leader.name)
     schema = Schema()
     cpu_before = cpu_times()
     fired = time.time()
@@ -271,7 +289,7 @@ def _release(
         if line is not None:
             outcomes.update((item["node"], NodeOutcome.from_dict(item)) for item in json.loads(line))
     cpu_after = cpu_times()
-    stats = cluster.stats()
+    stats = double.stats()
 
     failures = {}
     for node in (node for worker in workers for node in worker.nodes):
@@ -284,15 +302,15 @@ def _release(
             failures[node.name] = item.error
     return RunResult(
         mode=INPROC,
-        nodes=len(cluster.nodes),
+        nodes=len(double.nodes),
         fanout=fanout,
         task_seconds=task_seconds,
-        leader=cluster.leader.name,
+        leader=double.leader.name,
         fired=fired,
         leader_ready=leader_ready,
         completed=max((item.done_at or item.returned for item in outcomes.values()), default=leader_ready),
         depths={item.node: item.depth for item in outcomes.values() if item.depth is not None}
-        | {cluster.leader.name: 0},
+        | {double.leader.name: 0},
         tasks={
             item.node: replace(item.timing, done_written=item.done_at)
             for item in outcomes.values()
@@ -301,5 +319,5 @@ def _release(
         plan=plan_release(outcome["targets"], outcome["leader"], fanout, outcome["run_id"]),
         stats=stats,
         failures=failures,
-        details={"double": cluster.kind, "processes": len(workers), "cpu_busy": busy_fraction(cpu_before, cpu_after)},
+        details={"double": double.kind, "processes": len(workers), "cpu_busy": busy_fraction(cpu_before, cpu_after)},
     )

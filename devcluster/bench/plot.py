@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .bench_core import INPROC  # noqa: E402
+from .core import INPROC  # noqa: E402
 
 FORMATS = ("png", "svg")
 

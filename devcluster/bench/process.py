@@ -29,13 +29,15 @@ from ansible_collections.fireap.consul.plugins.module_utils._release import (
     wait,
 )
 
-from . import demo
-from .bench_baselines import run_ansible, run_parallel
-from .bench_cluster import BenchCluster, BenchError, cpu_times
-from .bench_core import ANSIBLE, PARALLEL, PROCESS, RunResult, TaskTiming, busy_fraction
+from ..consul import Double
+from ..demo import builds
+from ..demo.playbooks import SETUP_PLAYBOOK, DemoError, run_playbook, vars_file_text
+from .baselines import run_ansible, run_parallel
+from .core import ANSIBLE, PARALLEL, PROCESS, RunResult, TaskTiming, busy_fraction
+from .double import BenchError, cpu_times
 
 APP = "bench"
-APP_DIR = demo.APP_DIR
+APP_DIR = builds.APP_DIR
 PUSH_DIR = "push"
 TASK_STARTED = "task-started"
 VARS_FILE = "bench-vars.yml"
@@ -78,7 +80,7 @@ def bwlimit_kib(total_bytes: int, task_seconds: float) -> int:
 
 def rsync_command(nodes_dir: Path, kib: int) -> str:
     """The demo's pull command (source node's app tree over this node's) at ``kib`` KiB/s."""
-    command = demo.rsync_command(nodes_dir)
+    command = builds.rsync_command(nodes_dir)
     limited = command.replace("rsync ", f"rsync --bwlimit={kib} ", 1)
     if limited == command:
         raise BenchError(f"the demo's pull command does not start with rsync: {command}")
@@ -98,13 +100,15 @@ def push_command(source: Path, nodes_dir: Path, kib: int, host: str) -> str:
 class ProcessBench:
     """The cluster with fireap installed on every node; run() releases one new tree."""
 
-    def __init__(self, cluster: BenchCluster, fanout: int, task_seconds: float) -> None:
-        self.cluster = cluster
+    def __init__(self, double: Double, leader, fanout: int, task_seconds: float) -> None:
+        """``leader``: the leader's client (double.py's ``leader_client``), which fires and follows each release."""
+        self.double = double
+        self.client = leader
         self.fanout = fanout
         self.task_seconds = task_seconds
-        self.leader = cluster.leader.name
-        self.roots = {node.name: node.root for node in cluster.nodes}
-        self.nodes_dir = cluster.leader.root.parent
+        self.leader = double.leader.name
+        self.roots = {node.name: node.root for node in double.nodes}
+        self.nodes_dir = double.leader.root.parent
         if any(root != self.nodes_dir / name for name, root in self.roots.items()):
             raise BenchError(f"the node directories are not all <dir>/<node name>: {self.roots}")
         self.kib = bwlimit_kib(TREE_BYTES, task_seconds)
@@ -117,14 +121,14 @@ class ProcessBench:
             "before_commands": [started_command(self.nodes_dir)],
             "exec_commands": [rsync_command(self.nodes_dir, self.kib)],
         }
-        vars_path = self.cluster.workdir / VARS_FILE
-        vars_path.write_text(demo.vars_file_text({APP: app}))
-        log_path = self.cluster.workdir / INSTALL_LOG
+        vars_path = self.double.workdir / VARS_FILE
+        vars_path.write_text(vars_file_text({APP: app}))
+        log_path = self.double.workdir / INSTALL_LOG
         try:
-            status, _seconds = demo.run_playbook(
-                ["-i", str(self.cluster.inventory), "-e", f"@{vars_path}", str(demo.SETUP_PLAYBOOK)], log_path
+            status, _seconds = run_playbook(
+                ["-i", str(self.double.inventory), "-e", f"@{vars_path}", str(SETUP_PLAYBOOK)], log_path
             )
-        except demo.DemoError as err:
+        except DemoError as err:
             raise BenchError(str(err)) from err
         if status != 0:
             raise BenchError(f"installing fireap failed: ansible-playbook exited with status {status}; see {log_path}")
@@ -132,7 +136,7 @@ class ProcessBench:
 
     def transfer_seconds(self) -> float:
         """One rsync of the leader's tree into an empty directory at the bandwidth limit."""
-        scratch = self.cluster.workdir / "transfer-probe"
+        scratch = self.double.workdir / "transfer-probe"
         shutil.rmtree(scratch, ignore_errors=True)
         began = time.monotonic()
         subprocess.run(
@@ -148,9 +152,9 @@ class ProcessBench:
         for root in self.roots.values():
             (root / TASK_STARTED).unlink(missing_ok=True)
         transfer = self.transfer_seconds()
-        client = self.cluster.client(self.leader)
+        client = self.client
         schema = Schema()
-        self.cluster.reset_stats()
+        self.double.reset_stats()
         cpu_before = cpu_times()
         fired = time.time()
         outcome = fire(client, schema, APP, version=version, fanout=self.fanout)
@@ -160,7 +164,7 @@ class ProcessBench:
         except ReleaseWaitTimeout:
             clear(client, schema, APP, abort=True, reason=f"the benchmark gave up after {timeout:g}s")
         cpu_after = cpu_times()
-        stats = self.cluster.stats()
+        stats = self.double.stats()
         states = self._states(client, schema)
 
         failures = {}
@@ -190,7 +194,7 @@ class ProcessBench:
                 )
             elif baseline == ANSIBLE:
                 command = push_command(source, self.nodes_dir, self.kib, "{{ inventory_hostname }}")
-                measured[ANSIBLE] = run_ansible(self.cluster.inventory, self.cluster.workdir, self.fanout, command)
+                measured[ANSIBLE] = run_ansible(self.double.inventory, self.double.workdir, self.fanout, command)
             for name, reason in self._check_trees(PUSH_DIR, baseline).items():
                 failures[f"{name} ({baseline})"] = reason
         self._clear_push_dirs()
@@ -210,7 +214,7 @@ class ProcessBench:
             stats=stats,
             failures=failures,
             details={
-                "double": self.cluster.kind,
+                "double": self.double.kind,
                 "cpu_busy": busy_fraction(cpu_before, cpu_after),
                 "tree_files": TREE_FILES,
                 "tree_bytes": TREE_BYTES,
@@ -236,12 +240,12 @@ class ProcessBench:
             return None
 
     def _check_trees(self, directory: str, what: str) -> dict[str, str]:
-        expected = demo.tree_manifest(self.roots[self.leader] / APP_DIR)
+        expected = builds.tree_manifest(self.roots[self.leader] / APP_DIR)
         problems = {}
         for name, root in self.roots.items():
             if name == self.leader:
                 continue
-            difference = demo.tree_difference(expected, demo.tree_manifest(root / directory))
+            difference = builds.tree_difference(expected, builds.tree_manifest(root / directory))
             if difference:
                 problems[name] = f"the {what} tree differs from the leader's: {difference}"
         return problems

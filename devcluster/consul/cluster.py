@@ -54,7 +54,10 @@ def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
 
 
 class Cluster:
-    """Runs inside an event loop; see embedded.DevCluster for use from other threads."""
+    """The double itself, run inside an event loop: the servers' state and one agent per node.
+
+    DevCluster (embedded.py) runs it in a thread of another process, ServeProcess
+    (serve_process.py) as `python -m devcluster serve`; both are what other code starts."""
 
     def __init__(
         self,
@@ -83,12 +86,12 @@ class Cluster:
         self.acl_token = acl_token
         self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
         self.tls = _tls_context(tls_cert, tls_key)
-        self.nodes: list[NodeInfo] = plan_nodes(self.workdir, nodes, http_port, host)
+        self.nodes: list[NodeInfo] = plan_nodes(self.workdir, nodes, http_port, host, "https" if self.tls else "http")
         self.state = ConsulState(datacenter)
         self.timers = SessionTimers(self.state)
         self.control = Control(self)
         self.agents = [
-            Agent(self, i, node.name, node.http_port, node.config_dir, node.log_path)
+            Agent(self, i, node.name, node.port, node.config_dir, node.log_path)
             for i, node in enumerate(self.nodes)
         ]
         self.agent_by_port = {a.http_port: a for a in self.agents}
@@ -151,7 +154,7 @@ class Cluster:
         for extra in sorted(set(self.state.nodes) - names):
             self.state.deregister_node(extra)
         for node in self.nodes:
-            self.state.register_node(node.name, node.address)
+            self.state.register_node(node.name, node.host)
             self.state.set_node_health(node.name, True)
         self.state.register_service(
             Service(

@@ -1,60 +1,25 @@
 """Run the double inside a test or benchmark process, its loop in a background thread.
 
-with DevCluster(20, None, tmp_path) as cluster:
-    consul.Consul(port=cluster.nodes[3].http_port).kv.put("k", "v")
+with DevCluster(20, tmp_path) as cluster:
+    consul.Consul(port=cluster.nodes[3].port).kv.put("k", "v")
     cluster.stop_agent("node-003")
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .cluster import Cluster
+from .double import EMBEDDED, Double
+from .ports import find_free_port_range
 from .workdir import NodeInfo
 
 T = TypeVar("T")
 CALL_TIMEOUT_SECONDS = 60.0
-_PORT_FLOOR = 10000
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def find_free_port_range(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """First port of `count` consecutive free ports, below the ephemeral range.
-
-    Ports that outgoing connections may take (the kernel's ephemeral range) are
-    avoided so that a client socket cannot grab an agent's port later.
-    """
-    low, _high = _ephemeral_range()
-    ceiling = low if low - _PORT_FLOOR > count else 65536
-    for _attempt in range(attempts):
-        base = random.randrange(_PORT_FLOOR, ceiling - count)
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports found on {host} after {attempts} attempts")
 
 
 def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
@@ -66,17 +31,20 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
-class DevCluster:
+class DevCluster(Double):
     """A Cluster served from a background thread; every method is safe to call from any thread.
 
     `http_port=None` picks a free range (find_free_port_range).
     """
 
+    kind = EMBEDDED
+
     def __init__(
         self,
         nodes: int,
-        http_port: int | None,
         workdir: str | Path,
+        *,
+        http_port: int | None = None,
         acl_token: str | None = None,
         data_dir: str | Path | None = None,
         datacenter: str = "dc1",
@@ -133,7 +101,7 @@ class DevCluster:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def close(self) -> None:
+    def stop(self) -> None:
         """Stop all agents and the servers; idempotent."""
         if self._thread is None or self._loop is None or self._closing is None:
             return
@@ -142,22 +110,11 @@ class DevCluster:
         self._thread = None
         self._loop = None
 
-    def __enter__(self) -> DevCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ nodes
 
     @property
     def nodes(self) -> list[NodeInfo]:
         return list(self._cluster.nodes)
-
-    @property
-    def leader(self) -> NodeInfo:
-        """Node 0, where the Raft server runs."""
-        return self._cluster.nodes[0]
 
     @property
     def workdir(self) -> Path:
@@ -167,17 +124,7 @@ class DevCluster:
     def datacenter(self) -> str:
         return self._cluster.datacenter
 
-    def node(self, node: str | int) -> NodeInfo:
-        """A node by name ("node-007") or index (7)."""
-        if isinstance(node, int):
-            return self._cluster.nodes[node]
-        for info in self._cluster.nodes:
-            if info.name == node:
-                return info
-        raise KeyError(f"unknown node {node!r}")
-
     def stop_agent(self, node: str | int) -> None:
-        """Crash-stop a node's agent: its port refuses, its sessions die, it misses events."""
         name = self.node(node).name
         self._await(lambda: self._cluster.stop_agent(name))
 
@@ -190,7 +137,6 @@ class DevCluster:
         return self._call(lambda: self._cluster.agent_by_name[name].running)
 
     def stats(self) -> dict[str, Any]:
-        """Per-agent HTTP counters: {"agents": {name: {requests, bytes_in, bytes_out}}, "total": {...}}."""
         return self._call(self._cluster.stats)
 
     def reset_stats(self) -> None:

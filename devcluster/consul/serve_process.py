@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
-from dataclasses import KW_ONLY, dataclass, field
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
-from .embedded import find_free_port_range
-from .workdir import CLUSTER_FILE
+from .. import REPO_ROOT
+from .control import PREFIX as CONTROL_PREFIX
+from .double import SUBPROCESS, Double
+from .ports import find_free_port_range
+from .workdir import CLUSTER_FILE, NodeInfo, read_nodes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LOG_FILE = "devcluster.log"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 LOG_TAIL_LINES = 40
+#: Seconds a request to the double's /_devcluster/ endpoints may take.
+CONTROL_TIMEOUT = 60.0
 
 
 class ServeError(RuntimeError):
-    """The double did not start; the message ends with the tail of its log."""
+    """The double did not start (the message ends with the tail of its log), or a /_devcluster/
+    call to it failed."""
 
 
 def stop_process(proc: subprocess.Popen, sig: int, timeout: float = STOP_TIMEOUT) -> None:
@@ -42,41 +50,65 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float = STOP_TIMEOUT
         proc.wait()
 
 
-@dataclass(eq=False)
-class ServeProcess:
+class ServeProcess(Double):
     """One double, started again on the same ports by a later ``start()`` (with ``data_dir``, in
     the state it had). ``http_port=None`` takes a free port range at the first start.
-    ``new_session`` keeps the terminal's Ctrl-C from it, so that its owner stops it last."""
+    ``new_session`` keeps the terminal's Ctrl-C from it, so that its owner stops it last.
 
-    nodes: int
-    workdir: Path
-    _keyword_only: KW_ONLY
-    http_port: int | None = None
-    acl_token: str | None = field(default=None, repr=False)
-    data_dir: str | Path | None = None
-    tls_cert: str | Path | None = None
-    tls_key: str | Path | None = None
-    new_session: bool = False
-    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    The /_devcluster/ calls (stop_agent, start_agent, is_running, stats, reset_stats) go over
+    HTTP(S) to the leader's agent, or to the next running one when the leader's is stopped or
+    is the one the call is about."""
 
-    def __post_init__(self) -> None:
-        self.workdir = Path(self.workdir)
+    kind = SUBPROCESS
+
+    def __init__(
+        self,
+        nodes: int,
+        workdir: str | Path,
+        *,
+        http_port: int | None = None,
+        acl_token: str | None = None,
+        data_dir: str | Path | None = None,
+        datacenter: str | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        new_session: bool = False,
+    ) -> None:
+        self.node_count = nodes
+        self.workdir = Path(workdir)
+        self.http_port = http_port
+        self.acl_token = acl_token
+        self.data_dir = data_dir
+        self.datacenter = datacenter
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.new_session = new_session
+        self.proc: subprocess.Popen | None = None
+        self.nodes: list[NodeInfo] = []
+
+    def __repr__(self) -> str:
+        return f"ServeProcess({self.node_count}, {str(self.workdir)!r}, http_port={self.http_port})"
 
     @property
     def log_path(self) -> Path:
         return self.workdir / LOG_FILE
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
+
     def _command(self) -> list[str]:
-        command = [sys.executable, "-m", "devcluster", "serve", "--nodes", str(self.nodes),
+        command = [sys.executable, "-m", "devcluster", "serve", "--nodes", str(self.node_count),
                    "--http-port", str(self.http_port), "--workdir", str(self.workdir)]
         for option, value in (("--acl-token", self.acl_token), ("--data-dir", self.data_dir),
-                              ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+                              ("--datacenter", self.datacenter), ("--tls-cert", self.tls_cert),
+                              ("--tls-key", self.tls_key)):
             if value is not None:
                 command += [option, str(value)]
         return command
 
-    def start(self, timeout: float = START_TIMEOUT) -> dict:
-        """Start the double; its parsed cluster.json once every agent listens.
+    def start(self, timeout: float = START_TIMEOUT) -> ServeProcess:
+        """Start the double; it returns once every agent listens (cluster.json is written).
 
         Raises ServeError when it exits first or has not written the file within ``timeout``
         seconds (then it is killed).
@@ -85,7 +117,7 @@ class ServeProcess:
             raise ServeError(f"the dev cluster in {self.workdir} is already running")
         if self.http_port is None:
             try:
-                self.http_port = find_free_port_range(self.nodes)
+                self.http_port = find_free_port_range(self.node_count)
             except RuntimeError as err:
                 raise ServeError(str(err)) from None
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +130,8 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return json.loads(cluster_file.read_text())
+                self.nodes = read_nodes(self.workdir, self.scheme)
+                return self
             except (FileNotFoundError, json.JSONDecodeError):
                 pass
             if self.proc.poll() is not None:
@@ -126,3 +159,57 @@ class ServeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError as err:
             return f"(no log: {err})"
+
+    # ------------------------------------------------------- /_devcluster/ calls
+
+    def stop_agent(self, node: str | int) -> None:
+        name = self.node(node).name
+        self._control("PUT", f"agents/{name}/stop", avoid=name)
+
+    def start_agent(self, node: str | int) -> None:
+        name = self.node(node).name
+        self._control("PUT", f"agents/{name}/start", avoid=name)
+
+    def is_running(self, node: str | int) -> bool:
+        name = self.node(node).name
+        agents = self._control("GET", "agents")
+        return any(agent["name"] == name and agent["running"] for agent in agents)
+
+    def stats(self) -> dict[str, Any]:
+        return self._control("GET", "stats")
+
+    def reset_stats(self) -> None:
+        self._control("DELETE", "stats")
+
+    def _control(self, method: str, path: str, avoid: str | None = None) -> Any:
+        """Send a /_devcluster/ call to the first agent that takes it, the leader's first; never to
+        the agent named ``avoid`` (the one the call is about: a stopped agent's port is closed)."""
+        refused = []
+        for via in self.nodes:
+            if via.name == avoid:
+                continue
+            try:
+                return self._control_via(method, path, via)
+            except ConnectionRefusedError:
+                refused.append(via.name)
+        raise ServeError(f"{method} {CONTROL_PREFIX}{path}: no agent to send it to (refused by {refused or 'none'})")
+
+    def _control_via(self, method: str, path: str, via: NodeInfo) -> Any:
+        url = f"{via.base_url}{CONTROL_PREFIX}{path}"
+        headers = {"X-Consul-Token": self.acl_token} if self.acl_token else {}
+        request = urllib.request.Request(url, method=method, headers=headers)
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if via.scheme == "https" and self.tls_cert is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.tls_cert))))
+        try:
+            with urllib.request.build_opener(*handlers).open(request, timeout=CONTROL_TIMEOUT) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            body = err.read().decode(errors="replace").strip()
+            raise ServeError(f"{method} {CONTROL_PREFIX}{path} on {via.name}: {err.code} {body}") from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, ConnectionRefusedError):
+                raise err.reason from None
+            raise ServeError(f"{method} {CONTROL_PREFIX}{path} on {via.name}: {err.reason}") from None
+        except OSError as err:
+            raise ServeError(f"{method} {CONTROL_PREFIX}{path} on {via.name}: {err}") from None

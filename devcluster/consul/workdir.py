@@ -28,28 +28,56 @@ INVENTORY_FILE = "inventory.yml"
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """One node as clients see it."""
+    """One node as clients see it: where its agent answers Consul's HTTP API (``host``, ``port``,
+    ``scheme``, named as in the collection's connection options) and, on the double, the
+    directories it owns. A real Consul agent has no ``config_dir``, ``root`` or ``log_path`` here.
+
+    In ``cluster.json`` a node is ``{name, address, http_port, http_addr, config_dir, root}``
+    (``to_json``, ``from_json``): ``address`` is ``host`` there, ``http_port`` is ``port``.
+    """
 
     name: str
-    address: str
-    http_port: int
-    config_dir: Path
-    root: Path
-    log_path: Path
+    host: str
+    port: int
+    scheme: str = "http"
+    config_dir: Path | None = None
+    root: Path | None = None
+    log_path: Path | None = None
 
     @property
-    def http_addr(self) -> str:
-        return f"{self.address}:{self.http_port}"
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "address": self.address,
-            "http_port": self.http_port,
-            "http_addr": self.http_addr,
+            "address": self.host,
+            "http_port": self.port,
+            "http_addr": f"{self.host}:{self.port}",
             "config_dir": str(self.config_dir),
             "root": str(self.root),
         }
+
+    @classmethod
+    def from_json(cls, node: dict[str, Any], scheme: str = "http") -> NodeInfo:
+        """A node of ``cluster.json``; its agent's log is ``agent.log`` next to its config dir."""
+        config_dir = Path(node["config_dir"])
+        return cls(
+            name=node["name"],
+            host=node["address"],
+            port=int(node["http_port"]),
+            scheme=scheme,
+            config_dir=config_dir,
+            root=Path(node["root"]),
+            log_path=config_dir.parent / "agent.log",
+        )
+
+
+def read_nodes(workdir: Path, scheme: str = "http") -> list[NodeInfo]:
+    """The nodes a running double published in ``workdir/cluster.json``."""
+    cluster = json.loads((Path(workdir) / CLUSTER_FILE).read_text())
+    return [NodeInfo.from_json(node, scheme) for node in cluster["nodes"]]
 
 
 def node_names(count: int) -> list[str]:
@@ -58,13 +86,14 @@ def node_names(count: int) -> list[str]:
     return [f"node-{i:0{width}d}" for i in range(count)]
 
 
-def plan_nodes(workdir: Path, count: int, http_port: int, address: str) -> list[NodeInfo]:
+def plan_nodes(workdir: Path, count: int, http_port: int, host: str, scheme: str = "http") -> list[NodeInfo]:
     workdir = workdir.absolute()
     return [
         NodeInfo(
             name=name,
-            address=address,
-            http_port=http_port + i,
+            host=host,
+            port=http_port + i,
+            scheme=scheme,
             config_dir=workdir / "agents" / name / "config",
             root=workdir / "nodes" / name,
             log_path=workdir / "agents" / name / "agent.log",
@@ -118,14 +147,14 @@ def _inventory(nodes: list[NodeInfo], acl_token: str | None) -> dict[str, Any]:
         "fireap_node_python": os.path.abspath(sys.executable),
         "fireap_node_user": pwd.getpwuid(os.getuid()).pw_name,
         "fireap_node_group": grp.getgrgid(os.getgid()).gr_name,
-        "fireap_node_consul_host": nodes[0].address,
+        "fireap_node_consul_host": nodes[0].host,
     }
     if acl_token:
         variables["fireap_node_consul_token"] = acl_token
     hosts = {
         node.name: {
             "fireap_node_root": str(node.root),
-            "fireap_node_consul_port": node.http_port,
+            "fireap_node_consul_port": node.port,
             "fireap_node_consul_config_dir": str(node.config_dir),
             "fireap_node_prefix": str(node.root / "opt" / "fireap"),
             "fireap_node_config_dir": str(node.root / "etc" / "fireap"),

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
-import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,16 +25,14 @@ from pathlib import Path
 
 import yaml
 
-from .serve_process import ServeError, ServeProcess, stop_process
-from .workdir import INVENTORY_FILE, fresh_workdir
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ANSIBLE_CONFIG = REPO_ROOT / "ansible.cfg"
-SETUP_PLAYBOOK = REPO_ROOT / "playbooks" / "setup.yml"
-RELEASE_PLAYBOOK = REPO_ROOT / "playbooks" / "release.yml"
+from .. import REPO_ROOT
+from ..consul import ServeError, ServeProcess
+from ..consul.serve_process import stop_process
+from ..consul.workdir import fresh_workdir
+from .builds import APP_DIR, rsync_command, tree_difference, tree_manifest, write_build
+from .playbooks import RELEASE_PLAYBOOK, SETUP_PLAYBOOK, DemoError, announce, run_playbook, vars_file_text
 
 APP = "demo"
-APP_DIR = "app"
 #: Marks a workdir as the demo's own, so that a rerun may empty it.
 MARKER = ".fireap-demo"
 VARS_FILE = "demo-vars.yml"
@@ -45,108 +40,10 @@ REPORT_FILE = "report.json"
 REPORT_HTML_FILE = "report.html"
 RELEASE_LOG = "release.log"
 
-BUILD_FILES = 1000
-BUILD_DIRS = 20
-BUILD_FILE_SIZES = (1024, 6 * 1024)
-
 #: How long the monitor may take to show the end of the run after the playbook has seen it.
 MONITOR_GRACE = 15.0
 #: Lines of the release playbook's log shown when it failed.
 LOG_TAIL_LINES = 40
-
-
-class DemoError(Exception):
-    """The demo cannot go on; the message says why."""
-
-
-def rsync_command(nodes_dir: Path) -> str:
-    """The command template that copies the source node's app tree over this node's."""
-    base = shlex.quote(f"{nodes_dir}/")
-    return f"rsync -a --delete {base}{{{{ remote.name }}}}/{APP_DIR}/ {base}{{{{ node }}}}/{APP_DIR}/"
-
-
-def vars_file_text(apps: dict[str, dict]) -> str:
-    """An extra-vars YAML file with ``apps`` as fireap_node_apps (the inventory has the rest).
-
-    Commands are tagged ``!unsafe`` so that Ansible leaves their ``{{ }}`` placeholders to
-    the node.
-    """
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    class Unsafe(str):
-        pass
-
-    Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
-    phases = ("before_commands", "exec_commands", "after_commands")
-    tagged = {
-        name: {key: [Unsafe(c) for c in value] if key in phases else value for key, value in settings.items()}
-        for name, settings in apps.items()
-    }
-    return yaml.dump({"fireap_node_apps": tagged}, Dumper=Dumper, sort_keys=False, width=4096)
-
-
-def ansible_env() -> dict[str, str]:
-    """The environment the playbooks run in: the project's ansible.cfg, the venv first on PATH."""
-    venv_bin = str(Path(sys.executable).parent)
-    return dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ANSIBLE_CONFIG),
-        PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
-    )
-
-
-def ansible_tool(name: str) -> str:
-    """An Ansible command of the interpreter's venv (ansible-playbook, ansible)."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise DemoError(f"{path} does not exist: run `make setup` first")
-    return str(path)
-
-
-def tree_manifest(root: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file under ``root`` (symlinks by their target)."""
-    manifest = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            manifest[relative] = "symlink:" + os.readlink(path)
-        elif path.is_file():
-            manifest[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.is_dir():
-            manifest[relative + "/"] = "dir"
-    return manifest
-
-
-def tree_difference(expected: dict[str, str], actual: dict[str, str]) -> str | None:
-    """A short description of how ``actual`` differs from ``expected``, or None if equal."""
-    missing = sorted(set(expected) - set(actual))
-    extra = sorted(set(actual) - set(expected))
-    changed = sorted(key for key in set(expected) & set(actual) if expected[key] != actual[key])
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", extra), ("different", changed)):
-        if keys:
-            parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-    return ", ".join(parts) or None
-
-
-def write_build(app_dir: Path, version: str) -> tuple[int, int]:
-    """Replace ``app_dir``'s content with a new build of ``version``; (files, bytes)."""
-    if app_dir.exists():
-        shutil.rmtree(app_dir)
-    app_dir.mkdir(parents=True)
-    low, high = BUILD_FILE_SIZES
-    total = 0
-    for i in range(BUILD_FILES - 1):
-        directory = app_dir / f"lib{i % BUILD_DIRS:02d}"
-        directory.mkdir(exist_ok=True)
-        data = os.urandom(low + (i * 7919) % (high - low))
-        (directory / f"part{i:04d}.bin").write_bytes(data)
-        total += len(data)
-    version_file = app_dir / "VERSION"
-    version_file.write_text(version + "\n")
-    return BUILD_FILES, total + version_file.stat().st_size
 
 
 def depth_bound(nodes: int, fanout: int) -> int:
@@ -165,36 +62,6 @@ def prepare_workdir(workdir: Path) -> None:
         fresh_workdir(workdir, MARKER, "the demo")
     except ValueError as err:
         raise DemoError(str(err)) from None
-
-
-def announce(what: str, args: list[str]) -> None:
-    """Say which playbook runs now, before it or anything it starts writes to the terminal."""
-    print(f"\n=== {what}: ansible-playbook {shlex.join(args)}", flush=True)
-
-
-def run_playbook(args: list[str], log_path: Path | None = None) -> tuple[int, float]:
-    """Run ansible-playbook from the project root; (exit status, seconds).
-
-    Its output is shown live, or goes to ``log_path``. On Ctrl-C ansible-playbook gets SIGINT
-    too and time to stop its workers, which run in sessions of their own and would be left
-    behind if it were killed at once.
-    """
-    began = time.monotonic()
-    with open(log_path, "wb") if log_path else contextlib.nullcontext() as log:
-        proc = subprocess.Popen(
-            [ansible_tool("ansible-playbook"), *args],
-            cwd=REPO_ROOT,
-            env=ansible_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT if log else None,
-        )
-        try:
-            status = proc.wait()
-        except KeyboardInterrupt:
-            stop_process(proc, signal.SIGINT)
-            raise
-    return status, time.monotonic() - began
 
 
 def monitor_command(host_vars: dict) -> list[str]:
@@ -246,17 +113,17 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
     cluster = ServeProcess(nodes, workdir, new_session=True)
     try:
         try:
-            info = cluster.start()
+            cluster.start()
         except ServeError as err:
             raise DemoError(str(err)) from None
-        inventory_path = workdir / INVENTORY_FILE
+        inventory_path = cluster.inventory
         inventory = yaml.safe_load(inventory_path.read_text())
         leader = leader_of(inventory)
-        roots = {node["name"]: Path(node["root"]) for node in info["nodes"]}
+        roots = {node.name: node.root for node in cluster.nodes}
         nodes_dir = roots[leader].parent
         if any(root != nodes_dir / name for name, root in roots.items()):
             raise DemoError(f"the node roots are not all <dir>/<node name>: {roots}")
-        ports = [node["http_port"] for node in info["nodes"]]
+        ports = [node.port for node in cluster.nodes]
         print(
             f"dev cluster: {nodes} nodes, Consul HTTP API on 127.0.0.1:{ports[0]}-{ports[-1]} "
             f"(one port per agent), leader {leader}, workdir {workdir}",

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from consul_harness import DoubleProcess
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import ReleaseRecord, Schema
 
@@ -30,13 +29,9 @@ RESULT = re.compile(r"^(?P<host>\S+) \| (?P<state>[A-Z]+)!? => (?P<json>\{.*?^\}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    double = DoubleProcess(tmp_path_factory.mktemp("adhoc-devcluster"), nodes=NODES)
-    try:
-        target = double.start()
-        yield double, target
-    finally:
-        double.stop()
+def cluster(make_double):
+    with make_double(nodes=NODES, name="adhoc-devcluster") as target:
+        yield target.double, target
 
 
 def adhoc(inventory: Path, module: str, module_args: str, cwd: Path, with_config: bool) -> tuple[int, str, dict]:

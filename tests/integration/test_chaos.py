@@ -1,7 +1,7 @@
 """Fault injection, for real, against a dev cluster whose nodes run the real fireap-reap handler.
 
 One cluster (ACLs on, a data dir so that it can be killed and restarted) serves every test;
-each scenario of devcluster/chaos.py uses apps of its own. Every test checks the common
+each scenario of devcluster/chaos/scenarios.py uses apps of its own. Every test checks the common
 figures (survivors all done, no slot left held, no command run twice for one version on one
 node, no KV record lost or rolled back) and the scenario's own facts.
 """
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from devcluster.chaos import HANG_TIMEOUT, HOSTILE_VERSION, OUTAGE_SECONDS, ChaosCluster, Outcome, run_scenario
+from devcluster.chaos.apps import HANG_TIMEOUT
+from devcluster.chaos.harness import ChaosCluster
+from devcluster.chaos.probe import Outcome
+from devcluster.chaos.scenarios import OUTAGE_SECONDS, run_scenario
 
 pytestmark = pytest.mark.double_only
 
@@ -86,7 +89,7 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(cluster):
     assert "no 'version' field" in events["no version"]
     assert "not configured on this node" in events["unknown app"]
     assert "may only contain" in events["app with ../"] and "may only contain" in events["app with a shell metacharacter"]
-    assert "whitespace or control characters" in events["version with a newline"]
+    assert "may only contain letters, digits and '._+~-'" in events["version with a newline"]
     assert events["payload over 100 bytes"].startswith("refused by Consul: 413")
     assert all(result["exit"] == 0 and result["log"] for result in outcome.facts["stdin"].values())
     assert "not valid base64" in outcome.facts["stdin"]["payload not base64"]["log"]
@@ -97,8 +100,21 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(cluster):
     assert "filters are not supported" in configs["Jinja filter"]
     assert "consul: port" in configs["bad Consul port"]
     assert "consul: port" in configs["handler run on a broken config"]
-    assert all(message != "accepted" for message in outcome.facts["module_arguments"].values())
-    assert outcome.facts["hostile_version"] == {"version": HOSTILE_VERSION, "files_planted": []}
+    arguments = outcome.facts["module_arguments"]
+    assert all(message != "accepted" for message in arguments.values())
+    assert "may only contain" in arguments["version with shell code"]
+    assert "must start with a letter or a digit" in arguments["version taken for an option"]
+    hostile = outcome.facts["hostile_kv"]
+    plans = list(hostile["hostile plans"].values())
+    assert "field 'source_address'" in plans[0] and plans[0].startswith("failed: ")
+    assert plans[1] == "failed: the plan entry of run hostile-plans names this node as its own source"
+    assert "field 'stage'" in plans[2] and "field 'source'" in plans[3]
+    assert plans[4] == "done: "
+    assert all("field 'fanout'" in text and text.startswith("failed: ") for text in hostile["fan-out 10**12"].values())
+    assert "field 'version'" in hostile["controller on a release with a forged version"]
+    assert hostile["log lines not written by fireap-reap"] == {}
+    assert hostile["reap.log modes"] == ["0o640"]
+    assert hostile["files planted"] == []
 
 
 def test_failed_and_hung_commands_follow_their_policy(cluster):

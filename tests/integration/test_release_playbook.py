@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from consul_harness import DoubleProcess
 
 pytestmark = pytest.mark.double_only
 
@@ -87,12 +86,9 @@ def write_build(app_dir: Path, version: str, files: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    double = DoubleProcess(tmp_path_factory.mktemp("release-devcluster"), nodes=NODES, acl_token=TOKEN)
-    try:
-        yield double, double.start()
-    finally:
-        double.stop()
+def cluster(make_double):
+    with make_double(nodes=NODES, acl_token=TOKEN, name="release-devcluster") as target:
+        yield target.double, target
 
 
 @pytest.fixture(scope="module")

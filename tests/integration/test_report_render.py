@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from consul_harness import DoubleProcess
 
 from ansible_collections.fireap.consul.plugins.module_utils import _monitor
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
@@ -74,11 +73,9 @@ class Dom(html.parser.HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory):
+def released(make_double, tmp_path_factory):
     """A finished run on a NODES-node cluster; yields (info, report path)."""
-    double = DoubleProcess(tmp_path_factory.mktemp("report-devcluster"), nodes=NODES)
-    target = double.start()
-    try:
+    with make_double(nodes=NODES, name="report-devcluster") as target:
         schema = Schema()
         fired = fire(target.client(0), schema, APP, version=VERSION, fanout=FANOUT)
         failing = fired["targets"][-1]  # a leaf of the plan: nobody waits for it
@@ -104,8 +101,6 @@ def released(tmp_path_factory):
         shown = io.StringIO()
         assert _monitor.main(argv, out=shown) == 0
         yield {"targets": fired["targets"], "failing": failing, "report": report, "table": shown.getvalue()}
-    finally:
-        double.stop()
 
 
 def chromium(page: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from consul_harness import DoubleProcess
 
 from devcluster.polling import wait_until
 
@@ -61,12 +60,9 @@ def _extra_vars(kv_prefix: str, out_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    double = DoubleProcess(tmp_path_factory.mktemp("role-devcluster"), nodes=NODES, acl_token=TOKEN)
-    try:
-        yield double, double.start()
-    finally:
-        double.stop()
+def cluster(make_double):
+    with make_double(nodes=NODES, acl_token=TOKEN, name="role-devcluster") as target:
+        yield target.double, target
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from devcluster import find_free_port_range
-from devcluster.serve_process import ServeProcess
+from devcluster.consul import ServeProcess, find_free_port_range
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     ConsulOptions,
@@ -100,7 +99,7 @@ def tls(tmp_path_factory):
     certs = make_certificates(directory)
     double = ServeProcess(NODES, directory / "cluster", acl_token=TOKEN, tls_cert=certs["cert"], tls_key=certs["key"])
     try:
-        nodes = double.start(START_TIMEOUT)["nodes"]
+        nodes = double.start(START_TIMEOUT).nodes
         yield {**certs, "nodes": nodes, "port": double.http_port, "dir": directory, "log": double.log_path}
     finally:
         double.stop()
@@ -147,7 +146,7 @@ def test_plain_http_against_the_https_port_is_refused(tls):
 def handler_config(tls, path: Path, **consul) -> Path:
     node = tls["nodes"][0]
     config = {
-        "consul": {"host": "127.0.0.1", "port": node["http_port"], "scheme": "https", "token": TOKEN, **consul},
+        "consul": {"host": "127.0.0.1", "port": node.port, "scheme": "https", "token": TOKEN, **consul},
         "state_dir": str(path.parent / "state"),
         "log_file": str(path.parent / "reap.log"),
         "apps": {"tls-app": {"exec_commands": ["true"]}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from consul_harness import ADDR_ENV, DoubleProcess, real_target_from_env
+from consul_harness import ADDR_ENV, real_target_from_env
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def make_session(consul_target):
 
 
 @pytest.fixture(scope="session")
-def acl_target(tmp_path_factory):
+def acl_target(make_double):
     """A target that enforces ACLs: a 1-node double started with --acl-token, or the real agent
     when it refuses anonymous KV writes and FIREAP_TEST_CONSUL_HTTP_TOKEN is set."""
     real = real_target_from_env()
@@ -42,8 +42,5 @@ def acl_target(tmp_path_factory):
         finally:
             real.close()
         return
-    double = DoubleProcess(tmp_path_factory.mktemp("devcluster-acl"), nodes=1, acl_token=f"acl-{uuid.uuid4()}")
-    try:
-        yield double.start()
-    finally:
-        double.stop()
+    with make_double(nodes=1, acl_token=f"acl-{uuid.uuid4()}", name="devcluster-acl") as target:
+        yield target

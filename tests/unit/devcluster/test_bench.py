@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
-from devcluster import bench
-from devcluster.bench_baselines import ansible_playbook
-from devcluster.bench_cluster import EMBEDDED, MARKER, SUBPROCESS, BenchCluster, BenchError, fresh_dir
-from devcluster.bench_core import (
+from devcluster.bench import cli as bench
+from devcluster.bench.baselines import ansible_playbook
+from devcluster.bench.double import MARKER, BenchError, fresh_dir, running_double
+from devcluster.bench.core import (
     INPROC,
     RunResult,
     TaskTiming,
@@ -25,8 +25,9 @@ from devcluster.bench_core import (
     percentile,
     stage_delays,
 )
-from devcluster.bench_inproc import run_inproc, split
-from devcluster.bench_process import bwlimit_kib, rsync_command, write_tree
+from devcluster.bench.inproc import run_inproc, split
+from devcluster.bench.process import bwlimit_kib, rsync_command, write_tree
+from devcluster.consul import EMBEDDED, SUBPROCESS
 
 RECORD_KEYS = {
     "nodes",
@@ -355,9 +356,9 @@ def test_cli_refuses_bad_input(argv, message, capsys):
 
 @pytest.mark.double_only
 def test_tiny_inproc_run_reaches_every_node(tmp_path):
-    with BenchCluster(5, tmp_path / "cluster", EMBEDDED) as cluster:
-        result = run_inproc(cluster, fanout=2, task_seconds=0.05, version="1", timeout=60, processes=2)
-        stats_after = cluster.stats()
+    with running_double(5, tmp_path / "cluster", EMBEDDED) as double:
+        result = run_inproc(double, fanout=2, task_seconds=0.05, version="1", timeout=60, processes=2)
+        stats_after = double.stats()
     assert result.failures == {}
     assert set(result.tasks) == {"node-001", "node-002", "node-003", "node-004"}
     assert max(result.depths.values()) <= 2  # ceil(log_3 5) = 2 stages

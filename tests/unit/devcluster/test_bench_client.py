@@ -10,8 +10,8 @@ import pytest
 import requests
 from consul_harness import in_background, unique_name
 
-from devcluster import find_free_port_range
-from devcluster.bench_client import BenchConsul
+from devcluster.bench.client import BenchConsul
+from devcluster.consul import find_free_port_range
 
 TIMEOUT = 30.0
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 
-from devcluster.chaos import _pids, _proc_parent, kill_tree
+from devcluster.chaos.processes import _pids, _proc_parent, kill_tree
 
 # A worker that keeps starting commands in sessions of their own, as fast as it can.
 _WORKER = "while true; do setsid sleep 60 & done"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 
 import pytest
-from consul_harness import DoubleProcess
+
+from devcluster.consul import ServeProcess
 
 PREFIX = "fireap-test/persistence/"
 
@@ -34,18 +35,15 @@ def _write_state(target) -> None:
     assert target.http("PUT", "/v1/txn", json_body=txn).status_code == 200
 
 
-def _restart_keeps_state(tmp_path, end) -> None:
+def _restart_keeps_state(make_double, tmp_path, end) -> None:
     data_dir = tmp_path / "data"
-    first = DoubleProcess(tmp_path / "run-1", nodes=1, data_dir=data_dir)
-    try:
-        target = first.start()
-        _write_state(target)
-        index_before, entries_before = _snapshot(target)
-    finally:
-        end(first)
-    second = DoubleProcess(tmp_path / "run-2", nodes=1, data_dir=data_dir)
-    try:
-        target = second.start()
+    with make_double(nodes=1, data_dir=data_dir, workdir=tmp_path / "run-1") as target:
+        try:
+            _write_state(target)
+            index_before, entries_before = _snapshot(target)
+        finally:
+            end(target.double)
+    with make_double(nodes=1, data_dir=data_dir, workdir=tmp_path / "run-2") as target:
         index_after, entries_after = _snapshot(target)
         assert entries_after == entries_before
         assert index_after == index_before
@@ -53,18 +51,16 @@ def _restart_keeps_state(tmp_path, end) -> None:
         kv = target.client().kv
         assert kv.put(PREFIX + "next", "v") is True
         assert kv.get(PREFIX + "next")[1]["ModifyIndex"] > index_before
-    finally:
-        second.stop()
 
 
 @pytest.mark.double_only
-def test_kv_state_survives_a_sigterm_restart(tmp_path):
+def test_kv_state_survives_a_sigterm_restart(make_double, tmp_path):
     """After a clean stop (SIGTERM) and a start from the same data dir, keys, values, flags and
     indexes are unchanged and new writes get higher indexes."""
-    _restart_keeps_state(tmp_path, DoubleProcess.stop)
+    _restart_keeps_state(make_double, tmp_path, ServeProcess.stop)
 
 
 @pytest.mark.double_only
-def test_acknowledged_writes_survive_a_sigkill_restart(tmp_path):
+def test_acknowledged_writes_survive_a_sigkill_restart(make_double, tmp_path):
     """A write is acknowledged only once durable: after SIGKILL nothing acknowledged is lost."""
-    _restart_keeps_state(tmp_path, DoubleProcess.kill)
+    _restart_keeps_state(make_double, tmp_path, ServeProcess.kill)

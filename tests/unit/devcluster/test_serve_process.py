@@ -1,5 +1,6 @@
 """ServeProcess: `python -m devcluster serve` as a child process, started, stopped, killed and
-started again, and the free port range it takes when given no port."""
+started again, and the free port range it takes when given no port; and the calls it answers
+as DevCluster (the double in this process) does."""
 
 from __future__ import annotations
 
@@ -12,24 +13,33 @@ from pathlib import Path
 import pytest
 import requests
 
-from devcluster import find_free_port_range
-from devcluster.serve_process import ServeError, ServeProcess
+from devcluster.consul import (
+    EMBEDDED,
+    SUBPROCESS,
+    DevCluster,
+    NodeInfo,
+    ServeError,
+    ServeProcess,
+    find_free_port_range,
+)
 
 TIMEOUT = 10
 
 
-def test_start_returns_the_cluster_file_once_every_agent_answers_and_stop_ends_the_double(tmp_path):
+def test_start_returns_once_every_agent_answers_with_the_cluster_files_nodes_and_stop_ends_the_double(tmp_path):
     workdir = tmp_path / "work"
     process = ServeProcess(2, workdir, new_session=True)
     try:
-        cluster = process.start()
-        assert cluster == json.loads((workdir / "cluster.json").read_text())
+        assert process.start() is process
+        cluster = json.loads((workdir / "cluster.json").read_text())
         assert (cluster["http_port_base"], cluster["acl"], cluster["data_dir"]) == (process.http_port, False, None)
-        nodes = cluster["nodes"]
-        assert [node["name"] for node in nodes] == ["node-000", "node-001"]
-        assert [node["http_port"] for node in nodes] == [process.http_port, process.http_port + 1]
+        assert process.nodes == [NodeInfo.from_json(node) for node in cluster["nodes"]]
+        nodes = process.nodes
+        assert [node.name for node in nodes] == ["node-000", "node-001"]
+        assert [node.port for node in nodes] == [process.http_port, process.http_port + 1]
+        assert nodes[1].log_path == workdir.absolute() / "agents" / "node-001" / "agent.log"
         for node in nodes:
-            assert requests.get(f"http://127.0.0.1:{node['http_port']}/v1/status/leader", timeout=TIMEOUT).ok
+            assert requests.get(f"{node.base_url}/v1/status/leader", timeout=TIMEOUT).ok
         assert os.getsid(process.proc.pid) == process.proc.pid
         with pytest.raises(ServeError, match="already running"):
             process.start()
@@ -46,13 +56,13 @@ def test_a_killed_double_started_again_on_its_data_dir_keeps_its_ports_and_keys(
     headers = {"X-Consul-Token": token}
     process = ServeProcess(1, tmp_path / "work", acl_token=token, data_dir=tmp_path / "data")
     try:
-        port = process.start()["nodes"][0]["http_port"]
+        port = process.start().nodes[0].port
         url = f"http://127.0.0.1:{port}/v1/kv/serve-process/key"
         assert requests.put(url, data=b"kept", timeout=TIMEOUT).status_code == 403
         assert requests.put(url, data=b"kept", headers=headers, timeout=TIMEOUT).json() is True
         process.kill()
         assert process.proc.returncode == -signal.SIGKILL
-        assert process.start()["nodes"][0]["http_port"] == port
+        assert process.start().nodes[0].port == port
         answer = requests.get(url, params={"raw": ""}, headers=headers, timeout=TIMEOUT)
         assert (answer.status_code, answer.content) == (200, b"kept")
     finally:
@@ -86,3 +96,26 @@ def test_a_free_port_range_binds_as_a_whole_below_the_ephemeral_ports():
             sock.close()
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert base + 5 <= low
+
+
+@pytest.mark.parametrize("kind", [DevCluster, ServeProcess])
+def test_both_ways_of_running_the_double_answer_the_same_calls(tmp_path, kind):
+    with kind(2, tmp_path / "work") as double:
+        assert double.kind in (EMBEDDED, SUBPROCESS)
+        assert double.leader == double.node(0) == double.node("node-000")
+        assert double.inventory == double.workdir / "inventory.yml" and double.inventory.exists()
+        follower = double.node(1)
+        assert requests.get(f"{follower.base_url}/v1/status/leader", timeout=TIMEOUT).ok
+        assert double.stats()["agents"][follower.name]["requests"] >= 1
+        double.reset_stats()
+        assert double.stats()["total"]["requests"] == 0
+        double.stop_agent(follower.name)
+        assert not double.is_running(1)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{follower.base_url}/v1/status/leader", timeout=TIMEOUT)
+        double.start_agent(follower.name)
+        assert requests.get(f"{follower.base_url}/v1/status/leader", timeout=TIMEOUT).ok
+        double.stop_agent(0)  # the leader's: sent through another agent's port
+        assert not double.is_running("node-000") and double.is_running(1)
+        double.start_agent(0)
+        assert double.is_running(0)

@@ -7,7 +7,7 @@ import stat
 
 import yaml
 
-from devcluster.workdir import CLUSTER_FILE, INVENTORY_FILE, plan_nodes, prepare_dirs, write_cluster_files
+from devcluster.consul.workdir import CLUSTER_FILE, INVENTORY_FILE, plan_nodes, prepare_dirs, write_cluster_files
 
 
 def publish(tmp_path, acl_token):

@@ -6,7 +6,6 @@ import json
 import uuid
 
 import pytest
-from consul_harness import DoubleProcess
 
 from ansible.module_utils import _internal as module_internals
 from ansible.module_utils.testing import patch_module_args
@@ -15,13 +14,10 @@ NODES = 4
 
 
 @pytest.fixture(scope="session")
-def acl_cluster(tmp_path_factory):
+def acl_cluster(make_double):
     """NODES agents that answer only requests carrying the cluster's token."""
-    double = DoubleProcess(tmp_path_factory.mktemp("modules-double"), nodes=NODES, acl_token=f"secret-{uuid.uuid4().hex}")
-    try:
-        yield double.start()
-    finally:
-        double.stop()
+    with make_double(nodes=NODES, acl_token=f"secret-{uuid.uuid4().hex}", name="modules-double") as target:
+        yield target
 
 
 @pytest.fixture

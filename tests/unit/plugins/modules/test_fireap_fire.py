@@ -7,7 +7,7 @@ import json
 import pytest
 from consul_harness import in_background
 
-from devcluster import find_free_port_range
+from devcluster.consul import find_free_port_range
 from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
@@ -120,9 +120,13 @@ def test_an_unreachable_agent_is_reported(connection, prefix, run_module):
         ({"fanout": "many"}, "fanout"),
         ({"tag": "blue"}, "missing parameter(s) required by 'tag': service"),
         ({"app": "web/x"}, "app name 'web/x' may only contain letters, digits, '_', '.' and '-'"),
-        ({"app": ".."}, "app name '..' must not be '.' or contain '..'"),
+        ({"app": ".."}, "app name '..' may only contain letters, digits, '_', '.' and '-', and must start with"),
+        ({"app": "a..b"}, "app name 'a..b' must not contain '..'"),
+        ({"app": "-web"}, "app name '-web' may only contain letters, digits, '_', '.' and '-', and must start with"),
         ({"app": ""}, "app name must be a non-empty string"),
-        ({"version": "1 0"}, "version '1 0' must not contain whitespace"),
+        ({"version": "1 0"}, "version '1 0' may only contain letters, digits and '._+~-'"),
+        ({"version": "-1"}, "version '-1' may only contain letters, digits and '._+~-', and must start with a letter"),
+        ({"version": "$(touch${IFS}/tmp/x)"}, "version '$(touch${IFS}/tmp/x)' may only contain letters"),
         ({"node_filter": "web(?=1)"}, "uses a lookahead"),
         ({"node_filter": "web["}, "is not a valid regular expression"),
         ({"kv_prefix": "fireap"}, "KV prefix 'fireap' must end with '/'"),

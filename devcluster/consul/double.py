@@ -1,0 +1,84 @@
+"""A running double, however it runs: what DevCluster and ServeProcess both offer.
+
+DevCluster (embedded.py) serves the double from a thread of this process; ServeProcess
+(serve_process.py) runs ``python -m devcluster serve`` as a child process, which can be killed
+as a crash would and started again on the same ports. They are the two ways to start it;
+everything else (the demo, the benchmark, the chaos suite, the tests' harness) uses one of them.
+
+    with DevCluster(20, workdir) as double:      # or ServeProcess(20, workdir): the same calls
+        node = double.nodes[3]                    # NodeInfo(name, host, port, scheme, config_dir, root, log_path)
+        double.stop_agent("node-003")             # or an index; start_agent(), is_running()
+        double.stats()                            # per-agent HTTP counters; reset_stats()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from .workdir import INVENTORY_FILE, NodeInfo
+
+#: How a double runs: in a thread of this process, or as a child process of its own.
+EMBEDDED = "embedded"
+SUBPROCESS = "subprocess"
+
+D = TypeVar("D", bound="Double")
+
+
+class Double:
+    """Started with ``start()`` (which returns the double) or ``with``; ``stop()`` ends it."""
+
+    #: EMBEDDED or SUBPROCESS.
+    kind: ClassVar[str]
+    workdir: Path
+    #: Every node, node 0 first; known once the double has started.
+    nodes: list[NodeInfo]
+
+    @property
+    def leader(self) -> NodeInfo:
+        """Node 0, where the Raft server runs."""
+        return self.nodes[0]
+
+    @property
+    def inventory(self) -> Path:
+        """The Ansible inventory the double publishes (see workdir.py)."""
+        return self.workdir / INVENTORY_FILE
+
+    def node(self, node: str | int) -> NodeInfo:
+        """A node by name ("node-007") or index (7)."""
+        if isinstance(node, int):
+            return self.nodes[node]
+        for info in self.nodes:
+            if info.name == node:
+                return info
+        raise KeyError(f"unknown node {node!r}")
+
+    def start(self: D) -> D:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def stop_agent(self, node: str | int) -> None:
+        """Crash-stop a node's agent: its port refuses, its sessions die, it misses events."""
+        raise NotImplementedError
+
+    def start_agent(self, node: str | int) -> None:
+        """Start a stopped agent again: empty event ring, config dir re-read, watches fire."""
+        raise NotImplementedError
+
+    def is_running(self, node: str | int) -> bool:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """Per-agent HTTP counters: {"agents": {name: {requests, bytes_in, bytes_out}}, "total": {...}}."""
+        raise NotImplementedError
+
+    def reset_stats(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: D) -> D:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
