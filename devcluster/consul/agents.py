@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,12 +88,28 @@ class EventFilters:
 
 @dataclass(slots=True)
 class HttpCounters:
+    """An agent's HTTP traffic; ``routes`` splits the requests by "METHOD route" (a blocking
+    read, one with ``?index=``, is counted apart) so a test can bound what is deterministic."""
+
     requests: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    routes: dict[str, int] = field(default_factory=dict)
 
-    def to_api(self) -> dict[str, int]:
-        return {"requests": self.requests, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+    def count(self, route: str) -> None:
+        self.routes[route] = self.routes.get(route, 0) + 1
+
+    def reset(self) -> None:
+        self.requests = self.bytes_in = self.bytes_out = 0
+        self.routes.clear()
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "routes": dict(sorted(self.routes.items())),
+        }
 
 
 class Agent:

@@ -216,9 +216,9 @@ class Cluster:
 
     def stats(self) -> dict[str, Any]:
         agents = {a.name: a.counters.to_api() for a in self.agents}
-        total = {key: sum(c[key] for c in agents.values()) for key in ("requests", "bytes_in", "bytes_out")}
+        total: dict[str, Any] = {key: sum(c[key] for c in agents.values()) for key in ("requests", "bytes_in", "bytes_out")}
         return {"agents": agents, "total": total}
 
     def reset_stats(self) -> None:
         for agent in self.agents:
-            agent.counters.requests = agent.counters.bytes_in = agent.counters.bytes_out = 0
+            agent.counters.reset()

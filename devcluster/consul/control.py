@@ -3,7 +3,7 @@
     GET    /_devcluster/agents               agents with their port and whether they run
     PUT    /_devcluster/agents/<name>/stop   crash-stop an agent (its port closes)
     PUT    /_devcluster/agents/<name>/start  start it again (empty event ring, watches fire)
-    GET    /_devcluster/stats                per-agent HTTP requests and bytes in/out
+    GET    /_devcluster/stats                per-agent HTTP requests (also by route) and bytes in/out
     DELETE /_devcluster/stats                reset those counters
 
 Send stop/start for an agent to another agent's port: a stopped agent's port is closed.

@@ -270,6 +270,9 @@ class HttpApi:
             )
         try:
             handler, methods, rest = self._route(path)
+            route = path[: len(path) - len(rest)] if rest else path
+            blocking = " (blocking)" if request.query.get("index", "0") not in ("", "0") else ""
+            counters.count(f"{request.method} {route}{blocking}")
             if request.method == "OPTIONS":
                 return web.Response(status=200, headers={"Allow": ",".join(("OPTIONS", *methods))})
             if request.method not in methods:

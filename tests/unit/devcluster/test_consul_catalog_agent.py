@@ -137,5 +137,6 @@ def test_stats_count_each_request_and_every_byte_of_its_answer(consul_target):
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     counters = requests.get(stats_url, timeout=30).json()["agents"][endpoint.name]
     assert counters["requests"] == 1
+    assert counters["routes"] == {"GET /v1/status/leader": 1}
     assert counters["bytes_in"] == len(request)
     assert counters["bytes_out"] == len(answer)
