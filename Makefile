@@ -7,7 +7,7 @@ FANOUT ?= 5
 DEBIAN_TOOLS := rsync parallel shellcheck chromium
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
-.PHONY: setup test lint sanity units changelog molecule demo bench chaos clean
+.PHONY: setup test lint sanity units consul changelog molecule demo bench chaos clean
 
 setup: $(VENV)/.installed $(COLLECTION_LINK) system-tools
 
@@ -33,9 +33,13 @@ system-tools:
 	fi
 
 # The unit tests (tests/unit) run under ansible-test, each in a fork of its own and on as many
-# workers as there are CPUs; plain pytest runs only the integration tests, so no test runs twice.
-test: setup lint sanity units changelog molecule
+# workers as there are CPUs; plain pytest runs the suite against Consul (tests/consul: the
+# double, or the agent FIREAP_TEST_CONSUL_HTTP_ADDR names) and the integration tests.
+test: setup lint sanity units consul changelog molecule
 	$(PY) -m pytest -q tests/integration
+
+consul: setup
+	$(PY) -m pytest -q -n auto -p no:cacheprovider tests/consul
 
 # ansible-test sanity and units run offline in the venv, on a copy of the tree under
 # build/<command>/ansible_collections/fireap/consul/.

@@ -409,6 +409,11 @@ class NodeState(_Record):
     def terminal(self) -> bool:
         return self.status in NODE_TERMINAL_STATUSES
 
+    def crashed(self, run_id: str, held: bool) -> bool:
+        """True if this record's worker died in run ``run_id``: it had not finished and no
+        live session holds the key any more (a running worker always holds its record)."""
+        return self.run_id == run_id and not self.terminal and not held
+
     @classmethod
     def from_dict(cls, obj: dict, key: str | None = None) -> NodeState:
         version = _checked(obj, "version", key, check_version)

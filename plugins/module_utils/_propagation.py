@@ -465,7 +465,7 @@ class PullMachine:
             raise RuntimeError(f"on_node({node}) is not expected in phase {self.phase} (waiting on {self.source})")
         state, run, version = view.state, self.release.run_id, self.release.version
         this_run = state is not None and state.run_id == run
-        crashed = this_run and not state.terminal and not view.held
+        crashed = this_run and state.crashed(run, view.held)
         absent = not this_run and not (state is not None and state.has(version))
         if absent and now - self.waiting_since >= self.timings.start_grace:
             return self._check_start(index)

@@ -349,10 +349,7 @@ def _progress(client, schema: Schema, app: str, release: ReleaseRecord, warnings
     """
     _plan_index, plans, _held = _read_tree(client, schema, app, schema.plan_prefix(app), PlanEntry, warnings)
     nodes_index, states, held = _read_tree(client, schema, app, schema.nodes_prefix(app), NodeState, warnings)
-    states = {
-        name: state for name, state in states.items()
-        if state.run_id != release.run_id or state.terminal or name in held
-    }
+    states = {name: state for name, state in states.items() if not state.crashed(release.run_id, name in held)}
     plans = {name: plan for name, plan in plans.items() if plan.run_id == release.run_id and name != release.leader}
     targets = schedule_order(list(plans), release.leader)
     if len(targets) != release.target_count:
