@@ -7,7 +7,7 @@ FANOUT ?= 5
 DEBIAN_TOOLS := rsync parallel shellcheck chromium
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
-.PHONY: setup test lint sanity units consul changelog molecule demo bench chaos clean
+.PHONY: setup test lint typecheck sanity units consul changelog molecule demo bench chaos clean
 
 setup: $(VENV)/.installed $(COLLECTION_LINK) system-tools
 
@@ -34,12 +34,17 @@ system-tools:
 
 # The unit tests (tests/unit) run under ansible-test, each in a fork of its own and on as many
 # workers as there are CPUs; plain pytest runs the suite against Consul (tests/consul: the
-# double, or the agent FIREAP_TEST_CONSUL_HTTP_ADDR names) and the integration tests.
-test: setup lint sanity units consul changelog molecule
+# double, or the agent FIREAP_TEST_CONSUL_HTTP_ADDR names), the tests of devcluster's tooling
+# (tests/devcluster) and the integration tests.
+test: setup lint typecheck sanity units consul changelog molecule
 	$(PY) -m pytest -q tests/integration
 
 consul: setup
-	$(PY) -m pytest -q -n auto -p no:cacheprovider tests/consul
+	$(PY) -m pytest -q -n auto -p no:cacheprovider tests/consul tests/devcluster
+
+# mypy reads mypy.ini: which files it checks, and how strictly.
+typecheck: setup
+	$(VENV)/bin/mypy
 
 # ansible-test sanity and units run offline in the venv, on a copy of the tree under
 # build/<command>/ansible_collections/fireap/consul/.

@@ -20,6 +20,12 @@ for _path in (TESTS_DIR.parent, TESTS_DIR.parent / "build", TESTS_DIR):
 import consul_harness  # noqa: E402
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--record-answers", action="store_true",
+                     help="write the Consul answers tests/consul/test_record_consul_answers.py records to "
+                          "tests/unit/fixtures/consul_answers/ (the pure module tests replay them)")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("double_only") and os.environ.get(consul_harness.ADDR_ENV):
         pytest.skip(f"needs the project's Consul double; {consul_harness.ADDR_ENV} points at a real agent")

@@ -171,39 +171,6 @@ def start_double(
     return ConsulTarget(double.nodes, token=acl_token, double=double)
 
 
-class DoubleProcess:
-    """``DoubleProcess(workdir, nodes, acl_token=, data_dir=)``, ``start()`` -> target, ``stop()``.
-
-    Kept only for tests that start their double themselves and are not moved to the
-    ``make_double`` fixture yet (tests/integration/test_galaxy_build.py,
-    tests/unit/plugins/module_utils/test_release.py and test_worker.py); new tests use the fixture.
-    """
-
-    def __init__(
-        self,
-        workdir: Path,
-        nodes: int = 3,
-        acl_token: str | None = None,
-        data_dir: Path | None = None,
-    ) -> None:
-        self.workdir = Path(workdir)
-        self._options = {"nodes": nodes, "acl_token": acl_token, "data_dir": data_dir}
-        self.target: ConsulTarget | None = None
-
-    def start(self, timeout: float = DOUBLE_START_TIMEOUT) -> ConsulTarget:
-        self.target = start_double(self.workdir, timeout=timeout, **self._options)
-        return self.target
-
-    def stop(self) -> None:
-        if self.target is not None:
-            self.target.close()
-
-    def kill(self) -> None:
-        if self.target is not None and self.target.double is not None:
-            self.target.double.kill()
-        self.stop()
-
-
 def unique_name(kind: str = "name") -> str:
     """A name no other test run uses, e.g. for events or services: ``fireap-test-<kind>-<hex>``."""
     return f"fireap-test-{kind}-{uuid.uuid4().hex}"

@@ -4,7 +4,7 @@ Each node but the leader gets a thread that does what its agent's watch and fire
 would: it blocks on ``/v1/event/list?name=FIREAP:TASK`` of its own agent, and when the
 event arrives runs the real ``_worker.pull`` with its own py-consul client (over a lean
 keep-alive transport, see ``client.py``), the task sleeping ``t``. The release is fired
-with the real ``_release.fire`` against the leader's agent. Measured: from the start of the
+with the real ``_firing.fire`` against the leader's agent. Measured: from the start of the
 fire until the last node's done record was acknowledged (its final /v1/txn; the destroy of
 its session after that is cleanup and not counted). The handler's own reads before a worker
 starts (1 to 3 KV reads) are not part of this mode; process mode runs the real handler.
@@ -29,9 +29,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
+from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME, fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
-from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME, clear, fire
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
 from .. import REPO_ROOT

@@ -1,7 +1,7 @@
 """The process benchmark: the real node side, real rsync, against a GNU parallel push.
 
 Every node gets the fireap_node role with ansible-playbook (playbooks/setup.yml, as the demo
-installs it); a release is fired with the real ``_release.fire`` against the leader's agent
+installs it); a release is fired with the real ``_firing.fire`` against the leader's agent
 and every node's own fireap-reap, started by its agent's watch, pulls the leader's tree:
 TREE_FILES files, TREE_BYTES bytes in all, copied by rsync with ``--bwlimit`` set so that
 one transfer takes about ``task_seconds``, as it would over a link of that rate. Measured:
@@ -20,14 +20,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, KVRecordError, NodeState, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, wait
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
-    ReleaseWaitTimeout,
-    clear,
-    fire,
-    wait,
-)
 
 from ..consul import Double
 from ..demo import builds

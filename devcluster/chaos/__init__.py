@@ -6,7 +6,7 @@ data dir (so that it can be killed and restarted with its state). Every node get
 ``fireap_node`` role installs, written directly from the inventory's role variables (the
 role's own run takes minutes at this size): the task config with the Consul token (0600),
 and the agent's watch on the FIREAP:TASK event running this tree's ``fireap-reap``. Releases
-are fired with the modules' own ``_release`` functions; every node's agent runs its handler,
+are fired with the modules' own ``_firing``/``_progress``/``_clearing`` functions; every node's agent runs its handler,
 which starts real detached workers that run the app's commands.
 
 Every app command ends by appending ``<version> <source>`` to ``runs-<app>.log`` in the

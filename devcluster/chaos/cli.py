@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout
+
 from .. import REPO_ROOT
 from .harness import ChaosCluster, ChaosError
 from .probe import Outcome
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 8:
         parser.error(f"--nodes must be at least 8, got {args.nodes}")
-    if not 1 <= args.fanout <= 16:
-        parser.error(f"--fanout must be from 1 to 16, got {args.fanout}")
+    try:
+        check_fanout(args.fanout)
+    except ValueError as err:
+        parser.error(f"--{err}")
     try:
         outcomes = run_chaos(args.nodes, args.fanout, args.workdir.absolute(), args.scenario or list(SCENARIOS),
                              args.json)

@@ -19,14 +19,15 @@ import requests
 import yaml
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import ConsulOptions, build_client
-from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
-from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command, write_atomic
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
+from ansible_collections.fireap.consul.plugins.module_utils._firing import (
     EVENT_NAME,
     EVENT_OVERHEAD,
     EVENT_SIZE_LIMIT,
     anchored_node_filters,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.plugins.module_utils._processed_events import write_atomic
+from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 
 from ..consul import INVENTORY_FILE, NodeInfo, ServeError, ServeProcess

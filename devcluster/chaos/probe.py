@@ -6,8 +6,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, NODE_FAILED, KVRecordError, NodeState
-from ansible_collections.fireap.consul.plugins.module_utils._release import fire
 
 from ..polling import wait_until
 from .apps import run_log

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 from .apps import HANG_SECONDS
@@ -17,12 +18,29 @@ def _proc_cmdline(pid: int) -> list[str]:
         return []
 
 
-def _proc_parent(pid: int) -> int | None:
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), None once gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _proc_parent(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[1])
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until ``pid`` is stopped (state T) or gone: SIGSTOP takes effect only when the process
+    next runs, and until then it can still fork."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = _proc_stat(pid)
+        if fields is None or fields[0] in ("T", "Z", "X"):
+            return
+        time.sleep(0.001)
 
 
 def _pids() -> list[int]:
@@ -53,6 +71,7 @@ def kill_tree(pid: int) -> int:
         current = pending.pop()
         with contextlib.suppress(ProcessLookupError):
             os.kill(current, signal.SIGSTOP)
+        _wait_stopped(current)
         victims.append(current)
         pending.extend(other for other in _pids() if _proc_parent(other) == current)
     for victim in victims:

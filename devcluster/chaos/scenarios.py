@@ -15,26 +15,28 @@ from typing import Any, Callable
 
 import yaml
 
-from ansible_collections.fireap.consul.plugins.action.fireap_wait import too_many_failures
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._connection import FireapConsulError, consul_errors
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+from ansible_collections.fireap.consul.plugins.module_utils._firing import (
+    EVENT_NAME,
+    event_payload,
+    fire,
+    retry_stragglers,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
     NODE_FAILED,
     NODE_PULLING,
-    KVRecordError,
     NodeState,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command, write_atomic
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
-    EVENT_NAME,
-    ReleaseError,
-    clear,
-    event_payload,
-    fire,
+from ansible_collections.fireap.consul.plugins.module_utils._processed_events import write_atomic
+from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     info,
-    retry_stragglers,
+    over_failure_budget,
     wait,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
 
 from .apps import HANG_TIMEOUT, started_marker
 from .harness import HTTP_TIMEOUT, ChaosCluster, ChaosError
@@ -225,7 +227,7 @@ def concurrent_fires(cluster: ChaosCluster, probe: Probe) -> Outcome:
         barrier.wait()
         try:
             results[label] = fire(client, cluster.schema, app, version=version, fanout=cluster.fanout, holder=label)
-        except (ReleaseError, ValueError) as err:
+        except FireapError as err:
             results[label] = err
 
     threads = [threading.Thread(target=fire_one, args=(label, *call)) for label, call in calls.items()]
@@ -385,7 +387,7 @@ def hostile_kv(cluster: ChaosCluster, probe: Probe, app: str) -> tuple[dict[str,
         info(client, schema, app)
         facts["controller on a release with a forged version"] = "accepted"
         problems.append("fireap_info accepted a release whose version holds a newline")
-    except (ReleaseError, KVRecordError) as err:
+    except FireapError as err:
         facts["controller on a release with a forged version"] = str(err)[:200]
     probe.settled([app])
     stray = {name: [line[:120] for line in _read(cluster.reap_log(name)).splitlines() if not LOG_LINE.match(line)]
@@ -461,7 +463,7 @@ def bad_arguments(probe: Probe) -> dict[str, str]:
         try:
             call()
             results[label] = "accepted"
-        except (ReleaseError, ValueError) as err:
+        except FireapError as err:
             results[label] = str(err)[:200]
     return results
 
@@ -595,11 +597,10 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
 
     def over_budget() -> dict | None:
         progress = info(probe.client, cluster.schema, app)
-        return progress if too_many_failures(progress, MAX_FAIL_PERCENTAGE) else None
+        return progress if over_failure_budget(progress, MAX_FAIL_PERCENTAGE) else None
 
     progress = probe.wait("the failures to pass the budget", over_budget)
-    reason = (f"{progress['counts']['failed']} of {progress['total']} targets failed, "
-              f"more than max_fail_percentage {MAX_FAIL_PERCENTAGE:g}%")
+    reason = over_failure_budget(progress, MAX_FAIL_PERCENTAGE)
     clear(probe.client, cluster.schema, app, abort=True, reason=reason)
     # Started: the nodes whose commands had begun (their marker is there). A node that had
     # claimed a slot but not begun its commands stops at the abort, as it should.
@@ -663,7 +664,7 @@ def run_scenario(cluster: ChaosCluster, name: str) -> Outcome:
     began = time.monotonic()
     try:
         outcome = SCENARIOS[name](cluster, probe)
-    except (ChaosError, ReleaseError, FireapConsulError) as err:
+    except (ChaosError, FireapError) as err:
         outcome = Outcome(name, len(cluster.names), 0, "(did not complete)", problems=[str(err)])
     outcome.seconds = round(time.monotonic() - began, 1)
     return outcome

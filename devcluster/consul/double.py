@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from .ports import find_free_port_range
 from .workdir import INVENTORY_FILE, NodeInfo
 
 #: How a double runs: in a thread of this process, or as a child process of its own.
@@ -26,13 +27,45 @@ D = TypeVar("D", bound="Double")
 
 
 class Double:
-    """Started with ``start()`` (which returns the double) or ``with``; ``stop()`` ends it."""
+    """Started with ``start()`` (which returns the double) or ``with``; ``stop()`` ends it.
+
+    Both ways take the same settings: ``nodes`` agents publishing to ``workdir``, node k on
+    ``http_port + k`` (None: a free port range taken at the first start and kept), default-deny
+    ACLs with ``acl_token``, state kept in ``data_dir`` across restarts, HTTPS with ``tls_cert``
+    and ``tls_key``.
+    """
 
     #: EMBEDDED or SUBPROCESS.
     kind: ClassVar[str]
-    workdir: Path
     #: Every node, node 0 first; known once the double has started.
     nodes: list[NodeInfo]
+
+    def __init__(
+        self,
+        nodes: int,
+        workdir: str | Path,
+        *,
+        http_port: int | None = None,
+        acl_token: str | None = None,
+        data_dir: str | Path | None = None,
+        datacenter: str = "dc1",
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> None:
+        self.node_count = nodes
+        self.workdir = Path(workdir).absolute()
+        self.http_port = http_port
+        self.acl_token = acl_token
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.datacenter = datacenter
+        self.tls_cert = Path(tls_cert) if tls_cert is not None else None
+        self.tls_key = Path(tls_key) if tls_key is not None else None
+
+    def _port_range(self) -> int:
+        """The first HTTP port: the one given, else a free range taken now and kept for later starts."""
+        if self.http_port is None:
+            self.http_port = find_free_port_range(self.node_count)
+        return self.http_port
 
     @property
     def leader(self) -> NodeInfo:

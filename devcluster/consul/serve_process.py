@@ -22,7 +22,6 @@ from typing import Any
 from .. import REPO_ROOT
 from .control import PREFIX as CONTROL_PREFIX
 from .double import SUBPROCESS, Double
-from .ports import find_free_port_range
 from .workdir import CLUSTER_FILE, NodeInfo, read_nodes
 
 LOG_FILE = "devcluster.log"
@@ -52,8 +51,8 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float = STOP_TIMEOUT
 
 class ServeProcess(Double):
     """One double, started again on the same ports by a later ``start()`` (with ``data_dir``, in
-    the state it had). ``http_port=None`` takes a free port range at the first start.
-    ``new_session`` keeps the terminal's Ctrl-C from it, so that its owner stops it last.
+    the state it had); ``options`` are Double's. ``new_session`` keeps the terminal's Ctrl-C
+    from it, so that its owner stops it last.
 
     The /_devcluster/ calls (stop_agent, start_agent, is_running, stats, reset_stats) go over
     HTTP(S) to the leader's agent, or to the next running one when the leader's is stopped or
@@ -61,27 +60,8 @@ class ServeProcess(Double):
 
     kind = SUBPROCESS
 
-    def __init__(
-        self,
-        nodes: int,
-        workdir: str | Path,
-        *,
-        http_port: int | None = None,
-        acl_token: str | None = None,
-        data_dir: str | Path | None = None,
-        datacenter: str | None = None,
-        tls_cert: str | Path | None = None,
-        tls_key: str | Path | None = None,
-        new_session: bool = False,
-    ) -> None:
-        self.node_count = nodes
-        self.workdir = Path(workdir)
-        self.http_port = http_port
-        self.acl_token = acl_token
-        self.data_dir = data_dir
-        self.datacenter = datacenter
-        self.tls_cert = tls_cert
-        self.tls_key = tls_key
+    def __init__(self, nodes: int, workdir: str | Path, *, new_session: bool = False, **options: Any) -> None:
+        super().__init__(nodes, workdir, **options)
         self.new_session = new_session
         self.proc: subprocess.Popen | None = None
         self.nodes: list[NodeInfo] = []
@@ -115,11 +95,10 @@ class ServeProcess(Double):
         """
         if self.proc is not None and self.proc.poll() is None:
             raise ServeError(f"the dev cluster in {self.workdir} is already running")
-        if self.http_port is None:
-            try:
-                self.http_port = find_free_port_range(self.node_count)
-            except RuntimeError as err:
-                raise ServeError(str(err)) from None
+        try:
+            self._port_range()
+        except RuntimeError as err:
+            raise ServeError(str(err)) from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         cluster_file = self.workdir / CLUSTER_FILE
         # A file left by an earlier run would pass for this one's.

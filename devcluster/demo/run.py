@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout
 
 from .. import REPO_ROOT
 from ..consul import ServeError, ServeProcess
@@ -229,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 2:
         parser.error(f"--nodes must be at least 2 (a leader and a node to release to), got {args.nodes}")
-    if not 1 <= args.fanout <= 64:
-        parser.error(f"--fanout must be from 1 to 64, got {args.fanout}")
+    try:
+        check_fanout(args.fanout)
+    except ValueError as err:
+        parser.error(f"--{err}")
     # SIGTERM (a stopped `make demo`) unwinds like Ctrl-C, so the cluster is stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

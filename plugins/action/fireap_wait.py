@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: MIT
 """Action plugin fireap_wait: wait for a release run, printing its progress as it goes.
 
-Every poll is a run of the fireap_info module on the target (the leader), so the controller
-needs no route to Consul; re-fires and the abort are runs of fireap_fire and fireap_clear in
-the same way. Progress lines go through Display, which forwards them from the worker process
-to the controller's output while the task is still running.
+It drives the wait loop ``_progress.follow_run``: every read is a run of the fireap_info module
+on the target (the leader), so the controller needs no route to Consul, and between reads it
+sleeps ``poll`` seconds. Re-fires and the abort are runs of fireap_fire and fireap_clear in the
+same way. Progress lines go through Display, which forwards them from the worker process to the
+controller's output while the task is still running.
 """
 
 from __future__ import annotations
@@ -17,32 +18,41 @@ from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
-from ansible_collections.fireap.consul.plugins.module_utils._release import COUNT_ORDER, counts_text
+from ansible_collections.fireap.consul.plugins.module_utils._progress import (
+    MAX_NAMED,
+    counts_text,
+    follow_run,
+    outcome_problem,
+    over_failure_budget,
+    run_over,
+)
 
 display = Display()
 
 COLLECTION = "fireap.consul"
 
-ARGUMENT_SPEC = dict(
-    CONNECTION_ARGUMENT_SPEC,
-    app={"type": "str", "required": True},
-    run_id={"type": "str"},
-    timeout={"type": "float", "default": 600.0},
-    poll={"type": "float", "default": 2.0},
-    max_fail_percentage={"type": "float"},
-    straggler_retry_after={"type": "float", "default": 30.0},
-    kv_prefix={"type": "str", "default": DEFAULT_PREFIX},
-)
+WAIT_ARGUMENT_SPEC = {
+    "app": {"type": "str", "required": True},
+    "run_id": {"type": "str"},
+    "timeout": {"type": "float", "default": 600.0},
+    "poll": {"type": "float", "default": 2.0},
+    "max_fail_percentage": {"type": "float"},
+    "straggler_retry_after": {"type": "float", "default": 30.0},
+    "kv_prefix": {"type": "str", "default": DEFAULT_PREFIX},
+}
+ARGUMENT_SPEC = dict(CONNECTION_ARGUMENT_SPEC, **WAIT_ARGUMENT_SPEC)
 
-#: Failed or unfinished targets named in a message; the rest are counted.
-MAX_NAMED = 10
+#: The connection options passed on to the modules the plugin runs: not ``timeout``, which here
+#: is how long to wait for the run (the modules keep their own HTTP timeout).
+PASSED_ON = tuple(name for name in CONNECTION_ARGUMENT_SPEC if name not in WAIT_ARGUMENT_SPEC)
 
 #: Keys of a module result that describe the module run, not the release.
 _RUN_KEYS = frozenset(("changed", "failed", "msg", "invocation", "warnings", "deprecations", "exception"))
 
 
-class _ModuleFailed(Exception):
+class _ModuleFailed(FireapError):
     """A fireap module run on the target failed; the message says which and why."""
 
 
@@ -58,11 +68,11 @@ class ActionModule(ActionBase):
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         _check_numbers(args)
         self._task_vars = task_vars or {}
-        self._connection_args = {name: args[name] for name in CONNECTION_ARGUMENT_SPEC if args.get(name) is not None}
+        self._connection_args = {name: args[name] for name in PASSED_ON if args.get(name) is not None}
         self._warnings: list[str] = []
         try:
             result.update(self._wait(args))
-        except _ModuleFailed as err:
+        except FireapError as err:
             result.update(failed=True, msg=str(err))
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)
@@ -73,56 +83,48 @@ class ActionModule(ActionBase):
     # --- the loop -----------------------------------------------------------------------
 
     def _wait(self, args: dict) -> dict:
-        app, run_id, timeout = args["app"], args["run_id"], args["timeout"]
+        app, timeout = args["app"], args["timeout"]
         retry_after = args["straggler_retry_after"] or None
-        started = time.monotonic()
         next_refire = retry_after
         refired: list[dict] = []
         aborted = timed_out = False
         polls = 0
-        while True:
-            progress = self._info(args)
+
+        def read() -> dict:
+            nonlocal polls
             polls += 1
-            if run_id is None:
-                run_id = progress["run_id"]
-                if run_id is None:
-                    raise _ModuleFailed(f"app {app!r} has no release to wait for: fire one first")
-            if progress["run_id"] != run_id:
-                now = (
-                    "no release is recorded any more"
-                    if progress["run_id"] is None
-                    else f"run {progress['run_id']} (version {progress['version']}) replaced it"
-                )
-                raise _ModuleFailed(f"stopped waiting for run {run_id} of app {app!r}: {now}")
-            elapsed = time.monotonic() - started
-            display.display(progress_line(progress, elapsed))
-            if progress["finished"] or progress["status"] == "aborted":
+            return self._info(args)
+
+        for snapshot in follow_run(read, time.sleep, args["run_id"], timeout=timeout, poll=args["poll"]):
+            progress = snapshot.info
+            display.display(progress_line(progress, snapshot.elapsed))
+            if run_over(progress):
                 break
-            if too_many_failures(progress, args["max_fail_percentage"]):
-                self._abort(args, progress)
+            reason = over_failure_budget(progress, args["max_fail_percentage"])
+            if reason:
+                self._abort(args, progress, reason)
                 aborted = True
-                progress = self._info(args)
-                polls += 1
+                progress = read()
                 break
-            if elapsed >= timeout:
+            if snapshot.timed_out:
                 timed_out = True
                 break
-            if next_refire is not None and elapsed >= next_refire and progress["counts"]["pending"]:
-                refire = self._refire(args, progress, elapsed)
+            if next_refire is not None and snapshot.elapsed >= next_refire and progress["counts"]["pending"]:
+                refire = self._refire(args, progress, snapshot.elapsed)
                 if refire is not None:
                     refired.append(refire)
-                next_refire = elapsed + retry_after
-            time.sleep(max(0.0, min(args["poll"], timeout - elapsed)))
+                next_refire = snapshot.elapsed + retry_after
 
         outcome = dict(progress, timed_out=timed_out, aborted=aborted, refired=refired, polls=polls)
         outcome["changed"] = bool(refired or aborted)
-        problem = outcome_problem(progress, timed_out, aborted, timeout)
+        problem = outcome_problem(progress, timeout if timed_out else None)
         if problem:
             outcome.update(failed=True, msg=problem)
         else:
             outcome["msg"] = (
-                f"run {run_id} of app {app!r} (version {progress['version']}): {progress['counts']['done']} of "
-                f"{progress['total']} targets done in {progress['timings']['elapsed']:.1f}s"
+                f"run {progress['run_id']} of app {app!r} (version {progress['version']}): "
+                f"{progress['counts']['done']} of {progress['total']} targets done in "
+                f"{progress['timings']['elapsed']:.1f}s"
             )
         return outcome
 
@@ -169,12 +171,7 @@ class ActionModule(ActionBase):
         )
         return {"after": round(elapsed, 1), "stragglers": stragglers}
 
-    def _abort(self, args: dict, progress: dict) -> None:
-        counts, total = progress["counts"], progress["total"]
-        reason = (
-            f"{counts['failed']} of {total} targets failed ({100.0 * counts['failed'] / total:.1f}%), "
-            f"more than max_fail_percentage {args['max_fail_percentage']:g}%"
-        )
+    def _abort(self, args: dict, progress: dict, reason: str) -> None:
         display.display(f"{args['app']} {progress['version']}: aborting the run: {reason}")
         self._module(
             "fireap_clear",
@@ -210,46 +207,6 @@ def progress_line(progress: dict, elapsed: float) -> str:
     """``web 1.4.3: 37/100 done, 2 failed, 3 pulling, 0 waiting, 58 pending [21s]``."""
     suffix = " (aborted)" if progress["status"] == "aborted" else ""
     return f"{progress['app']} {progress['version']}: {counts_text(progress)} [{elapsed:.0f}s]{suffix}"
-
-
-def too_many_failures(progress: dict, max_fail_percentage: float | None) -> bool:
-    """Whether more than ``max_fail_percentage`` percent of all targets have failed."""
-    if max_fail_percentage is None or not progress["total"]:
-        return False
-    return 100.0 * progress["counts"]["failed"] / progress["total"] > max_fail_percentage
-
-
-def outcome_problem(progress: dict, timed_out: bool, aborted: bool, timeout: float) -> str | None:
-    """Why the run did not succeed (failed targets with their errors, unfinished ones), or None."""
-    counts = progress["counts"]
-    run = f"run {progress['run_id']} of app {progress['app']!r} (version {progress['version']})"
-    if timed_out:
-        head = f"{run} did not finish within {timeout:g}s"
-    elif aborted:
-        head = f"{run} was aborted: {progress['release']['aborted_reason']}"
-    elif progress["status"] == "aborted":
-        head = f"{run} was aborted by someone else: {progress['release']['aborted_reason'] or 'no reason given'}"
-    elif counts["failed"]:
-        head = f"{run} finished with failures"
-    else:
-        return None
-    lines = [
-        f"{head}: "
-        + ", ".join(f"{counts[status]} {status}" for status in COUNT_ORDER)
-        + f" of {progress['total']} targets"
-    ]
-    failed = progress["failed_nodes"]
-    if failed:
-        lines.append(f"failed ({len(failed)}):")
-        lines += [f"  {row['node']}: {row['error'] or 'no error recorded'}" for row in failed[:MAX_NAMED]]
-        if len(failed) > MAX_NAMED:
-            lines.append(f"  ... and {len(failed) - MAX_NAMED} more")
-    unfinished = [row for row in progress["nodes"] if row["status"] not in ("done", "failed")]
-    if unfinished:
-        shown = ", ".join(f"{row['node']} ({row['status']})" for row in unfinished[:MAX_NAMED])
-        more = f" and {len(unfinished) - MAX_NAMED} more" if len(unfinished) > MAX_NAMED else ""
-        lines.append(f"unfinished ({len(unfinished)}): {shown}{more}")
-    return "\n".join(lines)
 
 
 def _names(names: list[str]) -> str:

@@ -57,6 +57,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     check_address,
     check_name,
@@ -90,7 +91,7 @@ _CREDENTIAL = re.compile(r"CONSUL_\w*(TOKEN|AUTH|KEY|CERT|SECRET|PASSWORD|LICENS
 _log = logging.getLogger(__name__)
 
 
-class TemplateError(ValueError):
+class TemplateError(FireapError):
     """A command template that cannot be rendered safely."""
 
 
@@ -695,10 +696,9 @@ def _run(labelled: Sequence[Tuple[str, str]], variables: CommandVariables,
          timeout: float, on_failure: str, log: Optional[logging.Logger],
          kill_grace: float) -> CommandsResult:
     if on_failure not in ON_FAILURE_CHOICES:
-        raise ValueError("on_failure must be one of %s, got %r"
-                         % (", ".join(ON_FAILURE_CHOICES), on_failure))
+        raise InvalidValue(f"on_failure must be one of {', '.join(ON_FAILURE_CHOICES)}, got {on_failure!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError("timeout must be a number of seconds > 0, got %r" % (timeout,))
+        raise InvalidValue("timeout must be a number of seconds > 0, got %r" % (timeout,))
     log = log or _log
     # Render everything first: a bad template must not leave the task half done.
     rendered = [(label, render_command(template, variables)) for label, template in labelled]

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Connection to a Consul agent, shared by the modules and the node handler.
 
 Both sides build a :class:`ConsulOptions` from their own settings (module parameters, or
@@ -5,6 +6,10 @@ the handler's YAML config) and get a py-consul client from :func:`build_client`.
 Consul CLI's environment variables fill in options the caller left unset; that fallback
 lives here rather than in Ansible's ``fallback`` mechanism so that a module and the node
 handler resolve the same settings in the same way.
+
+It also holds the Consul error vocabulary: :func:`consul_errors` turns what py-consul and
+requests raise into :class:`FireapConsulError` and its subclasses, by HTTP status and body,
+and :func:`retry_transient` makes a call again while Consul does not answer.
 
 Only the standard library, py-consul and its HTTP stack (requests, urllib3) are used:
 nodes run this file without Ansible installed.
@@ -15,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import math
 import os
 import random
+import re
 import socket
 import ssl
+import time
+from typing import Callable, TypeVar
 
 try:
     import consul
@@ -38,6 +47,8 @@ else:
     _PyConsul = consul.Consul
     _PyConsulHTTPClient = consul.std.HTTPClient
 
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+
 HAS_PY_CONSUL = PY_CONSUL_IMPORT_ERROR is None
 
 DEFAULT_HOST = "127.0.0.1"
@@ -52,12 +63,19 @@ BACKOFF_MAX = 8.0
 
 #: Methods Consul treats as reads: safe to send again whatever happened to the first attempt.
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD"))
-#: Statuses worth another try for a read: leader elections (500 "No cluster leader"),
-#: proxies in front of the agent, and Consul's rate limiter (503).
-RETRY_READ_STATUSES = frozenset((500, 502, 503, 504))
 #: The agent's per-client connection limit and rate limiter answer 429 before handling the
 #: request, so any method may be sent again.
 TOO_MANY_REQUESTS = 429
+#: Statuses of a Consul that is restarting, electing a leader or busy, worth another try:
+#: 429 (see above), 500 (e.g. "No cluster leader" during an election), 502/504 (a proxy in
+#: front of the agent) and 503 (Consul's rate limiter). Consul also answers 500 to a write it
+#: refused (acquiring with an unknown session): such an answer is not transient
+#: (ConsulSessionInvalid), and the HTTP layer never sends a write again once Consul may have
+#: acted on it (_ConsulRetry).
+TRANSIENT_STATUSES = frozenset((TOO_MANY_REQUESTS, 500, 502, 503, 504))
+#: How long a node's handler and worker try again while Consul does not answer (an agent
+#: restart, a server outage) before they give up.
+DEFAULT_RETRY_WINDOW = 60.0
 
 #: Argument spec of the connection options, merged into every module's own spec
 #: (``dict(CONNECTION_ARGUMENT_SPEC, **own)``; do not mutate it). There are no defaults and
@@ -92,7 +110,7 @@ _URL_DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAME_MISMATCH_CODES = frozenset((62, 64))
 
 
-class FireapConsulError(Exception):
+class FireapConsulError(FireapError):
     """A Consul operation failed; the message is fit to show a user and never holds the token.
 
     ``status`` is the HTTP status Consul answered with, or None when there was no answer.
@@ -101,6 +119,11 @@ class FireapConsulError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Whether a second try may well get an answer: Consul was restarting or busy."""
+        return self.status in TRANSIENT_STATUSES
 
 
 class ConsulOptionsError(FireapConsulError):
@@ -113,6 +136,31 @@ class ConsulAccessDenied(FireapConsulError):
 
 class ConsulUnreachable(FireapConsulError):
     """No HTTP answer: connection refused, timeout, name resolution or TLS failure."""
+
+    @property
+    def transient(self) -> bool:
+        return True
+
+
+class ConsulSessionInvalid(FireapConsulError):
+    """Consul no longer knows the session the request named (it expired or was invalidated):
+    locks it held are free; a new session is needed."""
+
+    @property
+    def transient(self) -> bool:
+        return False
+
+
+class ConsulTxnRefused(FireapConsulError):
+    """A /v1/txn was rolled back (409): ``errors`` maps each failed op's index to Consul's reason."""
+
+    def __init__(self, message: str, errors: dict[int, str]) -> None:
+        super().__init__(message, status=409)
+        self.errors = errors
+
+
+class ConsulTxnSessionInvalid(ConsulTxnRefused, ConsulSessionInvalid):
+    """A /v1/txn rolled back because an op named a session Consul no longer knows."""
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -401,21 +449,56 @@ def backoff_delay(attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+T = TypeVar("T")
+
+
+def retry_transient(
+    call: Callable[[], T],
+    window: float = DEFAULT_RETRY_WINDOW,
+    *,
+    log: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``call()``, made again with backoff while it raises a transient FireapConsulError
+    (Consul does not answer, restarts or is busy), for up to ``window`` s; any other error,
+    and the last transient one, is raised.
+
+    Only for calls that are safe to repeat: reads, and writes whose second landing changes
+    nothing (a lock with the same session, a check-and-set). ``log`` gets one line per retry.
+    """
+    started = clock()
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except FireapConsulError as err:
+            if not err.transient:
+                raise
+            attempt += 1
+            delay = backoff_delay(attempt)
+            if clock() - started + delay > window:
+                raise
+            if log is not None:
+                log(f"{err}; retrying in {delay:.1f}s")
+            sleep(delay)
+
+
 class _ConsulRetry(Retry):
     """urllib3 retry policy that never sends a write again once Consul may have acted on it.
 
     Connection failures (urllib3's "connect" errors: the request was not sent) and 429 are
     retried for every method. A read (GET/HEAD) is also retried after a read error (timeout,
-    reset) and on 500/502/503/504. A PUT/DELETE/POST that got an answer or lost its
-    connection after sending is not: Consul answers 500 to some writes on purpose (acquire
-    with an unknown session), and creating a session or firing an event twice is not
-    harmless.
+    reset) and on the other TRANSIENT_STATUSES. A PUT/DELETE/POST that got an answer or lost
+    its connection after sending is not: Consul answers 500 to some writes on purpose
+    (acquire with an unknown session), and creating a session or firing an event twice is
+    not harmless.
     """
 
     def is_retry(self, method, status_code, has_retry_after=False):
         if status_code == TOO_MANY_REQUESTS:
             return True
-        return method.upper() in IDEMPOTENT_METHODS and status_code in RETRY_READ_STATUSES
+        return method.upper() in IDEMPOTENT_METHODS and status_code in TRANSIENT_STATUSES
 
     def get_backoff_time(self):
         return backoff_delay(len(self.history))
@@ -449,6 +532,7 @@ class _Consul(_PyConsul):
     """consul.Consul whose HTTP client retries, with the token taken only from the options."""
 
     def __init__(self, options: ConsulOptions) -> None:
+        self.options = options
         self._retries = options.retries
         super().__init__(
             host=_url_host(options.host),
@@ -485,9 +569,24 @@ def build_client(options: ConsulOptions):
     return _Consul(options)
 
 
+def client_options(client) -> ConsulOptions:
+    """The options ``client`` talks to its agent by, for consul_errors' messages: those
+    build_client got, else the address and timeout of any other py-consul client."""
+    if isinstance(client, _Consul):
+        return client.options
+    http = client.http
+    return ConsulOptions(
+        host=http.host,
+        port=http.port,
+        scheme=http.scheme,
+        timeout=getattr(http, "connections_timeout", None) or DEFAULT_TIMEOUT,
+    )
+
+
 @contextlib.contextmanager
 def consul_errors(options: ConsulOptions, action: str):
-    """Turn py-consul and requests exceptions raised in the block into FireapConsulError.
+    """Turn py-consul and requests exceptions raised in the block into FireapConsulError
+    (the subclass that says what happened: see :func:`answer_error`).
 
     ``action`` says what the block does, for the message ("reading fireap/web/release").
     Works as ``with consul_errors(opts, "..."):`` and as a decorator. The token is removed
@@ -506,45 +605,99 @@ def _translate(err: Exception, options: ConsulOptions, action: str) -> FireapCon
     if not HAS_PY_CONSUL:
         return None
     address = options.address
-    if isinstance(err, consul.ACLPermissionDenied):
+    # py-consul's Timeout comes from its asyncio client only; requests raises its own.
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, consul.Timeout)):
+        reason = _transport_reason(err, options)
+        message = f"cannot reach the Consul agent at {address} while {action}: {reason}"
+        return ConsulUnreachable(_hide_token(message, options))
+    if isinstance(err, consul.ConsulException):
+        status, body = _answer_of(err)
+        return answer_error(status, body, options, action)
+    if isinstance(err, requests.exceptions.RequestException):
+        return FireapConsulError(_hide_token(f"Consul request failed at {address} while {action}: {err}", options))
+    return None
+
+
+def _answer_of(err) -> tuple[int | None, str]:
+    """The status and body of the answer a py-consul exception stands for.
+
+    py-consul raises ACLPermissionDenied (403), NotFound (404) and ACLDisabled (401) with the
+    body alone, and every other failed answer as "<status> <body>"; its own complaints about
+    an answer ("Failed to decode JSON: ...", "Missing index header: ...") have no status.
+    """
+    text = str(err)
+    for cls, status, unsaid in ((consul.ACLPermissionDenied, 403, ""), (consul.NotFound, 404, "not found"),
+                                (consul.ACLDisabled, 401, "ACL support is disabled")):
+        if isinstance(err, cls):
+            return status, text.strip() or unsaid
+    head, _sep, body = text.partition(" ")
+    if len(head) == 3 and head.isdigit():
+        return int(head), body
+    return None, text
+
+
+#: Consul's words for a session it no longer knows (it expired or was invalidated). Acquiring
+#: a lock with it, by ``PUT /v1/kv/<key>?acquire=`` (HTTP 500) or as a /v1/txn "lock" op (the
+#: op's "What" in the 409 answer), says ``invalid session "<id>"`` (capitalised by old
+#: releases, and behind "rpc error making call: " when a server forwarded it). Releasing with
+#: it says nothing about the session: ``?release=`` answers false and a txn "unlock" op
+#: "lock isn't held", as for a lock someone else holds.
+_LOCK_WITH_UNKNOWN_SESSION = re.compile(r'\binvalid session "', re.IGNORECASE)
+#: ``PUT /v1/session/renew/<id>`` of an unknown session: HTTP 404 with this body.
+_RENEW_OF_UNKNOWN_SESSION = re.compile(r"Session id '[^']*' not found")
+
+
+def answer_error(status: int | None, body: str, options: ConsulOptions, action: str) -> FireapConsulError:
+    """The error for an answer Consul gave instead of a success, by ``status`` and ``body``.
+
+    The one place that tells Consul's refusals apart: 403 is ConsulAccessDenied, a /v1/txn
+    rollback (409 with the "Errors" list) ConsulTxnRefused, a session Consul no longer knows
+    ConsulSessionInvalid (both for a rollback caused by one), anything else FireapConsulError
+    with the status (None: not an HTTP answer of Consul's).
+    """
+    address = options.address
+    body = body.strip()
+    if status == 403:
         if options.token:
             who = "the ACL token lacks permission"
         else:
             who = "no ACL token was given and anonymous access lacks permission"
-        said = str(err).strip()
-        detail = f" (Consul said: {said})" if said else ""
-        error = ConsulAccessDenied(
+        detail = f" (Consul said: {body})" if body else ""
+        message = (
             f"Consul refused the request (HTTP 403 Permission denied) at {address}: {who} for {action}; "
-            f"set token or {ENV_TOKEN}{detail}",
-            status=403,
+            f"set token or {ENV_TOKEN}{detail}"
         )
-    elif isinstance(err, consul.ConsulException):
-        status, detail = _consul_status(err)
-        shown = f"HTTP {status}: {detail}" if status else detail
-        error = FireapConsulError(f"Consul request failed at {address} while {action}: {shown}", status=status)
-    elif isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-        reason = _transport_reason(err, options)
-        error = ConsulUnreachable(f"cannot reach the Consul agent at {address} while {action}: {reason}")
-    elif isinstance(err, requests.exceptions.RequestException):
-        error = FireapConsulError(f"Consul request failed at {address} while {action}: {err}")
-    else:
+        return ConsulAccessDenied(_hide_token(message, options), status=403)
+    failed = f"Consul request failed at {address} while {action}"
+    errors = _txn_errors(body) if status == 409 else None
+    if errors is not None:
+        reasons = "; ".join(f"op {index}: {what}" for index, what in sorted(errors.items()))
+        message = _hide_token(f"{failed}: the transaction was rolled back: {reasons}", options)
+        if any(_LOCK_WITH_UNKNOWN_SESSION.search(what) for what in errors.values()):
+            return ConsulTxnSessionInvalid(message, errors)
+        return ConsulTxnRefused(message, errors)
+    shown = f"HTTP {status}: {body or '(empty answer)'}" if status else body
+    message = _hide_token(f"{failed}: {shown}", options)
+    if (status == 500 and _LOCK_WITH_UNKNOWN_SESSION.search(body)) or (
+        status == 404 and _RENEW_OF_UNKNOWN_SESSION.fullmatch(body)
+    ):
+        return ConsulSessionInvalid(message, status=status)
+    return FireapConsulError(message, status=status)
+
+
+def _txn_errors(body: str) -> dict[int, str] | None:
+    """The "Errors" of a rolled back /v1/txn (``{"Errors": [{"OpIndex": i, "What": ...}]}``):
+    op index -> Consul's reason; None when the body is not such an answer."""
+    try:
+        data = json.loads(body)
+        errors = {int(item["OpIndex"]): str(item["What"]) for item in data["Errors"]}
+    except (ValueError, TypeError, KeyError):
         return None
-    if options.token and options.token in str(error):
-        error = type(error)(str(error).replace(options.token, "<token>"), status=error.status)
-    return error
+    return errors or None
 
 
-def _consul_status(err) -> tuple[int | None, str]:
-    """py-consul puts "<status> <body>" in most messages; NotFound and ACLDisabled only the body."""
-    text = str(err).strip()
-    if isinstance(err, consul.NotFound):
-        return 404, text or "not found"
-    if isinstance(err, consul.ACLDisabled):
-        return 401, text or "ACL support is disabled"
-    head, _sep, body = text.partition(" ")
-    if len(head) == 3 and head.isdigit():
-        return int(head), body.strip() or "(empty answer)"
-    return None, text
+def _hide_token(message: str, options: ConsulOptions) -> str:
+    return message.replace(options.token, "<token>") if options.token else message
 
 
 def _exception_chain(err: BaseException):

@@ -12,3 +12,8 @@ from __future__ import annotations
 class FireapError(Exception):
     """fireap refused an input or could not do an operation; the message is fit to show a
     user (it names the key, option or node concerned and never holds a token)."""
+
+
+class InvalidValue(FireapError, ValueError):
+    """A value breaks one of fireap's rules: an argument, a config entry, or a value read from
+    Consul (a ValueError too, so code checking plain values can catch that)."""

@@ -16,12 +16,11 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     HAS_PY_CONSUL,
     PY_CONSUL_IMPORT_ERROR,
     ConsulOptions,
-    FireapConsulError,
     build_client,
     consul_errors,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
-from ansible_collections.fireap.consul.plugins.module_utils._release import ReleaseError
 
 #: Options every module takes besides the connection (doc fragment fireap.consul.app).
 APP_ARGUMENT_SPEC = {
@@ -55,11 +54,14 @@ def fireap_consul(module, action: str):
     if not HAS_PY_CONSUL:
         module.fail_json(msg=missing_required_lib("py-consul"), exception=str(PY_CONSUL_IMPORT_ERROR))
     try:
+        schema = Schema(module.params["kv_prefix"])
+    except ValueError as err:  # kv_prefix is one of the options this helper reads
+        module.fail_json(msg=str(err))
+    try:
         options = ConsulOptions.from_params(module.params)
         if options.token:
             module.no_log_values.add(options.token)
-        schema = Schema(module.params["kv_prefix"])
         with build_client(options) as client, consul_errors(options, action):
             yield client, schema
-    except (FireapConsulError, ReleaseError, ValueError) as err:
+    except FireapError as err:
         module.fail_json(msg=str(err))

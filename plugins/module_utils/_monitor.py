@@ -1,6 +1,6 @@
 """fireap-monitor: a release's progress, live in a terminal, as log lines, once, or as an HTML report.
 
-Reads the same state as the fireap_info module (``_release.info``) through the same
+Reads the same state as the fireap_info module (``_progress.info``) through the same
 connection options and CONSUL_HTTP_* variables (``_connection.ConsulOptions``), or through a
 node's task config (``--config``). The rendering is pure functions of that state:
 
@@ -10,9 +10,10 @@ node's task config (``--config``). The rendering is pure functions of that state
 * ``--one-shot`` prints the table once; ``--report FILE`` writes the HTML report.
 
 Without ``--follow`` the watch ends when the run has finished or was aborted (waiting first
-for a release if none is recorded yet). Between reads it blocks on the app's KV prefix (a
-Consul blocking query), so every change is seen at once and nothing is polled. Standard
-library, py-consul and PyYAML only: the fireap_node role installs it on nodes.
+for a release if none is recorded yet). It drives the wait loop ``_progress.follow_run``,
+which between reads blocks on the app's KV prefix (a Consul blocking query), so every change
+is seen at once and nothing is polled. Standard library, py-consul and PyYAML only: the
+fireap_node role installs it on nodes.
 """
 
 from __future__ import annotations
@@ -24,31 +25,32 @@ import signal
 import sys
 import tempfile
 import threading
-import time
+from functools import partial
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     OPTION_NAMES,
     ConsulOptions,
-    FireapConsulError,
     build_client,
     consul_errors,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX, Schema
-from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
+from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     COUNT_ORDER,
-    MIN_POLL_INTERVAL,
     STATUS_FINISHED,
-    ReleaseError,
+    PrefixChanges,
     counts_text,
+    follow_run,
     info as release_info,
+    run_over,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._report import (
     format_seconds,
     format_time,
     render_report,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import ConfigError, load_config
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name
 
 PROG = "fireap-monitor"
 
@@ -246,11 +248,6 @@ def node_change(row: dict, info: dict) -> str:
     return f"{node} {status}{source}{depth}"
 
 
-def run_over(info: dict) -> bool:
-    """Whether the recorded run will change no more (finished, or aborted)."""
-    return info["run_id"] is not None and (info["finished"] or info["status"] == "aborted")
-
-
 def exit_code(info: dict) -> int:
     """0 for a run that finished without failures, else 1."""
     return EXIT_OK if info["status"] == STATUS_FINISHED and info["succeeded"] else EXIT_FAILED
@@ -313,32 +310,14 @@ class LogView:
 # --- reading Consul ------------------------------------------------------------------------
 
 
-def wait_for_change(client, schema: Schema, app: str, index: int, wait: float = BLOCK_WAIT) -> int:
-    """Block until something under the app's prefix changes (or ``wait`` passes); the new index.
-
-    Lists only the prefix's first level (``separator``), whose index still covers every key
-    below it. Index 0 returns at once; an index that went backwards restarts from 0.
-    """
-    kwargs = {"index": index, "wait": f"{max(1, round(wait * 1000))}ms"} if index else {}
-    new, _keys = client.kv.get(schema.app_prefix(app), keys=True, separator="/", **kwargs)
-    new = int(new or 0)
-    return new if new >= index else 0
-
-
 def watch(client, schema: Schema, app: str, view, follow: bool = False) -> int:
     """Show every change of ``app``'s state until its run is over (forever with ``follow``)."""
-    index = 0
-    while True:
-        began = time.monotonic()
-        index = wait_for_change(client, schema, app, index)
-        current = release_info(client, schema, app)
-        if run_over(current) and not follow:
-            view.finish(current)
-            return exit_code(current)
-        view.show(current)
-        pause = MIN_POLL_INTERVAL - (time.monotonic() - began)
-        if pause > 0:
-            time.sleep(pause)
+    changes = PrefixChanges(client, schema.app_prefix(app))
+    for snapshot in follow_run(partial(release_info, client, schema, app), changes, pin=False, poll=BLOCK_WAIT):
+        if run_over(snapshot.info) and not follow:
+            view.finish(snapshot.info)
+            return exit_code(snapshot.info)
+        view.show(snapshot.info)
 
 
 def write_report(path: str, info: dict) -> None:
@@ -439,7 +418,7 @@ def main(argv=None, out=None) -> int:
     try:
         check_name(args.app, "app")
         options, schema = connection_settings(args)
-    except (ConfigError, FireapConsulError, ValueError) as err:
+    except FireapError as err:
         sys.stderr.write(f"{PROG}: {err}\n")
         return EXIT_USAGE
     # SIGTERM unwinds like Ctrl-C, so that a live view gives the cursor back.
@@ -447,7 +426,7 @@ def main(argv=None, out=None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return run(args, options, schema, out)
-    except (FireapConsulError, ReleaseError, ValueError, OSError) as err:
+    except (FireapError, OSError) as err:
         sys.stderr.write(f"{PROG}: {err}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -5,6 +5,24 @@
 adapter (``_worker``) observed; the adapter performs each action and reports back. Keeping
 every decision here makes each rule testable without Consul and keeps the adapter thin.
 
+The protocol between the two: ``start(now)`` returns the first action; the adapter performs
+it and answers with the call the action names, which returns the next action, until a
+``PullResult`` or a ``Restart`` ends the machine:
+
+    WriteState -> on_written      WaitForNode -> on_node        CheckStart -> on_start_check
+    ClaimSlot -> on_claim         WaitForSlots -> on_slots_changed    ListNodes -> on_nodes
+    Sleep -> on_slept             RunTask -> on_task            ReleaseSlot -> on_released
+
+``on_claim`` takes a ``ClaimOutcome`` (slot taken, slots busy, source unusable, or our own
+record held by another worker). After a wait that came back unchanged (``WaitForNode``,
+``WaitForSlots``, ``Sleep``) and after a claim refused because the release record changed,
+the adapter first reports the release as re-read to ``on_release``, which either lets the
+pending action go on (None) or ends the run. The machine is always in one ``Phase``;
+``TRANSITIONS`` lists, for each phase, the calls it accepts and the phases each may lead to.
+A call the table does not allow in the current phase raises ``PullProtocolError``, and so
+does a move to a phase the table does not list: the table is the protocol, checked on every
+call.
+
 Pull rules, in the order the machine applies them:
 
 * nothing runs twice: a node done at the release's version, the leader, a node that is not
@@ -17,13 +35,15 @@ Pull rules, in the order the machine applies them:
   ``plan.after`` (the puller scheduled on the same source slot one stage earlier) to finish,
   then for its preferred source to be done at the version (a stage-1 node whose source is
   the leader, done when the release was recorded, claims at once);
-* only a node done at the version is a source; a failed one never is; one whose record is
-  not held by a live session while not finished has crashed and is treated as failed;
+* only a node done at the version is a source; a failed one never is; one that crashed in
+  this run (``NodeState.crashed``: not finished and its record no longer held by a live
+  session) is treated as failed;
 * a failed or crashed source, one that has not started within ``start_grace`` of the moment
   it could have (its own planned source and slot predecessor finished: read only once the
   grace ran out; not a target, agent down, event lost), or one whose ``fanout`` slots all
-  stay busy beyond ``busy_grace`` sends the node to the fallback: any done node with a free slot, lowest depth first, then
-  fewest pullers, ties broken by a hash of the two names so fallbacks spread out;
+  stay busy beyond ``busy_grace`` sends the node to the fallback: any done node with a free
+  slot, lowest depth first, then fewest pullers, ties broken by a hash of the two names so
+  fallbacks spread out;
 * at most ``fanout`` pullers per source: a slot key must be acquired before pulling; the
   slot and the ``pulling`` record are written together, and so are the slot's release and
   the final record;
@@ -37,11 +57,15 @@ Pull rules, in the order the machine applies them:
 
 from __future__ import annotations
 
+import enum
+import functools
 import math
 import zlib
 from dataclasses import dataclass, replace
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Concatenate, ParamSpec, TypeAlias, TypeVar
 
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
     NODE_FAILED,
@@ -62,7 +86,7 @@ def stage_count(n_nodes: int, fanout: int) -> int:
     """Stages the schedule needs for ``n_nodes`` (leader included): ceil(log_{k+1} N)."""
     fanout = check_fanout(fanout)
     if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 1:
-        raise ValueError(f"node count must be an integer >= 1, got {n_nodes!r}")
+        raise InvalidValue(f"node count must be an integer >= 1, got {n_nodes!r}")
     stages, reached = 0, 1
     while reached < n_nodes:
         reached *= fanout + 1
@@ -78,7 +102,7 @@ def schedule_position(index: int, fanout: int) -> tuple[int, int, int]:
     """
     fanout = check_fanout(fanout)
     if isinstance(index, bool) or not isinstance(index, int) or index < 1:
-        raise ValueError(f"schedule index must be an integer >= 1, got {index!r}")
+        raise InvalidValue(f"schedule index must be an integer >= 1, got {index!r}")
     s, base = 0, 1
     while base * (fanout + 1) <= index:
         base *= fanout + 1
@@ -94,11 +118,11 @@ def schedule_order(targets: Sequence[str], leader: str) -> list[str]:
     duplicate is an error.
     """
     check_name(leader, "leader node")
-    seen = set()
+    seen: set[str] = set()
     for name in targets:
         check_name(name, "target node")
         if name in seen and name != leader:
-            raise ValueError(f"target node {name!r} is listed twice")
+            raise InvalidValue(f"target node {name!r} is listed twice")
         seen.add(name)
     seen.discard(leader)
     return [leader] + sorted(seen)
@@ -117,7 +141,7 @@ def plan_release(
     addresses = addresses or {}
     fanout = check_fanout(fanout)
     order = schedule_order(targets, leader)
-    plan = {}
+    plan: dict[str, PlanEntry] = {}
     for index in range(1, len(order)):
         stage, source_index, slot = schedule_position(index, fanout)
         # The source serves from the stage after its own (the leader from stage 1); if that
@@ -151,6 +175,12 @@ def slot_order(puller: str, fanout: int, preferred: int | None = None) -> tuple[
 # --- observations and actions ----------------------------------------------------------
 
 
+class PullProtocolError(FireapError):
+    """``PullMachine`` was called out of turn: the call is not one ``TRANSITIONS`` allows in
+    the machine's phase (or an answer contradicts itself). A bug in the adapter, never a
+    fault of what Consul holds."""
+
+
 @dataclass(frozen=True)
 class NodeView:
     """A node record as read from KV: its state (None if absent, not parseable or from an
@@ -174,9 +204,9 @@ class PullTimings:
         for name in ("watch_timeout", "start_grace", "busy_grace", "max_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+                raise InvalidValue(f"{name} must be a number of seconds > 0, got {value!r}")
         if isinstance(self.fallback_tries, bool) or not isinstance(self.fallback_tries, int) or self.fallback_tries < 1:
-            raise ValueError(f"fallback_tries must be an integer >= 1, got {self.fallback_tries!r}")
+            raise InvalidValue(f"fallback_tries must be an integer >= 1, got {self.fallback_tries!r}")
 
 
 @dataclass(frozen=True)
@@ -214,11 +244,30 @@ class ClaimSlot:
     """Take the first free slot of ``slots`` (in that order) on ``source`` and write ``state``
     (``pulling``) in one transaction: lock ``<app>/slots/<source>/<j>`` and lock our own
     record, both with the session. Read ``<app>/slots/<source>/`` (for its index) only after
-    a refusal. Resolve the source's address first; answer ``on_claim``."""
+    a refusal. Resolve the source's address first; answer ``on_claim`` with the
+    ``ClaimOutcome``."""
 
     source: str
     slots: tuple[int, ...]
     state: NodeState
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """What a ``ClaimSlot`` came to, for ``on_claim``: ``slot`` taken (our record written
+    ``pulling`` with it), or no slot: ``index`` is then the ModifyIndex of the source's slots
+    as read (0: not read) to block on; ``unusable`` says why the source cannot be used;
+    ``refused``: our own record is held by another worker (nothing was written). At most one
+    of ``slot``, ``unusable`` and ``refused`` is set; none: every slot tried was busy."""
+
+    slot: int | None = None
+    index: int = 0
+    unusable: str | None = None
+    refused: bool = False
+
+    def __post_init__(self) -> None:
+        if sum((self.slot is not None, self.unusable is not None, self.refused)) > 1:
+            raise PullProtocolError(f"a claim outcome is one of slot, unusable or refused, got {self!r}")
 
 
 @dataclass(frozen=True)
@@ -287,6 +336,13 @@ class PullResult:
         return self.state is not None and self.state.status == NODE_FAILED
 
 
+#: Everything ``PullMachine`` may ask of the adapter; ``PullResult`` and ``Restart`` end it.
+Action: TypeAlias = (
+    WriteState | WaitForNode | CheckStart | ClaimSlot | WaitForSlots | ListNodes | Sleep | RunTask | ReleaseSlot
+    | Restart | PullResult
+)
+
+
 @dataclass(frozen=True)
 class RunProblem:
     """Run ``run_id`` (at ``version``) cannot be pulled: its release record or this node's plan
@@ -333,17 +389,102 @@ def read_run(
 
 _LOST = "the record of node {} is held or changed by another worker"
 
-_WAIT_AFTER = "wait-after"
-_WAIT_SOURCE = "wait-source"
-_CLAIM = "claim"
-_WAIT_SLOTS = "wait-slots"
-_LIST = "list"
-_SLEEP = "sleep"
-_CHECK = "check-start"
-_WRITE = "write"
-_RUN = "run"
-_RELEASE = "release"
-_DONE = "finished"
+
+class Phase(enum.Enum):
+    """Where a ``PullMachine`` is: the action it returned last, whose answer it awaits."""
+
+    NEW = "new"  # start() not called yet
+    WAIT_AFTER = "wait-after"  # WaitForNode on plan.after, the slot's holder one stage earlier
+    WAIT_SOURCE = "wait-source"  # WaitForNode on the source
+    CHECK_START = "check-start"  # CheckStart on the node waited on
+    CLAIM = "claim"  # ClaimSlot
+    WAIT_SLOTS = "wait-slots"  # WaitForSlots
+    LIST = "list"  # ListNodes
+    SLEEP = "sleep"  # Sleep
+    WRITE = "write"  # WriteState: a record that ends the pull
+    RUN = "run"  # RunTask
+    RELEASE = "release"  # ReleaseSlot
+    FINISHED = "finished"  # PullResult or Restart returned: no call is accepted any more
+
+
+#: For each phase, the calls it accepts and the phases each call may lead to. A wait that
+#: goes on, and ``on_release`` letting the pending action go on, stay in their phase; WRITE
+#: records ``failed`` (timed out, aborted, or a run that cannot be pulled) and FINISHED ends.
+TRANSITIONS: Mapping[Phase, Mapping[str, frozenset[Phase]]] = {
+    Phase.NEW: {
+        "start": frozenset({Phase.WAIT_AFTER, Phase.WAIT_SOURCE, Phase.CLAIM, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.WAIT_AFTER: {
+        "on_node": frozenset({Phase.WAIT_AFTER, Phase.WAIT_SOURCE, Phase.CHECK_START, Phase.CLAIM, Phase.WRITE}),
+        "on_release": frozenset({Phase.WAIT_AFTER, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.WAIT_SOURCE: {
+        "on_node": frozenset({Phase.WAIT_SOURCE, Phase.CHECK_START, Phase.CLAIM, Phase.LIST, Phase.WRITE}),
+        "on_release": frozenset({Phase.WAIT_SOURCE, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.CHECK_START: {
+        "on_start_check": frozenset({Phase.WAIT_AFTER, Phase.WAIT_SOURCE, Phase.LIST, Phase.WRITE}),
+    },
+    Phase.CLAIM: {
+        "on_claim": frozenset(
+            {Phase.RUN, Phase.CLAIM, Phase.WAIT_SLOTS, Phase.LIST, Phase.WRITE, Phase.FINISHED}
+        ),
+        "on_release": frozenset({Phase.CLAIM, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.WAIT_SLOTS: {
+        "on_slots_changed": frozenset({Phase.CLAIM, Phase.LIST, Phase.WRITE}),
+        "on_release": frozenset({Phase.WAIT_SLOTS, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.LIST: {
+        "on_nodes": frozenset({Phase.CLAIM, Phase.SLEEP, Phase.WRITE}),
+    },
+    Phase.SLEEP: {
+        "on_slept": frozenset({Phase.LIST, Phase.WRITE}),
+        "on_release": frozenset({Phase.SLEEP, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.WRITE: {
+        "on_written": frozenset({Phase.FINISHED}),
+    },
+    Phase.RUN: {
+        "on_task": frozenset({Phase.RELEASE}),
+    },
+    Phase.RELEASE: {
+        "on_released": frozenset({Phase.LIST, Phase.WRITE, Phase.FINISHED}),
+    },
+    Phase.FINISHED: {},
+}
+
+
+def _finished(state: NodeState, now: float) -> float:
+    """When ``state`` finished: every done or failed record says (``now`` for any other)."""
+    return now if state.finished is None else state.finished
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _transition(method: Callable[Concatenate[PullMachine, _P], _R]) -> Callable[Concatenate[PullMachine, _P], _R]:
+    """Hold a call of ``method`` (named as in ``TRANSITIONS``) to the table: it must be
+    accepted in the machine's phase, and the phase it leaves must be one the table lists."""
+    call = method.__name__
+
+    @functools.wraps(method)
+    def checked(machine: PullMachine, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        before = machine.phase
+        accepted = TRANSITIONS[before]
+        if call not in accepted:
+            expected = ", ".join(accepted) or "no call: the pull has ended"
+            raise PullProtocolError(f"{call} is not expected in phase {before.value} (expected: {expected})")
+        result = method(machine, *args, **kwargs)
+        if machine.phase not in accepted[call]:
+            raise PullProtocolError(
+                f"{call} moved the pull from phase {before.value} to {machine.phase.value}, which TRANSITIONS does "
+                "not allow"
+            )
+        return result
+
+    return checked
 
 
 class PullMachine:
@@ -357,6 +498,19 @@ class PullMachine:
     the node waited on usually has not changed since (0: read first). ``problem``: the
     run's records are malformed (see ``read_run``).
     """
+
+    # Set when they first matter (start, a wait, a claim, ...) and only read in the phases after.
+    started: float  # when this worker began the run
+    deadline: float  # started + watch_timeout
+    source: str  # node currently waited on / claimed on
+    source_depth: int  # its depth in the tree
+    waiting_since: float  # start of the current wait, or when its node could have started
+    checked_phase: Phase  # the wait a CheckStart interrupted
+    listed_at: float  # when the fallback last listed the nodes
+    state: NodeState  # last record this machine asked to write
+    write_reason: str  # why the record being written ends the pull
+    slot: int  # the slot claimed
+    outcome: PullResult  # result of the task, reported once recorded
 
     def __init__(
         self,
@@ -375,34 +529,31 @@ class PullMachine:
         self.plan = plan
         self.own = own
         self.timings = timings
-        self.phase = None
-        self.started = None
-        self.deadline = None
-        self.state: NodeState | None = None  # last record this machine asked to write
+        self.phase = Phase.NEW
         self.excluded: set[str] = set()  # failed, crashed or unusable sources
-        self.source: str | None = None  # node currently waited on / claimed on
-        self.source_depth: int | None = None
         self.fallback = False
-        self.waiting_since = None  # start of the current wait, or when its node could have started
         self.waited_index = 0  # index of the last read of the node waited on
-        self.checked_phase = None  # the wait a CheckStart interrupted
-        self.busy_since = None
+        self.busy_since: float | None = None  # when the slots of the source were first all busy
         self.candidates: list[tuple[str, int]] = []  # (node, depth) from the last listing
         self.tried = 0  # candidates[tried] is the one being claimed
-        self.listed_at = None
         self.empty_listings = 0
-        self.slot: int | None = None
-        self.after_write = None  # what to do once the pending write is answered
-        self.outcome: PullResult | None = None  # result of the task, reported once recorded
         self.source_lost: str | None = None  # why the slot being released is left for another source
         self.ran_task = False  # the task ran (once, or again after its source went down)
 
+    def _target(self) -> tuple[ReleaseRecord, PlanEntry]:
+        """The release being pulled and this node's plan entry for it: known in every phase
+        after a ``start`` that did not end the pull (the phases ``TRANSITIONS`` allows)."""
+        if self.release is None or self.plan is None:
+            raise PullProtocolError(f"no run is being pulled in phase {self.phase.value}")
+        return self.release, self.plan
+
     # -- entry ------------------------------------------------------------------------
 
-    def start(self, now: float):
-        release, own, problem = self.release, self.own, self.problem
-        if release is None and problem is None:
-            return self._finish(own, "no release recorded for this app")
+    @_transition
+    def start(self, now: float) -> Action:
+        """The first action: the end at once (nothing to pull), a failed record to write, a
+        claim (a stage-1 node) or the first wait."""
+        release, plan, own, problem = self.release, self.plan, self.own, self.problem
         if release is not None:
             if release.aborted:
                 reason = release.aborted_reason or "no reason given"
@@ -413,45 +564,49 @@ class PullMachine:
                 return self._finish(own, f"this node is the leader of run {release.run_id}")
         if problem is not None:
             return self._fail_run(problem.run_id, problem.version, problem.reason, now)
-        if self.plan is None or self.plan.run_id != release.run_id:
+        if release is None:
+            return self._finish(own, "no release recorded for this app")
+        if plan is None or plan.run_id != release.run_id:
             return self._finish(own, f"not a target of run {release.run_id} (no plan entry for it)")
-        if self.node in (self.plan.source, self.plan.after):
+        if self.node in (plan.source, plan.after):
             reason = f"the plan entry of run {release.run_id} names this node as its own source"
             return self._fail_run(release.run_id, release.version, reason, now)
         if own is not None and own.run_id == release.run_id and own.status == NODE_FAILED:
             return self._finish(own, f"already failed in run {release.run_id}: {own.error}; fire again to retry")
         self.started = now
         self.deadline = now + self.timings.watch_timeout
-        if self.plan.after is None and self.plan.source == release.leader:
+        if plan.after is None and plan.source == release.leader:
             # The leader's record was written done together with the release record.
             self.source_depth = 0
-            return self._claim(self.plan.source, slot_order(self.node, release.fanout, self.plan.slot), now)
-        return self._begin_wait(now)
+            return self._claim(plan.source, slot_order(self.node, release.fanout, plan.slot), now)
+        return self._begin_wait(plan, now)
 
-    def _begin_wait(self, now: float):
-        if self.plan.after:
-            action = self._wait_on(_WAIT_AFTER, self.plan.after, now)
+    def _begin_wait(self, plan: PlanEntry, now: float) -> WaitForNode | WriteState:
+        if plan.after:
+            action = self._wait_on(Phase.WAIT_AFTER, plan.after, now)
         else:
-            action = self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+            action = self._wait_on(Phase.WAIT_SOURCE, plan.source, now)
         if self.release_index and isinstance(action, WaitForNode):
             return self._keep_waiting(self.release_index, now, grace_from=self.timings.start_grace)
         return action
 
     # -- observations -----------------------------------------------------------------
 
-    def on_written(self, ok: bool, now: float):
-        self._expect(_WRITE)
-        then, self.after_write = self.after_write, None
+    @_transition
+    def on_written(self, ok: bool, now: float) -> PullResult:
+        """The record of a ``WriteState`` was written (``ok``) or refused."""
         if ok:
-            return then(now)
-        return self._finish(self.state, f"{self.state.error}; but this could not be recorded: {_LOST.format(self.node)}")
+            return self._finish(self.state, self.write_reason)
+        lost = _LOST.format(self.node)
+        return self._finish(self.state, f"{self.state.error}; but this could not be recorded: {lost}")
 
-    def on_release(self, release: ReleaseRecord | None, now: float):
-        """After a wait that came back unchanged: None to go on, else the action that ends this run."""
-        if self.phase in (_DONE, _WRITE, _CHECK, _RUN, _RELEASE) or self.started is None:
-            raise RuntimeError(f"on_release is not expected in phase {self.phase}")
-        if release is None or release.run_id != self.release.run_id:
-            self.phase = _DONE
+    @_transition
+    def on_release(self, release: ReleaseRecord | None, now: float) -> Restart | WriteState | None:
+        """The release as re-read after a wait that came back unchanged or a claim refused
+        because it changed: None to go on, else the action that ends this run."""
+        current, _plan = self._target()
+        if release is None or release.run_id != current.run_id:
+            self.phase = Phase.FINISHED
             what = "was deleted" if release is None else f"now describes run {release.run_id}"
             return Restart(f"the release record {what}")
         self.release = release
@@ -460,136 +615,151 @@ class PullMachine:
             return self._fail(reason, now)
         return None
 
-    def on_node(self, node: str, view: NodeView, index: int, now: float):
-        if self.phase not in (_WAIT_AFTER, _WAIT_SOURCE) or node != self.source:
-            raise RuntimeError(f"on_node({node}) is not expected in phase {self.phase} (waiting on {self.source})")
-        state, run, version = view.state, self.release.run_id, self.release.version
+    @_transition
+    def on_node(self, node: str, view: NodeView, index: int, now: float) -> Action:
+        """The record of ``node`` (the one waited on) as read at ``index``."""
+        if node != self.source:
+            raise PullProtocolError(f"on_node({node}) answers no wait: the pull waits on {self.source}")
+        release, plan = self._target()
+        state, run, version = view.state, release.run_id, release.version
         this_run = state is not None and state.run_id == run
-        crashed = this_run and state.crashed(run, view.held)
+        crashed = state is not None and state.crashed(run, view.held)
         absent = not this_run and not (state is not None and state.has(version))
         if absent and now - self.waiting_since >= self.timings.start_grace:
             return self._check_start(index)
+        pulling = state is not None and this_run and state.status == NODE_PULLING
 
-        if self.phase == _WAIT_AFTER:
+        if self.phase is Phase.WAIT_AFTER:
             # Keep waiting only while the predecessor may still take our slot on our source.
-            if this_run:
+            if state is not None and this_run:
                 ahead = not crashed and (
-                    state.status == NODE_WAITING or (state.status == NODE_PULLING and state.source == self.plan.source)
+                    state.status == NODE_WAITING or (state.status == NODE_PULLING and state.source == plan.source)
                 )
             else:  # not started in this run: it may still come, unless done already
                 ahead = absent
             if ahead:
                 return self._keep_waiting(
-                    index, now, grace_from=None if this_run else self.timings.start_grace,
-                    claim_soon=this_run and state.status == NODE_PULLING,
+                    index, now, grace_from=None if this_run else self.timings.start_grace, claim_soon=pulling,
                 )
-            if this_run and state.has(version) and state.source == self.plan.source:
+            if state is not None and this_run and state.has(version) and state.source == plan.source:
                 # It pulled from our source, so the source is done too, one level up.
-                self.source, self.source_depth = self.plan.source, state.depth - 1
-                return self._claim(self.plan.source, slot_order(self.node, self.release.fanout, self.plan.slot), now)
-            return self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+                self.source, self.source_depth = plan.source, (state.depth or 0) - 1
+                return self._claim(plan.source, slot_order(self.node, release.fanout, plan.slot), now)
+            return self._wait_on(Phase.WAIT_SOURCE, plan.source, now)
 
         if state is not None and state.has(version):
             self.source_depth = state.depth or 0
-            return self._claim(node, slot_order(self.node, self.release.fanout, self.plan.slot), now)
-        if this_run and state.status == NODE_FAILED:
+            return self._claim(node, slot_order(self.node, release.fanout, plan.slot), now)
+        if state is not None and this_run and state.status == NODE_FAILED:
             return self._start_fallback(f"source {node} failed: {state.error}", now, exclude=node)
         if crashed:
-            return self._start_fallback(f"source {node} stopped without finishing (its session ended)", now, exclude=node)
+            reason = f"source {node} stopped without finishing (its session ended)"
+            return self._start_fallback(reason, now, exclude=node)
         return self._keep_waiting(
-            index, now, grace_from=None if this_run else self.timings.start_grace,
-            claim_soon=this_run and state.status == NODE_PULLING,
+            index, now, grace_from=None if this_run else self.timings.start_grace, claim_soon=pulling,
         )
 
-    def on_start_check(self, plan: PlanEntry | None, source: NodeView, after: NodeView, now: float):
+    @_transition
+    def on_start_check(self, plan: PlanEntry | None, source: NodeView, after: NodeView, now: float) -> Action:
         """The waited-on node has not started within the grace. It is late only if it could
         have started ``start_grace`` ago: its planned ``source`` and ``after`` (as read for
         ``plan``, its plan entry) had let it go by then. Else the grace counts from then."""
-        self._expect(_CHECK)
+        release, _plan = self._target()
         self.phase = self.checked_phase
         node, grace = self.source, self.timings.start_grace
-        if plan is None or plan.run_id != self.release.run_id:
-            return self._late(f"source {node} has no plan entry for run {self.release.run_id}", now)
+        if plan is None or plan.run_id != release.run_id:
+            return self._late(f"source {node} has no plan entry for run {release.run_id}", now)
         ready = self._source_ready(source, now)
         if ready is not None and plan.after:
             after_ready = self._after_ready(after, plan.source, now)
             ready = None if after_ready is None else max(ready, after_ready)
         if ready is not None and now - ready >= grace:
-            return self._late(f"source {node} has not started run {self.release.run_id} within {grace:g}s", now)
+            return self._late(f"source {node} has not started run {release.run_id} within {grace:g}s", now)
         self.waiting_since = now if ready is None else ready
         return self._keep_waiting(self.waited_index, now, grace_from=grace)
 
     def _source_ready(self, view: NodeView, now: float) -> float | None:
         """When a node planned to pull from the node of ``view`` could start: once it is done
         (or failed, or crashed: the puller then falls back); None while it may still come."""
-        state, release = view.state, self.release
-        if state is not None and state.has(release.version):
-            return min(now, max(state.finished, release.fired_at))
-        if state is not None and state.run_id == release.run_id:
-            if state.terminal:
-                return min(now, state.finished)
-            if not view.held:
-                return now
+        state, (release, _plan) = view.state, self._target()
+        if state is None:
+            return None
+        if state.has(release.version):
+            return min(now, max(_finished(state, now), release.fired_at))
+        if state.run_id == release.run_id and state.terminal:
+            return min(now, _finished(state, now))
+        if state.crashed(release.run_id, view.held):
+            return now
         return None
 
     def _after_ready(self, view: NodeView, source: str, now: float) -> float | None:
         """When a node's slot predecessor (``view``) let it go: finished, crashed, pulling
         from another source, or done already before this run; None while it may still come."""
-        state, release = view.state, self.release
-        if state is not None and state.run_id == release.run_id:
+        state, (release, _plan) = view.state, self._target()
+        if state is None:
+            return None
+        if state.run_id == release.run_id:
             if state.terminal:
-                return min(now, state.finished)
-            if not view.held or state.source not in (None, source):
+                return min(now, _finished(state, now))
+            if state.crashed(release.run_id, view.held) or state.source not in (None, source):
                 return now
             return None
-        if state is not None and state.has(release.version):
+        if state.has(release.version):
             return release.fired_at
         return None
 
-    def on_claim(self, slot: int | None, index: int, now: float, unusable: str | None = None, refused: bool = False):
-        """``slot`` taken (with our record written ``pulling``), or None with the index of the
-        slots read; ``unusable`` says why the source cannot be used; ``refused``: our own
-        record is held by another worker (nothing was written)."""
-        self._expect(_CLAIM)
+    @_transition
+    def on_claim(self, outcome: ClaimOutcome, now: float) -> Action:
+        """What the ``ClaimSlot`` came to: the task runs on a slot taken; busy slots are waited
+        on (for ``busy_grace``) or, in the fallback, the next candidate is tried."""
+        release, _plan = self._target()
         source = self.source
-        if refused:
+        if outcome.refused:
             return self._finish(None, f"{_LOST.format(self.node)}; did not pull")
-        if unusable:
-            return self._start_fallback(f"source {source} is unusable: {unusable}", now, exclude=source)
-        if slot is not None:
-            self.slot = slot
-            return self._run(source, slot)
+        if outcome.unusable:
+            return self._start_fallback(f"source {source} is unusable: {outcome.unusable}", now, exclude=source)
+        if outcome.slot is not None:
+            self.slot = outcome.slot
+            return self._run(source, outcome.slot)
         if self.fallback:
-            return self._next_candidate(index, now)
+            return self._next_candidate(outcome.index, now)
         if self.busy_since is None:
             self.busy_since = now
         if now - self.busy_since >= self.timings.busy_grace:
             return self._start_fallback(
-                f"all {self.release.fanout} slots of source {source} stayed busy for {self.timings.busy_grace:g}s", now
+                f"all {release.fanout} slots of source {source} stayed busy for {self.timings.busy_grace:g}s", now
             )
-        return self._wait_slots(index, now, self.busy_since + self.timings.busy_grace)
+        return self._wait_slots(outcome.index, now, self.busy_since + self.timings.busy_grace)
 
-    def on_slots_changed(self, now: float):
-        self._expect(_WAIT_SLOTS)
+    @_transition
+    def on_slots_changed(self, now: float) -> Action:
+        """The source's slots changed (or the wait ran out): claim again, or list again when
+        the fallback's candidates stayed busy for ``max_wait``."""
+        release, plan = self._target()
         if self.fallback and now - self.listed_at >= self.timings.max_wait:
             return self._list("re-reading candidates: slots stayed busy", now)
-        preferred = None if self.fallback else self.plan.slot
-        return self._claim(self.source, slot_order(self.node, self.release.fanout, preferred), now)
+        preferred = None if self.fallback else plan.slot
+        return self._claim(self.source, slot_order(self.node, release.fanout, preferred), now)
 
-    def on_nodes(self, views: Mapping[str, NodeView], now: float):
-        self._expect(_LIST)
-        run, version, fanout = self.release.run_id, self.release.version, self.release.fanout
+    @_transition
+    def on_nodes(self, views: Mapping[str, NodeView], now: float) -> Action:
+        """Every node record of the app (fallback): claim the best done candidate, or sleep."""
+        release, _plan = self._target()
+        run, version, fanout = release.run_id, release.version, release.fanout
         pullers: dict[str, int] = {}
         for view in views.values():
             state = view.state
-            if state is not None and state.run_id == run and state.status == NODE_PULLING and view.held:
+            if (
+                state is not None and state.run_id == run and state.status == NODE_PULLING and state.source is not None
+                and not state.crashed(run, view.held)
+            ):
                 pullers[state.source] = pullers.get(state.source, 0) + 1
-        ranked = []
+        ranked: list[tuple[tuple[bool, int, int, int], str, int]] = []
         for name, view in views.items():
             if name == self.node or name in self.excluded or view.state is None or not view.state.has(version):
                 continue
-            busy = pullers.get(name, 0)
-            ranked.append(((busy >= fanout, view.state.depth or 0, busy, spread_key(self.node, name)), name, view.state.depth or 0))
+            busy, depth = pullers.get(name, 0), view.state.depth or 0
+            ranked.append(((busy >= fanout, depth, busy, spread_key(self.node, name)), name, depth))
         ranked.sort()
         self.candidates = [(name, depth) for _key, name, depth in ranked]
         self.listed_at = now
@@ -600,25 +770,27 @@ class PullMachine:
             if expired:
                 return expired
             delay = min(self.timings.max_wait, 0.5 * 2 ** (self.empty_listings - 1), self.deadline - now)
-            self.phase = _SLEEP
+            self.phase = Phase.SLEEP
             return Sleep(delay)
         self.empty_listings = 0
         return self._claim_candidate(now)
 
-    def on_slept(self, now: float):
-        self._expect(_SLEEP)
+    @_transition
+    def on_slept(self, now: float) -> Action:
+        """The ``Sleep`` is over: list the nodes again."""
         return self._list("no done node had a free slot", now)
 
-    def on_task(self, ok: bool, error: str | None, now: float, source_down: bool = False):
+    @_transition
+    def on_task(self, ok: bool, error: str | None, now: float, source_down: bool = False) -> ReleaseSlot:
         """The task's outcome. ``error`` may come with ``ok`` (failures the app's policy
         ignored): the done record keeps it. ``source_down``: the task failed while its source's
         node was down, so the pull moves to another source once the slot is released."""
-        self._expect(_RUN)
-        self.phase = _RELEASE
+        release, _plan = self._target()
+        self.phase = Phase.RELEASE
         message = error or "the task failed without a message"
         if ok:
             final = replace(self.state, status=NODE_DONE, finished=now, error=clip(error) if error else None)
-            reason = f"pulled version {self.release.version} from {self.source}"
+            reason = f"pulled version {release.version} from {self.source}"
         elif source_down:
             self.source_lost = f"source {self.source} went down during the pull: {message}"
             return ReleaseSlot(self.source, self.slot, self.state)
@@ -629,9 +801,9 @@ class PullMachine:
         self.state = final
         return ReleaseSlot(self.source, self.slot, final)
 
-    def on_released(self, recorded: bool, now: float):
+    @_transition
+    def on_released(self, recorded: bool, now: float) -> Action:
         """The slot was released; ``recorded``: the record was written."""
-        self._expect(_RELEASE)
         if self.source_lost is not None:
             reason, self.source_lost = self.source_lost, None
             if not recorded:
@@ -640,36 +812,35 @@ class PullMachine:
         outcome = self.outcome
         if recorded:
             return self._finish(outcome.state, outcome.reason)
-        return self._finish(outcome.state, f"{outcome.reason}; but this could not be recorded: {_LOST.format(self.node)}")
+        lost = _LOST.format(self.node)
+        return self._finish(outcome.state, f"{outcome.reason}; but this could not be recorded: {lost}")
 
-    # -- transitions ------------------------------------------------------------------
+    # -- moves between phases ---------------------------------------------------------
 
-    def _expect(self, phase: str) -> None:
-        if self.phase != phase:
-            raise RuntimeError(f"answer for phase {phase} received in phase {self.phase}")
-
-    def _finish(self, state, reason):
-        self.phase = _DONE
+    def _finish(self, state: NodeState | None, reason: str) -> PullResult:
+        self.phase = Phase.FINISHED
         return PullResult(state, reason, self.ran_task)
 
-    def _write(self, state: NodeState, then):
-        self.phase = _WRITE
+    def _write(self, state: NodeState, reason: str) -> WriteState:
+        """Write ``state``, a record that ends the pull for ``reason`` once written."""
+        self.phase = Phase.WRITE
         self.state = state
-        self.after_write = then
+        self.write_reason = reason
         return WriteState(state)
 
-    def _fail(self, reason: str, now: float):
+    def _fail(self, reason: str, now: float) -> WriteState:
+        release, _plan = self._target()
         failed = NodeState(
-            version=self.release.version,
-            run_id=self.release.run_id,
+            version=release.version,
+            run_id=release.run_id,
             status=NODE_FAILED,
             started=self.started,
             finished=now,
             error=clip(reason),
         )
-        return self._write(failed, lambda _now: self._finish(failed, reason))
+        return self._write(failed, reason)
 
-    def _fail_run(self, run_id: str, version: str, reason: str, now: float):
+    def _fail_run(self, run_id: str, version: str, reason: str, now: float) -> PullResult | WriteState:
         """Record ``failed`` for a run that cannot be pulled, once (not again when recorded)."""
         own = self.own
         if own is not None and own.run_id == run_id and own.status == NODE_FAILED:
@@ -677,30 +848,33 @@ class PullMachine:
         self.started = now
         failed = NodeState(version=version, run_id=run_id, status=NODE_FAILED, started=now, finished=now,
                            error=clip(reason))
-        return self._write(failed, lambda _now: self._finish(failed, reason))
+        return self._write(failed, reason)
 
-    def _expired(self, now: float):
+    def _expired(self, now: float) -> WriteState | None:
         if now < self.deadline:
             return None
         waited = f"waiting for a source ({self._waiting_for()})"
         return self._fail(f"timed out after {self.timings.watch_timeout:g}s {waited}", now)
 
     def _waiting_for(self) -> str:
-        if self.phase == _WAIT_AFTER:
-            return f"{self.source} to finish with slot {self.plan.slot} of {self.plan.source}"
-        if self.phase == _WAIT_SOURCE:
+        _release, plan = self._target()
+        if self.phase is Phase.WAIT_AFTER:
+            return f"{self.source} to finish with slot {plan.slot} of {plan.source}"
+        if self.phase is Phase.WAIT_SOURCE:
             return f"{self.source} to be done"
-        if self.phase in (_CLAIM, _WAIT_SLOTS):
+        if self.phase in (Phase.CLAIM, Phase.WAIT_SLOTS):
             return f"a free slot on {self.source}"
         return "no done node had a free slot"
 
-    def _wait_on(self, phase: str, node: str, now: float):
+    def _wait_on(self, phase: Phase, node: str, now: float) -> WaitForNode | WriteState:
         self.phase = phase
         self.source = node
         self.waiting_since = now
         return self._expired(now) or WaitForNode(node, 0, 0.0)
 
-    def _keep_waiting(self, index: int, now: float, grace_from: float | None, claim_soon: bool = False):
+    def _keep_waiting(
+        self, index: int, now: float, grace_from: float | None, claim_soon: bool = False
+    ) -> WaitForNode | WriteState:
         expired = self._expired(now)
         if expired:
             return expired
@@ -712,15 +886,16 @@ class PullMachine:
     def _wait_time(self, now: float, limit: float) -> float:
         return max(0.1, min(self.timings.max_wait, limit - now))
 
-    def _claim(self, source: str, slots: tuple[int, ...], now: float):
+    def _claim(self, source: str, slots: tuple[int, ...], now: float) -> ClaimSlot | WriteState:
         expired = self._expired(now)
         if expired:
             return expired
-        self.phase = _CLAIM
+        release, _plan = self._target()
+        self.phase = Phase.CLAIM
         self.source = source
         self.state = NodeState(
-            version=self.release.version,
-            run_id=self.release.run_id,
+            version=release.version,
+            run_id=release.run_id,
             status=NODE_PULLING,
             started=self.started,
             source=source,
@@ -728,50 +903,52 @@ class PullMachine:
         )
         return ClaimSlot(source, slots, self.state)
 
-    def _check_start(self, index: int):
-        self.checked_phase, self.phase = self.phase, _CHECK
+    def _check_start(self, index: int) -> CheckStart:
+        self.checked_phase, self.phase = self.phase, Phase.CHECK_START
         self.waited_index = index
         return CheckStart(self.source)
 
-    def _late(self, reason: str, now: float):
+    def _late(self, reason: str, now: float) -> WaitForNode | ListNodes | WriteState:
         """The node waited on will not come: go to the source itself, or to the fallback."""
-        if self.phase == _WAIT_AFTER:
-            return self._wait_on(_WAIT_SOURCE, self.plan.source, now)
+        _release, plan = self._target()
+        if self.phase is Phase.WAIT_AFTER:
+            return self._wait_on(Phase.WAIT_SOURCE, plan.source, now)
         return self._start_fallback(reason, now)
 
-    def _wait_slots(self, index: int, now: float, limit: float):
+    def _wait_slots(self, index: int, now: float, limit: float) -> WaitForSlots | WriteState:
         expired = self._expired(now)
         if expired:
             return expired
-        self.phase = _WAIT_SLOTS
+        self.phase = Phase.WAIT_SLOTS
         return WaitForSlots(self.source, index, self._wait_time(now, min(limit, self.deadline)))
 
-    def _start_fallback(self, reason: str, now: float, exclude: str | None = None):
+    def _start_fallback(self, reason: str, now: float, exclude: str | None = None) -> ListNodes | WriteState:
         if exclude:
             self.excluded.add(exclude)
         self.fallback = True
         return self._list(reason, now)
 
-    def _list(self, reason: str, now: float):
+    def _list(self, reason: str, now: float) -> ListNodes | WriteState:
         expired = self._expired(now)
         if expired:
             return expired
-        self.phase = _LIST
+        self.phase = Phase.LIST
         return ListNodes(reason)
 
-    def _claim_candidate(self, now: float):
+    def _claim_candidate(self, now: float) -> ClaimSlot | WriteState:
+        release, _plan = self._target()
         name, depth = self.candidates[self.tried]
         self.source_depth = depth
-        return self._claim(name, slot_order(self.node, self.release.fanout), now)
+        return self._claim(name, slot_order(self.node, release.fanout), now)
 
-    def _next_candidate(self, index: int, now: float):
+    def _next_candidate(self, index: int, now: float) -> ClaimSlot | WaitForSlots | WriteState:
         if self.tried + 1 < min(len(self.candidates), self.timings.fallback_tries):
             self.tried += 1
             return self._claim_candidate(now)
         # Every candidate tried is busy: block on the last one's slots, re-list after max_wait.
         return self._wait_slots(index, now, self.listed_at + self.timings.max_wait)
 
-    def _run(self, source: str, slot: int):
-        self.phase = _RUN
+    def _run(self, source: str, slot: int) -> RunTask:
+        self.phase = Phase.RUN
         self.ran_task = True
         return RunTask(source, slot)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """fireap-reap: the node's handler of the Consul watch on the FIREAP:TASK user event.
 
 The fireap_node role installs it as ``<prefix>/bin/fireap-reap`` and registers it as the
@@ -10,10 +11,11 @@ agent's watch handler (type ``event``, name ``FIREAP:TASK``)::
 As the watch handler it reads a JSON array of Consul events on stdin (empty, ``[]`` at
 watch start, or a terminal when run by hand) and:
 
-1. parses the events: name ``FIREAP:TASK``, payload = base64 of the compact JSON
-   ``{"app": ..., "version": ...}``; a malformed event is logged and skipped;
+1. parses the events (``_task_event``): name ``FIREAP:TASK``, payload = base64 of the
+   compact JSON ``{"app": ..., "version": ...}``; a malformed event is logged and skipped;
 2. drops events already handled (the agent hands its whole buffer over again at start and
-   at every reload): their IDs are kept, bounded, in ``<state_dir>/processed-events.json``;
+   at every reload): their IDs are kept, bounded, in ``<state_dir>/processed-events.json``
+   (``_processed_events``);
    events for apps this node does not configure are logged and skipped; of the rest, the
    newest event per app (by LTime) is logged;
 3. checks every configured app, whether or not an event named it (gossip may drop an
@@ -51,20 +53,15 @@ Only stdlib, py-consul and PyYAML: nodes run this without Ansible.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TextIO, TypeVar
+from typing import Callable, Iterator, TextIO
 
 try:
     from consul.callback import CB
@@ -81,12 +78,12 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     PY_CONSUL_IMPORT_ERROR,
     ConsulOptions,
     ConsulOptionsError,
-    ConsulUnreachable,
     FireapConsulError,
-    backoff_delay,
     build_client,
     consul_errors,
+    retry_transient,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_PULLING,
     KVRecordError,
@@ -102,7 +99,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     RunProblem,
     read_run,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME
+from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     DEFAULT_PATH,
     AppConfig,
@@ -111,29 +108,26 @@ from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     check_app_name,
     load_config,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._validation import (
-    check_name,
-    check_version,
-    clip,
-    escape_controls,
+from ansible_collections.fireap.consul.plugins.module_utils._processed_events import (
+    PROCESSED_FILE,
+    load_processed,
+    remember,
+    save_processed,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._worker import (
-    DEFAULT_RETRY_WINDOW,
-    PullError,
-    SourceInfo,
-    pull,
+from ansible_collections.fireap.consul.plugins.module_utils._task_event import (
+    RejectedEvent,
+    TaskEvent,
+    newest_per_app,
+    parse_events,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name, clip, escape_controls
+from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
 EXIT_OK = 0
 EXIT_UNCHECKED = 1
 EXIT_USAGE = 2
 
-#: Event IDs remembered as handled. Consul buffers the last 256 events of all names, so a
-#: replay never reaches further back than this.
-PROCESSED_LIMIT = 1024
-PROCESSED_FILE = "processed-events.json"
 HANDLER_LOCK_FILE = "handler.lock"
-EVENT_ID_MAX_LENGTH = 64
 
 #: Stand-ins for the source node in ``--dry-run`` output (valid values, like every other:
 #: ``.invalid`` is the top-level domain reserved never to resolve).
@@ -159,172 +153,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s fireap-reap[%(process)d] app=%(app)s ver
 LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 _log = logging.getLogger("fireap.reap")
-
-
-# --- events ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskEvent:
-    """A well-formed FIREAP:TASK event."""
-
-    id: str
-    ltime: int
-    app: str
-    version: str
-
-
-@dataclass(frozen=True)
-class RejectedEvent:
-    """An event (or the whole input, ``id`` None) that cannot be used, and why."""
-
-    id: str | None
-    reason: str
-
-
-def decode_payload(payload) -> tuple[str, str]:
-    """``(app, version)`` from an event's ``Payload`` (base64 text); ValueError saying why not.
-
-    The payload is what ``_release.event_payload`` makes, checked as fireap_fire checks it:
-    the app name by ``_taskconfig.check_app_name``, the version by ``_validation.check_version``.
-    """
-    if payload is None:
-        raise ValueError("it has no payload")
-    if not isinstance(payload, str):
-        raise ValueError(f"its Payload must be base64 text, got {type(payload).__name__}")
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"its payload is not valid base64 ({err})") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError("its payload is not UTF-8 text") from None
-    except ValueError as err:
-        raise ValueError(f"its payload is not JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f'its payload must be a JSON object {{"app": ..., "version": ...}}, got {type(data).__name__}')
-    for field in ("app", "version"):
-        if field not in data:
-            raise ValueError(f"its payload has no {field!r} field")
-    try:
-        app = check_app_name(data["app"])
-        version = check_version(data["version"])
-    except ValueError as err:
-        raise ValueError(f"its payload is invalid: {err}") from None
-    return app, version
-
-
-def _event_id(event: dict) -> str | None:
-    value = event.get("ID")
-    if isinstance(value, str) and 0 < len(value) <= EVENT_ID_MAX_LENGTH and value.isascii() and value.isprintable():
-        return value
-    return None
-
-
-def parse_event(event) -> TaskEvent | RejectedEvent:
-    """One element of the watch's event array."""
-    if not isinstance(event, dict):
-        return RejectedEvent(None, f"an event must be a JSON object, got {type(event).__name__}")
-    event_id = _event_id(event)
-    if event_id is None:
-        return RejectedEvent(None, f"an event has no usable ID (a string of 1 to {EVENT_ID_MAX_LENGTH} printable "
-                                   f"ASCII characters): {event.get('ID')!r}")
-    name = event.get("Name")
-    if name != EVENT_NAME:
-        return RejectedEvent(event_id, f"event {event_id} is named {name!r}, not {EVENT_NAME!r}")
-    ltime = event.get("LTime")
-    if isinstance(ltime, bool) or not isinstance(ltime, int) or ltime < 0:
-        return RejectedEvent(event_id, f"event {event_id} has no valid LTime (an integer >= 0): {ltime!r}")
-    try:
-        app, version = decode_payload(event.get("Payload"))
-    except ValueError as err:
-        return RejectedEvent(event_id, f"event {event_id} is skipped: {err}")
-    return TaskEvent(id=event_id, ltime=ltime, app=app, version=version)
-
-
-def parse_events(text: str) -> tuple[list[TaskEvent], list[RejectedEvent]]:
-    """The events of a watch invocation's stdin: empty input means none."""
-    if not text.strip():
-        return [], []
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        return [], [RejectedEvent(None, f"stdin is not JSON ({err}); expected the watch's array of events")]
-    if not isinstance(data, list):
-        return [], [RejectedEvent(None, f"stdin must be a JSON array of events, got {type(data).__name__}")]
-    events: list[TaskEvent] = []
-    rejected: list[RejectedEvent] = []
-    for item in data:
-        parsed = parse_event(item)
-        (events if isinstance(parsed, TaskEvent) else rejected).append(parsed)
-    return events, rejected
-
-
-def newest_per_app(events: Iterable[TaskEvent]) -> dict[str, TaskEvent]:
-    """The event with the highest LTime of each app; on a tie the later one in the list wins
-    (the agent lists events oldest first)."""
-    newest: dict[str, TaskEvent] = {}
-    for event in events:
-        current = newest.get(event.app)
-        if current is None or event.ltime >= current.ltime:
-            newest[event.app] = event
-    return newest
-
-
-# --- the record of handled events --------------------------------------------------------
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
-    directory = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_processed(path: str) -> tuple[list[str], str | None]:
-    """The handled event IDs, oldest first, and a warning when the file was unusable."""
-    try:
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read().decode("utf-8"))
-    except FileNotFoundError:
-        return [], None
-    except (OSError, ValueError) as err:
-        return [], f"ignoring the record of handled events {path}: {err}"
-    ids = data.get("ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
-        return [], f"ignoring the record of handled events {path}: expected {{\"ids\": [strings]}}"
-    return ids, None
-
-
-def remember(processed: list[str], new_ids: Iterable[str], limit: int = PROCESSED_LIMIT) -> list[str]:
-    """``processed`` with ``new_ids`` appended (each once), cut to the newest ``limit``."""
-    known = set(processed)
-    result = list(processed)
-    for event_id in new_ids:
-        if event_id not in known:
-            known.add(event_id)
-            result.append(event_id)
-    return result[-limit:]
-
-
-def save_processed(path: str, ids: list[str]) -> None:
-    write_atomic(path, json.dumps({"ids": ids}, separators=(",", ":")).encode("utf-8") + b"\n")
 
 
 # --- the catch-up check ------------------------------------------------------------------
@@ -415,44 +243,6 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
     release, plan, problem = read_run(release_key, release_value, plan_key, plan_value)
     start, reason = decide(node, release, plan, own, problem)
     return AppCheck(app, start, reason, release, problem)
-
-
-# --- retries ---------------------------------------------------------------------------
-
-T = TypeVar("T")
-
-#: Statuses of a Consul that is restarting or overloaded: worth another try.
-TRANSIENT_STATUSES = frozenset((429, 500, 502, 503, 504))
-
-
-def is_transient(err: FireapConsulError) -> bool:
-    """Whether Consul may answer a second try: no answer at all, or a restarting or busy agent."""
-    return isinstance(err, ConsulUnreachable) or err.status in TRANSIENT_STATUSES
-
-
-def retrying(call: Callable[[], T], log: logging.LoggerAdapter | logging.Logger,
-             window: float = DEFAULT_RETRY_WINDOW, sleep: Callable[[float], None] = time.sleep,
-             clock: Callable[[], float] = time.monotonic) -> T:
-    """``call()``, made again with backoff and jitter while Consul does not answer, for up to
-    ``window`` s (an agent restart, a server outage); other errors and the last one are raised.
-
-    A worker's reads go through this: a worker that gave up at the first refused connection
-    would leave its node behind until the next event.
-    """
-    started = clock()
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except FireapConsulError as err:
-            if not is_transient(err):
-                raise
-            attempt += 1
-            delay = backoff_delay(attempt)
-            if clock() - started + delay > window:
-                raise
-            log.warning("%s; retrying in %.1fs", err, delay)
-            sleep(delay)
 
 
 # --- logging -----------------------------------------------------------------------------
@@ -688,7 +478,7 @@ class _Handler:
             log.info("event %s (LTime %d) asks for version %s", event.id, event.ltime, event.version)
         try:
             result = check_app(self.client, self.options, Schema(self.config.kv_prefix), app, self.node, log)
-        except (FireapConsulError, KVRecordError) as err:
+        except FireapError as err:
             log.error("cannot check the release: %s; it is checked again at the next event or agent reload", err)
             if self.dry_run:
                 self.out.write(f"{app}: could not be checked: {err}\n")
@@ -729,7 +519,7 @@ class _Handler:
                 remote_name=DRY_RUN_SOURCE.name, remote_address=DRY_RUN_SOURCE.address,
             )
             commands = render_phases(self.config.app(result.app), variables)
-        except ValueError as err:
+        except (FireapError, ValueError) as err:
             self.out.write(f"  cannot render the commands: {err}\n")
             return
         for label, command in commands:
@@ -746,7 +536,7 @@ def _pulling_version(reader: _Reader, key: str, source: str) -> str:
     state = reader.record(NodeState, key)
     if state is None or state.status != NODE_PULLING or state.source != source:
         shown = "nothing" if state is None else f"status {state.status} from {state.source}"
-        raise ValueError(f"{key} records {shown}, not a pull from {source}")
+        raise InvalidValue(f"{key} records {shown}, not a pull from {source}")
     return state.version
 
 
@@ -759,7 +549,10 @@ class _Outcome:
     FAILED = "failed"  # the pull ended failed or could not go on
 
 
-class _Worker:
+class _AppWorker:
+    """The worker process of one app (``fireap-reap --worker APP``): pulls while there is
+    something to pull, holding the app's worker lock."""
+
     def __init__(self, config: TaskConfig, app_config: AppConfig, options: ConsulOptions, client, node: str) -> None:
         self.config = config
         self.app_config = app_config
@@ -805,8 +598,10 @@ class _Worker:
         tried that run yet (a failed run is not retried until it is fired again)."""
         log = _context(self.app)
         try:
-            result = retrying(lambda: check_app(self.client, self.options, self.schema, self.app, self.node, log), log)
-        except (FireapConsulError, KVRecordError) as err:
+            result = retry_transient(
+                lambda: check_app(self.client, self.options, self.schema, self.app, self.node, log), log=log.warning
+            )
+        except FireapError as err:
             log.error("cannot check the release: %s", err)
             return _Outcome.UNCHECKED
         if result.run_id is not None:
@@ -819,29 +614,31 @@ class _Worker:
             log.info("run %s was tried by this worker already; not again", run_id)
             return _Outcome.IDLE
         attempted.add(run_id)
-        return self.pull(result)
+        return self.run_pull(result)
 
     def run_task(self, source: SourceInfo) -> tuple[bool, str | None]:
         """The pull's task: the app's commands, run against ``source``."""
         reader = _Reader(self.client, self.options)
         key = self.schema.node(self.app, self.node)
         try:
-            version = retrying(lambda: _pulling_version(reader, key, source.name), _context(self.app))
-        except (FireapConsulError, KVRecordError, ValueError) as err:
+            version = retry_transient(lambda: _pulling_version(reader, key, source.name),
+                                      log=_context(self.app).warning)
+        except (FireapError, ValueError) as err:
             return False, f"cannot tell which version is being pulled: {err}"
         variables = CommandVariables(app=self.app, version=version, node=self.node,
                                      remote_name=source.name, remote_address=source.address)
         outcome = run_phases(self.app_config, variables, log=_context(self.app, version))
         return outcome.ok, outcome.error
 
-    def pull(self, check: AppCheck) -> str:
+    def run_pull(self, check: AppCheck) -> str:
+        """Pull the checked release once; what it came to (an _Outcome)."""
         log = _context(self.app, check.version)
         if check.release is not None:
             log.info("pulling run %s (fan-out %d)", check.release.run_id, check.release.fanout)
         try:
             result = pull(self.client, self.app, self.node, self.run_task, schema=self.schema,
                           timings=self.timings, log=log.info)
-        except PullError as err:
+        except FireapError as err:
             log.error("the pull stopped: %s", err)
             return _Outcome.FAILED
         if result.failed:
@@ -902,7 +699,7 @@ def _node_name(config: TaskConfig, client, options: ConsulOptions) -> str:
     try:
         return check_name(name, "node")
     except ValueError as err:
-        raise ValueError(f"{err}: set node_name in {config.source} to a name usable in KV keys") from None
+        raise InvalidValue(f"{err}: set node_name in {config.source} to a name usable in KV keys") from None
 
 
 def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=None) -> int:
@@ -951,7 +748,7 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
             _log.error("%s", err)
             return EXIT_USAGE
         if args.worker:
-            return _Worker(config, app_config, options, client, node).run()
+            return _AppWorker(config, app_config, options, client, node).run()
         handler = _Handler(config, args.config, options, client, node, args.dry_run, out, spawn)
         return handler.run(text)
     finally:

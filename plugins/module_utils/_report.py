@@ -1,6 +1,6 @@
 """The HTML report of one release run: a single self-contained page rendered from info().
 
-``render_report(info)`` takes what ``_release.info()`` (the fireap_info module) or the
+``render_report(info)`` takes what ``_progress.info()`` (the fireap_info module) or the
 fireap_wait action returns and gives one HTML page without external resources: a summary,
 the failed nodes with their error text, the propagation tree as nested lists, and a
 timeline as inline SVG with one bar per node from its claim to its finish, coloured by its
@@ -20,7 +20,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from ansible_collections.fireap.consul.plugins.module_utils._release import COUNT_ORDER
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+from ansible_collections.fireap.consul.plugins.module_utils._progress import COUNT_ORDER
 
 #: Keys of an info() result the report reads.
 REQUIRED_KEYS = ("app", "version", "run_id", "status", "counts", "total", "nodes", "tree", "timings", "release")
@@ -63,7 +64,7 @@ svg .bar.running { fill-opacity: .45; }
 """
 
 
-class ReportError(ValueError):
+class ReportError(FireapError):
     """The data given is not a release's info; the message says what is missing."""
 
 

@@ -80,6 +80,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     TemplateError,
     template_variables,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     DEFAULT_PREFIX,
     check_prefix,
@@ -98,7 +99,7 @@ APP_NAME_MAX_LENGTH = 48
 _FILTER_PAIRS = (("service", "service_regexp"), ("tag", "tag_regexp"))
 
 
-class ConfigError(ValueError):
+class ConfigError(FireapError):
     """An invalid task config; ``problems`` lists every error found, one per line."""
 
     def __init__(self, problems):
@@ -176,11 +177,10 @@ def check_app_name(name: Any) -> str:
     travels in the ~100-byte event payload.
     """
     if not isinstance(name, str):
-        raise ValueError("app name %s must be a string (quote it in YAML)" % _show(name))
+        raise InvalidValue("app name %s must be a string (quote it in YAML)" % _show(name))
     check_name(name, "app")
     if len(name) > APP_NAME_MAX_LENGTH:
-        raise ValueError("app name %r is %d characters long, more than %d"
-                         % (name, len(name), APP_NAME_MAX_LENGTH))
+        raise InvalidValue(f"app name {name!r} is {len(name)} characters long, more than {APP_NAME_MAX_LENGTH}")
     return name
 
 

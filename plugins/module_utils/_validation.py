@@ -24,6 +24,8 @@ import math
 import re
 from typing import Any
 
+from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
+
 NAME_MAX_LENGTH = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 VERSION_MAX_LENGTH = 64
@@ -73,7 +75,7 @@ def clip(text: str, limit: int = ERROR_MAX_LENGTH) -> str:
 
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} must be a non-empty string, got {show(value)}")
+        raise InvalidValue(f"{what} must be a non-empty string, got {show(value)}")
     return value
 
 
@@ -82,14 +84,14 @@ def check_name(value: Any, what: str) -> str:
     never an option); ``what`` names it in the error."""
     _text(value, f"{what} name")
     if len(value) > NAME_MAX_LENGTH:
-        raise ValueError(f"{what} name {show(value)} has {len(value)} characters; at most {NAME_MAX_LENGTH}")
+        raise InvalidValue(f"{what} name {show(value)} has {len(value)} characters; at most {NAME_MAX_LENGTH}")
     if not NAME_PATTERN.fullmatch(value):
-        raise ValueError(
+        raise InvalidValue(
             f"{what} name {show(value)} may only contain letters, digits, '_', '.' and '-', "
             "and must start with a letter, a digit or '_'"
         )
     if ".." in value:
-        raise ValueError(f"{what} name {show(value)} must not contain '..'")
+        raise InvalidValue(f"{what} name {show(value)} must not contain '..'")
     return value
 
 
@@ -98,9 +100,9 @@ def check_version(value: Any) -> str:
     starting with a letter or digit (``1.4.2``, ``v7``, ``2.0-rc1``, ``1.0+build.5``)."""
     _text(value, "version")
     if len(value) > VERSION_MAX_LENGTH:
-        raise ValueError(f"version {show(value)} has {len(value)} characters; at most {VERSION_MAX_LENGTH}")
+        raise InvalidValue(f"version {show(value)} has {len(value)} characters; at most {VERSION_MAX_LENGTH}")
     if not VERSION_PATTERN.fullmatch(value):
-        raise ValueError(
+        raise InvalidValue(
             f"version {show(value)} may only contain letters, digits and '._+~-', and must start with a letter "
             "or a digit"
         )
@@ -111,7 +113,7 @@ def check_run_id(value: Any) -> str:
     """Return ``value`` if it can identify a run (fireap_fire makes them as UUID hex)."""
     _text(value, "run id")
     if len(value) > RUN_ID_MAX_LENGTH or not NAME_PATTERN.fullmatch(value):
-        raise ValueError(
+        raise InvalidValue(
             f"run id {show(value)} must be 1..{RUN_ID_MAX_LENGTH} letters, digits, '_', '.' or '-', "
             "starting with a letter, a digit or '_'"
         )
@@ -123,7 +125,7 @@ def check_address(value: Any, what: str = "address") -> str:
     host name of DNS labels (letters, digits, '-', '_'; no label starts or ends with '-')."""
     _text(value, what)
     if len(value) > ADDRESS_MAX_LENGTH:
-        raise ValueError(f"{what} {show(value)} has {len(value)} characters; at most {ADDRESS_MAX_LENGTH}")
+        raise InvalidValue(f"{what} {show(value)} has {len(value)} characters; at most {ADDRESS_MAX_LENGTH}")
     if "%" not in value:
         try:
             ipaddress.ip_address(value)
@@ -132,14 +134,14 @@ def check_address(value: Any, what: str = "address") -> str:
         else:
             return value
     if not all(_HOST_LABEL.fullmatch(label) for label in value.split(".")):
-        raise ValueError(f"{what} {show(value)} is neither an IP address nor a host name")
+        raise InvalidValue(f"{what} {show(value)} is neither an IP address nor a host name")
     return value
 
 
 def check_int(value: Any, what: str, low: int, high: int) -> int:
     """Return ``value`` if it is an integer (not a bool) within ``low..high``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{what} must be an integer from {low} to {high}, got {show(value)}")
+        raise InvalidValue(f"{what} must be an integer from {low} to {high}, got {show(value)}")
     return value
 
 
@@ -151,13 +153,13 @@ def check_fanout(value: Any) -> int:
 def check_time(value: Any, what: str) -> float:
     """Return ``value`` as float epoch seconds if it is a finite number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number of epoch seconds, got {show(value)}")
+        raise InvalidValue(f"{what} must be a number of epoch seconds, got {show(value)}")
     try:
         value = float(value)
     except OverflowError:
-        raise ValueError(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}") from None
+        raise InvalidValue(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}")
+        raise InvalidValue(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}")
     return value
 
 
@@ -165,10 +167,10 @@ def check_text(value: Any, what: str, limit: int, *, lines: bool = False) -> str
     """Return ``value`` if it is a string of at most ``limit`` characters without control
     characters (``lines``: newlines and tabs allowed)."""
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {show(value)}")
+        raise InvalidValue(f"{what} must be a string, got {show(value)}")
     if len(value) > limit:
-        raise ValueError(f"{what} has {len(value)} characters; at most {limit}")
+        raise InvalidValue(f"{what} has {len(value)} characters; at most {limit}")
     allowed = value.replace("\n", "").replace("\t", "") if lines else value
     if _CONTROL.search(allowed):
-        raise ValueError(f"{what} {show(value)} must not contain control characters")
+        raise InvalidValue(f"{what} {show(value)} must not contain control characters")
     return value

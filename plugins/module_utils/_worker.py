@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """One node's pull for one app: the thin Consul adapter that drives ``PullMachine``.
 
 ``pull()`` reads the release, the node's plan entry and its own state (one read-only
@@ -20,7 +21,8 @@ reports what it saw. All decisions live in ``_propagation``; this module only do
   when the task fails, the source node's serfHealth check (health endpoint of the local
   agent) tells the machine whether the source went down;
 * Consul errors that a restarting agent causes (connection refused, 5xx, 429) are retried
-  with backoff for up to ``retry_window`` s; the task itself is never retried after one.
+  with backoff for up to ``retry_window`` s (``_connection.retry_transient``); the task
+  itself is never retried after one.
 
 Requests per node do not grow with the cluster size, except in the fallback listing.
 Only stdlib and py-consul: nodes run this without Ansible.
@@ -29,19 +31,22 @@ Only stdlib and py-consul: nodes run this without Ansible.
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
-try:
-    import consul
-    import requests
-except ImportError:  # reported by the callers: fireap-reap's main and the modules (HAS_PY_CONSUL)
-    consul = requests = None
-
-from ansible_collections.fireap.consul.plugins.module_utils._connection import backoff_delay
+from ansible_collections.fireap.consul.plugins.module_utils._connection import (
+    DEFAULT_RETRY_WINDOW,
+    ConsulOptions,
+    ConsulSessionInvalid,
+    ConsulTxnRefused,
+    FireapConsulError,
+    client_options,
+    consul_errors,
+    retry_transient,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     KVRecordError,
     NodeState,
@@ -52,6 +57,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_address, check_name
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     CheckStart,
+    ClaimOutcome,
     ClaimSlot,
     ListNodes,
     NodeView,
@@ -69,7 +75,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
 )
 
 DEFAULT_SESSION_TTL = 15
-DEFAULT_RETRY_WINDOW = 60.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,13 +91,8 @@ class SourceInfo:
 RunTaskFn = Callable[[SourceInfo], "tuple[bool, str | None]"]
 
 
-class PullError(Exception):
-    """The pull could not proceed: Consul unreachable beyond the retries, or a malformed
-    release or plan record (the message names the key)."""
-
-
-class _SessionLost(Exception):
-    """Consul no longer knows our session ("invalid session" on acquire or release)."""
+class PullError(FireapError):
+    """The pull could not proceed: a malformed release or plan record (the message names the key)."""
 
 
 class _ReleaseMalformed(Exception):
@@ -102,28 +104,9 @@ class _ReleaseChanged(Exception):
     """A claim was refused because the release record changed since the worker read it."""
 
 
-class _TxnRefused(Exception):
-    """A /v1/txn was rolled back (409): ``errors`` maps each failed op's index to Consul's reason."""
-
-    def __init__(self, errors: dict[int, str]) -> None:
-        super().__init__("; ".join(f"op {i}: {what}" for i, what in sorted(errors.items())))
-        self.errors = errors
-
-
 def _txn_put(client, ops: list[dict]) -> list[dict]:
-    """Run a /v1/txn; its results, or _TxnRefused on a rollback."""
-    try:
-        return client.txn.put(ops).get("Results") or []
-    except consul.ConsulException as err:
-        text = str(err)
-        if not text.startswith("409"):
-            raise
-        try:
-            body = json.loads(text[4:])
-            errors = {int(e["OpIndex"]): str(e["What"]) for e in body.get("Errors") or ()}
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise err from None
-        raise _TxnRefused(errors) from None
+    """Run a /v1/txn; its results (a rollback raises ConsulTxnRefused under consul_errors)."""
+    return client.txn.put(ops).get("Results") or []
 
 
 def _txn_entry(result: dict) -> dict | None:
@@ -151,28 +134,18 @@ def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None 
     return {"KV": op}
 
 
-def _is_session_error(err: Exception) -> bool:
-    return isinstance(err, consul.ConsulException) and "session" in str(err).lower()
-
-
-def _is_transient(err: Exception) -> bool:
-    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-        return True
-    if isinstance(err, consul.ConsulException) and not _is_session_error(err):
-        return str(err)[:3] in ("429", "500", "502", "503", "504")
-    return False
-
-
 def _go_duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
 class _Renewer(threading.Thread):
-    """Renews the session every TTL/2 until stopped; flags the session lost on 404."""
+    """Renews the session every TTL/2 until stopped; flags the session lost once Consul no
+    longer knows it."""
 
-    def __init__(self, client, session_id: str, ttl: float, log) -> None:
+    def __init__(self, client, options: ConsulOptions, session_id: str, ttl: float, log: Callable[[str], None]) -> None:
         super().__init__(name=f"fireap-renew-{session_id[:8]}", daemon=True)
         self.client = client
+        self.options = options
         self.session_id = session_id
         self.interval = ttl / 2
         self.log = log
@@ -183,14 +156,15 @@ class _Renewer(threading.Thread):
         delay = self.interval
         while not self.stopped.wait(delay):
             try:
-                self.client.session.renew(self.session_id)
+                with consul_errors(self.options, f"renewing session {self.session_id}"):
+                    self.client.session.renew(self.session_id)
                 delay = self.interval
-            except consul.NotFound:
+            except ConsulSessionInvalid:
                 self.log(f"session {self.session_id} expired or was invalidated; slots it held may be lost")
                 self.lost.set()
                 return
-            except Exception as err:  # keep renewing through agent restarts
-                if not _is_transient(err):
+            except FireapConsulError as err:  # keep renewing through agent restarts
+                if not err.transient:
                     self.log(f"renewing session {self.session_id} failed: {err}")
                 delay = min(self.interval, 1.0)
 
@@ -198,9 +172,13 @@ class _Renewer(threading.Thread):
         self.stopped.set()
 
 
-class _Worker:
+class _PullDriver:
+    """Drives a ``PullMachine`` for each run the pull meets: performs each action it asks for
+    against Consul and reports back what it saw."""
+
     def __init__(self, client, schema, app, node, run_task, timings, log, clock, sleep, session_ttl, retry_window):
         self.client = client
+        self.options = client_options(client)
         self.schema = schema
         self.app = check_name(app, "app")
         self.node = check_name(node, "node")
@@ -221,25 +199,15 @@ class _Worker:
 
     # -- Consul calls with retries ----------------------------------------------------
 
-    def call(self, what: str, fn, *args, **kwargs):
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            try:
+    def call(self, what: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """``fn(*args, **kwargs)``, its Consul errors turned into FireapConsulError and made
+        again while Consul does not answer, for up to ``retry_window`` s."""
+
+        def attempt() -> T:
+            with consul_errors(self.options, what):
                 return fn(*args, **kwargs)
-            except Exception as err:
-                if _is_session_error(err):
-                    raise _SessionLost(f"{what}: {err}") from err
-                if isinstance(err, consul.ConsulException) and not _is_transient(err):
-                    raise PullError(f"Consul refused {what}: {err}") from err
-                if not _is_transient(err):
-                    raise
-                attempt += 1
-                delay = backoff_delay(attempt)
-                if time.monotonic() - started + delay > self.retry_window:
-                    raise PullError(f"Consul did not answer while {what} for {self.retry_window:g}s: {err}") from err
-                self.log(f"{what}: {err}; retrying in {delay:.1f}s")
-                self.sleep(delay)
+
+        return retry_transient(attempt, self.retry_window, log=self.log, sleep=self.sleep)
 
     def read(self, key: str, index: int = 0, wait: float = 0.0, **kwargs):
         """``(index, value)`` of a KV read; blocks while the index is ``index`` (0: never)."""
@@ -256,7 +224,7 @@ class _Worker:
             try:
                 results = self.call(f"reading {', '.join(keys)}", _txn_put, self.client, ops)
                 return [_txn_entry(result) for result in results]
-            except (_TxnRefused, PullError) as err:
+            except FireapConsulError as err:
                 self.log(f"Consul refused a read-only transaction ({err}); reading key by key")
                 self.txn_reads = False
         return [self.read(key)[1] for key in keys]
@@ -294,20 +262,17 @@ class _Worker:
         if replacing:
             self.log(f"session {self.session_id} was lost; creating a new one")
             self.end_session()
-        try:
-            self.session_id = self.call(
-                "creating a session",
-                self.client.session.create,
-                name=f"fireap pull {self.app} on {self.node}",
-                node=self.node,
-                checks=["serfHealth"],
-                lock_delay=0,
-                behavior="release",
-                ttl=self.session_ttl,
-            )
-        except _SessionLost as err:
-            raise PullError(f"Consul refused to create a session for node {self.node}: {err}") from err
-        self.renewer = _Renewer(self.client, self.session_id, self.session_ttl, self.log)
+        self.session_id = self.call(
+            f"creating a session for node {self.node}",
+            self.client.session.create,
+            name=f"fireap pull {self.app} on {self.node}",
+            node=self.node,
+            checks=["serfHealth"],
+            lock_delay=0,
+            behavior="release",
+            ttl=self.session_ttl,
+        )
+        self.renewer = _Renewer(self.client, self.options, self.session_id, self.session_ttl, self.log)
         self.renewer.start()
         if replacing and self.written is not None:
             # Hold our record again, or watchers would take this live worker for a crashed one.
@@ -339,7 +304,7 @@ class _Worker:
         if not self.session_lost():
             try:
                 ok = self.call(f"writing {key}", self.client.kv.put, key, value, acquire=self.session_id)
-            except _SessionLost:
+            except ConsulSessionInvalid:
                 self.renewer.lost.set()
             else:
                 if ok:
@@ -375,13 +340,13 @@ class _Worker:
         except ValueError as err:
             return None, str(err)
 
-    def claim(self, action: ClaimSlot) -> tuple[int | None, int, str | None, bool]:
-        """``(slot, slots index, unusable, refused)``: lock a free slot and our own record
-        (``pulling``) together, if the release record is still the one last read (else
-        _ReleaseChanged); the slots are read only once the preferred one is refused."""
+    def claim(self, action: ClaimSlot) -> ClaimOutcome:
+        """Lock a free slot and our own record (``pulling``) together, if the release record is
+        still the one last read (else _ReleaseChanged); the slots are read only once the
+        preferred one is refused."""
         address, unusable = self.source_address(action.source)
         if address is None:
-            return None, 0, unusable, False
+            return ClaimOutcome(unusable=unusable)
         self.ensure_session()
         own_key = self.schema.node(self.app, self.node)
         value = action.state.to_json().encode("utf-8")
@@ -398,22 +363,22 @@ class _Worker:
             ]
             try:
                 self.call(f"acquiring {key}", _txn_put, self.client, ops)
-            except _TxnRefused as err:
+            except ConsulTxnRefused as err:
                 if 0 in err.errors:
                     raise _ReleaseChanged(err.errors[0]) from None
-                if any("invalid session" in what.lower() for what in err.errors.values()):
+                if isinstance(err, ConsulSessionInvalid):
                     self.renewer.lost.set()  # retried with a new session
-                    return None, 0, None, False
+                    return ClaimOutcome()
                 if 2 in err.errors:
-                    return None, 0, None, True
+                    return ClaimOutcome(refused=True)
                 if n == 0:
                     index, entries = self.read(prefix, recurse=True)
                     held = {entry["Key"][len(prefix):] for entry in entries or () if entry.get("Session")}
                 continue
             self.written = value
             self.address = address
-            return j, index, None, False
-        return None, index, None, False
+            return ClaimOutcome(slot=j, index=index)
+        return ClaimOutcome(index=index)
 
     def release_and_record(self, action: ReleaseSlot) -> bool:
         """Unlock the slot and write the final record in one txn; when the session no longer
@@ -428,7 +393,7 @@ class _Worker:
             ]
             try:
                 self.call(f"releasing {key}", _txn_put, self.client, ops)
-            except _TxnRefused as err:
+            except ConsulTxnRefused as err:
                 self.log(f"could not release {key} and record the outcome together: {err}")
             else:
                 self.written = value
@@ -443,7 +408,7 @@ class _Worker:
             return
         try:
             released = self.call(f"releasing {key}", self.client.kv.put, key, self.node, release=self.session_id)
-        except _SessionLost:
+        except ConsulSessionInvalid:
             released = False
         if not released:
             self.log(f"{key} was no longer held by this worker (session lost while the task ran)")
@@ -478,7 +443,7 @@ class _Worker:
         that cannot be read, the node counts as up, so the failed task is recorded as such."""
         try:
             _index, checks = self.call(f"reading the health of node {name}", self.client.health.node, name)
-        except (PullError, _SessionLost) as err:
+        except FireapConsulError as err:
             self.log(f"could not read the health of node {name}: {err}")
             return False
         return any(check.get("CheckID") == "serfHealth" and check.get("Status") == "critical" for check in checks or ())
@@ -545,15 +510,15 @@ class _Worker:
                 action = machine.on_start_check(plan_of, source, after, self.clock())
             elif isinstance(action, ClaimSlot):
                 try:
-                    slot, index, unusable, refused = self.claim(action)
+                    outcome = self.claim(action)
                 except _ReleaseChanged as err:
                     self.log(f"not claiming a slot on {action.source}: the release record changed ({err})")
                     # The machine ends the run, or (same run, still running) the claim is made again.
                     action = machine.on_release(self.read_release(), self.clock()) or action
                     continue
-                if slot is not None:
-                    self.log(f"claimed slot {slot} on {action.source}")
-                action = machine.on_claim(slot, index, self.clock(), unusable=unusable, refused=refused)
+                if outcome.slot is not None:
+                    self.log(f"claimed slot {outcome.slot} on {action.source}")
+                action = machine.on_claim(outcome, self.clock())
             elif isinstance(action, WaitForSlots):
                 prefix = self.schema.slots_prefix(self.app, action.source)
                 index, _keys = self.read(prefix, action.index, action.wait, keys=True)
@@ -602,18 +567,19 @@ def pull(
     and returns ``(ok, error)``; it is called once per run, again only after a failure while
     its source's node was down (then against another source). ``log`` receives one
     line per decision. ``clock`` (epoch seconds) stamps records and measures graces and
-    ``timings.watch_timeout``. Raises ``PullError`` when Consul stays unreachable beyond
-    ``retry_window`` s or refuses a request, or when the release or plan record is malformed;
-    ValueError for an invalid app or node name. The session is destroyed in every case.
+    ``timings.watch_timeout``. Raises FireapConsulError when Consul stays unreachable beyond
+    ``retry_window`` s or refuses a request, ``PullError`` when the release or plan record is
+    malformed; ValueError for an invalid app or node name. The session is destroyed in every
+    case.
     """
     if isinstance(session_ttl, bool) or not isinstance(session_ttl, int) or not 10 <= session_ttl <= 86400:
         raise ValueError(f"session_ttl must be an integer number of seconds in 10..86400, got {session_ttl!r}")
-    worker = _Worker(
+    driver = _PullDriver(
         client, schema, app, node, run_task, timings, log or (lambda _msg: None), clock, sleep, session_ttl, retry_window
     )
     try:
-        result = worker.drive()
+        result = driver.drive()
     finally:
-        worker.end_session()
-    worker.log(result.reason)
+        driver.end_session()
+    driver.log(result.reason)
     return result

@@ -145,7 +145,7 @@ after:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
-from ansible_collections.fireap.consul.plugins.module_utils._release import clear
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 
 ARGUMENT_SPEC = fireap_argument_spec(
     lift_lock={"type": "bool", "default": True},

@@ -283,18 +283,13 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.fireap.consul.plugins.module_utils._firing import DEFAULT_FANOUT, fire, retry_stragglers
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
-    DEFAULT_FANOUT,
-    ReleaseWaitTimeout,
-    fire,
-    retry_stragglers,
-    wait,
-)
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, outcome_problem, wait
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import DEFAULT_PATH, ConfigError, load_config
 
-#: Longest single blocking read while waiting: an abort is noticed within this many seconds.
+#: Longest single blocking read while waiting; any change under the app's keys (a finish, an abort) ends it sooner.
 WAIT_POLL = 5.0
 
 ARGUMENT_SPEC = fireap_argument_spec(
@@ -311,22 +306,6 @@ ARGUMENT_SPEC = fireap_argument_spec(
 )
 
 _NOT_WITH_RETRY = ("node_filter", "service", "tag", "force")
-
-
-def _outcome_problem(progress: dict) -> str | None:
-    """Why a waited-for run did not succeed, or None."""
-    if progress["status"] == "aborted":
-        reason = progress["release"]["aborted_reason"] or "no reason given"
-        return f"run {progress['run_id']} of app {progress['app']!r} was aborted: {reason}"
-    failed = progress["failed_nodes"]
-    if failed:
-        shown = "; ".join(f"{row['node']}: {row['error']}" for row in failed[:10])
-        more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
-        return (
-            f"run {progress['run_id']} of app {progress['app']!r} (version {progress['version']}) finished with "
-            f"{len(failed)} failed of {progress['total']} targets: {shown}{more}"
-        )
-    return None
 
 
 def fanout_of(params: dict) -> int:
@@ -366,7 +345,7 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
             result["info"] = wait(client, schema, params["app"], result["run_id"], params["wait_timeout"], WAIT_POLL)
         except ReleaseWaitTimeout as err:
             module.fail_json(msg=str(err), **dict(result, info=err.info))
-        problem = _outcome_problem(result["info"])
+        problem = outcome_problem(result["info"])
         if problem:
             module.fail_json(msg=problem, **result)
     return result

@@ -238,7 +238,7 @@ lock:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
-from ansible_collections.fireap.consul.plugins.module_utils._release import info
+from ansible_collections.fireap.consul.plugins.module_utils._progress import info
 
 ARGUMENT_SPEC = fireap_argument_spec()
 

@@ -78,7 +78,8 @@ options:
     default: 30
 notes:
   - The connection options are passed as given to the modules the plugin runs, those set in C(module_defaults)
-    for the action group C(group/fireap.consul.consul) included.
+    for the action group C(group/fireap.consul.consul) included, except O(timeout), which here is how long to
+    wait; the modules keep their own HTTP timeout.
   - Progress lines are printed by the controller while the task runs, whatever the callback plugin.
 seealso:
   - module: fireap.consul.fireap_fire

@@ -1,4 +1,4 @@
-"""Controller-side release logic (_release) against the Consul double over HTTP.
+"""Controller-side release logic (_firing, _progress, _clearing) against the Consul double over HTTP.
 
 The double runs NODES agents; agent 0 is the leader. No watch handler is configured, so a
 fired event only lands in the agents' event lists and node states are written by hand.
@@ -12,10 +12,22 @@ import re
 import uuid
 
 import pytest
-from consul_harness import DoubleProcess, in_background
+from consul_harness import in_background
 from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils import _reap as reap
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
+from ansible_collections.fireap.consul.plugins.module_utils._firing import (
+    EVENT_NAME,
+    FireLockHeld,
+    _re2_problem,
+    anchored_node_filters,
+    check_filter_regex,
+    event_payload,
+    fire,
+    next_version,
+    retry_stragglers,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     LockRecord,
     NodeState,
@@ -23,24 +35,10 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     ReleaseRecord,
     Schema,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError, ReleaseWaitTimeout, info, wait
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
-from ansible_collections.fireap.consul.plugins.module_utils._release import (
-    EVENT_NAME,
-    FireLockHeld,
-    ReleaseError,
-    ReleaseWaitTimeout,
-    _re2_problem,
-    anchored_node_filters,
-    check_filter_regex,
-    check_version,
-    clear,
-    event_payload,
-    fire,
-    info,
-    next_version,
-    retry_stragglers,
-    wait,
-)
+from ansible_collections.fireap.consul.plugins.module_utils._task_event import decode_payload
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_version
 
 NODES = 12
 DELIVERY_TIMEOUT = 20.0
@@ -48,12 +46,9 @@ WAIT_TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    double = DoubleProcess(tmp_path_factory.mktemp("release-double"), nodes=NODES)
-    try:
-        yield double.start()
-    finally:
-        double.stop()
+def cluster(make_double):
+    with make_double(nodes=NODES, name="release-double") as target:
+        yield target
 
 
 @pytest.fixture
@@ -162,11 +157,11 @@ def test_payload_is_compact_json_the_node_handler_decodes():
     assert event_payload("web", "é") == '{"app":"web","version":"é"}'.encode()
     assert reap.EVENT_NAME == EVENT_NAME
     for version in ("1.4.3", "2.0-rc1+build.5~x", "v" * 64):
-        assert reap.decode_payload(base64.b64encode(event_payload("web", version)).decode()) == ("web", version)
+        assert decode_payload(base64.b64encode(event_payload("web", version)).decode()) == ("web", version)
     # What fire() refuses to send, a node refuses to read.
     for version in ("é", 'quo"te\\', "-1"):
         with pytest.raises(ValueError, match="its payload is invalid: version"):
-            reap.decode_payload(base64.b64encode(event_payload("web", version)).decode())
+            decode_payload(base64.b64encode(event_payload("web", version)).decode())
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ from collections import Counter
 
 import consul
 import pytest
-from consul_harness import DoubleProcess
 from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -47,12 +46,9 @@ FAST = PullTimings(watch_timeout=120, start_grace=1.5, busy_grace=3, max_wait=2)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    double = DoubleProcess(tmp_path_factory.mktemp("worker-devcluster"), nodes=NODES)
-    try:
-        yield double.start()
-    finally:
-        double.stop()
+def cluster(make_double):
+    with make_double(nodes=NODES, name="worker-double") as target:
+        yield target
 
 
 @pytest.fixture

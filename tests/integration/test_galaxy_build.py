@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from consul_harness import DoubleProcess
 
 pytestmark = pytest.mark.double_only
 
@@ -51,7 +50,8 @@ NOT_SHIPPED_AT_TOP = {"build", ".ci", "tests/output", "changelogs/.plugin-cache.
 #: the benchmark's images, and the tests that need the double (only tests/sanity ships).
 WORKSHOP = {"devcluster", "Makefile", "requirements-dev.txt", ".ansible-lint", "pytest.ini", "ansible.cfg",
             ".gitignore", "extensions/molecule", "docs/bench.png", "docs/bench.svg", "tests/ansible-test-offline",
-            "tests/unit", "tests/integration", "tests/conftest.py", "tests/consul_harness.py"}
+            "tests/unit", "tests/consul", "tests/devcluster", "tests/integration", "tests/conftest.py",
+            "tests/consul_harness.py", "mypy.ini"}
 #: The repository's development requirements; they include the runtime file with `-r`.
 DEV_REQUIREMENTS = "requirements-dev.txt"
 #: The Python packages the collection needs on the controller and the nodes.
@@ -306,18 +306,14 @@ def examples_playbook(installed: Installed) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def double(tmp_path_factory):
-    process = DoubleProcess(tmp_path_factory.mktemp("galaxy-devcluster"), nodes=NODES)
-    try:
-        target = process.start()
+def double(make_double):
+    with make_double(nodes=NODES, name="galaxy-devcluster") as target:
         # The examples release to the nginx instances tagged blue: two nodes run one.
         for agent in (1, 2):
             registered = target.http("PUT", "/v1/agent/service/register", agent,
                                      json_body={"Name": "nginx", "ID": "nginx", "Tags": ["blue"], "Port": 80})
             assert registered.status_code == 200, registered.text
-        yield process
-    finally:
-        process.stop()
+        yield target.double
 
 
 def test_the_modules_examples_run_against_the_double(installed, double, tmp_path):

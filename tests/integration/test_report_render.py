@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils import _monitor
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
-from ansible_collections.fireap.consul.plugins.module_utils._release import fire
 from ansible_collections.fireap.consul.plugins.module_utils._worker import pull
 
 pytestmark = pytest.mark.double_only

@@ -23,13 +23,13 @@ import yaml
 
 from devcluster.polling import wait_until
 
+from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME, event_payload
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NodeState,
     ReleaseRecord,
     Schema,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
-from ansible_collections.fireap.consul.plugins.module_utils._release import EVENT_NAME, event_payload
 
 pytestmark = pytest.mark.double_only
 

@@ -35,8 +35,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     consul_errors,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.plugins.module_utils._progress import info
 from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
-from ansible_collections.fireap.consul.plugins.module_utils._release import info
 
 pytestmark = pytest.mark.double_only
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
 
-from ansible.module_utils import _internal as module_internals
-from ansible.module_utils.testing import patch_module_args
+from ansible_collections.fireap.consul.tests.unit.plugins.modules.module_run import run_module as run_in_process
 
 NODES = 4
 
@@ -42,31 +40,7 @@ def connection(acl_cluster, monkeypatch):
     return {"host": agent.host, "port": agent.port, "token": acl_cluster.token, "retries": 0}
 
 
-class ModuleRun:
-    """One in-process run of a module: its exit code, raw stdout and parsed result."""
-
-    def __init__(self, code: int, stdout: str) -> None:
-        self.code = code
-        self.stdout = stdout
-        self.result = json.loads(stdout)
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.result.get("failed"))
-
-
 @pytest.fixture
-def run_module(capsys, monkeypatch):
-    """``run_module(module, args, check_mode=False, diff=False)`` -> ModuleRun."""
-
-    def run(module, args: dict, check_mode: bool = False, diff: bool = False) -> ModuleRun:
-        full = dict(args, _ansible_check_mode=check_mode, _ansible_diff=diff)
-        capsys.readouterr()
-        # Once a test has imported controller code (a filter plugin, say), module_utils would
-        # send warnings to the controller's display instead of the module's result.
-        monkeypatch.setattr(module_internals, "is_controller", False)
-        with patch_module_args(full), pytest.raises(SystemExit) as exited:
-            module.main()
-        return ModuleRun(exited.value.code, capsys.readouterr().out)
-
-    return run
+def run_module():
+    """``run_module(module, args, check_mode=False, diff=False)`` -> ModuleRun (in-process)."""
+    return run_in_process

@@ -175,7 +175,9 @@ def test_wait_fails_when_a_target_failed(acl_cluster, connection, prefix, run_mo
     run = run_module(fireap_fire, dict(connection, app="web", version="3", wait=True, wait_timeout=FINISH_TIMEOUT, kv_prefix=prefix))
     assert run.failed
     finisher.result(FINISH_TIMEOUT)
-    assert f"finished with 1 failed of {len(acl_cluster.agents)} targets: {failing}: boom" in run.result["msg"]
+    total = len(acl_cluster.agents)
+    assert f"finished with failures: {total - 1} done, 1 failed, 0 pulling, 0 waiting, 0 pending of {total} targets" \
+           f"\nfailed (1):\n  {failing}: boom" in run.result["msg"]
     assert run.result["info"]["failed_nodes"] == [{"node": failing, "source": None, "error": "boom"}]
 
 

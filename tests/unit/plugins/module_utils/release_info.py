@@ -1,4 +1,4 @@
-"""Release states shaped as _release.info() returns them, for the rendering tests."""
+"""Release states shaped as _progress.info() returns them, for the rendering and outcome tests."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Connection options, environment fallbacks, retries and error messages of _connection.
+"""Connection options, environment fallbacks, retries and the Consul error vocabulary of _connection.
 
-The HTTP tests run against a small scripted server in a thread: no Consul is needed.
+The HTTP tests run against a small scripted server in a thread, the error mapping on Consul's
+answers (status and body) as py-consul raises them: no Consul is needed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import subprocess
 import threading
 
 import consul
+import consul.base
 import pytest
+import requests
+from consul.callback import CB
 
 from ansible_collections.fireap.consul.plugins.module_utils import _connection
 from ansible_collections.fireap.consul.plugins.module_utils._connection import (
@@ -25,13 +29,20 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     ConsulAccessDenied,
     ConsulOptions,
     ConsulOptionsError,
+    ConsulSessionInvalid,
+    ConsulTxnRefused,
+    ConsulTxnSessionInvalid,
     ConsulUnreachable,
     FireapConsulError,
     backoff_delay,
     build_client,
+    client_options,
     consul_errors,
     parse_address,
+    retry_transient,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.fake_time import FakeTime
 
 TOKEN = "b1gs3cret-0000-4000-8000-token"
 
@@ -497,7 +508,7 @@ def test_zero_retries_means_one_attempt(server):
 def test_put_is_not_retried_on_500(server):
     options = server.options()
     server.answers = [(500, "invalid session \"5c4e\"")]
-    with pytest.raises(FireapConsulError) as caught, consul_errors(options, "acquiring slot s/0"):
+    with pytest.raises(ConsulSessionInvalid) as caught, consul_errors(options, "acquiring slot s/0"):
         build_client(options).kv.put("s/0", "me", acquire="5c4e")
     assert caught.value.status == 500
     assert 'HTTP 500: invalid session "5c4e"' in str(caught.value)
@@ -685,3 +696,202 @@ def test_missing_py_consul_is_reported(monkeypatch):
     monkeypatch.setattr(_connection, "PY_CONSUL_IMPORT_ERROR", ImportError("No module named 'consul'"))
     with pytest.raises(FireapConsulError, match="py-consul Python library is required"):
         build_client(ConsulOptions())
+
+
+# ---------------------------------------------------------------- Consul's answers as error types
+
+SESSION = "5c4e8f2a-1b3d-4c5e-9f70-8a1b2c3d4e5f"
+ADDRESS = "http://127.0.0.1:8500"
+
+#: py-consul's callbacks: KV writes and /v1/txn answer through CB.json(); a session renewal
+#: through CB.json(one=True, allow_404=False), so its 404 is raised (NotFound) instead of None.
+WRITE = CB.json()
+RENEW = CB.json(one=True, allow_404=False)
+
+
+def raised_by_py_consul(callback, status: int, body: str) -> consul.ConsulException:
+    """The exception py-consul raises for Consul's answer ``status`` + ``body``."""
+    with pytest.raises(consul.ConsulException) as caught:
+        callback(consul.base.Response(status, {"Content-Type": "text/plain; charset=utf-8"}, body))
+    return caught.value
+
+
+def mapped(err: BaseException, options: ConsulOptions = ConsulOptions(), action: str = "acting") -> FireapConsulError:
+    with pytest.raises(FireapConsulError) as caught, consul_errors(options, action):
+        raise err
+    assert caught.value.__cause__ is err
+    return caught.value
+
+
+def txn_rollback(errors: dict[int, str]) -> str:
+    """The body of a /v1/txn that Consul rolled back (HTTP 409)."""
+    return json.dumps({"Results": None, "Errors": [{"OpIndex": i, "What": what} for i, what in errors.items()]})
+
+
+# Consul's own words (agent/consul/state/kvs.go, txn.go; agent/session_endpoint.go).
+SESSION_INVALID_ANSWERS = {
+    "acquire with an unknown session": (WRITE, 500, f'invalid session "{SESSION}"'),
+    "acquire forwarded to a server": (WRITE, 500, f'rpc error making call: invalid session "{SESSION}"'),
+    "acquire, as releases before 1.0 say it": (WRITE, 500, f'Invalid session "{SESSION}"'),
+    "renew of an unknown session": (RENEW, 404, f"Session id '{SESSION}' not found"),
+}
+
+
+@pytest.mark.parametrize("callback, status, body", SESSION_INVALID_ANSWERS.values(), ids=SESSION_INVALID_ANSWERS)
+def test_a_session_consul_no_longer_knows_is_session_invalid(callback, status, body):
+    error = mapped(raised_by_py_consul(callback, status, body), action=f"renewing session {SESSION}")
+    assert error.__class__ is ConsulSessionInvalid
+    assert error.status == status
+    assert not error.transient
+    assert str(error) == f"Consul request failed at {ADDRESS} while renewing session {SESSION}: HTTP {status}: {body}"
+
+
+OTHER_ANSWERS = {
+    "no leader": (WRITE, 500, "No cluster leader", 500, True),
+    "rate limited": (WRITE, 503, "rate limit exceeded", 503, True),
+    "too many connections": (WRITE, 429, "Your IP is issuing too many concurrent connections", 429, True),
+    "bad gateway": (WRITE, 502, "upstream", 502, True),
+    "session TTL out of range": (WRITE, 500, "Invalid Session TTL '5s', must be between [10s=24h0m0s]", 500, True),
+    "missing session": (WRITE, 400, "Missing session", 400, False),
+    "bad request": (WRITE, 400, "Request decode failed: unexpected EOF", 400, False),
+    "ACLs disabled": (WRITE, 401, "ACL support disabled", 401, False),
+    "404 of another kind": (RENEW, 404, "404 page not found", 404, False),
+    "409 that is not a txn rollback": (WRITE, 409, "conflict", 409, False),
+}
+
+
+@pytest.mark.parametrize("callback, status, body, expected, transient", OTHER_ANSWERS.values(), ids=OTHER_ANSWERS)
+def test_other_answers_keep_their_status_and_say_whether_to_try_again(callback, status, body, expected, transient):
+    error = mapped(raised_by_py_consul(callback, status, body), action="writing k")
+    assert error.__class__ is FireapConsulError
+    assert (error.status, error.transient) == (expected, transient)
+    assert str(error) == f"Consul request failed at {ADDRESS} while writing k: HTTP {status}: {body}"
+
+
+def test_a_403_is_access_denied_and_final():
+    error = mapped(raised_by_py_consul(WRITE, 403, "Permission denied"), action="writing k")
+    assert error.__class__ is ConsulAccessDenied
+    assert (error.status, error.transient) == (403, False)
+
+
+def test_a_txn_rollback_carries_consul_s_reason_per_op():
+    errors = {
+        0: 'failed index check for key "fireap/web/release", current modify index 12 != 9',
+        1: 'failed to lock key "fireap/web/slots/n0/0", lock is already held',
+    }
+    error = mapped(raised_by_py_consul(WRITE, 409, txn_rollback(errors)), action="acquiring fireap/web/slots/n0/0")
+    assert error.__class__ is ConsulTxnRefused
+    assert (error.errors, error.status, error.transient) == (errors, 409, False)
+    assert not isinstance(error, ConsulSessionInvalid)
+    assert str(error) == (
+        f"Consul request failed at {ADDRESS} while acquiring fireap/web/slots/n0/0: the transaction was rolled back: "
+        f"op 0: {errors[0]}; op 1: {errors[1]}"
+    )
+
+
+def test_a_txn_rolled_back_for_an_unknown_session_is_both_a_rollback_and_session_invalid():
+    errors = {1: f'invalid session "{SESSION}"', 2: f'invalid session "{SESSION}"'}
+    error = mapped(raised_by_py_consul(WRITE, 409, txn_rollback(errors)))
+    assert isinstance(error, ConsulTxnSessionInvalid)
+    assert isinstance(error, ConsulTxnRefused) and isinstance(error, ConsulSessionInvalid)
+    assert (error.errors, error.status, error.transient) == (errors, 409, False)
+
+
+def test_an_unlock_of_a_lost_session_is_a_plain_rollback():
+    # Consul does not look the session up to unlock: the answer is the one for a lock held by another.
+    errors = {0: "failed to unlock key \"fireap/web/slots/n0/0\", lock isn't held, or is held by another session"}
+    assert mapped(raised_by_py_consul(WRITE, 409, txn_rollback(errors))).__class__ is ConsulTxnRefused
+
+
+def test_py_consul_s_own_complaints_have_no_status():
+    error = mapped(raised_by_py_consul(CB.json(), 200, "{not json"), action="reading k")
+    assert error.__class__ is FireapConsulError
+    assert (error.status, error.transient) == (None, False)
+    assert str(error).startswith(f"Consul request failed at {ADDRESS} while reading k: Failed to decode JSON: ")
+
+
+@pytest.mark.parametrize("err", [requests.exceptions.ConnectionError("refused"), requests.exceptions.ReadTimeout(),
+                                 consul.Timeout()])
+def test_no_answer_is_unreachable_and_worth_another_try(err):
+    error = mapped(err)
+    assert error.__class__ is ConsulUnreachable
+    assert (error.status, error.transient) == (None, True)
+
+
+def test_the_token_is_hidden_in_every_kind_of_error():
+    options = ConsulOptions(token=TOKEN)
+    answers = [(WRITE, 500, f"bad {TOKEN}"), (WRITE, 409, txn_rollback({1: f'invalid session "{TOKEN}"'})),
+               (WRITE, 403, f"token {TOKEN}")]
+    for callback, status, body in answers:
+        error = mapped(raised_by_py_consul(callback, status, body), options, action=f"writing {TOKEN}")
+        assert TOKEN not in str(error) and "<token>" in str(error)
+
+
+def test_every_consul_error_is_a_fireap_error():
+    for cls in (FireapConsulError, ConsulOptionsError, ConsulAccessDenied, ConsulUnreachable, ConsulSessionInvalid,
+                ConsulTxnRefused, ConsulTxnSessionInvalid):
+        assert issubclass(cls, FireapError)
+
+
+def test_client_options_name_the_agent_a_client_talks_to():
+    options = ConsulOptions(host="10.0.0.5", port=8501, token=TOKEN, timeout=7)
+    assert client_options(build_client(options)) is options
+    plain = consul.Consul(host="10.0.0.6", port=8502, scheme="https")
+    assert client_options(plain).address == "https://10.0.0.6:8502"
+
+
+# ---------------------------------------------------------------- retrying while Consul does not answer
+
+
+class FlakyCall:
+    """Raises the given errors in turn, then answers "ok"."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+def test_a_call_is_made_again_with_backoff_while_consul_does_not_answer():
+    call = FlakyCall(ConsulUnreachable("connection refused"), FireapConsulError("HTTP 503", status=503))
+    time, lines = FakeTime(), []
+    assert retry_transient(call, 60, log=lines.append, sleep=time.sleep, clock=time.monotonic) == "ok"
+    assert call.calls == 3
+    base = _connection.BACKOFF_BASE
+    assert base / 2 <= time.sleeps[0] <= base and base <= time.sleeps[1] <= 2 * base
+    assert lines[0] == f"connection refused; retrying in {time.sleeps[0]:.1f}s"
+    assert lines[1].startswith("HTTP 503; retrying in ")
+
+
+@pytest.mark.parametrize("refusal", [
+    ConsulAccessDenied("HTTP 403 Permission denied", status=403),
+    ConsulSessionInvalid('HTTP 500: invalid session "x"', status=500),
+    ConsulTxnRefused("rolled back", {1: "lock is already held"}),
+    FireapConsulError("HTTP 400: Missing session", status=400),
+], ids=["denied", "session invalid", "txn refused", "bad request"])
+def test_a_refusal_is_not_made_again(refusal):
+    call, time = FlakyCall(refusal), FakeTime()
+    with pytest.raises(type(refusal)):
+        retry_transient(call, 60, sleep=time.sleep, clock=time.monotonic)
+    assert (call.calls, time.sleeps) == (1, [])
+
+
+def test_the_window_bounds_the_retries_and_the_last_error_is_raised():
+    down, time = FlakyCall(*[ConsulUnreachable(f"refused {n}") for n in range(1000)]), FakeTime()
+    window = 200 * _connection.BACKOFF_BASE
+    with pytest.raises(ConsulUnreachable) as caught:
+        retry_transient(down, window, sleep=time.sleep, clock=time.monotonic)
+    assert time.now <= window and down.calls > 3
+    assert str(caught.value) == f"refused {down.calls - 1}"
+
+
+def test_errors_of_other_kinds_pass_through_at_once():
+    call, time = FlakyCall(KeyError("bug")), FakeTime()
+    with pytest.raises(KeyError):
+        retry_transient(call, 60, sleep=time.sleep, clock=time.monotonic)
+    assert call.calls == 1

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
 import pytest
 
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, PlanEntry, ReleaseRecord
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     CheckStart,
+    ClaimOutcome,
     ClaimSlot,
     ListNodes,
     NodeView,
+    Phase,
     PullMachine,
+    PullProtocolError,
     PullResult,
     PullTimings,
     ReleaseSlot,
     Restart,
     RunTask,
     Sleep,
+    TRANSITIONS,
     WaitForNode,
     WaitForSlots,
     WriteState,
@@ -110,7 +116,10 @@ def test_schedule_position_formulas():
     assert schedule_position(6 ** 3, 5) == (4, 0, 0)
 
 
-@pytest.mark.parametrize("n, k, stages", [(1, 3, 0), (2, 1, 1), (4, 1, 2), (5, 1, 3), (3, 2, 1), (4, 2, 2), (10, 2, 3), (1000, 9, 3), (1001, 9, 4)])
+@pytest.mark.parametrize(
+    "n, k, stages",
+    [(1, 3, 0), (2, 1, 1), (4, 1, 2), (5, 1, 3), (3, 2, 1), (4, 2, 2), (10, 2, 3), (1000, 9, 3), (1001, 9, 4)],
+)
 def test_stage_count(n, k, stages):
     assert stage_count(n, k) == stages
 
@@ -232,7 +241,10 @@ def test_start_ends_without_running_anything(release, plan, own, reason):
 
 @pytest.mark.parametrize(
     "plan",
-    [PlanEntry(run_id="r2", source="me", stage=1, slot=0), PlanEntry(run_id="r2", source="src", stage=3, slot=0, after="me")],
+    [
+        PlanEntry(run_id="r2", source="me", stage=1, slot=0),
+        PlanEntry(run_id="r2", source="src", stage=3, slot=0, after="me"),
+    ],
     ids=["source", "after"],
 )
 def test_a_plan_naming_this_node_as_its_own_source_is_recorded_failed(plan):
@@ -265,12 +277,12 @@ def test_a_first_stage_node_claims_the_leader_at_once():
     plan = PlanEntry(run_id="r2", source="lead", stage=1, slot=1)
     machine = PullMachine("me", RELEASE, plan, None, TIMINGS)
     assert machine.start(T0) == claim("lead", 1)
-    assert machine.on_claim(1, 0, T0) == RunTask("lead", 1)
+    assert machine.on_claim(ClaimOutcome(slot=1), T0) == RunTask("lead", 1)
 
 
 def test_claim_refused_for_our_own_record_ends_without_running():
     machine = claimed()
-    result = machine.on_claim(None, 0, T0 + 2, refused=True)
+    result = machine.on_claim(ClaimOutcome(refused=True), T0 + 2)
     assert result == PullResult(None, "the record of node me is held or changed by another worker; did not pull")
 
 
@@ -303,12 +315,12 @@ def test_waiting_on_the_previous_slot_holder(prev, now, expected):
 def test_previous_holder_done_from_our_source_lets_us_claim_at_once():
     machine, _first = started(PLAN_AFTER)
     assert machine.on_node("prev", view("done", source="src", depth=3), 7, T0 + 1) == claim("src", 3)
-    assert machine.on_claim(1, 8, T0 + 1) == RunTask("src", 1)
+    assert machine.on_claim(ClaimOutcome(slot=1, index=8), T0 + 1) == RunTask("src", 1)
 
 
 def test_done_source_is_claimed_with_the_planned_slot_first_then_pulled_and_reported():
     machine = claimed(depth=3)
-    assert machine.on_claim(1, 40, T0 + 2) == RunTask("src", 1)
+    assert machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2) == RunTask("src", 1)
     done = NodeState(version="v2", run_id="r2", status="done", started=T0, source="src", depth=4, finished=T0 + 9)
     assert machine.on_task(True, None, T0 + 9) == ReleaseSlot("src", 1, done)
     result = machine.on_released(True, T0 + 9)
@@ -318,17 +330,18 @@ def test_done_source_is_claimed_with_the_planned_slot_first_then_pulled_and_repo
 
 def test_task_failure_is_reported_as_failed_with_the_error():
     machine = claimed()
-    machine.on_claim(0, 40, T0 + 2)
+    machine.on_claim(ClaimOutcome(slot=0, index=40), T0 + 2)
     action = machine.on_task(False, "exit 23", T0 + 5)
     assert (action.source, action.slot) == ("src", 0)
     assert action.state.status == "failed" and action.state.error == "exit 23"
     result = machine.on_released(True, T0 + 5)
-    assert result.state == action.state and result.failed and result.ran_task and "task failed pulling from src: exit 23" in result.reason
+    assert result.state == action.state and result.failed and result.ran_task
+    assert "task failed pulling from src: exit 23" in result.reason
 
 
 def test_failures_ignored_by_the_app_policy_keep_their_error_in_the_done_record():
     machine = claimed()
-    machine.on_claim(1, 40, T0 + 2)
+    machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2)
     ignored = "1 of 2 commands failed, ignored (on_command_failure: ignore): exec_commands[0] (exit status 3)"
     action = machine.on_task(True, ignored, T0 + 5)
     assert action.state.status == "done" and action.state.error == ignored
@@ -338,30 +351,33 @@ def test_failures_ignored_by_the_app_policy_keep_their_error_in_the_done_record(
 def test_a_task_failed_with_its_source_down_moves_to_another_source():
     machine = claimed(depth=3)
     pulling = claim("src", 4).state
-    assert machine.on_claim(1, 40, T0 + 2) == RunTask("src", 1)
+    assert machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2) == RunTask("src", 1)
     # The slot is released with the record left pulling: nothing is recorded failed.
-    assert machine.on_task(False, "rsync: connection refused", T0 + 5, source_down=True) == ReleaseSlot("src", 1, pulling)
+    action = machine.on_task(False, "rsync: connection refused", T0 + 5, source_down=True)
+    assert action == ReleaseSlot("src", 1, pulling)
     action = machine.on_released(True, T0 + 5)
     assert isinstance(action, ListNodes)
     assert action.reason == "source src went down during the pull: rsync: connection refused"
     assert "src" in machine.excluded
     views = {"src": view("done", source="x", depth=3), "d1": view("done", source="lead", depth=1)}
     assert machine.on_nodes(views, T0 + 6) == claim("d1", 2, slot_order("me", 2))
-    assert machine.on_claim(0, 41, T0 + 6) == RunTask("d1", 0)
+    assert machine.on_claim(ClaimOutcome(slot=0, index=41), T0 + 6) == RunTask("d1", 0)
     done = machine.on_task(True, None, T0 + 9)
-    assert done.state == NodeState(version="v2", run_id="r2", status="done", started=T0, source="d1", depth=2, finished=T0 + 9)
+    assert done.state == NodeState(
+        version="v2", run_id="r2", status="done", started=T0, source="d1", depth=2, finished=T0 + 9
+    )
     assert machine.on_released(True, T0 + 9) == PullResult(done.state, "pulled version v2 from d1", True)
 
 
 def test_a_source_down_is_only_heard_for_a_failed_task():
     machine = claimed()
-    machine.on_claim(1, 40, T0 + 2)
+    machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2)
     assert machine.on_task(True, None, T0 + 5, source_down=True).state.status == "done"
 
 
 def test_a_source_down_whose_slot_release_was_not_recorded_ends_without_pulling_again():
     machine = claimed()
-    machine.on_claim(1, 40, T0 + 2)
+    machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2)
     machine.on_task(False, "gone", T0 + 5, source_down=True)
     result = machine.on_released(False, T0 + 5)
     assert result == PullResult(
@@ -372,7 +388,7 @@ def test_a_source_down_whose_slot_release_was_not_recorded_ends_without_pulling_
 
 def test_final_write_refused_still_returns_the_outcome():
     machine = claimed()
-    machine.on_claim(1, 40, T0 + 2)
+    machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2)
     machine.on_task(True, None, T0 + 3)
     result = machine.on_released(False, T0 + 3)
     assert result.state.status == "done" and result.ran_task
@@ -468,18 +484,18 @@ def test_a_late_previous_slot_holder_sends_us_to_our_source():
 
 def test_busy_slots_are_waited_on_then_abandoned_after_the_busy_grace():
     machine = claimed()
-    assert machine.on_claim(None, 41, T0 + 2) == WaitForSlots("src", 41, 10)
+    assert machine.on_claim(ClaimOutcome(index=41), T0 + 2) == WaitForSlots("src", 41, 10)
     assert machine.on_slots_changed(T0 + 5) == claim("src", 4)
-    assert machine.on_claim(None, 42, T0 + 10) == WaitForSlots("src", 42, 7)  # grace ends at T0 + 17
+    assert machine.on_claim(ClaimOutcome(index=42), T0 + 10) == WaitForSlots("src", 42, 7)  # grace ends at T0 + 17
     assert machine.on_slots_changed(T0 + 17) == claim("src", 4)
-    action = machine.on_claim(None, 43, T0 + 17)
+    action = machine.on_claim(ClaimOutcome(index=43), T0 + 17)
     assert isinstance(action, ListNodes) and "all 2 slots of source src stayed busy for 15s" in action.reason
     assert "src" not in machine.excluded
 
 
 def test_source_without_address_is_excluded():
     machine = claimed()
-    action = machine.on_claim(None, 41, T0 + 2, unusable="no address in the catalog")
+    action = machine.on_claim(ClaimOutcome(unusable="no address in the catalog"), T0 + 2)
     assert isinstance(action, ListNodes) and "source src is unusable: no address in the catalog" in action.reason
     assert "src" in machine.excluded
 
@@ -518,11 +534,11 @@ def test_fallback_tries_candidates_then_blocks_and_relists():
     first = machine.on_nodes(views, T0 + 2)
     order = [name for name, _depth in machine.candidates]
     assert first == claim(order[0], 2, slot_order("me", 2))
-    assert machine.on_claim(None, 50, T0 + 2) == claim(order[1], 2, slot_order("me", 2))
+    assert machine.on_claim(ClaimOutcome(index=50), T0 + 2) == claim(order[1], 2, slot_order("me", 2))
     # fallback_tries = 2: block on the last tried candidate until the listing is max_wait old.
-    assert machine.on_claim(None, 51, T0 + 3) == WaitForSlots(order[1], 51, 9)
+    assert machine.on_claim(ClaimOutcome(index=51), T0 + 3) == WaitForSlots(order[1], 51, 9)
     assert machine.on_slots_changed(T0 + 4) == claim(order[1], 2, slot_order("me", 2))
-    assert machine.on_claim(None, 52, T0 + 5) == WaitForSlots(order[1], 52, 7)
+    assert machine.on_claim(ClaimOutcome(index=52), T0 + 5) == WaitForSlots(order[1], 52, 7)
     assert isinstance(machine.on_slots_changed(T0 + 12), ListNodes)
 
 
@@ -530,7 +546,7 @@ def test_fallback_claim_records_the_depth_of_the_chosen_source():
     machine = fallback_machine()
     action = machine.on_nodes({"deep": view("done", source="x", depth=4)}, T0 + 2)
     assert action == claim("deep", 5, slot_order("me", 2))
-    assert machine.on_claim(0, 9, T0 + 2) == RunTask("deep", 0)
+    assert machine.on_claim(ClaimOutcome(slot=0, index=9), T0 + 2) == RunTask("deep", 0)
 
 
 def test_fallback_ties_are_broken_per_puller_so_fallbacks_spread():
@@ -589,7 +605,7 @@ def test_timeout_records_failed_with_what_was_awaited(phase):
         awaited = "src to be done"
     elif phase == "slots":
         machine.on_node("src", view("done", source="x"), 3, T0 + 1)
-        machine.on_claim(None, 4, T0 + 2)
+        machine.on_claim(ClaimOutcome(index=4), T0 + 2)
         action = machine.on_slots_changed(late)
         awaited = "a free slot on src"
     else:
@@ -602,15 +618,159 @@ def test_timeout_records_failed_with_what_was_awaited(phase):
     assert result.failed and result.reason == action.state.error
 
 
-def test_answers_out_of_turn_are_programming_errors():
+# --- the transition table ----------------------------------------------------------------
+
+ABORTED = ReleaseRecord(**{**RELEASE.__dict__, "status": "aborted", "aborted_reason": "rollback"})
+
+
+def machine_in(phase: Phase) -> PullMachine:
+    """A machine brought to ``phase`` by legal calls only."""
+    if phase is Phase.NEW:
+        return PullMachine("me", RELEASE, PLAN, None, TIMINGS)
+    if phase is Phase.WAIT_AFTER:
+        return started(PLAN_AFTER)[0]
+    if phase in (Phase.WAIT_SOURCE, Phase.CHECK_START, Phase.WRITE):
+        machine, _first = started()
+        if phase is Phase.CHECK_START:
+            machine.on_node("src", NodeView(None), 3, T0 + 20)
+        elif phase is Phase.WRITE:
+            machine.on_release(ABORTED, T0 + 3)
+        return machine
+    if phase in (Phase.LIST, Phase.SLEEP):
+        machine = fallback_machine()
+        if phase is Phase.SLEEP:
+            machine.on_nodes({}, T0 + 2)
+        return machine
+    machine = claimed()
+    if phase is Phase.WAIT_SLOTS:
+        machine.on_claim(ClaimOutcome(index=41), T0 + 2)
+    elif phase is not Phase.CLAIM:
+        machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2)
+        if phase is not Phase.RUN:
+            machine.on_task(True, None, T0 + 5)
+            if phase is not Phase.RELEASE:
+                machine.on_released(True, T0 + 5)
+    return machine
+
+
+#: Each call of the protocol with answers that fit the phase that accepts it.
+CALLS = {
+    "start": lambda machine: machine.start(T0),
+    "on_written": lambda machine: machine.on_written(True, T0 + 6),
+    "on_release": lambda machine: machine.on_release(RELEASE, T0 + 6),
+    "on_node": lambda machine: machine.on_node(
+        "prev" if machine.phase is Phase.WAIT_AFTER else "src", view("waiting"), 8, T0 + 6
+    ),
+    "on_start_check": lambda machine: machine.on_start_check(None, NodeView(None), NodeView(None), T0 + 20),
+    "on_claim": lambda machine: machine.on_claim(ClaimOutcome(slot=0, index=9), T0 + 6),
+    "on_slots_changed": lambda machine: machine.on_slots_changed(T0 + 6),
+    "on_nodes": lambda machine: machine.on_nodes({"d1": view("done", source="lead")}, T0 + 6),
+    "on_slept": lambda machine: machine.on_slept(T0 + 6),
+    "on_task": lambda machine: machine.on_task(False, "exit 1", T0 + 6),
+    "on_released": lambda machine: machine.on_released(True, T0 + 6),
+}
+
+LEGAL = [(phase, call) for phase in Phase for call in TRANSITIONS[phase]]
+ILLEGAL = [(phase, call) for phase in Phase for call in CALLS if call not in TRANSITIONS[phase]]
+
+
+def test_the_table_covers_every_phase_and_every_call_of_the_machine():
+    assert set(TRANSITIONS) == set(Phase)
+    assert {call for calls in TRANSITIONS.values() for call in calls} == set(CALLS)
+    public = {name for name in vars(PullMachine) if name == "start" or name.startswith("on_")}
+    assert public == set(CALLS)
+    assert TRANSITIONS[Phase.FINISHED] == {}
+    # Every phase but NEW is where some call may lead.
+    assert {target for calls in TRANSITIONS.values() for targets in calls.values() for target in targets} == (
+        set(Phase) - {Phase.NEW}
+    )
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda phase: phase.value)
+def test_machine_in_reaches_each_phase(phase):
+    assert machine_in(phase).phase is phase
+
+
+@pytest.mark.parametrize("phase, call", LEGAL, ids=[f"{phase.value}-{call}" for phase, call in LEGAL])
+def test_every_call_the_table_allows_is_accepted_and_moves_as_listed(phase, call):
+    machine = machine_in(phase)
+    action = CALLS[call](machine)
+    assert machine.phase in TRANSITIONS[phase][call], action
+
+
+@pytest.mark.parametrize("phase, call", ILLEGAL, ids=[f"{phase.value}-{call}" for phase, call in ILLEGAL])
+def test_every_call_the_table_does_not_allow_raises_the_protocol_error(phase, call):
+    machine = machine_in(phase)
+    expected = ", ".join(TRANSITIONS[phase]) or "no call: the pull has ended"
+    with pytest.raises(PullProtocolError) as info:
+        CALLS[call](machine)
+    assert str(info.value) == f"{call} is not expected in phase {phase.value} (expected: {expected})"
+    assert machine.phase is phase  # nothing moved
+
+
+def test_the_protocol_error_is_a_fireap_error():
+    assert issubclass(PullProtocolError, FireapError)
+
+
+def test_an_answer_about_another_node_than_the_one_waited_on_is_refused():
     machine, _first = started()
-    with pytest.raises(RuntimeError, match="answer for phase claim received in phase wait-source"):
-        machine.on_claim(0, 1, T0)
-    with pytest.raises(RuntimeError, match=r"on_node\(other\) is not expected"):
+    with pytest.raises(PullProtocolError, match=r"^on_node\(other\) answers no wait: the pull waits on src$"):
         machine.on_node("other", NodeView(None), 1, T0)
-    fresh = PullMachine("me", RELEASE, PLAN, None, TIMINGS)
-    with pytest.raises(RuntimeError, match="on_release is not expected"):
-        fresh.on_release(RELEASE, T0)
+    assert machine.phase is Phase.WAIT_SOURCE
+
+
+def test_a_move_the_table_does_not_list_raises_the_protocol_error(monkeypatch):
+    machine = machine_in(Phase.CLAIM)
+    monkeypatch.setitem(TRANSITIONS[Phase.CLAIM], "on_claim", frozenset({Phase.WAIT_SLOTS}))
+    with pytest.raises(PullProtocolError, match="^on_claim moved the pull from phase claim to run, which TRANSITIONS"):
+        machine.on_claim(ClaimOutcome(slot=1), T0 + 2)
+
+
+def test_a_machine_that_ended_accepts_nothing():
+    result = PullMachine("me", None, PLAN, None, TIMINGS).start(T0)
+    assert isinstance(result, PullResult)
+    machine, _first = started()
+    assert isinstance(machine.on_release(None, T0 + 3), Restart)
+    for ended in (machine, machine_in(Phase.FINISHED)):
+        assert ended.phase is Phase.FINISHED
+        with pytest.raises(PullProtocolError, match="expected: no call: the pull has ended"):
+            ended.on_release(RELEASE, T0 + 4)
+
+
+# --- the claim outcome --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "outcome, expected",
+    [
+        (ClaimOutcome(slot=0, index=40), RunTask("src", 0)),  # slot 0 is a slot taken
+        (ClaimOutcome(index=41), WaitForSlots("src", 41, 10)),  # all busy: block on the slots read
+        (ClaimOutcome(), WaitForSlots("src", 0, 10)),  # all busy, slots not read
+        (ClaimOutcome(unusable="no address"), ListNodes("source src is unusable: no address")),
+        (ClaimOutcome(refused=True),
+         PullResult(None, "the record of node me is held or changed by another worker; did not pull")),
+    ],
+    ids=["taken", "busy", "busy-unread", "unusable", "refused"],
+)
+def test_each_claim_outcome_leads_to_its_action(outcome, expected):
+    assert claimed().on_claim(outcome, T0 + 2) == expected
+
+
+def test_a_claim_outcome_has_named_fields_and_defaults_to_all_slots_busy():
+    outcome = ClaimOutcome(slot=2, index=7)
+    assert (outcome.slot, outcome.index, outcome.unusable, outcome.refused) == (2, 7, None, False)
+    assert ClaimOutcome() == ClaimOutcome(slot=None, index=0, unusable=None, refused=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.slot = 3
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"slot": 0, "refused": True}, {"slot": 1, "unusable": "gone"}, {"unusable": "gone", "refused": True}],
+)
+def test_a_claim_outcome_is_one_thing_only(fields):
+    with pytest.raises(PullProtocolError, match="a claim outcome is one of slot, unusable or refused"):
+        ClaimOutcome(**fields)
 
 
 @pytest.mark.parametrize(

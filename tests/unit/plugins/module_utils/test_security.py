@@ -23,9 +23,10 @@ import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils import (
     _commands,
+    _firing,
     _propagation,
     _reap,
-    _release,
+    _task_event,
     _taskconfig,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._commands import CommandVariables, TemplateError
@@ -38,6 +39,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     Schema,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    ClaimOutcome,
     PullMachine,
     PullResult,
     PullTimings,
@@ -242,13 +244,13 @@ def test_case1_a_plan_source_name_starting_with_dash_is_refused_by_the_reader(fi
 
 def test_case1_a_version_starting_with_dash_is_refused_by_the_leader_and_every_reader():
     with pytest.raises(ValueError, match="version '-v1' may only contain"):
-        _release.check_version("-v1")
+        _firing.check_version("-v1")
     with pytest.raises(ValueError, match="version '-v1' may only contain"):
-        _release.fire(object(), SCHEMA, APP, "-v1")
+        _firing.fire(object(), SCHEMA, APP, "-v1")
     assert_refused(ReleaseRecord, with_field(RELEASE, "version", "-v1"), RELEASE_KEY, "version")
     assert_refused(NodeState, with_field(STATE, "version", "-v1"), OWN_KEY, "version")
     with pytest.raises(ValueError, match="its payload is invalid: version '-v1'"):
-        _reap.decode_payload(payload(APP, "-v1"))
+        _task_event.decode_payload(payload(APP, "-v1"))
 
 
 @pytest.mark.parametrize("field", ["app", "version", "node", "remote_name", "remote_address"])
@@ -287,16 +289,16 @@ def test_case2_arithmetic_templates_are_refused_by_check_and_by_loading_the_conf
 
 def test_case2_a_version_with_a_command_substitution_is_refused_by_the_leader():
     with pytest.raises(ValueError, match=r"version '\$\(touch\$\{IFS\}/tmp/x\)' may only contain"):
-        _release.check_version(SUBSTITUTION)
+        _firing.check_version(SUBSTITUTION)
     with pytest.raises(ValueError, match=r"version '\$\(touch\$\{IFS\}/tmp/x\)' may only contain"):
-        _release.fire(object(), SCHEMA, APP, SUBSTITUTION)
+        _firing.fire(object(), SCHEMA, APP, SUBSTITUTION)
 
 
 def test_case2_a_version_with_a_command_substitution_is_refused_by_the_node():
     assert_refused(ReleaseRecord, with_field(RELEASE, "version", SUBSTITUTION), RELEASE_KEY, "version")
     assert_refused(NodeState, with_field(STATE, "version", SUBSTITUTION), OWN_KEY, "version")
     with pytest.raises(ValueError, match="its payload is invalid: version"):
-        _reap.decode_payload(payload(APP, SUBSTITUTION))
+        _task_event.decode_payload(payload(APP, SUBSTITUTION))
     with pytest.raises(ValueError, match="version"):
         variables(version=SUBSTITUTION)
 
@@ -317,10 +319,10 @@ def test_case3_templates_with_variables_in_backquotes_are_refused(template):
 @pytest.mark.parametrize("version", ["1`id`", "`touch /tmp/x`", "1.0`"])
 def test_case3_a_version_with_a_backquote_is_refused(version):
     with pytest.raises(ValueError, match="version '"):
-        _release.check_version(version)
+        _firing.check_version(version)
     assert_refused(ReleaseRecord, with_field(RELEASE, "version", version), RELEASE_KEY, "version")
     with pytest.raises(ValueError, match="its payload is invalid: version"):
-        _reap.decode_payload(payload(APP, version))
+        _task_event.decode_payload(payload(APP, version))
     with pytest.raises(ValueError, match="version"):
         variables(version=version)
 
@@ -433,8 +435,8 @@ def test_case6_a_version_with_a_newline_or_of_10_kb_is_refused_by_every_reader(v
     assert_refused(ReleaseRecord, with_field(RELEASE, "version", version), RELEASE_KEY, "version")
     assert_refused(NodeState, with_field(STATE, "version", version), OWN_KEY, "version")
     assert_refused(NodeState, with_field(FAILED_STATE, "version", version), OWN_KEY, "version")
-    rejected = _reap.parse_event({"ID": "e1", "Name": _release.EVENT_NAME, "Payload": payload(APP, version), "LTime": 1})
-    assert isinstance(rejected, _reap.RejectedEvent) and "its payload is invalid: version" in rejected.reason
+    rejected = _task_event.parse_event({"ID": "e1", "Name": _firing.EVENT_NAME, "Payload": payload(APP, version), "LTime": 1})
+    assert isinstance(rejected, _task_event.RejectedEvent) and "its payload is invalid: version" in rejected.reason
     assert_one_bounded_line(rejected.reason)
     with pytest.raises(ValueError, match="version"):
         variables(version=version)
@@ -694,7 +696,7 @@ def test_a_failure_text_written_to_kv_is_bounded():
     machine = PullMachine(ME, ReleaseRecord.from_json(dumps(RELEASE)), PlanEntry(**{**PLAN, "stage": 1, "after": None}),
                           None, TIMINGS)
     machine.start(T0)
-    machine.on_claim(0, 1, T0)
+    machine.on_claim(ClaimOutcome(slot=0, index=1), T0)
     release = machine.on_task(False, huge, T0 + 1)
     assert len(release.state.error) <= 8192
     NodeState.from_json(release.state.to_json())  # what is written can be read back
@@ -754,7 +756,7 @@ def test_the_event_payload_refuses_hostile_values(field, value):
     values = {"app": APP, "version": "1.0", field: value}
     raw = payload(values["app"], values["version"])
     with pytest.raises(ValueError, match=f"its payload is invalid: {'app name' if field == 'app' else 'version'}"):
-        _reap.decode_payload(raw)
-    rejected = _reap.parse_event({"ID": "e1", "Name": _release.EVENT_NAME, "Payload": raw, "LTime": 1})
-    assert isinstance(rejected, _reap.RejectedEvent) and rejected.id == "e1"
+        _task_event.decode_payload(raw)
+    rejected = _task_event.parse_event({"ID": "e1", "Name": _firing.EVENT_NAME, "Payload": raw, "LTime": 1})
+    assert isinstance(rejected, _task_event.RejectedEvent) and rejected.id == "e1"
     assert_one_bounded_line(rejected.reason)

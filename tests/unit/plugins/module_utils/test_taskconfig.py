@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from ansible_collections.fireap.consul.plugins.module_utils import _taskconfig
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     AppConfig,
     ConfigError,
@@ -546,5 +547,5 @@ def test_all_problems_reported_at_once():
     assert str(info.value) == "\n".join(problems)
 
 
-def test_config_error_is_value_error():
-    assert issubclass(ConfigError, ValueError)
+def test_config_error_is_a_fireap_error():
+    assert issubclass(ConfigError, FireapError)

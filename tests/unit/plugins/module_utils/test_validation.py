@@ -13,10 +13,10 @@ import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils import (
     _commands,
+    _firing,
     _kv,
     _propagation,
-    _reap,
-    _release,
+    _task_event,
     _taskconfig,
     _validation,
     _worker,
@@ -326,12 +326,12 @@ def test_clip_cuts_to_the_limit_and_says_so():
 
 
 def test_every_writer_and_reader_uses_these_very_rules():
-    assert _release.check_version is check_version
-    assert _release.check_fanout is check_fanout
-    assert _release.check_name is check_name
+    assert _firing.check_version is check_version
+    assert _firing.check_fanout is check_fanout
+    assert _firing.check_name is check_name
     assert _propagation.check_fanout is check_fanout
     assert _kv.check_name is check_name and _kv.check_version is check_version and _kv.check_address is check_address
-    assert _reap.check_version is check_version
+    assert _task_event.check_version is check_version
     assert _worker.check_address is check_address
     assert _commands.check_name is check_name and _commands.check_version is check_version
     assert _commands.check_address is check_address
@@ -346,4 +346,4 @@ def test_the_leader_and_the_node_bound_the_fanout_alike():
     with pytest.raises(_taskconfig.ConfigError, match=f"max_semaphores.*{FANOUT_MAX}"):
         _taskconfig.parse_config({"apps": {"web": {"exec_commands": ["true"], "max_semaphores": FANOUT_MAX + 1}}})
     with pytest.raises(ValueError, match="fanout must be an integer from 1 to 64, got 65"):
-        _release.fire(object(), _kv.Schema(), "web", "1.0", fanout=65)
+        _firing.fire(object(), _kv.Schema(), "web", "1.0", fanout=65)

@@ -7,6 +7,7 @@ https://developer.hashicorp.com/consul/api-docs/kv
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import pytest
@@ -22,15 +23,21 @@ def _blocking_get(target, path: str, index, **params):
     return in_background(target.http, "GET", path, params=params, timeout=120)
 
 
+def _blocked_read(target, path: str, **params) -> tuple[int, concurrent.futures.Future]:
+    """A blocking read of *path* at its current index, still waiting once it had time to reach the agent."""
+    index = int(target.http("GET", path, params=params).headers["X-Consul-Index"])
+    pending = _blocking_get(target, path, index, **params)
+    time.sleep(SETTLE)
+    assert not pending.done(), f"the blocking read of {path} returned before any change"
+    return index, pending
+
+
 def test_blocking_read_wakes_on_a_write(consul_target, kv_prefix):
     """A request with ?index hangs until the key changes, then returns the new value and a higher index."""
     kv = consul_target.client().kv
     key = kv_prefix + "watched"
     kv.put(key, "before")
-    index = int(consul_target.http("GET", f"/v1/kv/{key}").headers["X-Consul-Index"])
-    pending = _blocking_get(consul_target, f"/v1/kv/{key}", index)
-    time.sleep(SETTLE)
-    assert not pending.done(), "the blocking read returned before any change"
+    index, pending = _blocked_read(consul_target, f"/v1/kv/{key}")
     kv.put(key, "after")
     response = pending.result(timeout=WAKE_TIMEOUT)
     assert response.status_code == 200
@@ -59,11 +66,7 @@ def test_blocking_recurse_read_wakes_on_any_change_under_the_prefix(consul_targe
     session_id = make_session()
     kv.put(kv_prefix + "slots/0", "puller", acquire=session_id)
     kv.put(kv_prefix + "slots/1", "idle")
-    listing = consul_target.http("GET", f"/v1/kv/{kv_prefix}slots/", params={"recurse": ""})
-    index = int(listing.headers["X-Consul-Index"])
-    pending = _blocking_get(consul_target, f"/v1/kv/{kv_prefix}slots/", index, recurse="")
-    time.sleep(SETTLE)
-    assert not pending.done(), "the blocking prefix read returned before any change"
+    index, pending = _blocked_read(consul_target, f"/v1/kv/{kv_prefix}slots/", recurse="")
     kv.put(kv_prefix + "slots/0", "puller", release=session_id)
     response = pending.result(timeout=WAKE_TIMEOUT)
     assert int(response.headers["X-Consul-Index"]) > index
@@ -77,11 +80,7 @@ def test_blocking_recurse_read_wakes_on_a_delete_under_the_prefix(consul_target,
     kv = consul_target.client().kv
     kv.put(kv_prefix + "keep", "v")
     kv.put(kv_prefix + "drop", "v")
-    listing = consul_target.http("GET", f"/v1/kv/{kv_prefix}", params={"recurse": ""})
-    index = int(listing.headers["X-Consul-Index"])
-    pending = _blocking_get(consul_target, f"/v1/kv/{kv_prefix}", index, recurse="")
-    time.sleep(SETTLE)
-    assert not pending.done(), "the blocking prefix read returned before any change"
+    index, pending = _blocked_read(consul_target, f"/v1/kv/{kv_prefix}", recurse="")
     kv.delete(kv_prefix + "drop")
     response = pending.result(timeout=WAKE_TIMEOUT)
     assert [e["Key"] for e in response.json()] == [kv_prefix + "keep"]

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
-from ansible_collections.fireap.consul.plugins.module_utils._release import clear, fire
 
-REPO_ROOT = Path(__file__).resolve().parents[4]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLE_VARS = REPO_ROOT / "roles" / "fireap_node" / "vars" / "main.yml"
 
 RUNNER = r"""

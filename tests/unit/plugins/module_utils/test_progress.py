@@ -1,0 +1,285 @@
+"""_progress without Consul: the outcome text, the failure budget, the one wait loop, and wait()
+over recorded KV answers (a fake client serving real records)."""
+
+from __future__ import annotations
+
+import pytest
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.fake_time import EPOCH, FakeTime
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.release_info import (
+    finished_release,
+    info_of,
+    no_release,
+    row,
+    running_release,
+)
+
+from ansible_collections.fireap.consul.plugins.module_utils import _progress
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._progress import (
+    MAX_NAMED,
+    PrefixChanges,
+    InvalidValue,
+    ReleaseError,
+    ReleaseWaitTimeout,
+    follow_run,
+    outcome_problem,
+    over_failure_budget,
+    run_over,
+    wait,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
+
+RUN = "0f3c" * 8
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch) -> FakeTime:
+    """Time as the wait loop sees it: it moves only when something sleeps."""
+    fake = FakeTime()
+    monkeypatch.setattr(_progress, "time", fake)
+    return fake
+
+
+def reader(states: list[dict]):
+    """read() answering ``states`` in turn."""
+    pending = list(states)
+    return lambda: pending.pop(0)
+
+
+def aborted_release() -> dict:
+    return info_of(running_release()["nodes"], aborted_reason="bad build")
+
+
+def many_failed() -> dict:
+    rows = [row("node-000", "done", depth=0, started=0.0, finished=0.0, stage=0, slot=None)]
+    rows += [row(f"node-{i:03d}", "failed", started=0.0, finished=1.0, error=f"exit status {i}") for i in range(1, 13)]
+    rows += [row(f"node-{i:03d}", "pending", this_run=False) for i in range(13, 26)]
+    return info_of(rows)
+
+
+# --- the outcome text ---------------------------------------------------------------------------
+
+
+def test_a_run_that_succeeded_has_no_problem():
+    assert outcome_problem(info_of(finished_release()["nodes"][:4])) is None
+
+
+def test_failures_are_named_with_their_errors():
+    problem = outcome_problem(finished_release())
+    assert problem.splitlines() == [
+        f"run {RUN} of app 'web' (version 1.4.3) finished with failures: "
+        "6 done, 1 failed, 0 pulling, 0 waiting, 0 pending of 7 targets",
+        "failed (1):",
+        '  node-004: exit status 3: <script>alert("x")</script> & more',
+        "second line",
+    ]
+
+
+def test_a_timeout_names_the_unfinished_targets():
+    problem = outcome_problem(running_release(), 600)
+    assert problem.splitlines() == [
+        f"run {RUN} of app 'web' (version 1.4.3) did not finish within 600s: "
+        "3 done, 0 failed, 1 pulling, 0 waiting, 1 pending of 5 targets",
+        "unfinished (2): node-002 (pulling), node-003 (pending)",
+    ]
+
+
+def test_an_abort_says_why():
+    assert outcome_problem(aborted_release()).startswith(
+        f"run {RUN} of app 'web' (version 1.4.3) was aborted: bad build: 3 done, 0 failed"
+    )
+    unexplained = info_of(running_release()["nodes"], status="aborted")
+    assert "(version 1.4.3) was aborted: no reason given: " in outcome_problem(unexplained)
+
+
+def test_long_lists_are_cut_and_counted():
+    lines = outcome_problem(many_failed(), 30).splitlines()
+    assert lines[1] == "failed (12):"
+    assert lines[2:2 + MAX_NAMED] == [f"  node-{i:03d}: exit status {i}" for i in range(1, 1 + MAX_NAMED)]
+    assert lines[2 + MAX_NAMED] == "  ... and 2 more"
+    assert lines[-1].startswith("unfinished (13): node-013 (pending), ") and lines[-1].endswith(" and 3 more")
+
+
+# --- the failure budget -----------------------------------------------------------------------
+
+
+def test_the_failure_budget_names_the_share_that_failed():
+    progress = finished_release()  # 1 failed of 7: 14.3%
+    assert over_failure_budget(progress, None) is None
+    assert over_failure_budget(progress, 14.3) is None
+    assert over_failure_budget(progress, 10) == "1 of 7 targets failed (14.3%), more than max_fail_percentage 10%"
+    assert over_failure_budget(progress, 0).endswith("more than max_fail_percentage 0%")
+    assert over_failure_budget(no_release(), 0) is None
+
+
+# --- the wait loop ------------------------------------------------------------------------------
+
+
+def test_a_pinned_run_is_followed_until_it_is_over():
+    blocks = []
+    read = reader([running_release(), running_release(), finished_release()])
+    snapshots = list(follow_run(read, blocks.append, RUN, poll=5.0))
+    assert [snapshot.info["status"] for snapshot in snapshots] == ["running", "running", "finished"]
+    assert blocks == [0.0, 5.0, 5.0], "the first read comes at once, then at most poll seconds apart"
+    assert not any(snapshot.timed_out for snapshot in snapshots)
+    assert run_over(snapshots[-1].info)
+
+
+def test_without_a_run_id_the_current_run_is_pinned():
+    replaced = info_of(running_release()["nodes"], run_id="1" * 32, version="1.4.4")
+    with pytest.raises(ReleaseError, match=f"stopped waiting for run {RUN} of app 'web': run 1{{32}} "
+                                           r"\(version 1.4.4\) replaced it"):
+        list(follow_run(reader([running_release(), replaced]), lambda _seconds: None))
+    with pytest.raises(ReleaseError, match="app 'web' has no release to wait for: fire one first"):
+        list(follow_run(reader([no_release()]), lambda _seconds: None))
+    with pytest.raises(ReleaseError, match=f"stopped waiting for run {RUN} .*: no release is recorded any more"):
+        list(follow_run(reader([running_release(), no_release()]), lambda _seconds: None, RUN))
+
+
+def test_an_aborted_run_is_over():
+    snapshots = list(follow_run(reader([running_release(), aborted_release()]), lambda _seconds: None, RUN))
+    assert len(snapshots) == 2 and snapshots[-1].info["status"] == "aborted"
+
+
+def test_the_timeout_ends_the_wait_with_a_timed_out_snapshot(clock):
+    def read():
+        clock.now += 1.0  # a read takes a second
+        return running_release()
+
+    blocks = []
+
+    def block(seconds):
+        blocks.append(seconds)
+        clock.sleep(seconds)
+
+    snapshots = list(follow_run(read, block, RUN, timeout=10.0, poll=4.0))
+    assert [snapshot.timed_out for snapshot in snapshots] == [False, False, True]
+    assert [snapshot.elapsed for snapshot in snapshots] == [1.0, 6.0, 11.0]
+    assert blocks == [0.0, 4.0, 4.0], "never past the deadline: min(poll, time left)"
+
+
+def test_a_run_over_at_the_deadline_has_not_timed_out():
+    (snapshot,) = follow_run(reader([finished_release()]), lambda _seconds: None, RUN, timeout=0)
+    assert not snapshot.timed_out
+
+
+def test_reads_are_at_least_the_minimum_interval_apart(clock):
+    list(follow_run(reader([running_release()] * 3 + [finished_release()]), lambda _seconds: None, RUN))
+    assert clock.sleeps == [_progress.MIN_POLL_INTERVAL] * 3, "a block that returns at once does not speed reads up"
+
+
+def test_unpinned_it_follows_whatever_run_is_current_and_goes_on_after_it():
+    other = info_of(running_release()["nodes"], run_id="1" * 32)
+    states = [no_release(), running_release(), finished_release(), other]
+    snapshots = zip(states, follow_run(reader(states), lambda _seconds: None, pin=False))
+    assert [snapshot.info["run_id"] for _state, snapshot in snapshots] == [None, RUN, RUN, "1" * 32]
+
+
+class FakeKV:
+    """Consul's KV over a dict of key -> (value, session); each blocking read applies the next change."""
+
+    def __init__(self, entries: dict, changes=()) -> None:
+        self.entries = dict(entries)
+        self.changes = list(changes)
+        self.index = 10
+        self.listings: list[dict] = []
+
+    def _entry(self, key: str) -> dict:
+        value, session = self.entries[key]
+        return {"Key": key, "Value": value.encode(), "Session": session, "ModifyIndex": self.index}
+
+    def get(self, key, recurse=False, keys=False, separator=None, index=None, wait=None, consistency=None):
+        del consistency
+        if keys:
+            self.listings.append({"separator": separator, "index": index, "wait": wait})
+            if index and self.changes:
+                self.changes.pop(0)(self.entries)
+                self.index += 1
+            return self.index, sorted({name[len(key):].split("/")[0] for name in self.entries if name.startswith(key)})
+        if recurse:
+            return self.index, [self._entry(name) for name in sorted(self.entries) if name.startswith(key)] or None
+        return self.index, self._entry(key) if key in self.entries else None
+
+
+class FakeClient:
+    def __init__(self, kv: FakeKV) -> None:
+        self.kv = kv
+
+
+def recorded_run(schema: Schema, nodes: list[str]) -> dict:
+    """A run of app web to ``nodes`` (the first leads), as KV holds it right after the fire."""
+    release = ReleaseRecord(app="web", version="2", run_id="run-1", fanout=2, leader=nodes[0], target_count=len(nodes),
+                            fired_at=EPOCH)
+    entries = {schema.release("web"): (release.to_json(), None)}
+    for name, entry in plan_release(nodes, nodes[0], 2, "run-1").items():
+        entries[schema.plan("web", name)] = (entry.to_json(), None)
+    leader = NodeState(version="2", run_id="run-1", status="done", started=EPOCH, finished=EPOCH, depth=0)
+    entries[schema.node("web", nodes[0])] = (leader.to_json(), None)
+    return entries
+
+
+def finishes(schema: Schema, name: str, status: str = "done"):
+    """A change: ``name`` records ``status`` for run-1."""
+    state = NodeState(version="2", run_id="run-1", status=status, started=EPOCH + 1, finished=EPOCH + 2, source="n0",
+                      depth=1, error="boom" if status == "failed" else None)
+    return lambda entries: entries.__setitem__(schema.node("web", name), (state.to_json(), None))
+
+
+def test_wait_reads_recorded_kv_and_blocks_on_the_app_prefix():
+    schema = Schema("fireap/")
+    kv = FakeKV(recorded_run(schema, ["n0", "n1", "n2"]), [finishes(schema, "n1"), finishes(schema, "n2")])
+    seen = []
+    final = wait(FakeClient(kv), schema, "web", "run-1", timeout=60, poll=3.0, on_progress=seen.append)
+    assert [progress["counts"]["done"] for progress in seen] == [1, 2, 3]
+    assert final is seen[-1] and final["succeeded"] and final["status"] == "finished"
+    assert kv.listings[0] == {"separator": "/", "index": None, "wait": None}, "the first listing does not block"
+    assert kv.listings[1:] == [
+        {"separator": "/", "index": 10, "wait": "3000ms"},
+        {"separator": "/", "index": 11, "wait": "3000ms"},
+    ]
+
+
+def test_wait_times_out_with_the_outcome_text_and_the_last_progress():
+    schema = Schema("fireap/")
+    entries = recorded_run(schema, ["n0", "n1", "n2"])
+    finishes(schema, "n1", "failed")(entries)
+    with pytest.raises(ReleaseWaitTimeout) as timeout:
+        wait(FakeClient(FakeKV(entries)), schema, "web", "run-1", timeout=0)
+    assert str(timeout.value).splitlines() == [
+        "run run-1 of app 'web' (version 2) did not finish within 0s: "
+        "1 done, 1 failed, 0 pulling, 0 waiting, 1 pending of 3 targets",
+        "failed (1):",
+        "  n1: boom",
+        "unfinished (1): n2 (pending)",
+    ]
+    assert timeout.value.info["counts"]["pending"] == 1 and isinstance(timeout.value, FireapError)
+
+
+def test_wait_refuses_bad_numbers():
+    for kwargs, message in (({"timeout": -1}, "timeout must be a number of seconds >= 0, got -1"),
+                            ({"timeout": 1, "poll": 0}, "poll must be a number of seconds > 0, got 0")):
+        with pytest.raises(InvalidValue, match=message):
+            wait(FakeClient(FakeKV({})), Schema(), "web", "run-1", **kwargs)
+    assert issubclass(InvalidValue, ValueError) and issubclass(ReleaseError, FireapError)
+
+
+def test_prefix_changes_block_from_the_last_index_and_restart_when_it_goes_back():
+    class Listing:
+        def __init__(self, indexes):
+            self.indexes, self.calls = list(indexes), []
+
+        def get(self, key, **kwargs):
+            self.calls.append((key, kwargs))
+            return self.indexes.pop(0), []
+
+    kv = Listing([7, 9, 4, 5])
+    changes = PrefixChanges(FakeClient(kv), "fireap/web/")
+    for seconds in (0, 2.5, 2.5, 2.5):
+        changes(seconds)
+    assert [kwargs for _key, kwargs in kv.calls] == [
+        {"keys": True, "separator": "/"},
+        {"keys": True, "separator": "/", "index": 7, "wait": "2500ms"},
+        {"keys": True, "separator": "/", "index": 9, "wait": "2500ms"},
+        {"keys": True, "separator": "/"},
+    ]
