@@ -21,9 +21,12 @@ from bisect import bisect_left, insort
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .goparse import HOUR, SECOND, DurationError, format_duration, go_quote, parse_duration
+
+if TYPE_CHECKING:
+    from .persistence import Journal  # persistence imports this module
 
 CONSUL_VERSION = "1.22.0"
 SERF_CHECK = "serfHealth"
@@ -47,12 +50,6 @@ Topic = Hashable
 
 class StateError(Exception):
     """An error Consul's servers return from an RPC; the HTTP layer answers 500."""
-
-
-class Journal(Protocol):
-    """Where applied changes go to survive a restart (persistence.Journal)."""
-
-    def append(self, record: dict[str, Any]) -> None: ...
 
 
 def _b64(value: bytes | None) -> str | None:
