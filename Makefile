@@ -9,7 +9,7 @@ COLLECTION_LINK := build/ansible_collections/fireap/consul
 
 .PHONY: setup test lint typecheck sanity units consul changelog molecule demo bench chaos clean
 
-setup: $(VENV)/.installed $(COLLECTION_LINK) system-tools
+setup: $(VENV)/.installed $(COLLECTION_LINK) playbooks/collections system-tools
 
 # requirements-dev.txt includes requirements.txt: a change to either rebuilds the venv.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -22,6 +22,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 $(COLLECTION_LINK):
 	mkdir -p $(dir $@)
 	ln -sfn $(CURDIR) $@
+
+# ansible.cfg's playbook_dir is playbooks/: the checkout's collection is adjacent to the
+# playbooks (and to ad hoc commands run from the root) without a collections_path, so that
+# `ansible-galaxy collection install` from the root installs where it is told.
+playbooks/collections: | $(COLLECTION_LINK)
+	ln -sfn ../build $@
 
 .PHONY: system-tools
 system-tools:
@@ -57,7 +63,7 @@ units: setup
 # ansible-lint reads .ansible-lint (profile production); the venv's bin on PATH lets it find
 # ansible-playbook and ansible-galaxy, and the collection link lets playbooks resolve fireap.consul.
 lint: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ansible-lint
+	ANSIBLE_COLLECTIONS_PATH="$(CURDIR)/build" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ansible-lint
 
 # The fragments and changelogs/changelog.yaml lint clean, and CHANGELOG.md is what
 # changelog.yaml generates (regenerated in a scratch copy, compared byte for byte).

@@ -35,17 +35,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def make_double(tmp_path_factory):
     """The tests' one way to start the project's Consul double (``python -m devcluster serve``).
 
-    ``make_double(nodes=3, *, acl_token=None, data_dir=None, workdir=None, name="double")``
-    starts one and returns its ConsulTarget; ``target.double`` is the ServeProcess (``workdir``
-    with the inventory and node dirs, ``kill()``, ``stop()``). ``with make_double(...) as target:``
-    stops it when the block ends; any still running are stopped when the session ends.
+    ``make_double(nodes=3, *, acl_token=None, data_dir=None, workdir=None, name="double",
+    realism=None)`` starts one and returns its ConsulTarget; ``target.double`` is the ServeProcess
+    (``workdir`` with the inventory and node dirs, ``kill()``, ``stop()``); ``realism`` (a
+    devcluster.consul.Realism, e.g. ``Realism.consul(nodes)``) makes it as unkind as Consul.
+    ``with make_double(...) as target:`` stops it when the block ends; any still running are
+    stopped when the session ends.
     """
     started: list[consul_harness.ConsulTarget] = []
 
     def make(nodes: int = 3, *, acl_token: str | None = None, data_dir: Path | None = None,
-             workdir: Path | None = None, name: str = "double") -> consul_harness.ConsulTarget:
+             workdir: Path | None = None, name: str = "double", realism=None) -> consul_harness.ConsulTarget:
         target = consul_harness.start_double(workdir or tmp_path_factory.mktemp(name), nodes, acl_token=acl_token,
-                                             data_dir=data_dir)
+                                             data_dir=data_dir, realism=realism)
         started.append(target)
         return target
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import consul
 import requests
 
-from devcluster.consul import NodeInfo, ServeError, ServeProcess
+from devcluster.consul import NodeInfo, Realism, ServeError, ServeProcess
 
 ADDR_ENV = "FIREAP_TEST_CONSUL_HTTP_ADDR"
 TOKEN_ENV = "FIREAP_TEST_CONSUL_HTTP_TOKEN"
@@ -158,12 +158,14 @@ def start_double(
     acl_token: str | None = None,
     data_dir: Path | None = None,
     timeout: float = DOUBLE_START_TIMEOUT,
+    realism: Realism | None = None,
 ) -> ConsulTarget:
-    """Start ``python -m devcluster serve`` and wait until every agent listens; its target
-    (``target.double`` is the ServeProcess). Tests call it through the ``make_double`` fixture."""
+    """Start ``python -m devcluster serve`` (as unkind as ``realism`` says) and wait until every
+    agent listens; its target (``target.double`` is the ServeProcess). Tests call it through the
+    ``make_double`` fixture."""
     if nodes < 1:
         raise HarnessError(f"the double needs at least one node, not {nodes}")
-    double = ServeProcess(nodes, workdir, acl_token=acl_token, data_dir=data_dir)
+    double = ServeProcess(nodes, workdir, acl_token=acl_token, data_dir=data_dir, realism=realism)
     try:
         double.start(timeout)
     except ServeError as err:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME, fire
-from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, AppAdvert, NodeAdvert, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
@@ -274,6 +274,11 @@ def _release(
     _await_parked(double, [node.name for worker in workers for node in worker.nodes])
 
     schema = Schema()
+    # As every node's handler does at agent start: advertise the app (the leader targets only
+    # the nodes that have it). Set-up, not part of the figures.
+    advert = NodeAdvert({APP: AppAdvert(max_semaphores=fanout)}).to_json()
+    for node in leader.catalog.nodes()[1]:
+        leader.kv.put(schema.advert(node["Node"]), advert)
     cpu_before = cpu_times()
     fired = time.time()
     outcome = fire(leader, schema, APP, version=version, fanout=fanout)

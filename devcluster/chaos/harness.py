@@ -24,6 +24,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._firing import (
     EVENT_OVERHEAD,
     EVENT_SIZE_LIMIT,
     anchored_node_filters,
+    read_adverts,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._processed_events import write_atomic
@@ -32,6 +33,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import l
 
 from ..consul import INVENTORY_FILE, NodeInfo, ServeError, ServeProcess
 from ..consul.workdir import fresh_workdir
+from ..polling import wait_until
 from .apps import chaos_apps
 from .processes import kill_tree, worker_pids
 
@@ -39,6 +41,8 @@ MARKER = ".fireap-chaos"
 #: Longest a scenario waits for one release (fallbacks after a crash take a session TTL x 2).
 RELEASE_TIMEOUT = 240.0
 HTTP_TIMEOUT = 30.0
+#: Seconds for every handler to advertise its apps after the reload.
+ADVERT_TIMEOUT = 60.0
 
 
 class ChaosError(Exception):
@@ -103,6 +107,11 @@ class ChaosCluster:
                          json.dumps({"watches": [watch]}, indent=2).encode(), 0o600)
         for name in self.names:
             self.agent_request("PUT", name, "/v1/agent/reload")
+        # The reload runs each node's handler, which advertises the node's apps; a fire before
+        # every advert is in would leave the slower nodes out of the targets.
+        client = self.client()
+        wait_until(lambda: len(read_adverts(client, self.schema)[0]) >= len(self.names), ADVERT_TIMEOUT,
+                   "every node's advert of its apps", error=ChaosError)
 
     def config_path(self, name: str) -> Path:
         return self.root(name) / "etc" / "fireap" / "config.yml"

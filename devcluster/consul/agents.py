@@ -2,7 +2,8 @@
 
 An agent holds the ring of the 256 most recent user events it received (lost
 when it stops), the watches loaded from its config dir, the services its config
-files define, and its HTTP counters.  Replicated data lives in state.py.
+files define, its end of gossip (how late, in what order, how often events reach
+it) and its HTTP counters.  Replicated data lives in state.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .realism import Gossip, GossipLink
 from .state import Service
 from .watches import (
     EventWatchPlan,
@@ -34,10 +36,17 @@ if TYPE_CHECKING:
     from .cluster import Cluster
 
 EVENT_RING_SIZE = 256
+# Serf's UserEventSizeLimit default; Consul prefixes the Serf event name with this.
+SERF_USER_EVENT_LIMIT = 512
+SERF_EVENT_PREFIX = "consul:event:"
 # Consul's limits.http_max_conns_per_client default.
 MAX_CONNS_PER_CLIENT = 200
 # Consul's agent maxQueryTime for the event list quasi-blocking query.
 EVENT_LIST_MAX_WAIT_SECONDS = 600.0
+# Serf member status as /v1/agent/members reports it (serf.MemberStatus).
+MEMBER_ALIVE = 1
+MEMBER_LEFT = 3
+MEMBER_FAILED = 4
 
 
 def _peer_ip(transport: asyncio.BaseTransport) -> str | None:
@@ -64,6 +73,30 @@ class UserEvent:
     def new(cls, name: str, payload: bytes | None, node: str, service: str, tag: str) -> UserEvent:
         return cls(str(uuid.uuid4()), name, payload or None, node, service, tag)
 
+    def serf_sizes(self, ltime: int) -> tuple[int, int]:
+        """What Serf's UserEvent measures, (before, after) encoding: the name
+        ``consul:event:<name>`` plus the msgpack'd UserEvent Consul sends as the payload
+        (agent/user_event.go, agent/util.go: WriteExt on), then that whole message encoded by
+        Serf (messageUserEvent {LTime, Name, Payload, CC} after a type byte, WriteExt off)."""
+        name = len(self.name.encode("utf-8"))
+        fields = [(2, _str_header(36, True) + 36), (1, _str_header(name, True) + name), (1, 1)]  # ID, n, v
+        if self.payload:
+            fields.append((1, _bin_header(len(self.payload)) + len(self.payload)))
+        for pattern in (self.node_filter, self.service_filter, self.tag_filter):
+            if pattern:
+                size = len(pattern.encode("utf-8"))
+                fields.append((2, _str_header(size, True) + size))
+        payload = 1 + sum(1 + key + value for key, value in fields)  # fixmap, fixstr keys
+        serf_name = len(SERF_EVENT_PREFIX) + name
+        encoded = (
+            1 + 1  # message type, fixmap of 4
+            + 1 + len("LTime") + _uint_size(ltime)
+            + 1 + len("Name") + _str_header(serf_name, False) + serf_name
+            + 1 + len("Payload") + _str_header(payload, False) + payload
+            + 1 + len("CC") + 1
+        )
+        return serf_name + payload, encoded
+
     def to_api(self, ltime: int | None = None) -> dict[str, Any]:
         return {
             "ID": self.id,
@@ -75,6 +108,23 @@ class UserEvent:
             "Version": self.version,
             "LTime": self.ltime if ltime is None else ltime,
         }
+
+
+def _str_header(size: int, write_ext: bool) -> int:
+    """msgpack string header bytes (ugorji codec: str8 only with WriteExt)."""
+    if size < 32:
+        return 1
+    if write_ext and size < 256:
+        return 2
+    return 3 if size < 65536 else 5
+
+
+def _bin_header(size: int) -> int:
+    return 2 if size < 256 else 3 if size < 65536 else 5
+
+
+def _uint_size(value: int) -> int:
+    return 1 if value < 128 else 2 if value < 256 else 3 if value < 65536 else 5 if value < 2**32 else 9
 
 
 @dataclass(slots=True)
@@ -123,6 +173,12 @@ class Agent:
         self.config_dir = config_dir
         self.log_path = log_path
         self.running = False
+        #: Serf's view of the member: alive (also while a crash is not detected yet), failed or left.
+        self.member_status = MEMBER_ALIVE
+        realism = cluster.realism
+        self.gossip = GossipLink.seeded(realism.gossip, realism.gossip_seed, name)
+        # Events gossip is still carrying to this agent; a stop loses them.
+        self._in_flight: set[asyncio.TimerHandle] = set()
         self.counters = HttpCounters()
         self.events: deque[UserEvent] = deque(maxlen=EVENT_RING_SIZE)
         self.transports: set[asyncio.BaseTransport] = set()
@@ -142,6 +198,7 @@ class Agent:
         """Come up with an empty event ring, load the config dir, start its watches."""
         self.events.clear()
         self.running = True
+        self.member_status = MEMBER_ALIVE
         self.log("INFO", f"agent: started: node={self.name} http=127.0.0.1:{self.http_port}")
         try:
             specs, services = self._load_config()
@@ -158,6 +215,9 @@ class Agent:
             plan.stop()
         self._watches = []
         self.events.clear()
+        for handle in self._in_flight:
+            handle.cancel()
+        self._in_flight.clear()
         for transport in list(self.transports):
             transport.abort()
         self.transports.clear()
@@ -286,6 +346,30 @@ class Agent:
             plan.start()
 
     # ------------------------------------------------------------------ events
+
+    def set_gossip(self, gossip: Gossip) -> None:
+        """This agent's gossip settings from now on (its random generator goes on)."""
+        self.gossip.gossip = gossip
+
+    def receive(self, event: UserEvent, filters: EventFilters) -> None:
+        """Gossip carries a fired event here: at once for the server's agent (the event is
+        fired there) or with instant gossip, else when, and as often as, the settings draw."""
+        if not self.running:
+            return
+        if self.is_server or self.gossip.gossip.instant:
+            self.deliver(event, filters)
+            return
+        loop = asyncio.get_running_loop()
+        for at in self.gossip.arrivals(loop.time()):
+            self._arrive_at(loop, at, event, filters)
+
+    def _arrive_at(self, loop: asyncio.AbstractEventLoop, at: float, event: UserEvent, filters: EventFilters) -> None:
+        def arrive() -> None:
+            self._in_flight.discard(handle)
+            self.deliver(event, filters)
+
+        handle = loop.call_at(at, arrive)
+        self._in_flight.add(handle)
 
     def deliver(self, event: UserEvent, filters: EventFilters) -> bool:
         """Gossip reached this agent: keep the event if it passes the filters (shouldProcessUserEvent)."""

@@ -1,8 +1,10 @@
 """The whole Consul double in one event loop: servers' state, N agents, N ports.
 
 Node 0 is where the (single) Raft server runs; its agent is also an agent like
-the others.  Stopping an agent closes its port, marks its serfHealth critical
-(invalidating sessions bound to it) and loses its event ring; starting it again
+the others.  Stopping an agent (a crash) closes its port and loses its event ring;
+its serfHealth turns critical (invalidating sessions bound to it) once failure
+detection has run (``Realism.failure_detection``, at once by default).  An agent
+that leaves is deregistered at once, its sessions invalidated.  Starting it again
 re-reads its config dir and fires its watches as an agent start does.
 """
 
@@ -18,10 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .agents import Agent, EventFilters, UserEvent
+from .agents import MEMBER_FAILED, MEMBER_LEFT, Agent, EventFilters, UserEvent
 from .control import Control
 from .httpapi import HttpApi
 from .persistence import Journal
+from .realism import Realism
 from .state import CONSUL_VERSION, ConsulState, Service
 from .ttl import SessionTimers
 from .workdir import NodeInfo, plan_nodes, prepare_dirs, write_cluster_files
@@ -38,9 +41,15 @@ class ClusterError(ValueError):
     """Invalid cluster parameters."""
 
 
-def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The server side of HTTPS on every agent port (as Consul's ports.https with tls.https), or None."""
+def _tls_context(cert: Path | None, key: Path | None, client_ca: Path | None = None) -> ssl.SSLContext | None:
+    """The server side of HTTPS on every agent port (as Consul's ports.https with tls.https), or None.
+
+    With ``client_ca`` every client must present a certificate that CA signed, as with Consul's
+    tls.https.verify_incoming.
+    """
     if cert is None and key is None:
+        if client_ca is not None:
+            raise ClusterError("--tls-client-ca needs --tls-cert and --tls-key: client certificates need HTTPS")
         return None
     if cert is None or key is None:
         raise ClusterError("--tls-cert and --tls-key go together: give both or neither")
@@ -50,6 +59,12 @@ def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
         context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as err:
         raise ClusterError(f"cannot load the TLS certificate {cert} with key {key}: {err}") from None
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except (OSError, ssl.SSLError) as err:
+            raise ClusterError(f"cannot load the client CA certificate {client_ca}: {err}") from None
     return context
 
 
@@ -70,6 +85,8 @@ class Cluster:
         host: str = "127.0.0.1",
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        realism: Realism | None = None,
+        tls_client_ca: Path | None = None,
     ) -> None:
         if nodes < 1:
             raise ClusterError(f"--nodes must be at least 1, got {nodes}")
@@ -85,7 +102,8 @@ class Cluster:
         self.workdir = Path(workdir).absolute()
         self.acl_token = acl_token
         self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
-        self.tls = _tls_context(tls_cert, tls_key)
+        self.tls = _tls_context(tls_cert, tls_key, tls_client_ca)
+        self.realism = realism or Realism()
         self.nodes: list[NodeInfo] = plan_nodes(self.workdir, nodes, http_port, host, "https" if self.tls else "http")
         self.state = ConsulState(datacenter)
         self.timers = SessionTimers(self.state)
@@ -100,6 +118,8 @@ class Cluster:
         self._runner: web.AppRunner | None = None
         self._sites: dict[str, web.TCPSite] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Crashed agents whose failure gossip has not detected yet: name -> the pending detection.
+        self._detections: dict[str, asyncio.TimerHandle] = {}
 
     # --------------------------------------------------------------- lifecycle
 
@@ -139,6 +159,9 @@ class Cluster:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         self.timers.close()
+        for handle in self._detections.values():
+            handle.cancel()
+        self._detections.clear()
         for agent in self.agents:
             if agent.running:
                 agent.stop()
@@ -189,28 +212,61 @@ class Cluster:
     # ----------------------------------------------------------------- agents
 
     async def stop_agent(self, name: str) -> None:
-        """Crash-stop one agent: port closed, connections dropped, serfHealth critical."""
+        """Crash-stop one agent: port closed, connections dropped; its serfHealth turns critical
+        (its sessions invalidated) once failure detection has run, at once without a delay."""
         agent = self.agent_by_name[name]
         if not agent.running:
             return
-        site = self._sites.pop(name)
-        await site.stop()
-        agent.stop()
-        self.state.set_node_health(name, False)
+        await self._close(agent)
+        delay = self.realism.failure_detection
+        if delay > 0:
+            self._detections[name] = asyncio.get_running_loop().call_later(delay, self._detect_failure, name)
+        else:
+            self._detect_failure(name)
+
+    async def leave_agent(self, name: str) -> None:
+        """The agent leaves the cluster (a client agent's SIGTERM): it stops and its node is
+        deregistered at once, which removes its services and checks and invalidates its sessions."""
+        agent = self.agent_by_name[name]
+        if agent.running:
+            await self._close(agent)
+        self._cancel_detection(name)
+        if name in self.state.nodes:
+            self.state.deregister_node(name)
+        agent.member_status = MEMBER_LEFT
 
     async def start_agent(self, name: str) -> None:
         agent = self.agent_by_name[name]
         if agent.running:
             return
+        self._cancel_detection(name)
         await self._listen(agent)
+        self.state.register_node(name, self.nodes[agent.index].host)
         self.state.set_node_health(name, True)
         agent.start()
 
+    async def _close(self, agent: Agent) -> None:
+        site = self._sites.pop(agent.name)
+        await site.stop()
+        agent.stop()
+
+    def _detect_failure(self, name: str) -> None:
+        """Gossip found the crashed node: serfHealth critical, sessions bound to it invalidated."""
+        self._detections.pop(name, None)
+        self.agent_by_name[name].member_status = MEMBER_FAILED
+        self.state.set_node_health(name, False)
+
+    def _cancel_detection(self, name: str) -> None:
+        handle = self._detections.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
     def fire_event(self, event: UserEvent, filters: EventFilters) -> None:
-        """Gossip the event to every running agent with one cluster-wide Lamport time."""
+        """Gossip the event to every running agent with one cluster-wide Lamport time; each agent
+        gets it as its gossip settings say (the server's own agent at once: it fired it)."""
         event.ltime = self.state.next_ltime()
         for agent in self.agents:
-            agent.deliver(event, filters)
+            agent.receive(event, filters)
 
     # ------------------------------------------------------------------ stats
 

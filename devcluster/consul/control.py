@@ -1,8 +1,11 @@
 """Test and benchmark support under /_devcluster/, a path real Consul does not have.
 
-    GET    /_devcluster/agents               agents with their port and whether they run
-    PUT    /_devcluster/agents/<name>/stop   crash-stop an agent (its port closes)
+    GET    /_devcluster/agents               agents with their port, whether they run, their gossip
+    PUT    /_devcluster/agents/<name>/stop   crash-stop an agent (its port closes; serfHealth critical
+                                             once failure detection has run)
+    PUT    /_devcluster/agents/<name>/leave  the agent leaves: stopped, its node deregistered at once
     PUT    /_devcluster/agents/<name>/start  start it again (empty event ring, watches fire)
+    PUT    /_devcluster/agents/<name>/gossip how events reach it from now on (JSON body: Gossip fields)
     GET    /_devcluster/stats                per-agent HTTP requests (also by route) and bytes in/out
     DELETE /_devcluster/stats                reset those counters
 
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from .realism import Gossip, RealismError
 
 if TYPE_CHECKING:
     from .agents import Agent
@@ -46,22 +52,26 @@ class Control:
         method = request.method
         if parts == ["agents"]:
             self._method(method, "GET")
-            return [{"name": a.name, "http_port": a.http_port, "running": a.running} for a in self.cluster.agents]
-        if len(parts) == 3 and parts[0] == "agents" and parts[2] in ("stop", "start"):
+            return [self._agent(a) for a in self.cluster.agents]
+        if len(parts) == 3 and parts[0] == "agents" and parts[2] in ("stop", "leave", "start", "gossip"):
             self._method(method, "PUT")
             agent = self.cluster.agent_by_name.get(parts[1])
             if agent is None:
                 raise ControlError(404, f"unknown agent {parts[1]!r}")
+            if parts[2] == "gossip":
+                agent.set_gossip(await self._gossip(request))
+                return self._agent(agent)
             # Shielded: a client hanging up must not leave an agent half stopped or started.
-            if parts[2] == "stop":
+            if parts[2] in ("stop", "leave"):
                 if serving is agent:
                     raise ControlError(
-                        409, f"{agent.name} is serving this request: send its stop to another agent's port"
+                        409, f"{agent.name} is serving this request: send its {parts[2]} to another agent's port"
                     )
-                await asyncio.shield(self.cluster.stop_agent(agent.name))
+                ending = self.cluster.stop_agent if parts[2] == "stop" else self.cluster.leave_agent
+                await asyncio.shield(ending(agent.name))
             else:
                 await asyncio.shield(self.cluster.start_agent(agent.name))
-            return {"name": agent.name, "http_port": agent.http_port, "running": agent.running}
+            return self._agent(agent)
         if parts == ["stats"]:
             if method == "DELETE":
                 self.cluster.reset_stats()
@@ -69,6 +79,24 @@ class Control:
             self._method(method, "GET")
             return self.cluster.stats()
         raise ControlError(404, f"no such devcluster endpoint: {request.path}")
+
+    @staticmethod
+    def _agent(agent: Agent) -> dict[str, Any]:
+        return {"name": agent.name, "http_port": agent.http_port, "running": agent.running,
+                "gossip": asdict(agent.gossip.gossip)}
+
+    @staticmethod
+    async def _gossip(request: web.BaseRequest) -> Gossip:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ControlError(400, f"the gossip settings must be a JSON object: {err}") from None
+        if not isinstance(body, dict):
+            raise ControlError(400, f"the gossip settings must be a JSON object, got {body!r}")
+        try:
+            return Gossip.from_dict(body)
+        except (RealismError, TypeError) as err:
+            raise ControlError(400, str(err)) from None
 
     @staticmethod
     def _method(method: str, allowed: str) -> None:

@@ -8,7 +8,11 @@ everything else (the demo, the benchmark, the chaos suite, the tests' harness) u
     with DevCluster(20, workdir) as double:      # or ServeProcess(20, workdir): the same calls
         node = double.nodes[3]                    # NodeInfo(name, host, port, scheme, config_dir, root, log_path)
         double.stop_agent("node-003")             # or an index; start_agent(), is_running()
+        double.leave_agent("node-004")            # a clean leave: deregistered at once
         double.stats()                            # per-agent HTTP counters; reset_stats()
+
+``realism=Realism.consul(20)`` makes it as unkind as Consul (realism.py); the default keeps
+the double's older, kinder behaviour.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .ports import find_free_port_range
+from .realism import Gossip, Realism
 from .workdir import INVENTORY_FILE, NodeInfo
 
 #: How a double runs: in a thread of this process, or as a child process of its own.
@@ -32,7 +37,8 @@ class Double:
     Both ways take the same settings: ``nodes`` agents publishing to ``workdir``, node k on
     ``http_port + k`` (None: a free port range taken at the first start and kept), default-deny
     ACLs with ``acl_token``, state kept in ``data_dir`` across restarts, HTTPS with ``tls_cert``
-    and ``tls_key``.
+    and ``tls_key`` (client certificates signed by ``tls_client_ca`` required with it), Consul's
+    unkind behaviour as ``realism`` says.
     """
 
     #: EMBEDDED or SUBPROCESS.
@@ -51,6 +57,8 @@ class Double:
         datacenter: str = "dc1",
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        realism: Realism | None = None,
+        tls_client_ca: str | Path | None = None,
     ) -> None:
         self.node_count = nodes
         self.workdir = Path(workdir).absolute()
@@ -60,6 +68,8 @@ class Double:
         self.datacenter = datacenter
         self.tls_cert = Path(tls_cert) if tls_cert is not None else None
         self.tls_key = Path(tls_key) if tls_key is not None else None
+        self.tls_client_ca = Path(tls_client_ca) if tls_client_ca is not None else None
+        self.realism = realism or Realism()
 
     def _port_range(self) -> int:
         """The first HTTP port: the one given, else a free range taken now and kept for later starts."""
@@ -93,7 +103,16 @@ class Double:
         raise NotImplementedError
 
     def stop_agent(self, node: str | int) -> None:
-        """Crash-stop a node's agent: its port refuses, its sessions die, it misses events."""
+        """Crash-stop a node's agent: its port refuses, it misses events; once failure detection
+        has run (``realism.failure_detection``) its serfHealth is critical and its sessions die."""
+        raise NotImplementedError
+
+    def leave_agent(self, node: str | int) -> None:
+        """The node's agent leaves: stopped, its node deregistered (checks gone, sessions invalidated)."""
+        raise NotImplementedError
+
+    def set_gossip(self, node: str | int, gossip: Gossip) -> None:
+        """How user events reach this node's agent from now on."""
         raise NotImplementedError
 
     def start_agent(self, node: str | int) -> None:

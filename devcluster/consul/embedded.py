@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from .cluster import Cluster
 from .double import EMBEDDED, Double
+from .realism import Gossip
 from .workdir import NodeInfo
 
 T = TypeVar("T")
@@ -47,7 +48,8 @@ class DevCluster(Double):
         if self._thread is not None:
             raise RuntimeError("DevCluster already started")
         cluster = Cluster(self.node_count, self._port_range(), self.workdir, self.acl_token, self.data_dir,
-                          self.datacenter, tls_cert=self.tls_cert, tls_key=self.tls_key)
+                          self.datacenter, tls_cert=self.tls_cert, tls_key=self.tls_key, realism=self.realism,
+                          tls_client_ca=self.tls_client_ca)
         self._cluster = cluster
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -99,6 +101,14 @@ class DevCluster(Double):
     def stop_agent(self, node: str | int) -> None:
         name = self.node(node).name
         self._await(lambda cluster: cluster.stop_agent(name))
+
+    def leave_agent(self, node: str | int) -> None:
+        name = self.node(node).name
+        self._await(lambda cluster: cluster.leave_agent(name))
+
+    def set_gossip(self, node: str | int, gossip: Gossip) -> None:
+        name = self.node(node).name
+        self._call(lambda cluster: cluster.agent_by_name[name].set_gossip(gossip))
 
     def start_agent(self, node: str | int) -> None:
         name = self.node(node).name

@@ -27,7 +27,8 @@ from urllib.parse import quote
 from aiohttp import web
 
 from . import state as st
-from .agents import Agent, ConfigError, EventFilters, UserEvent
+from .agents import SERF_USER_EVENT_LIMIT, Agent, ConfigError, EventFilters, UserEvent
+from .realism import MISSING_KEY_BLOCK, MISSING_KEY_EXACT
 from .goparse import SECOND, DurationError, RegexError, compile_go_regex, go_quote, parse_duration
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 
 KV_MAX_VALUE_SIZE = 512 * 1024
 TXN_MAX_REQ_LEN = 512 * 1024
-MAX_TXN_OPS = 128
-EVENT_MAX_PAYLOAD = 100
-SERF_USER_EVENT_LIMIT = 512
 DEFAULT_QUERY_SECONDS = 300.0
 MAX_QUERY_SECONDS = 600.0
 JITTER_FRACTION = 16
@@ -51,6 +49,8 @@ CLIENT_MAX_SIZE = 2 * TXN_MAX_REQ_LEN
 _UINT = re.compile(r"^[0-9]+$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _CHECK_STATES = ("any", "passing", "warning", "critical", "maintenance")
+# Agent-local endpoints: Consul does not read ?dc there (no RPC to route).
+_LOCAL_ROUTES = ("/v1/agent/", "/v1/event/list", "/v1/catalog/datacenters")
 
 
 class ApiError(Exception):
@@ -71,6 +71,9 @@ class QueryResult:
     topics: tuple[Any, ...]
     body: Any
     found: bool = True
+    #: Consul's ErrNotFound (blockingquery): while a re-run finds nothing again, the query keeps
+    #: blocking with the index it now reports.
+    blocks_while_absent: bool = False
 
 
 @dataclass(slots=True)
@@ -278,7 +281,8 @@ class HttpApi:
             if request.method not in methods:
                 raise ApiError(405, f"method {request.method} not allowed", {"Allow": ",".join(("OPTIONS", *methods))})
             call = Call(request, agent)
-            self._check_dc(call)
+            if not route.startswith(_LOCAL_ROUTES):
+                self._check_dc(call)
             return await handler(call, rest)
         except ApiError as err:
             return self._text(err.status, err.message, err.headers)
@@ -347,7 +351,7 @@ class HttpApi:
     def _check_dc(self, call: Call) -> None:
         dc = call.param("dc")
         if dc and dc != self.cluster.datacenter:
-            raise ApiError(500, "No path to datacenter")
+            raise st.StateError("No path to datacenter")
 
     @staticmethod
     def _wait(call: Call) -> tuple[int, float]:
@@ -389,6 +393,9 @@ class HttpApi:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         agent = call.agent
+        min_index = opts.min_index
+        # The older double runs the query once more at the timeout.
+        consul_timeout = self.cluster.realism.missing_key != MISSING_KEY_EXACT
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0 or not agent.running:
@@ -408,8 +415,12 @@ class HttpApi:
                 timer.cancel()
                 self.state.unwatch(handle)
                 agent.discard_on_stop(wake)
-            result = run()
-            if result.index > opts.min_index:
+            if consul_timeout and loop.time() >= deadline:
+                return result  # Consul answers a timed-out query from its last run (blockingquery.Query)
+            previous, result = result, run()
+            if previous.blocks_while_absent and result.blocks_while_absent:
+                min_index = max(min_index, result.index)
+            if result.index > min_index:
                 return result
 
     # -------------------------------------------------------------------- ACLs
@@ -490,15 +501,29 @@ class HttpApi:
 
     def _kv_get(self, key: str) -> QueryResult:
         index, entry = self.state.kv_get(key)
-        return QueryResult(index, (("kv", key),), entry, found=entry is not None)
+        if entry is not None:
+            return QueryResult(index, (("kv", key),), entry)
+        mode = self.cluster.realism.missing_key
+        return QueryResult(index, self._absent_topics(key, ("kv", key)), None, found=False,
+                           blocks_while_absent=mode == MISSING_KEY_BLOCK)
 
     def _kv_list(self, prefix: str) -> QueryResult:
         index, entries = self.state.kv_list(prefix)
-        return QueryResult(index, (("kvp", prefix),), [e.to_api() for e in entries], found=bool(entries))
+        topics = (("kvp", prefix),) if entries else self._absent_topics(prefix, ("kvp", prefix))
+        return QueryResult(index, topics, [e.to_api() for e in entries], found=bool(entries))
 
     def _kv_keys(self, prefix: str, separator: str) -> QueryResult:
         index, keys = self.state.kv_keys(prefix, separator)
-        return QueryResult(index, (("kvp", prefix),), keys, found=bool(keys) or not prefix)
+        topics = (("kvp", prefix),) if keys else self._absent_topics(prefix, ("kvp", prefix))
+        return QueryResult(index, topics, keys, found=bool(keys) or not prefix)
+
+    def _absent_topics(self, key: str, exact: tuple[str, str]) -> tuple[Any, ...]:
+        """What wakes a read of a key or prefix that holds nothing: in Consul memdb's radix node
+        nearest to it, i.e. a write under the longest prefix it shares with a stored key (a new
+        key splitting that node's edge higher up is not modeled); ``exact`` in the older double."""
+        if self.cluster.realism.missing_key == MISSING_KEY_EXACT:
+            return (exact,)
+        return (("kvp", self.state.kv_nearest_prefix(key)),)
 
     def _conflicting(self, call: Call, *flags: str) -> None:
         if sum(1 for f in flags if call.has(f)) > 1:
@@ -569,8 +594,9 @@ class HttpApi:
         raw = self._json_body(body, "Failed to parse body: ")
         if not isinstance(raw, list):
             raise ApiError(400, f"Failed to parse body: {_decode_error('TxnOps', '[]*api.TxnOp', raw)}")
-        if len(raw) > MAX_TXN_OPS:
-            raise ApiError(413, f"Transaction contains too many operations ({len(raw)} > {MAX_TXN_OPS})")
+        max_ops = self.cluster.realism.txn_max_ops
+        if len(raw) > max_ops:
+            raise ApiError(413, f"Transaction contains too many operations ({len(raw)} > {max_ops})")
         ops = [op for op in (self._txn_op(i, item) for i, item in enumerate(raw)) if op is not None]
         writes = any(op.verb in st.KV_WRITE_VERBS for op in ops)
         if not writes:
@@ -589,7 +615,7 @@ class HttpApi:
             ]
             if errors:
                 return self._json(call, {"Results": None, "Errors": errors}, status=409)
-        results, errors = self.state.txn(ops)
+        results, errors = self.state.txn(ops, get_or_empty=self.cluster.realism.serves_get_or_empty)
         if results is not None and anonymous:
             results = []
         headers = None if writes else {"X-Consul-Knownleader": "true", "X-Consul-Lastcontact": "0"}
@@ -776,15 +802,19 @@ class HttpApi:
         node, service, tag = call.param("node"), call.param("service"), call.param("tag")
         payload = None
         length = call.request.content_length
+        limit = self.cluster.realism.event_payload_limit
         if length is not None and length > 0:
-            payload = await self._body(
-                call,
-                EVENT_MAX_PAYLOAD,
-                lambda n: (
-                    f"Request body({n} bytes) too large, max size: {EVENT_MAX_PAYLOAD} bytes. "
-                    "Keep user event payloads small: put data in the KV store and send a reference."
-                ),
-            )
+            if limit is None:
+                payload = await call.request.read()
+            else:
+                payload = await self._body(
+                    call,
+                    limit,
+                    lambda n: (
+                        f"Request body({n} bytes) too large, max size: {limit} bytes. "
+                        "Keep user event payloads small: put data in the KV store and send a reference."
+                    ),
+                )
         if tag and not service:
             raise ApiError(500, "Cannot provide tag filter without service filter")
         compiled = []
@@ -799,10 +829,14 @@ class HttpApi:
         if self.cluster.acl_token and call.token != self.cluster.acl_token:
             raise ApiError(403, "ACL not found" if call.token else "Permission denied")
         event = UserEvent.new(name, payload, node, service, tag)
-        # Serf caps the encoded user event (name + msgpack'd UserEvent) at 512 bytes.
-        encoded = 96 + len(name) * 2 + len(payload or b"") + len(node) + len(service) + len(tag)
-        if encoded > SERF_USER_EVENT_LIMIT:
+        # Serf refuses a user event over 512 bytes, measured before and after encoding (serf.UserEvent).
+        before, after = event.serf_sizes(self.state.ltime)
+        if before > SERF_USER_EVENT_LIMIT:
             raise st.StateError(f"user event exceeds configured limit of {SERF_USER_EVENT_LIMIT} bytes before encoding")
+        if after > SERF_USER_EVENT_LIMIT:
+            raise st.StateError(
+                f"encoded user event exceeds configured limit of {SERF_USER_EVENT_LIMIT} bytes after encoding"
+            )
         self.cluster.fire_event(event, EventFilters(*compiled))
         return self._json(call, event.to_api(ltime=0))
 
@@ -946,7 +980,7 @@ class HttpApi:
 
     def _member(self, agent: Agent) -> dict[str, Any]:
         tags = {
-            "build": f"{st.CONSUL_VERSION}:devcluster",
+            "build": f"{self.cluster.realism.consul_version}:devcluster",
             "dc": self.cluster.datacenter,
             "id": st.node_id_for(agent.name),
             "role": "consul" if agent.is_server else "node",
@@ -962,7 +996,7 @@ class HttpApi:
             "Addr": self.cluster.host,
             "Port": SERF_LAN_PORT,
             "Tags": tags,
-            "Status": 1 if agent.running else 4,
+            "Status": agent.member_status,
             "ProtocolMin": 1,
             "ProtocolMax": 5,
             "ProtocolCur": 2,
@@ -976,6 +1010,7 @@ class HttpApi:
         self._allowed(call, "agent:read", agent.name)
         node_id = st.node_id_for(agent.name)
         dc = self.cluster.datacenter
+        version = self.cluster.realism.consul_version
         body = {
             "Config": {
                 "Datacenter": dc,
@@ -985,7 +1020,7 @@ class HttpApi:
                 "Partition": "",
                 "Revision": "devcluster",
                 "Server": agent.is_server,
-                "Version": st.CONSUL_VERSION,
+                "Version": version,
                 "BuildDate": "2025-10-14T00:00:00Z",
             },
             "DebugConfig": {
@@ -1000,7 +1035,7 @@ class HttpApi:
                 "KVMaxValueSize": KV_MAX_VALUE_SIZE,
                 "TxnMaxReqLen": TXN_MAX_REQ_LEN,
                 "SessionTTLMin": "10s",
-                "Version": st.CONSUL_VERSION,
+                "Version": version,
             },
             "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
             "Member": self._member(agent),
@@ -1011,9 +1046,9 @@ class HttpApi:
                     "checks": "0",
                     "services": str(len(self.state.local_services(agent.name))),
                 },
-                "build": {"prerelease": "", "revision": "devcluster", "version": st.CONSUL_VERSION},
+                "build": {"prerelease": "", "revision": "devcluster", "version": version},
             },
-            "Meta": {"consul-network-segment": "", "consul-version": st.CONSUL_VERSION},
+            "Meta": {"consul-network-segment": "", "consul-version": version},
             "xDS": {"SupportedProxies": {}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
         }
         return self._json(call, body)

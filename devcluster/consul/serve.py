@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .cluster import Cluster, ClusterError
 from .persistence import PersistenceError
+from .realism import RealismError, add_arguments, from_args
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--datacenter", default="dc1", help="datacenter name (default: dc1)")
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain) on every port")
     serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", type=Path,
+                       help="require client certificates signed by this PEM CA (Consul's verify_incoming)")
+    add_arguments(serve)
     return serve
 
 
@@ -57,6 +61,8 @@ async def _serve(args: argparse.Namespace) -> int:
         datacenter=args.datacenter,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        realism=from_args(args, args.nodes),
+        tls_client_ca=args.tls_client_ca,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -83,6 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="devcluster: %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(_serve(args))
-    except (ClusterError, PersistenceError) as err:
+    except (ClusterError, PersistenceError, RealismError) as err:
         print(f"devcluster: error: {err}", file=sys.stderr)
         return 1

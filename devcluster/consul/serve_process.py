@@ -16,12 +16,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .. import REPO_ROOT
 from .control import PREFIX as CONTROL_PREFIX
 from .double import SUBPROCESS, Double
+from .realism import Gossip
 from .workdir import CLUSTER_FILE, NodeInfo, read_nodes
 
 LOG_FILE = "devcluster.log"
@@ -82,10 +84,10 @@ class ServeProcess(Double):
                    "--http-port", str(self.http_port), "--workdir", str(self.workdir)]
         for option, value in (("--acl-token", self.acl_token), ("--data-dir", self.data_dir),
                               ("--datacenter", self.datacenter), ("--tls-cert", self.tls_cert),
-                              ("--tls-key", self.tls_key)):
+                              ("--tls-key", self.tls_key), ("--tls-client-ca", self.tls_client_ca)):
             if value is not None:
                 command += [option, str(value)]
-        return command
+        return command + self.realism.to_args()
 
     def start(self, timeout: float = START_TIMEOUT) -> ServeProcess:
         """Start the double; it returns once every agent listens (cluster.json is written).
@@ -145,6 +147,14 @@ class ServeProcess(Double):
         name = self.node(node).name
         self._control("PUT", f"agents/{name}/stop", avoid=name)
 
+    def leave_agent(self, node: str | int) -> None:
+        name = self.node(node).name
+        self._control("PUT", f"agents/{name}/leave", avoid=name)
+
+    def set_gossip(self, node: str | int, gossip: Gossip) -> None:
+        name = self.node(node).name
+        self._control("PUT", f"agents/{name}/gossip", body=asdict(gossip))
+
     def start_agent(self, node: str | int) -> None:
         name = self.node(node).name
         self._control("PUT", f"agents/{name}/start", avoid=name)
@@ -160,23 +170,25 @@ class ServeProcess(Double):
     def reset_stats(self) -> None:
         self._control("DELETE", "stats")
 
-    def _control(self, method: str, path: str, avoid: str | None = None) -> Any:
-        """Send a /_devcluster/ call to the first agent that takes it, the leader's first; never to
-        the agent named ``avoid`` (the one the call is about: a stopped agent's port is closed)."""
+    def _control(self, method: str, path: str, avoid: str | None = None, body: Any = None) -> Any:
+        """Send a /_devcluster/ call (``body`` as JSON) to the first agent that takes it, the leader's
+        first; never to the agent named ``avoid`` (the one the call is about: a stopped agent's port
+        is closed)."""
         refused = []
         for via in self.nodes:
             if via.name == avoid:
                 continue
             try:
-                return self._control_via(method, path, via)
+                return self._control_via(method, path, via, body)
             except ConnectionRefusedError:
                 refused.append(via.name)
         raise ServeError(f"{method} {CONTROL_PREFIX}{path}: no agent to send it to (refused by {refused or 'none'})")
 
-    def _control_via(self, method: str, path: str, via: NodeInfo) -> Any:
+    def _control_via(self, method: str, path: str, via: NodeInfo, body: Any = None) -> Any:
         url = f"{via.base_url}{CONTROL_PREFIX}{path}"
         headers = {"X-Consul-Token": self.acl_token} if self.acl_token else {}
-        request = urllib.request.Request(url, method=method, headers=headers)
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
         if via.scheme == "https" and self.tls_cert is not None:
             handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.tls_cert))))

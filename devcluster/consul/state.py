@@ -709,6 +709,22 @@ class ConsulState:
             return entry.modify_index, entry
         return self.kv_max_index() or 1, None
 
+    def kv_nearest_prefix(self, key: str) -> str:
+        """The longest prefix ``key`` shares with a stored key: the path of memdb's radix node a
+        read of a missing ``key`` (or an empty prefix) watches. The sorted neighbours of ``key``
+        share the longest one."""
+        keys = self._kv_keys
+        i = bisect_left(keys, key)
+        shared = 0
+        for other in keys[max(0, i - 1) : i + 1]:
+            n = 0
+            for a, b in zip(key, other):
+                if a != b:
+                    break
+                n += 1
+            shared = max(shared, n)
+        return key[:shared]
+
     def kv_list(self, prefix: str) -> tuple[int, list[KVEntry]]:
         """KVS.List: index is the max ModifyIndex under the prefix, deletions included."""
         entries = [self.kv[k] for k in _scan(self._kv_keys, prefix)]
@@ -888,11 +904,16 @@ class ConsulState:
 
     # ------------------------------------------------------------------------ txn
 
-    def txn(self, ops: list[TxnOp]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
-        """Run a KV transaction atomically: (results, None) or (None, errors)."""
+    def txn(
+        self, ops: list[TxnOp], get_or_empty: bool = True
+    ) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+        """Run a KV transaction atomically: (results, None) or (None, errors). Without
+        ``get_or_empty`` (Consul before 1.14) that verb is unknown."""
         errors: list[dict[str, Any]] = []
         for i, op in enumerate(ops):
-            if not op.key and op.verb != "delete-tree":
+            if op.verb == "get-or-empty" and not get_or_empty:
+                errors.append({"OpIndex": i, "What": f"unknown KV verb {go_quote(op.verb)}"})
+            elif not op.key and op.verb != "delete-tree":
                 errors.append({"OpIndex": i, "What": "Must provide key"})
             elif op.verb == "lock" and self.lock_delay_active(op.key):
                 errors.append({"OpIndex": i, "What": f"failed to lock key {go_quote(op.key)} due to lock delay"})

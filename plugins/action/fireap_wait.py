@@ -28,6 +28,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     over_failure_budget,
     run_over,
 )
+from ansible_collections.fireap.consul.plugins.plugin_utils._connection_vars import role_connection
 
 display = Display()
 
@@ -65,9 +66,11 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         del tmp  # no longer has any effect
+        self._task_vars = {} if task_vars is None else task_vars
+        # Options the task leaves unset come from the host's fireap_node role variables, as for the modules.
+        self._task.args = role_connection(self, self._task_vars)
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         _check_numbers(args)
-        self._task_vars = task_vars or {}
         self._connection_args = {name: args[name] for name in PASSED_ON if args.get(name) is not None}
         self._warnings: list[str] = []
         try:

@@ -87,6 +87,8 @@ CONNECTION_ARGUMENT_SPEC = {
     "scheme": {"type": "str", "choices": ["http", "https"]},
     "validate_certs": {"type": "bool"},
     "ca_path": {"type": "path"},
+    "client_cert": {"type": "path"},
+    "client_key": {"type": "path"},
     "token": {"type": "str", "no_log": True},
     "timeout": {"type": "float"},
     "retries": {"type": "int"},
@@ -99,6 +101,8 @@ ENV_TOKEN = "CONSUL_HTTP_TOKEN"
 ENV_TOKEN_FILE = "CONSUL_HTTP_TOKEN_FILE"
 ENV_CACERT = "CONSUL_CACERT"
 ENV_CAPATH = "CONSUL_CAPATH"
+ENV_CLIENT_CERT = "CONSUL_CLIENT_CERT"
+ENV_CLIENT_KEY = "CONSUL_CLIENT_KEY"
 ENV_SSL = "CONSUL_HTTP_SSL"
 ENV_SSL_VERIFY = "CONSUL_HTTP_SSL_VERIFY"
 
@@ -177,6 +181,8 @@ class ConsulOptions:
     scheme: str = DEFAULT_SCHEME
     validate_certs: bool = True
     ca_path: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
     token: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
@@ -184,12 +190,29 @@ class ConsulOptions:
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(name, getattr(self, name)))
-        # Checked only where it is used, so a stale CONSUL_CACERT does not break plain http.
-        if self.ca_path and self.scheme == "https" and self.validate_certs and not os.path.exists(self.ca_path):
+        # Checked only where they are used, so a stale CONSUL_CACERT or CONSUL_CLIENT_CERT does
+        # not break plain http.
+        if self.scheme != "https":
+            return
+        if self.ca_path and self.validate_certs and not os.path.exists(self.ca_path):
             raise ConsulOptionsError(
                 f"ca_path {self.ca_path!r} does not exist (expected a CA certificate file or directory; "
                 f"the value comes from the ca_path option, else {ENV_CACERT}, else {ENV_CAPATH})"
             )
+        if (self.client_cert is None) != (self.client_key is None):
+            given, missing = ("client_cert", "client_key") if self.client_key is None else ("client_key", "client_cert")
+            raise ConsulOptionsError(
+                f"{given} is set but {missing} is not: the client certificate and its private key go together "
+                f"(the options client_cert and client_key, else {ENV_CLIENT_CERT} and {ENV_CLIENT_KEY})"
+            )
+        for name, variable, what in (("client_cert", ENV_CLIENT_CERT, "the client certificate (PEM)"),
+                                     ("client_key", ENV_CLIENT_KEY, "the client certificate's private key (PEM)")):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConsulOptionsError(
+                    f"{name} {path!r} is not a file (expected {what}; "
+                    f"the value comes from the {name} option, else {variable})"
+                )
 
     @classmethod
     def from_params(cls, params, environ=None) -> ConsulOptions:
@@ -216,6 +239,9 @@ class ConsulOptions:
                 values["validate_certs"] = verify
         if "ca_path" not in values and (environ.get(ENV_CACERT) or environ.get(ENV_CAPATH)):
             values["ca_path"] = environ.get(ENV_CACERT) or environ.get(ENV_CAPATH)
+        for name, variable in (("client_cert", ENV_CLIENT_CERT), ("client_key", ENV_CLIENT_KEY)):
+            if name not in values and environ.get(variable):
+                values[name] = environ[variable]
         if "token" not in values:
             token = _env_token(environ)
             if token is not None:
@@ -250,11 +276,20 @@ class ConsulOptions:
             return False
         return self.ca_path or True
 
+    @property
+    def cert(self) -> tuple[str, str] | None:
+        """requests' ``cert``: the client certificate and key an https agent that verifies
+        incoming connections (Consul's verify_incoming) asks for, or None."""
+        if self.scheme != "https" or self.client_cert is None or self.client_key is None:
+            return None
+        return self.client_cert, self.client_key
+
     def __repr__(self) -> str:
         token = "<hidden>" if self.token else None
         return (
             f"ConsulOptions(host={self.host!r}, port={self.port!r}, scheme={self.scheme!r}, "
-            f"validate_certs={self.validate_certs!r}, ca_path={self.ca_path!r}, token={token}, "
+            f"validate_certs={self.validate_certs!r}, ca_path={self.ca_path!r}, client_cert={self.client_cert!r}, "
+            f"client_key={self.client_key!r}, token={token}, "
             f"timeout={self.timeout!r}, retries={self.retries!r})"
         )
 
@@ -302,12 +337,17 @@ def _check_bool(label: str, value) -> bool:
     return value
 
 
-def _check_ca_path(label: str, value) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise _invalid(label, value, "the path of a CA certificate file or directory")
-    return os.path.expanduser(value)
+def _path_check(expected: str) -> Callable[[str, object], str | None]:
+    """A check of an optional path option: None, or a non-empty string (``~`` expanded)."""
+
+    def check(label: str, value) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise _invalid(label, value, expected)
+        return os.path.expanduser(value)
+
+    return check
 
 
 def _check_token(label: str, value) -> str | None:
@@ -343,7 +383,9 @@ _CHECKS = {
     "port": _check_port,
     "scheme": _check_scheme,
     "validate_certs": _check_bool,
-    "ca_path": _check_ca_path,
+    "ca_path": _path_check("the path of a CA certificate file or directory"),
+    "client_cert": _path_check("the path of a client certificate file"),
+    "client_key": _path_check("the path of a client certificate's private key file"),
     "token": _check_token,
     "timeout": _check_timeout,
     "retries": _check_retries,
@@ -541,6 +583,7 @@ class _Consul(_PyConsul):
             verify=options.verify,
             token=options.token,
             connections_timeout=options.timeout,
+            cert=options.cert,
         )
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; the options already
         # applied the environment with the right precedence.
@@ -700,6 +743,36 @@ def _hide_token(message: str, options: ConsulOptions) -> str:
     return message.replace(options.token, "<token>") if options.token else message
 
 
+#: OpenSSL's words (upper case) when an agent that verifies clients got no certificate or refused
+#: the one it got: an alert (TLS 1.3 names a missing one, TLS 1.2 says "handshake failure"), or,
+#: in TLS 1.3, the connection closed before the alert was read (_DROPPED). And when the files
+#: would not load.
+_DROPPED = "EOF OCCURRED"
+_CLIENT_CERT_REFUSED = ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", "UNKNOWN_CA", "BAD_CERTIFICATE",
+                        "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED", "ACCESS_DENIED", _DROPPED)
+_CLIENT_CERT_UNLOADABLE = ("KEY_VALUES_MISMATCH", "PEM LIB", "PEM_LIB", "NO_START_LINE")
+
+
+def _client_cert_hint(error: str, options: ConsulOptions) -> str:
+    """What to do about a TLS error (OpenSSL's text, upper case) that may concern the client certificate."""
+    if options.cert is not None and any(word in error for word in _CLIENT_CERT_UNLOADABLE):
+        return (
+            f" (cannot load the client certificate {options.client_cert!r} with the key {options.client_key!r}: "
+            "both must be PEM files and the key must be the certificate's)"
+        )
+    if not any(word in error for word in _CLIENT_CERT_REFUSED):
+        return ""
+    if options.cert is None:
+        return (
+            " (the agent may require a client certificate, as Consul's verify_incoming does: set client_cert "
+            f"and client_key, or {ENV_CLIENT_CERT} and {ENV_CLIENT_KEY})"
+        )
+    return (
+        f" (the agent may have refused the client certificate {options.client_cert!r}: it must be valid and signed "
+        "by a CA the agent trusts)"
+    )
+
+
 def _exception_chain(err: BaseException):
     """err and everything it wraps: urllib3's .reason, exception args, causes and contexts."""
     seen = set()
@@ -730,7 +803,7 @@ def _transport_reason(err: BaseException, options: ConsulOptions) -> str:
             hint = ""
             if "WRONG_VERSION_NUMBER" in str(item).upper() or "RECORD_LAYER_FAILURE" in str(item).upper():
                 hint = f" (the agent does not seem to speak HTTPS on this port: check scheme and {ENV_SSL})"
-            return f"TLS error: {text}{hint}"
+            return f"TLS error: {text}{hint or _client_cert_hint(str(item).upper(), options)}"
     for item in chain:
         if isinstance(item, socket.gaierror):
             return f"cannot resolve host {options.host!r} ({item.strerror})"
@@ -745,6 +818,12 @@ def _transport_reason(err: BaseException, options: ConsulOptions) -> str:
         )
         if connect_timeout or isinstance(item, requests.exceptions.ConnectTimeout):
             return f"no connection within {options.timeout:g} s"
+    if options.scheme == "https":
+        for item in chain:
+            # http.client's RemoteDisconnected is one: TLS 1.3 ends the handshake before the agent
+            # has checked the client certificate, and an agent that refuses it may just hang up.
+            if isinstance(item, ConnectionResetError):
+                return f"the agent closed the connection: {item}{_client_cert_hint(_DROPPED, options)}"
     for item in chain:
         if isinstance(item, OSError) and item.strerror:
             return item.strerror[0].lower() + item.strerror[1:]

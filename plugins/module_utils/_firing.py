@@ -14,10 +14,15 @@ How one release is started (``fire``):
    module exits and marks the run as in flight. A lock held by a run that has finished
    (every target done or failed) or was aborted is taken over; one held by a run still
    in progress is refused unless ``force``;
-2. the targets are resolved from the catalog (node regex, service and tag), the leader
-   first; the plan of every target is written in /v1/txn batches, then the leader's own
-   state (done, depth 0) and the release record in one last transaction, so a node never
-   sees a release record whose plan is not written yet;
+2. the targets are the catalog's nodes that the release's filters select (the node regex
+   matching the whole name, the service and tag) and that take the app: they advertise it
+   (``<prefix>.apps/<node>``, written by each node's handler) and, when the app has
+   service/tag filters there, the catalog lists a service of theirs that matches them
+   (``AppAdvert.accepts``). The leader comes first. The fan-out, when not given, is the
+   smallest ``max_semaphores`` the targets advertise. An app no node advertises is refused
+   before the lock is taken. The plan of every target is written in /v1/txn batches, then
+   the leader's own state (done, depth 0) and the release record in one last transaction,
+   so a node never sees a release record whose plan is not written yet;
 3. the user event ``FIREAP:TASK`` carrying ``{"app", "version"}`` is fired with the
    release's filters. The event is only a wake-up: nodes read everything else from KV.
 """
@@ -29,7 +34,10 @@ import os
 import re
 import socket
 import time
+import urllib.parse
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -37,11 +45,14 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_TERMINAL_STATUSES,
     RELEASE_RUNNING,
     TXN_MAX_OPS,
+    KVRecordError,
     LockRecord,
+    NodeAdvert,
     NodeState,
     ReleaseFilters,
     ReleaseRecord,
     Schema,
+    Service,
     txn_set_batches,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
@@ -66,7 +77,10 @@ EVENT_SIZE_LIMIT = 512
 #: Serf name "consul:event:FIREAP:TASK" twice, msgpack field names, event ID, times), with margin.
 EVENT_OVERHEAD = 200
 
-DEFAULT_FANOUT = 5
+#: How many names (of apps, of nodes) a refusal lists at most.
+NAMES_SHOWN_MAX = 20
+#: The check whose state tells whether a node's agent is alive.
+SERF_CHECK = "serfHealth"
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -213,7 +227,7 @@ def _filter_budget(payload: bytes, service: str | None = None, tag: str | None =
 
 def _check_event_size(payload: bytes, filters: ReleaseFilters) -> None:
     budget = _filter_budget(payload, filters.service, filters.tag)
-    node_bytes = _utf8_len(filters.node)
+    node_bytes = _utf8_len(event_node_filter(filters.node))
     if node_bytes > budget:
         raise ReleaseError(
             f"the event with its filters would not fit in one Consul user event: Serf sends an event, its payload "
@@ -316,20 +330,104 @@ def _take_lock(client, schema: Schema, app: str, held: dict | None, record: Lock
 # --- targets ------------------------------------------------------------------------------
 
 
-def resolve_targets(client, leader: str, filters: ReleaseFilters, nodes: list[dict] | None = None) -> list[str]:
-    """The release's targets in schedule order: the leader, then the matching catalog nodes.
+def event_node_filter(node_filter: str | None) -> str | None:
+    """The event's node filter for ``node_filter``, anchored: Consul's agents search it
+    unanchored, and it must select whole names, as the targets are chosen (``web1`` is not
+    ``web10``)."""
+    return None if node_filter is None else f"^(?:{node_filter})$"
 
-    ``filters.node`` is searched unanchored in each node name, as Consul matches event
-    filters (``web1`` also selects ``web10``); ``filters.service`` (with ``filters.tag``)
-    keeps the nodes the catalog lists for that service (and tag). ``nodes``: the answer of
-    /v1/catalog/nodes when the caller read it already.
-    """
-    if nodes is None:
-        _index, nodes = client.catalog.nodes()
-    names = [node["Node"] for node in nodes or ()]
+
+@dataclass(frozen=True)
+class Targets:
+    """Who a run goes to, and the nodes the release's filters select that it leaves out."""
+
+    names: list[str]  # schedule order, the leader first
+    fanout: int | None  # the smallest max_semaphores the targets advertise; None when none does
+    unreachable: list[str]  # targets whose serfHealth is critical: they catch up when their agent is back
+    without_app: list[str]  # do not advertise the app
+    not_accepting: list[str]  # advertise it, but its service/tag filters match none of their services
+
+
+def choose_targets(
+    app: str,
+    leader: str,
+    names: Iterable[str],
+    adverts: Mapping[str, NodeAdvert],
+    services: Mapping[str, list[Service]],
+    critical: Iterable[str] = (),
+) -> Targets:
+    """The targets among ``names`` (the nodes the release's own filters select): the leader,
+    then every node whose advert lists ``app`` and accepts the node's ``services`` (from the
+    catalog). ``critical``: nodes whose serfHealth is critical."""
+    chosen: list[str] = []
+    without_app: list[str] = []
+    not_accepting: list[str] = []
+    for name in names:
+        if name == leader:
+            continue
+        advert = adverts.get(name)
+        app_advert = advert.apps.get(app) if advert is not None else None
+        if app_advert is None:
+            without_app.append(name)
+        elif app_advert.accepts(services.get(name, ())):
+            chosen.append(name)
+        else:
+            not_accepting.append(name)
+    ordered = schedule_order(chosen, leader)
+    fanouts = [adverts[name].apps[app].max_semaphores for name in ordered
+               if name in adverts and app in adverts[name].apps]
+    down = set(critical)
+    return Targets(ordered, min(fanouts, default=None), [name for name in ordered if name in down],
+                   sorted(without_app), sorted(not_accepting))
+
+
+def read_adverts(client, schema: Schema) -> tuple[dict[str, NodeAdvert], list[str]]:
+    """Every node's advert (``<prefix>.apps/<node>``) and a message for each unreadable one
+    (its node counts as having no app)."""
+    prefix = schema.adverts_prefix()
+    _index, entries = client.kv.get(prefix, recurse=True)
+    adverts: dict[str, NodeAdvert] = {}
+    errors: list[str] = []
+    for entry in entries or ():
+        key = entry["Key"]
+        try:
+            node = check_name(key[len(prefix):], "node")
+            adverts[node] = NodeAdvert.from_json(entry.get("Value"), key)
+        except (KVRecordError, ValueError) as err:
+            errors.append(f"{err}; that node counts as having no app until its handler writes the advert again")
+    return adverts, errors
+
+
+def _catalog_services(client, patterns: set[str]) -> dict[str, list[Service]]:
+    """Node -> (name, tags) of each catalog service whose name one of ``patterns`` matches:
+    one request for the names, one per matching name."""
+    if not patterns:
+        return {}
+    _index, catalog = client.catalog.services()
+    compiled = [re.compile(pattern) for pattern in sorted(patterns)]
+    services: dict[str, list[Service]] = {}
+    for name in sorted(catalog or {}):
+        if not isinstance(name, str) or not any(pattern.search(name) for pattern in compiled):
+            continue
+        _index, entries = client.catalog.service(urllib.parse.quote(name, safe=""))
+        for entry in entries or ():
+            tags = entry.get("ServiceTags") or []
+            if isinstance(entry.get("Node"), str) and isinstance(tags, list):
+                services.setdefault(entry["Node"], []).append((name, [tag for tag in tags if isinstance(tag, str)]))
+    return services
+
+
+def _critical_nodes(client) -> set[str]:
+    _index, checks = client.health.state("critical")
+    return {check.get("Node") for check in checks or () if check.get("CheckID") == SERF_CHECK}
+
+
+def _selected(client, leader: str, filters: ReleaseFilters, nodes: list[dict]) -> list[str]:
+    """The catalog's node names the release's own filters select (``filters.node`` matching
+    the whole name, ``filters.service`` with ``filters.tag`` as listed by the catalog)."""
+    names = [node["Node"] for node in nodes]
     if filters.node:
-        pattern = re.compile(filters.node)
-        names = [name for name in names if pattern.search(name)]
+        names = [name for name in names if re.fullmatch(filters.node, name)]
     if filters.service:
         _index, entries = client.catalog.service(filters.service, tag=filters.tag)
         providers = {entry["Node"] for entry in entries or ()}
@@ -347,7 +445,52 @@ def resolve_targets(client, leader: str, filters: ReleaseFilters, nodes: list[di
         )
     if any(getattr(filters, name) for name in ("node", "service")) and not set(names) - {leader}:
         raise ReleaseError(f"no node besides the leader {leader} matches the filters {_filters_text(filters)}")
-    return schedule_order(names, leader)
+    return names
+
+
+def _listed(names: list[str]) -> str:
+    """``names`` for a message: the first NAMES_SHOWN_MAX of them, and how many more."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:NAMES_SHOWN_MAX])
+    return shown + (f" and {len(names) - NAMES_SHOWN_MAX} more" if len(names) > NAMES_SHOWN_MAX else "")
+
+
+def resolve_targets(client, schema: Schema, app: str, leader: str, filters: ReleaseFilters,
+                    nodes: list[dict]) -> tuple[Targets, list[str]]:
+    """The run's targets (``choose_targets`` over what Consul says) and the adverts' errors.
+
+    ``nodes``: the answer of /v1/catalog/nodes. ReleaseError, before anything is written,
+    when no node of the catalog advertises ``app`` (naming the apps the nodes have) or no
+    node besides the leader takes it.
+    """
+    adverts, errors = read_adverts(client, schema)
+    catalog = [node["Node"] for node in nodes]
+    apps = sorted({name for node in catalog if node in adverts for name in adverts[node].apps})
+    if app not in apps:
+        raise ReleaseError(
+            f"app {app!r} is configured on no node: none advertises it in {schema.adverts_prefix()}<node> (the "
+            f"apps the nodes have: {_listed(apps)}). Check the app name, or add the app to the nodes' task "
+            "config (the fireap_node role's fireap_node_apps) and apply the role"
+        )
+    names = _selected(client, leader, filters, nodes)
+    wanted = [adverts[name].apps[app] for name in names if name in adverts and app in adverts[name].apps]
+    services = _catalog_services(client, {advert.service_filter for advert in wanted if advert.service_filter})
+    targets = choose_targets(app, leader, names, adverts, services, _critical_nodes(client))
+    if len(targets.names) == 1:
+        left_out = []
+        if targets.without_app:
+            left_out.append(f"{len(targets.without_app)} do not have it ({_listed(targets.without_app)})")
+        if targets.not_accepting:
+            left_out.append(f"{len(targets.not_accepting)} have it, but its service/tag filters there match none of "
+                            f"their services in the catalog ({_listed(targets.not_accepting)})")
+        raise ReleaseError(
+            f"no node besides the leader {leader} takes app {app!r}"
+            + (f" among the nodes the filters {_filters_text(filters)} select" if any(filters.to_dict().values())
+               else "")
+            + (": " + "; ".join(left_out) if left_out else "")
+        )
+    return targets, errors
 
 
 def _filters_text(filters: ReleaseFilters) -> str:
@@ -414,7 +557,7 @@ def fire(
     node_filter: str | None = None,
     service: str | None = None,
     tag: str | None = None,
-    fanout: int = DEFAULT_FANOUT,
+    fanout: int | None = None,
     force: bool = False,
     check_mode: bool = False,
     holder: str | None = None,
@@ -422,21 +565,28 @@ def fire(
     """Start a run of ``app`` at ``version`` (default: the previous version + 1).
 
     ``client`` talks to the leader's agent: its node is the run's leader and always target
-    0. Returns ``run_id``, ``version``, ``previous_version``, ``targets`` (schedule order),
-    ``target_count``, ``leader``, ``fanout``, ``filters``, ``event_id`` (None in check
-    mode), ``release`` (the record written), ``previous_release``, ``took_over`` (the lock
-    record of the finished or forced run whose lock was taken, else None) and
-    ``stale_plans`` (plan keys of nodes no longer targeted, deleted). In check mode nothing
-    is written and no event is fired, but the lock is still checked.
+    0. ``node_filter`` must match a node's whole name. ``fanout`` None: the smallest
+    ``max_semaphores`` the targets advertise. Returns ``run_id``, ``version``,
+    ``previous_version``, ``targets`` (schedule order), ``target_count``, ``leader``,
+    ``fanout``, ``filters``, ``event_id`` (None in check mode), ``release`` (the record
+    written), ``previous_release``, ``took_over`` (the lock record of the finished or forced
+    run whose lock was taken, else None), ``stale_plans`` (plan keys of nodes no longer
+    targeted, deleted), ``unreachable_targets`` (targets whose serfHealth is critical: they pull when
+    their agent is back), ``without_app`` and ``not_accepting`` (selected nodes left out: no
+    advert of the app; its filters match none of their services) and ``advert_errors``
+    (unreadable adverts). In check mode nothing is written and no event is fired, but the
+    lock is still checked.
 
     Raises FireLockHeld when a run still in progress holds the lock (unless ``force``),
-    ReleaseError / ValueError for bad input. When the event cannot be fired after the run
-    was recorded, ReleaseError says so: retry_stragglers() fires it again.
+    ReleaseError / ValueError for bad input, and ReleaseError before taking the lock when
+    no node advertises the app or none besides the leader takes it. When the event cannot be
+    fired after the run was recorded, ReleaseError says so: retry_stragglers() fires it again.
     """
     check_name(app, "app")
     if version is not None:
         check_version(version)
-    check_fanout(fanout)
+    if fanout is not None:
+        check_fanout(fanout)
     if node_filter is not None:
         check_filter_regex(node_filter, "node_filter")
     if service is not None:
@@ -450,6 +600,11 @@ def fire(
         _check_event_size(_check_payload(app, version), filters)
 
     leader = _leader(client)
+    _index, catalog = client.catalog.nodes()
+    chosen, advert_errors = resolve_targets(client, schema, app, leader, filters, catalog or [])
+    targets = chosen.names
+    if fanout is None:
+        fanout = chosen.fanout
     release_entry, previous = read_release(client, schema, app)
     previous_version = previous.version if previous else None
     if version is None:
@@ -458,8 +613,6 @@ def fire(
     _check_event_size(payload, filters)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)
-    _index, catalog = client.catalog.nodes()
-    targets = resolve_targets(client, leader, filters, catalog)
     run_id = uuid.uuid4().hex
     addresses = {node["Node"]: node["Address"] for node in catalog or () if node.get("Address")}
     plan = plan_release(targets, leader, fanout, run_id, addresses)
@@ -493,6 +646,10 @@ def fire(
         "previous_release": previous.to_dict() if previous else None,
         "took_over": held_lock.to_dict() if held_lock else None,
         "stale_plans": stale,
+        "unreachable_targets": chosen.unreachable,  # Ansible reads "unreachable" as the host's own state
+        "without_app": chosen.without_app,
+        "not_accepting": chosen.not_accepting,
+        "advert_errors": advert_errors,
     }
     if check_mode:
         return result
@@ -505,7 +662,8 @@ def fire(
         client.session.destroy(session)
         raise
     try:
-        event = client.event.fire(EVENT_NAME, payload, node=filters.node, service=filters.service, tag=filters.tag)
+        event = client.event.fire(EVENT_NAME, payload, node=event_node_filter(filters.node), service=filters.service,
+                                  tag=filters.tag)
     except Exception as err:
         raise ReleaseError(
             f"run {run_id} of app {app!r} (version {version}) was recorded, but firing the {EVENT_NAME} event "

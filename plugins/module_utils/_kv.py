@@ -7,6 +7,9 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
     <p><app>/plan/<node>           PlanEntry       the node's preferred source (and its address), written by the leader
     <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
     <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
+    <p>.apps/<node>                NodeAdvert      the apps of the node's task config, written by its handler
+
+``.apps`` starts with a dot, which no app name does, so no app's keys can collide with it.
 
 A worker writes its ``nodes/<node>`` record with ``acquire`` of its session, so a record
 that is not finished (waiting/pulling) and no longer held belongs to a crashed worker.
@@ -26,13 +29,14 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, ClassVar, TypeVar
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     ERROR_MAX_LENGTH,
     FANOUT_MAX,
+    FANOUT_MIN,
     LINE_MAX_LENGTH,
     STAGE_MAX,
     TARGETS_MAX,
@@ -68,6 +72,11 @@ FILTER_NAMES = ("node", "service", "tag")
 
 # Consul's /v1/txn accepts up to 128 operations (64 on older releases).
 TXN_MAX_OPS = 64
+
+#: The KV folder (under the prefix) of the nodes' adverts.
+ADVERTS_FOLDER = ".apps/"
+#: Most apps one advert may list: what a reader of a hostile advert allocates stays bounded.
+ADVERT_APPS_MAX = 1024
 
 
 class KVRecordError(FireapError):
@@ -133,6 +142,13 @@ class Schema:
         if not isinstance(j, int) or isinstance(j, bool) or j < 0:
             raise InvalidValue(f"slot number must be an integer >= 0, got {j!r}")
         return self.slots_prefix(app, source) + str(j)
+
+    def adverts_prefix(self) -> str:
+        """``<p>.apps/``: every node's advert of its apps (see NodeAdvert)."""
+        return self.prefix + ADVERTS_FOLDER
+
+    def advert(self, node: str) -> str:
+        return self.adverts_prefix() + check_name(node, "node")
 
     def node_name(self, app: str, key: str) -> str:
         """The node a ``nodes/<node>`` or ``plan/<node>`` key belongs to (for listings)."""
@@ -464,6 +480,101 @@ class NodeState(_Record):
             ("error", error),
         ):
             object.__setattr__(record, name, value)
+        return record
+
+
+#: A service of a node, as the leader reads it from the catalog and the node from its agent: (name, tags).
+Service = tuple[str, Sequence[str]]
+
+
+def _regexp(value: Any, what: str) -> str:
+    """Return ``value`` if it is a non-empty regular expression of bounded length that compiles."""
+    check_text(value, what, LINE_MAX_LENGTH)
+    if not value:
+        raise InvalidValue(f"{what} must not be empty")
+    try:
+        re.compile(value)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise InvalidValue(f"{what} {show(value)} is not a valid regular expression: {exc}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class AppAdvert(_Record):
+    """One app as a node advertises it: its fan-out and its filters, never its commands.
+
+    ``service_filter`` and ``tag_filter`` are regular expressions (an exact name of the task
+    config is ``^name$``); ``accepts`` is the one rule that applies them, on the leader to the
+    catalog's services of the node and on the node to its agent's own.
+    """
+
+    max_semaphores: int
+    service_filter: str | None = None
+    tag_filter: str | None = None
+
+    def __post_init__(self) -> None:
+        _revalidate(AppAdvert, self)
+
+    def accepts(self, services: Iterable[Service]) -> bool:
+        """True if a node running ``services`` takes the app: the app has no service filter, or
+        the name of one service matches it (searched: unanchored) and, with a tag filter, one of
+        that same service's tags matches the tag filter."""
+        if self.service_filter is None:
+            return True
+        by_name = re.compile(self.service_filter)
+        by_tag = None if self.tag_filter is None else re.compile(self.tag_filter)
+        return any(
+            by_name.search(name) and (by_tag is None or any(by_tag.search(tag) for tag in tags))
+            for name, tags in services
+        )
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> AppAdvert:
+        service_filter = _checked(obj, "service_filter", key, lambda v: _regexp(v, "service_filter"), optional=True)
+        tag_filter = _checked(obj, "tag_filter", key, lambda v: _regexp(v, "tag_filter"), optional=True)
+        if tag_filter is not None and service_filter is None:
+            raise KVRecordError(key, "field 'tag_filter' requires a 'service_filter'")
+        record = object.__new__(cls)
+        for name, value in (
+            ("max_semaphores", _int(obj, "max_semaphores", key, FANOUT_MIN, FANOUT_MAX)),
+            ("service_filter", service_filter),
+            ("tag_filter", tag_filter),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
+class NodeAdvert(_Record):
+    """``.apps/<node>``: the apps of the node's task config, by name, as its handler last wrote
+    them; the leader targets only nodes that advertise the app of a release."""
+
+    apps: Mapping[str, AppAdvert]
+
+    def __post_init__(self) -> None:
+        _revalidate(NodeAdvert, self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"apps": {name: self.apps[name].to_dict() for name in sorted(self.apps)}}
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> NodeAdvert:
+        apps = _get(obj, "apps", key, (dict,))
+        if len(apps) > ADVERT_APPS_MAX:
+            raise KVRecordError(key, f"field 'apps' lists {len(apps)} apps; at most {ADVERT_APPS_MAX}")
+        checked: dict[str, AppAdvert] = {}
+        for name, value in apps.items():
+            try:
+                check_name(name, "app")
+                if not isinstance(value, dict):
+                    raise InvalidValue(f"must be an object, got {show(value)}")
+                checked[name] = AppAdvert.from_dict(value, key)
+            except KVRecordError as exc:
+                raise KVRecordError(key, f"app {show(name)}: {exc.reason}") from None
+            except ValueError as exc:
+                raise KVRecordError(key, f"app {show(name)}: {exc}") from None
+        record = object.__new__(cls)
+        object.__setattr__(record, "apps", checked)
         return record
 
 

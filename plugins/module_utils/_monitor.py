@@ -114,7 +114,7 @@ def header_line(info: dict) -> str:
         reason = (info.get("release") or {}).get("aborted_reason") or "no reason given"
         status = f"aborted ({reason})"
     line = f"{info['app']} {info['version']}  run {info['run_id'][:12]}  fired {fired}  {status}"
-    if info["finished"] or info["status"] == "aborted":
+    if run_over(info):
         line += f" after {format_seconds(info['timings'].get('elapsed'))}"
     return line
 

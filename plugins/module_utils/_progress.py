@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from typing import Callable, Iterator
 
@@ -49,6 +50,10 @@ COUNT_ORDER = (NODE_DONE, NODE_FAILED, NODE_PULLING, NODE_WAITING, PENDING)
 #: What info() reports as the release's status besides the record's own running/aborted.
 STATUS_FINISHED = "finished"
 STATUS_NONE = "none"
+
+#: info()'s key for "every target is done or failed". Not ``finished``: Ansible's async_status
+#: sets that key of an async task's result to whether the job ended.
+ALL_FINISHED = "all_finished"
 
 #: follow_run() never reads the progress more often than this, however fast nodes finish.
 MIN_POLL_INTERVAL = 0.5
@@ -162,6 +167,33 @@ def target_status(state: NodeState | None, release: ReleaseRecord) -> str:
 
 # --- info -----------------------------------------------------------------------------------
 
+#: The times of a node row and of ``timings``, given as epoch seconds and, under ``<key>_iso``, as
+#: ISO 8601 in UTC: the epoch for arithmetic, the ISO text for people and date parsers.
+ROW_TIMES = ("started", "finished")
+TIMING_TIMES = ("fired_at", "first_finished", "last_finished")
+
+
+def iso_utc(epoch: float | None) -> str | None:
+    """``epoch`` as ISO 8601 in UTC with milliseconds (``2026-11-26T16:30:01.250Z``); None for None
+    and for a time past year 9999, which a date cannot show (its epoch field still holds it)."""
+    if epoch is None:
+        return None
+    try:
+        moment = datetime.fromtimestamp(epoch, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _with_iso(values: dict, *keys: str) -> dict:
+    """``values`` with ``<key>_iso`` (iso_utc) right after each of ``keys``."""
+    shown = {}
+    for key, value in values.items():
+        shown[key] = value
+        if key in keys:
+            shown[f"{key}_iso"] = iso_utc(value)
+    return shown
+
 
 def _empty_info(app: str, lock: dict | None, warnings: list[str]) -> dict:
     return {
@@ -171,7 +203,7 @@ def _empty_info(app: str, lock: dict | None, warnings: list[str]) -> dict:
         "run_id": None,
         "version": None,
         "status": STATUS_NONE,
-        "finished": False,
+        ALL_FINISHED: False,
         "succeeded": False,
         "counts": {status: 0 for status in TARGET_STATUSES},
         "total": 0,
@@ -182,7 +214,8 @@ def _empty_info(app: str, lock: dict | None, warnings: list[str]) -> dict:
         "max_depth": 0,
         "stages_planned": 0,
         "ideal_stages": 0,
-        "timings": {"fired_at": None, "first_finished": None, "last_finished": None, "elapsed": None},
+        "timings": _with_iso({"fired_at": None, "first_finished": None, "last_finished": None, "elapsed": None},
+                             *TIMING_TIMES),
         "lock": lock,
         "warnings": warnings,
     }
@@ -195,7 +228,7 @@ def _node_row(name: str, release: ReleaseRecord, plan: PlanEntry | None, state: 
     duration = None
     if shown is not None and shown.finished is not None:
         duration = max(0.0, shown.finished - shown.started)
-    return {
+    return _with_iso({
         "node": name,
         "status": status,
         "this_run": this_run,
@@ -208,7 +241,7 @@ def _node_row(name: str, release: ReleaseRecord, plan: PlanEntry | None, state: 
         "finished": shown.finished if shown else None,
         "duration": duration,
         "error": shown.error if shown else None,
-    }
+    }, *ROW_TIMES)
 
 
 def _build_info(app: str, release: ReleaseRecord, targets, plans, states, lock, warnings, now: float) -> dict:
@@ -241,11 +274,11 @@ def _build_info(app: str, release: ReleaseRecord, targets, plans, states, lock, 
     return {
         "app": app,
         "exists": True,
-        "release": release.to_dict(),
+        "release": _with_iso(release.to_dict(), "fired_at"),
         "run_id": release.run_id,
         "version": release.version,
         "status": status,
-        "finished": finished,
+        ALL_FINISHED: finished,
         "succeeded": finished and counts[NODE_FAILED] == 0,
         "counts": counts,
         "total": total,
@@ -259,12 +292,12 @@ def _build_info(app: str, release: ReleaseRecord, targets, plans, states, lock, 
         "max_depth": max(depths) if depths else 0,
         "stages_planned": max((plan.stage for plan in plans.values()), default=0),
         "ideal_stages": stage_count(total, release.fanout) if total else 0,
-        "timings": {
+        "timings": _with_iso({
             "fired_at": release.fired_at,
             "first_finished": min(ends) if ends else None,
             "last_finished": last,
             "elapsed": round(elapsed, 3),
-        },
+        }, *TIMING_TIMES),
         "lock": lock,
         "warnings": warnings,
     }
@@ -274,7 +307,7 @@ def info(client, schema: Schema, app: str) -> dict:
     """The state of ``app``'s current run, read from KV (O(N) reads: controller only).
 
     Returns ``exists`` (a release record is present), ``release`` (the record), ``run_id``,
-    ``version``, ``status`` (running / finished / aborted / none), ``finished`` (every target
+    ``version``, ``status`` (running / finished / aborted / none), ``all_finished`` (every target
     done or failed), ``succeeded`` (finished without failures), ``counts`` per status
     (done, pulling, waiting, failed, pending = no live record for this run: not started yet,
     or its worker died before finishing), ``total``,
@@ -284,6 +317,8 @@ def info(client, schema: Schema, app: str) -> dict:
     run), ``max_depth``, ``stages_planned``, ``ideal_stages`` (ceil(log_{k+1} N)),
     ``timings`` (fired_at, first/last finished, elapsed), ``lock`` (held, session, run_id,
     holder, since; None without a lock key) and ``warnings`` (skipped malformed records).
+    Each time is epoch seconds, and ISO 8601 UTC under ``<name>_iso`` (release, node rows,
+    timings, lock).
 
     A node already done at the release's version in an earlier run counts as done: its
     worker skips the version (``this_run`` is false in its row).
@@ -291,6 +326,8 @@ def info(client, schema: Schema, app: str) -> dict:
     check_name(app, "app")
     warnings: list[str] = []
     lock = lock_info(*read_lock(client, schema, app))
+    if lock is not None:
+        lock = _with_iso(lock, "since")
     _entry, release = read_release(client, schema, app)
     if release is None:
         return _empty_info(app, lock, warnings)
@@ -299,8 +336,8 @@ def info(client, schema: Schema, app: str) -> dict:
 
 
 def run_over(progress: dict) -> bool:
-    """Whether the recorded run will change no more (finished, or aborted)."""
-    return progress["run_id"] is not None and (progress["finished"] or progress["status"] == RELEASE_ABORTED)
+    """Whether the recorded run will change no more (every target finished, or aborted)."""
+    return progress["run_id"] is not None and (progress[ALL_FINISHED] or progress["status"] == RELEASE_ABORTED)
 
 
 def counts_text(progress: dict) -> str:

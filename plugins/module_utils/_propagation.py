@@ -47,9 +47,18 @@ Pull rules, in the order the machine applies them:
 * at most ``fanout`` pullers per source: a slot key must be acquired before pulling; the
   slot and the ``pulling`` record are written together, and so are the slot's release and
   the final record;
-* a task that failed while its source's node is down (Consul's serfHealth check critical)
-  is the source's failure, not the puller's: the slot is released with the record left
-  ``pulling``, and the puller goes to the fallback without that source;
+* a task that failed while its source's node is down (Consul's serfHealth check critical, or
+  the node gone from the catalog after a leave; the adapter waits up to
+  ``failure_detection`` for Consul to notice a crash) is the source's failure, not the
+  puller's: the slot is released with the record left ``pulling``, and the puller goes to
+  the fallback without that source; once more than ``fallback_tries`` sources went down
+  under it, it records failed;
+* the release is re-read at least every ``max_wait`` while waiting (no wait outlasts that),
+  also when Consul keeps returning blocking reads with a raised index although the record
+  read did not change: an abort reaches every waiting worker within ``max_wait``;
+* a record waited on that does not exist is read at most once per ``absent_pause``: Consul
+  returns blocking reads of a missing key early on writes to other keys, which would make
+  the requests of a waiting node grow with the cluster's writes;
 * a task that succeeded keeps its error text in the ``done`` record (failures the app's
   ``on_command_failure: ignore`` let it go past);
 * the worker gives up at ``watch_timeout`` with a failed state saying what it waited for.
@@ -199,9 +208,15 @@ class PullTimings:
     busy_grace: float = 30.0
     max_wait: float = 10.0
     fallback_tries: int = 3
+    #: How long Consul's gossip may take to mark a crashed node down (probe plus suspicion:
+    #: seconds, more in big clusters): a task that failed against a source still passing waits
+    #: this long for it to turn critical before the failure is the puller's.
+    failure_detection: float = 15.0
+    #: The least time between two reads of a record that does not exist (see the module rules).
+    absent_pause: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("watch_timeout", "start_grace", "busy_grace", "max_wait"):
+        for name in ("watch_timeout", "start_grace", "busy_grace", "max_wait", "failure_detection", "absent_pause"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidValue(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -218,16 +233,18 @@ class WriteState:
 
 @dataclass(frozen=True)
 class WaitForNode:
-    """Read ``<app>/nodes/<node>``, blocking while its index is ``index`` (0: do not block) for
-    at most ``wait`` s. If a blocking read came back unchanged (it timed out), re-read the
-    release (``on_release``); then answer ``on_node``. ``claim_soon``: the node waited on is
-    pulling, so this wait should end in a claim: create the session before blocking, off the
-    path from its end to our task."""
+    """After ``pause`` s, read ``<app>/nodes/<node>``, blocking while its index is ``index`` (0:
+    do not block) for at most ``wait`` s. If a blocking read came back unchanged (it timed out)
+    or ended at or past ``PullMachine.release_due``, re-read the release (``on_release``); then
+    answer ``on_node``. ``claim_soon``: the node waited on is pulling, so this wait should end
+    in a claim: create the session before blocking, off the path from its end to our task.
+    ``pause``: the record was absent when last read (see ``PullTimings.absent_pause``)."""
 
     node: str
     index: int
     wait: float
     claim_soon: bool = False
+    pause: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -273,7 +290,8 @@ class ClaimOutcome:
 @dataclass(frozen=True)
 class WaitForSlots:
     """Block on ``<app>/slots/<source>/`` at ``index`` for at most ``wait`` s; if it came back
-    unchanged, re-read the release (``on_release``); then answer ``on_slots_changed``."""
+    unchanged or ended at or past ``PullMachine.release_due``, re-read the release
+    (``on_release``); then answer ``on_slots_changed``."""
 
     source: str
     index: int
@@ -298,7 +316,9 @@ class Sleep:
 @dataclass(frozen=True)
 class RunTask:
     """Run the app's task against ``source``; answer ``on_task(ok, error, now, source_down)``,
-    where ``source_down`` tells whether a failed task's source node is down."""
+    where ``source_down`` tells whether a failed task's source node is down: its serfHealth
+    check critical, or the node no longer in the catalog (it left), waiting up to
+    ``PullTimings.failure_detection`` for Consul to notice a crash."""
 
     source: str
     slot: int
@@ -511,6 +531,8 @@ class PullMachine:
     write_reason: str  # why the record being written ends the pull
     slot: int  # the slot claimed
     outcome: PullResult  # result of the task, reported once recorded
+    release_read_at: float  # when the release was last read (start, or on_release)
+    read_at: float  # when the read of the node waited on was sent (after its pause)
 
     def __init__(
         self,
@@ -538,7 +560,14 @@ class PullMachine:
         self.tried = 0  # candidates[tried] is the one being claimed
         self.empty_listings = 0
         self.source_lost: str | None = None  # why the slot being released is left for another source
+        self.lost_sources: list[str] = []  # sources that went down while serving this pull
         self.ran_task = False  # the task ran (once, or again after its source went down)
+
+    @property
+    def release_due(self) -> float:
+        """When the release must be read again: a wait ending at or past it is followed by a
+        re-read (``on_release``), so an abort is seen within ``max_wait``."""
+        return self.release_read_at + self.timings.max_wait
 
     def _target(self) -> tuple[ReleaseRecord, PlanEntry]:
         """The release being pulled and this node's plan entry for it: known in every phase
@@ -575,6 +604,7 @@ class PullMachine:
             return self._finish(own, f"already failed in run {release.run_id}: {own.error}; fire again to retry")
         self.started = now
         self.deadline = now + self.timings.watch_timeout
+        self.release_read_at = now
         if plan.after is None and plan.source == release.leader:
             # The leader's record was written done together with the release record.
             self.source_depth = 0
@@ -605,6 +635,7 @@ class PullMachine:
         """The release as re-read after a wait that came back unchanged or a claim refused
         because it changed: None to go on, else the action that ends this run."""
         current, _plan = self._target()
+        self.release_read_at = now
         if release is None or release.run_id != current.run_id:
             self.phase = Phase.FINISHED
             what = "was deleted" if release is None else f"now describes run {release.run_id}"
@@ -640,6 +671,7 @@ class PullMachine:
             if ahead:
                 return self._keep_waiting(
                     index, now, grace_from=None if this_run else self.timings.start_grace, claim_soon=pulling,
+                    missing=state is None,
                 )
             if state is not None and this_run and state.has(version) and state.source == plan.source:
                 # It pulled from our source, so the source is done too, one level up.
@@ -657,6 +689,7 @@ class PullMachine:
             return self._start_fallback(reason, now, exclude=node)
         return self._keep_waiting(
             index, now, grace_from=None if this_run else self.timings.start_grace, claim_soon=pulling,
+            missing=state is None,
         )
 
     @_transition
@@ -788,13 +821,17 @@ class PullMachine:
         release, _plan = self._target()
         self.phase = Phase.RELEASE
         message = error or "the task failed without a message"
+        if source_down:
+            self.lost_sources.append(self.source)
         if ok:
             final = replace(self.state, status=NODE_DONE, finished=now, error=clip(error) if error else None)
             reason = f"pulled version {release.version} from {self.source}"
-        elif source_down:
+        elif source_down and len(self.lost_sources) <= self.timings.fallback_tries:
             self.source_lost = f"source {self.source} went down during the pull: {message}"
             return ReleaseSlot(self.source, self.slot, self.state)
         else:
+            if source_down:
+                message += f" (the sources {', '.join(self.lost_sources)} all went down during the pull)"
             final = replace(self.state, status=NODE_FAILED, finished=now, error=clip(message))
             reason = f"task failed pulling from {self.source}: {message}"
         self.outcome = PullResult(final, reason, True)
@@ -870,21 +907,27 @@ class PullMachine:
         self.phase = phase
         self.source = node
         self.waiting_since = now
+        self.read_at = now
         return self._expired(now) or WaitForNode(node, 0, 0.0)
 
     def _keep_waiting(
-        self, index: int, now: float, grace_from: float | None, claim_soon: bool = False
+        self, index: int, now: float, grace_from: float | None, claim_soon: bool = False, missing: bool = False
     ) -> WaitForNode | WriteState:
+        """The next blocking read of the node waited on; ``missing``: its record was absent, so
+        the read is sent no sooner than ``absent_pause`` after the last one."""
         expired = self._expired(now)
         if expired:
             return expired
         limit = self.deadline
         if grace_from is not None:
             limit = min(limit, self.waiting_since + grace_from)
-        return WaitForNode(self.source, index, self._wait_time(now, limit), claim_soon)
+        pause = max(0.0, self.read_at + self.timings.absent_pause - now) if missing else 0.0
+        self.read_at = now + pause
+        return WaitForNode(self.source, index, self._wait_time(now + pause, limit), claim_soon, pause)
 
     def _wait_time(self, now: float, limit: float) -> float:
-        return max(0.1, min(self.timings.max_wait, limit - now))
+        """A wait ends by ``limit`` and by ``release_due``, so the release is re-read in time."""
+        return max(0.1, min(self.timings.max_wait, limit - now, self.release_due - now))
 
     def _claim(self, source: str, slots: tuple[int, ...], now: float) -> ClaimSlot | WriteState:
         expired = self._expired(now)

@@ -24,12 +24,21 @@ watch start, or a terminal when run by hand) and:
    is only a wake-up;
 4. for each app whose running release this node is a target of and not done with, starts
    a detached worker (a process session of its own, output to the log file) and exits at
-   once so the agent's watch is not blocked.
+   once so the agent's watch is not blocked;
+5. advertises the node's apps (``<prefix>.apps/<node>``: each app's ``max_semaphores`` and
+   filters, which the leader targets nodes and sizes runs by) when the advert in KV differs
+   from the config: checked at every call without new events (the watch starts with old
+   events or none at each agent start and reload, so a reload after a config change
+   re-advertises), and at any call once the config differs from the advert last written
+   (kept in ``<state_dir>/advert.json``).
 
-A worker pulls one app (``_worker.pull``) with the app's commands as the task. One worker
-runs per app, holding the flock of ``<state_dir>/worker-<app>.lock``. The handler leaves
-``worker-<app>.pending`` before it starts one and starts none while the lock is held; a
-worker that finds the lock held exits quietly. The running worker re-checks the release
+A worker pulls one app (``_worker.pull``) with the app's commands as the task; an app
+with service/tag filters runs them only when the filters match one of the services of the
+node's own agent (``AppAdvert.accepts``, the rule the leader targets by), else the node
+records the run ``failed`` saying so. One worker runs per app, holding the flock of
+``<state_dir>/worker-<app>.lock``. The handler leaves ``worker-<app>.pending`` before it
+starts one and starts none while the lock is held; a worker that finds the lock held exits
+quietly. The running worker re-checks the release
 after each pull, and whenever that marker appeared, and pulls again when a newer run was
 fired meanwhile.
 
@@ -113,6 +122,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._processed_events im
     load_processed,
     remember,
     save_processed,
+    write_atomic,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._task_event import (
     RejectedEvent,
@@ -120,7 +130,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._task_event import (
     newest_per_app,
     parse_events,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name, clip, escape_controls
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name, clip, escape_controls, show
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
 EXIT_OK = 0
@@ -128,6 +138,8 @@ EXIT_UNCHECKED = 1
 EXIT_USAGE = 2
 
 HANDLER_LOCK_FILE = "handler.lock"
+#: The advert this node last wrote or found in KV (its JSON), in the state directory.
+ADVERT_FILE = "advert.json"
 
 #: Stand-ins for the source node in ``--dry-run`` output (valid values, like every other:
 #: ``.invalid`` is the top-level domain reserved never to resolve).
@@ -351,6 +363,15 @@ def _flock(path: str, blocking: bool) -> Iterator[bool]:
         os.close(fd)
 
 
+def _read_text(path: str) -> str | None:
+    """The text of ``path``, or None when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, ValueError):
+        return None
+
+
 def _touch(path: str) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
@@ -470,7 +491,41 @@ class _Handler:
         for app in self.config.apps:
             if not self.check(app, newest.get(app)):
                 rc = EXIT_UNCHECKED
+        if not self.advertise(woken=bool(new or new_rejected)):
+            rc = EXIT_UNCHECKED
         return rc
+
+    def advertise(self, woken: bool) -> bool:
+        """Write this node's advert of its apps when the one in KV differs; False when Consul
+        could not be asked. ``woken``: the call brings new events, so the watch did not just
+        start: KV is read only when the config differs from the advert last written."""
+        text = self.config.advert().to_json()
+        cache = os.path.join(self.config.state_dir, ADVERT_FILE)
+        if woken and not self.dry_run and _read_text(cache) == text:
+            return True
+        key = Schema(self.config.kv_prefix).advert(self.node)
+        apps = ", ".join(self.config.apps) or "none"
+        try:
+            current = _Reader(self.client, self.options).value(key)
+            if current is not None and current.decode("utf-8", "replace") == text:
+                if self.dry_run:
+                    self.out.write(f"advert {key} is current (apps: {apps})\n")
+            elif self.dry_run:
+                self.out.write(f"advert {key} would be written (apps: {apps})\n")
+            else:
+                with consul_errors(self.options, f"writing {key}"):
+                    self.client.kv.put(key, text)
+                _log.info("advertised this node's apps in %s: %s", key, apps)
+        except FireapError as err:
+            _log.error("cannot advertise this node's apps in %s: %s; the leader goes by the advert there until "
+                       "the next agent start or reload", key, err)
+            return False
+        if not self.dry_run:
+            try:
+                write_atomic(cache, text.encode("utf-8"), 0o600)
+            except OSError as err:
+                _log.warning("cannot keep the advert in %s: %s", cache, err.strerror or err)
+        return True
 
     def check(self, app: str, event: TaskEvent | None) -> bool:
         log = _context(app, event.version if event else "-")
@@ -616,8 +671,37 @@ class _AppWorker:
         attempted.add(run_id)
         return self.run_pull(result)
 
+    def refusal(self) -> str | None:
+        """Why this node does not take the app: its service/tag filters match none of the
+        services of the node's own agent (None: it takes it)."""
+        advert = self.app_config.advert()
+        if advert.service_filter is None:
+            return None
+
+        def read() -> dict:
+            with consul_errors(self.options, "reading /v1/agent/services"):
+                return self.client.agent.services() or {}
+
+        try:
+            services = retry_transient(read, log=_context(self.app).warning)
+        except FireapError as err:
+            return f"cannot read this node's services to apply the app's filters: {err}"
+        local = [(entry["Service"], [tag for tag in entry.get("Tags") or () if isinstance(tag, str)])
+                 for entry in services.values() if isinstance(entry, dict) and isinstance(entry.get("Service"), str)]
+        if advert.accepts(local):
+            return None
+        filters = f"service filter {show(advert.service_filter)}"
+        if advert.tag_filter is not None:
+            filters += f" with tag filter {show(advert.tag_filter)}"
+        names = ", ".join(sorted({name for name, _tags in local})) or "none"
+        return (f"not pulled: the app's {filters} matches none of this node's services ({names}); fix the node's "
+                "services or the app's filters, then fire again")
+
     def run_task(self, source: SourceInfo) -> tuple[bool, str | None]:
-        """The pull's task: the app's commands, run against ``source``."""
+        """The pull's task: the app's commands, run against ``source``, if this node takes the app."""
+        refusal = self.refusal()
+        if refusal is not None:
+            return False, refusal
         reader = _Reader(self.client, self.options)
         key = self.schema.node(self.app, self.node)
         try:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
-from ansible_collections.fireap.consul.plugins.module_utils._progress import COUNT_ORDER
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ALL_FINISHED, COUNT_ORDER
 
 #: Keys of an info() result the report reads.
 REQUIRED_KEYS = ("app", "version", "run_id", "status", "counts", "total", "nodes", "tree", "timings", "release")
@@ -341,7 +341,7 @@ def _summary(info: dict) -> str:
     elapsed = timings.get("elapsed")
     duration = format_seconds(elapsed)
     if elapsed is not None:
-        duration += " from the fire to the last node" if info.get("finished") else " since the fire"
+        duration += " from the fire to the last node" if info.get(ALL_FINISHED) else " since the fire"
     fanout = release.get("fanout")
     stages = f"max depth {escape(info.get('max_depth', '-'))}, planned stages {escape(info.get('stages_planned', '-'))}"
     if isinstance(fanout, int):

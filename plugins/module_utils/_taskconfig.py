@@ -42,14 +42,19 @@ Rules:
 - Commands are templates with ``{{ app }}``, ``{{ version }}``, ``{{ node }}``,
   ``{{ remote.name }}`` and ``{{ remote.address }}`` (see ``_commands``). Values are
   inserted already shell-quoted: never put quotes around a variable.
-- Target filters select which nodes act on the release event, as Consul's event filters
-  do: ``service``/``tag`` are exact names (turned into ``^name$`` regexps),
-  ``service_regexp``/``tag_regexp`` are regexps matched unanchored against the node's
-  local service names / their tags. They must use the syntax Python and Consul (Go
-  RE2) share: no lookaround, backreferences, atomic groups, possessive quantifiers,
-  conditionals or comments. ``service`` and ``service_regexp`` exclude each other, as
-  do ``tag`` and ``tag_regexp``; a tag filter needs a service filter. An app that sets
-  either key of a pair replaces that pair of ``defaults`` (``service: null`` clears it).
+- Filters decide which nodes take an app: a node takes it only when one of its services
+  has a matching name (``service``: exactly this name; ``service_regexp``: a regexp
+  searched unanchored in the name) and, with a tag filter, that same service has a
+  matching tag (``tag``: exactly; ``tag_regexp``: searched). Names, not service IDs. The
+  exact names become ``^name$`` regexps (``AppConfig.service_filter``/``tag_filter``);
+  the node advertises them (``AppConfig.advert``), the leader applies them to the
+  catalog's services of each node and the node to its agent's own
+  (``_kv.AppAdvert.accepts``). Regexps must use the syntax Python and Consul (Go RE2)
+  share: no lookaround, backreferences, atomic groups, possessive quantifiers,
+  conditionals or comments; a filter is at most FILTER_MAX_LENGTH characters.
+  ``service`` and ``service_regexp`` exclude each other, as do ``tag`` and
+  ``tag_regexp``; a tag filter needs a service filter. An app that sets either key of a
+  pair replaces that pair of ``defaults`` (``service: null`` clears it).
 - Unknown keys, wrong types and out-of-range values are errors; every error names the
   file and the key path, e.g. ``apps.myapp.max_semaphores``. Duplicate YAML keys are
   errors too.
@@ -83,6 +88,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._commands import (
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     DEFAULT_PREFIX,
+    AppAdvert,
+    NodeAdvert,
     check_prefix,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
@@ -95,6 +102,8 @@ DEFAULT_PATH = "/etc/fireap/config.yml"
 DEFAULT_STATE_DIR = "/var/lib/fireap"
 DEFAULT_LOG_FILE = "/var/log/fireap/reap.log"
 APP_NAME_MAX_LENGTH = 48
+#: Longest service or tag filter as written: its exact-name regexp still fits an advert.
+FILTER_MAX_LENGTH = 256
 
 _FILTER_PAIRS = (("service", "service_regexp"), ("tag", "tag_regexp"))
 
@@ -121,8 +130,13 @@ class AppConfig:
     before_commands: Tuple[str, ...]
     exec_commands: Tuple[str, ...]
     after_commands: Tuple[str, ...]
-    service_filter: Optional[str]   # Consul event service filter (a regexp) or None
-    tag_filter: Optional[str]       # Consul event tag filter (a regexp) or None
+    service_filter: Optional[str]   # regexp on the names of the node's services, or None
+    tag_filter: Optional[str]       # regexp on the tags of that service, or None
+
+    def advert(self) -> AppAdvert:
+        """What the node tells the leader about this app (no commands)."""
+        return AppAdvert(max_semaphores=self.max_semaphores, service_filter=self.service_filter,
+                         tag_filter=self.tag_filter)
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,10 @@ class TaskConfig:
     state_dir: str
     log_file: str
     apps: Mapping[str, AppConfig]   # read-only, in config order
+
+    def advert(self) -> NodeAdvert:
+        """The node's advert of its apps (``<prefix>.apps/<node>``)."""
+        return NodeAdvert({name: app.advert() for name, app in self.apps.items()})
 
     def app(self, name: str) -> AppConfig:
         """The merged settings of app ``name``; ConfigError when it is not configured."""
@@ -224,9 +242,19 @@ def _commands(value: Any) -> Tuple[str, ...]:
     return tuple(value)
 
 
+def _filter_text(value: str) -> None:
+    """The rules every filter string follows, so that its regexp fits an advert."""
+    if not value.isprintable():
+        raise _Invalid("must not contain control characters, got %s" % _show(value))
+    if len(value) > FILTER_MAX_LENGTH:
+        raise _Invalid("has %d characters; at most %d" % (len(value), FILTER_MAX_LENGTH))
+
+
 def _filter_name(value: Any) -> Optional[str]:
     if value is not None and (not isinstance(value, str) or not value):
         raise _Invalid("must be a non-empty name or null, got %s" % _show(value))
+    if value is not None:
+        _filter_text(value)
     return value
 
 
@@ -289,6 +317,7 @@ def _filter_regexp(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str) or not value:
         raise _Invalid("must be a non-empty regular expression or null, got %s" % _show(value))
+    _filter_text(value)
     try:
         re.compile(value)
     except re.error as exc:

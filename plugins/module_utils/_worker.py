@@ -7,7 +7,8 @@ reports what it saw. All decisions live in ``_propagation``; this module only do
 
 * a session (TTL, behavior release, lock-delay 0 so a crashed puller's slot is reusable at
   once, node check serfHealth) is created once the node waited on is pulling, or at the
-  claim (a node waiting for a node that has not started holds none), renewed every TTL/2 by a background thread and destroyed at the end, also on errors;
+  claim (a node waiting for a node that has not started holds none), renewed every TTL/2 by a
+  background thread and destroyed at the end, also on errors;
 * the claim is one /v1/txn that checks the release record's ModifyIndex (as last read) and
   locks the slot and the node's own record (``pulling``) with that session, so watchers can
   tell a crashed worker (record not finished, key no longer held) from a slow one, and a
@@ -15,11 +16,15 @@ reports what it saw. All decisions live in ``_propagation``; this module only do
   /v1/txn that unlocks the slot and writes the final record. When the session was lost the
   final write falls back to CAS on the record last written;
 * waits are blocking queries on one key (``nodes/<node>``) or one source's slots prefix,
-  at most ``max_wait`` s each; the release is re-read only when one came back unchanged,
-  so an abort is noticed within ``max_wait``;
+  at most ``max_wait`` s each and none past the machine's ``release_due``; the release is
+  re-read when one came back unchanged or ended past that time, so an abort is noticed
+  within ``max_wait`` even while Consul keeps raising the index of a missing key read
+  (reads of a missing record are spaced by the machine's ``pause``);
 * the source's address comes from the plan entry (the catalog only for other sources);
-  when the task fails, the source node's serfHealth check (health endpoint of the local
-  agent) tells the machine whether the source went down;
+  when the task fails, the source node's health (health endpoint of the local agent) tells
+  the machine whether the source went down: serfHealth critical, or no checks at all (the
+  node left the catalog); while it still passes, a blocking read waits up to
+  ``failure_detection`` s for Consul's gossip to notice a crash;
 * Consul errors that a restarting agent causes (connection refused, 5xx, 429) are retried
   with backoff for up to ``retry_window`` s (``_connection.retry_transient``); the task
   itself is never retried after one.
@@ -31,6 +36,7 @@ Only stdlib and py-consul: nodes run this without Ansible.
 from __future__ import annotations
 
 import base64
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -123,7 +129,9 @@ def _value(entry: dict | None) -> bytes | None:
     return None if entry is None else entry.get("Value")
 
 
-def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None = None, index: int | None = None) -> dict:
+def _kv_op(
+    verb: str, key: str, value: bytes | None = None, session: str | None = None, index: int | None = None
+) -> dict:
     op = {"Verb": verb, "Key": key}
     if value is not None:
         op["Value"] = base64.b64encode(value).decode("ascii")
@@ -135,7 +143,15 @@ def _kv_op(verb: str, key: str, value: bytes | None = None, session: str | None 
 
 
 def _go_duration(seconds: float) -> str:
-    return f"{max(1, round(seconds * 1000))}ms"
+    """Rounded up: a blocking read never ends before the time the machine asked for."""
+    return f"{max(1, math.ceil(seconds * 1000))}ms"
+
+
+def _down(checks) -> bool:
+    """Whether a node's health checks say it is down: serfHealth critical, or no serfHealth at
+    all (the node left and was deregistered, its checks gone)."""
+    serf = [check for check in checks or () if check.get("CheckID") == "serfHealth"]
+    return not serf or any(check.get("Status") == "critical" for check in serf)
 
 
 class _Renewer(threading.Thread):
@@ -316,7 +332,8 @@ class _PullDriver:
     def write_checked(self, key: str, value: bytes) -> bool:
         """Write our record unless another worker holds or changed it since we last saw it."""
         _index, entry = self.read(key)
-        if entry is not None and (entry.get("Session") not in (None, "", self.session_id) or entry["Value"] != self.written):
+        held_by_another = entry is not None and entry.get("Session") not in (None, "", self.session_id)
+        if held_by_another or (entry is not None and entry["Value"] != self.written):
             return False
         ok = self.call(f"writing {key}", self.client.kv.put, key, value, cas=entry["ModifyIndex"] if entry else 0)
         if not ok:  # a retried write may have landed already
@@ -438,15 +455,23 @@ class _PullDriver:
             views[name] = self.node_view(entry["Key"], entry)
         return views
 
-    def node_down(self, name: str) -> bool:
-        """Whether Consul sees node ``name`` as failed: its serfHealth check is critical. When
-        that cannot be read, the node counts as up, so the failed task is recorded as such."""
+    def node_down(self, name: str, within: float) -> bool:
+        """Whether Consul sees node ``name`` as down (``_down``), waiting up to ``within`` s for
+        a crash to be detected (gossip marks it seconds later). When the health cannot be read,
+        the node counts as up, so the failed task is recorded as such."""
+        deadline = self.clock() + within
+        blocking: dict = {}
         try:
-            _index, checks = self.call(f"reading the health of node {name}", self.client.health.node, name)
+            while True:
+                index, checks = self.call(f"reading the health of node {name}", self.client.health.node, name,
+                                          **blocking)
+                remaining = deadline - self.clock()
+                if _down(checks) or remaining <= 0:
+                    return _down(checks)
+                blocking = {"index": int(index), "wait": _go_duration(remaining)}
         except FireapConsulError as err:
             self.log(f"could not read the health of node {name}: {err}")
             return False
-        return any(check.get("CheckID") == "serfHealth" and check.get("Status") == "critical" for check in checks or ())
 
     def run(self, action: RunTask) -> tuple[bool, str | None, bool]:
         """``(ok, error, source_down)``; the source's health is read only when the task failed."""
@@ -458,9 +483,9 @@ class _PullDriver:
             ok, error = False, f"task runner raised {type(err).__name__}: {err}"
         if self.renewer is not None and self.renewer.lost.is_set():
             self.log("the session ended while the task ran: its slot may have been taken by another puller")
-        source_down = not ok and self.node_down(source.name)
+        source_down = not ok and self.node_down(source.name, self.timings.failure_detection)
         if source_down:
-            self.log(f"the task failed ({error}) and node {source.name} is down (serfHealth critical)")
+            self.log(f"the task failed ({error}) and node {source.name} is down (serfHealth critical or deregistered)")
         return bool(ok), error, source_down
 
     # -- the loop ---------------------------------------------------------------------
@@ -501,6 +526,8 @@ class _PullDriver:
                 key = self.schema.node(self.app, action.node)
                 if action.claim_soon:
                     self.ensure_session()
+                if action.pause:
+                    self.sleep(action.pause)
                 index, entry = self.read(key, action.index, action.wait)
                 action = self.after_wait(machine, action.index, index) or machine.on_node(
                     action.node, self.node_view(key, entry), index, self.clock()
@@ -539,9 +566,11 @@ class _PullDriver:
                 raise TypeError(f"unknown action {action!r}")
 
     def after_wait(self, machine: PullMachine, waited: int, index: int):
-        """Re-read the release when a blocking read came back unchanged (it timed out), so an
-        abort is seen within ``max_wait``; a change of the key read is handled first."""
-        if not waited or index != waited:
+        """Re-read the release when a blocking read came back unchanged (it timed out) or ended
+        at or past ``machine.release_due``: Consul may return reads with a raised index although
+        nothing changed, and an abort must still be seen within ``max_wait``. Otherwise the
+        change of the key read is handled at once."""
+        if not waited or (index != waited and self.clock() < machine.release_due):
             return None
         return machine.on_release(self.read_release(), self.clock())
 
@@ -575,7 +604,8 @@ def pull(
     if isinstance(session_ttl, bool) or not isinstance(session_ttl, int) or not 10 <= session_ttl <= 86400:
         raise ValueError(f"session_ttl must be an integer number of seconds in 10..86400, got {session_ttl!r}")
     driver = _PullDriver(
-        client, schema, app, node, run_task, timings, log or (lambda _msg: None), clock, sleep, session_ttl, retry_window
+        client, schema, app, node, run_task, timings, log or (lambda _msg: None), clock, sleep, session_ttl,
+        retry_window,
     )
     try:
         result = driver.drive()

@@ -14,6 +14,12 @@ description:
     target nodes from the Consul catalog, writes the release record, every target's place in the
     propagation plan and its own state (done) to Consul KV, and fires the user event C(FIREAP:TASK)
     carrying only the app and version.
+  - The targets are the nodes that have the app. Each node's C(fireap-reap) handler advertises the apps of
+    its task config in Consul KV (C(<kv_prefix>.apps/<node>)) when its agent starts or reloads. A node is a
+    target when it advertises O(app), the app's C(service)/C(tag) filters there (if any) match one of the
+    node's services in the catalog, and O(node_filter), O(service) and O(tag) select it.
+    An app that no node advertises is refused at once, before the fire lock is taken,
+    with the apps the nodes do have.
   - Every target's C(fireap-reap) watch handler then pulls the version from a node that already has it;
     finished nodes serve up to O(fanout) further nodes each, so the run takes about
     ceil(log_(fanout+1) N) task durations for N nodes.
@@ -51,11 +57,12 @@ options:
     type: str
   node_filter:
     description:
-      - Regular expression (Go RE2 syntax) selecting the target nodes by name.
-      - It is matched B(unanchored), exactly as Consul matches event filters, both when the targets are
-        resolved from the catalog and by each agent receiving the event; V(web1) also selects V(web10) and
-        V(old-web1). Anchor it (V(^web1$), V(^web[0-9]+$)) to select exactly what you mean.
-      - When omitted (and O(service) too), every node of the catalog is a target.
+      - Regular expression (Go RE2 syntax) selecting the target nodes by name; it must match the B(whole)
+        name. V(web1) selects V(web1) only, not V(web10); V(web[0-9]+) selects V(web1) and V(web10);
+        V(web1|web2) selects both.
+      - The event carries it anchored (C(^(?:web1\)$)), so that Consul's agents, which search event filters
+        unanchored, match whole names too.
+      - When omitted (and O(service) too), every node of the catalog that has the app is a target.
       - The leader is always part of the run, whether it matches or not.
     type: str
   service:
@@ -75,15 +82,9 @@ options:
       - How many nodes one finished node serves at the same time (C(k)); between V(1) and V(64).
       - Small values suit transfers bounded by the source's bandwidth; large values suit short or
         latency-bound tasks.
-      - When not set, the app's C(max_semaphores) from O(config) on the host the module runs on, or
-        V(5) when that file does not exist.
+      - When not set, the smallest C(max_semaphores) the targets advertise for O(app) (from their task
+        config), so that no node serves more pullers at once than its own config allows.
     type: int
-  config:
-    description:
-      - The task config file (as installed by the P(fireap.consul.fireap_node#role) role) that gives
-        the default of O(fanout). Read only when O(fanout) is not set and the file exists.
-    type: path
-    default: /etc/fireap/config.yml
   force:
     description:
       - Take the fire lock over even when the run holding it is still in progress. That run's nodes that
@@ -127,8 +128,14 @@ EXAMPLES = r"""
   fireap.consul.fireap_fire:
     host: consul-leader.example.com
     app: web
-    node_filter: '^web[0-9]{2}$'
+    node_filter: 'web[0-9]{2}'
     fanout: 3
+
+- name: Release web 1.4.4 to the node web1 only (not web10)
+  fireap.consul.fireap_fire:
+    app: web
+    version: 1.4.4
+    node_filter: web1
 
 - name: Release to the nginx instances tagged blue and wait for the run to finish
   fireap.consul.fireap_fire:
@@ -178,17 +185,46 @@ leader:
   type: str
   sample: node-0
 fanout:
-  description: The fan-out of the run.
+  description: The fan-out of the run (O(fanout), else the smallest C(max_semaphores) the targets advertise).
   returned: success and not O(retry_stragglers)
   type: int
   sample: 5
+unreachable_targets:
+  description:
+    - Targets whose agent is down (C(serfHealth) critical). They stay targets and pull when their agent
+      is back; until then the run waits for them.
+    - Not named C(unreachable), which Ansible reads as the host's own state.
+  returned: success and not O(retry_stragglers)
+  type: list
+  elements: str
+  sample: [node-5]
+without_app:
+  description: Nodes the filters select that are not targets because they do not advertise O(app).
+  returned: success and not O(retry_stragglers)
+  type: list
+  elements: str
+  sample: [db-1, db-2]
+not_accepting:
+  description:
+    - Nodes that advertise O(app) but are not targets because the app's C(service)/C(tag) filters in
+      their task config match none of their services in the catalog.
+  returned: success and not O(retry_stragglers)
+  type: list
+  elements: str
+  sample: [web-7]
+advert_errors:
+  description: Adverts that could not be read (their nodes count as not having the app); also warnings.
+  returned: success and not O(retry_stragglers)
+  type: list
+  elements: str
+  sample: []
 filters:
   description: The event filters of the run, as given.
   returned: success and not O(retry_stragglers)
   type: dict
   contains:
     node:
-      description: The node name regex, or null.
+      description: The node name regex (matching whole names), or null.
       type: str
     service:
       description: The service name, or null.
@@ -279,15 +315,12 @@ info:
   type: dict
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._firing import DEFAULT_FANOUT, fire, retry_stragglers
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, retry_stragglers
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, outcome_problem, wait
-from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import DEFAULT_PATH, ConfigError, load_config
 
 #: Longest single blocking read while waiting; any change under the app's keys (a finish, an abort) ends it sooner.
 WAIT_POLL = 5.0
@@ -298,7 +331,6 @@ ARGUMENT_SPEC = fireap_argument_spec(
     service={"type": "str"},
     tag={"type": "str"},
     fanout={"type": "int"},
-    config={"type": "path", "default": DEFAULT_PATH},
     force={"type": "bool", "default": False},
     retry_stragglers={"type": "bool", "default": False},
     wait={"type": "bool", "default": False},
@@ -306,18 +338,6 @@ ARGUMENT_SPEC = fireap_argument_spec(
 )
 
 _NOT_WITH_RETRY = ("node_filter", "service", "tag", "force")
-
-
-def fanout_of(params: dict) -> int:
-    """The run's fan-out: as given, else the app's max_semaphores in the task config, else the default."""
-    if params["fanout"] is not None:
-        return params["fanout"]
-    if not os.path.exists(params["config"]):
-        return DEFAULT_FANOUT
-    try:
-        return load_config(params["config"]).app(params["app"]).max_semaphores
-    except ConfigError as err:
-        raise ConfigError(f"{err} (fanout is not set: it defaults to the app's max_semaphores in this file)") from None
 
 
 def run(module: AnsibleModule, client, schema: Schema) -> dict:
@@ -333,10 +353,12 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
         node_filter=params["node_filter"],
         service=params["service"],
         tag=params["tag"],
-        fanout=fanout_of(params),
+        fanout=params["fanout"],
         force=params["force"],
         check_mode=module.check_mode,
     )
+    for message in result["advert_errors"]:
+        module.warn(message)
     result["changed"] = True
     if module._diff:
         result["diff"] = {"before": result["previous_release"] or {}, "after": result["release"]}

@@ -12,13 +12,18 @@ description:
   - Reads the release record, the plan, every target's state and the fire lock of O(app) from Consul KV
     and reports the current run's progress, failures, propagation tree and timings.
   - Reads every target's record, so its result grows linearly with the number of targets; meant
-    for the controller, for example polled by a playbook until RV(finished) is true. It never changes anything.
+    for the controller, for example polled by a playbook until RV(all_finished) is true. It never changes anything.
   - A node that is already done at the run's version from an earlier run counts as done.
+  - Every time is returned twice, as epoch seconds (for arithmetic) and as ISO 8601 in UTC under the same
+    name with C(_iso) appended, for example RV(timings.fired_at) and RV(timings.fired_at_iso).
 extends_documentation_fragment:
   - fireap.consul.connection
   - fireap.consul.app
   - fireap.consul.attributes
   - fireap.consul.attributes.action_group
+notes:
+  - Runs under C(async) like any module. Its result has none of the keys Ansible sets on an async task's
+    result (C(finished), C(started), C(ansible_job_id), C(results_file)), so RV(all_finished) is the run's own.
 attributes:
   check_mode:
     support: full
@@ -36,13 +41,17 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Poll the current run of web every 5 seconds until it has finished or was aborted
+- name: Poll the current run of web every 5 seconds until every node has finished or the run was aborted
   fireap.consul.fireap_info:
     app: web
   register: progress
-  until: progress.finished or progress.status == 'aborted'
+  until: progress.all_finished or progress.status == 'aborted'
   retries: 720
   delay: 5
+
+- name: Show when the run started and how long it took
+  ansible.builtin.debug:
+    msg: "web {{ progress.version }}: fired at {{ progress.timings.fired_at_iso }}, {{ progress.timings.elapsed }}s"
 
 - name: Show the failed nodes
   ansible.builtin.debug:
@@ -61,8 +70,8 @@ exists:
   returned: always
   type: bool
 release:
-  description: The release record (app, version, run_id, fanout, leader, target_count, fired_at, filters,
-    status, aborted_reason); null when there is none.
+  description: The release record (app, version, run_id, fanout, leader, target_count, fired_at, fired_at_iso,
+    filters, status, aborted_reason); null when there is none.
   returned: always
   type: dict
 run_id:
@@ -80,8 +89,10 @@ status:
   returned: always
   type: str
   sample: running
-finished:
-  description: Whether every target is done or failed.
+all_finished:
+  description:
+    - Whether every target is done or failed.
+    - Formerly C(finished), a key that Ansible overwrites in the result of an async task.
   returned: always
   type: bool
 succeeded:
@@ -167,9 +178,15 @@ nodes:
     started:
       description: When the node's worker started (epoch seconds).
       type: float
+    started_iso:
+      description: RV(nodes[].started) as ISO 8601 in UTC, for example V(2026-11-26T16:30:01.250Z).
+      type: str
     finished:
       description: When it finished (epoch seconds).
       type: float
+    finished_iso:
+      description: RV(nodes[].finished) as ISO 8601 in UTC.
+      type: str
     duration:
       description: finished - started, in seconds.
       type: float
@@ -197,19 +214,28 @@ ideal_stages:
   type: int
   sample: 2
 timings:
-  description: Timings of the run (epoch seconds; elapsed in seconds).
+  description: Timings of the run (epoch seconds, and ISO 8601 in UTC under C(_iso); elapsed in seconds).
   returned: always
   type: dict
   contains:
     fired_at:
       description: When the run was started.
       type: float
+    fired_at_iso:
+      description: RV(timings.fired_at) as ISO 8601 in UTC, for example V(2026-11-26T16:30:01.250Z).
+      type: str
     first_finished:
       description: When the first target other than the leader finished.
       type: float
+    first_finished_iso:
+      description: RV(timings.first_finished) as ISO 8601 in UTC.
+      type: str
     last_finished:
       description: When the last target other than the leader finished so far.
       type: float
+    last_finished_iso:
+      description: RV(timings.last_finished) as ISO 8601 in UTC.
+      type: str
     elapsed:
       description: From fired_at to the last finish once finished, else to now.
       type: float
@@ -233,6 +259,9 @@ lock:
     since:
       description: When (epoch seconds).
       type: float
+    since_iso:
+      description: RV(lock.since) as ISO 8601 in UTC.
+      type: str
 """
 
 from ansible.module_utils.basic import AnsibleModule

@@ -96,6 +96,8 @@ EXAMPLES = r"""
     version: 1.4.3
   register: fired
 
+# The task fails when a node failed, the run was aborted or the timeout passed: failed_when
+# keeps the play going so that the next task can show the failed nodes, and the last one fails.
 - name: Wait for every node, aborting when more than 10% fail
   fireap.consul.fireap_wait:
     app: web
@@ -103,12 +105,17 @@ EXAMPLES = r"""
     timeout: 1800
     max_fail_percentage: 10
   register: waited
+  failed_when: false
 
 - name: Show the nodes that failed
   ansible.builtin.debug:
     msg: "{{ item.node }}: {{ item.error }}"
-  loop: "{{ waited.failed_nodes }}"
-  when: waited.failed_nodes is defined
+  loop: "{{ waited.failed_nodes | default([]) }}"
+
+- name: Fail unless every node has web 1.4.3
+  ansible.builtin.fail:
+    msg: "{{ waited.msg }}"
+  when: not (waited.succeeded | default(false))
 """
 
 RETURN = r"""
@@ -163,7 +170,7 @@ status:
   description: V(finished), V(running) (timed out) or V(aborted).
   returned: when the progress could be read
   type: str
-finished:
+all_finished:
   description: Whether every target is done or failed.
   returned: when the progress could be read
   type: bool
@@ -199,7 +206,8 @@ max_depth:
   returned: when the progress could be read
   type: int
 timings:
-  description: Timings of the run (fired_at, first_finished, last_finished, elapsed).
+  description: Timings of the run (fired_at, first_finished, last_finished as epoch seconds and as ISO 8601 in
+    UTC under C(_iso), and elapsed), as returned by M(fireap.consul.fireap_info).
   returned: when the progress could be read
   type: dict
 release:

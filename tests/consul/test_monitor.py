@@ -22,6 +22,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._clearing import cle
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._worker import pull
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
 
 BUILD = Path(__file__).resolve().parents[2] / "build"
 RUNNER = "import sys; sys.path.insert(0, sys.argv.pop(1)); " \
@@ -62,6 +63,7 @@ def _release_and_pull(target, schema: Schema, app: str, version: str) -> dict:
 def app_release(consul_target, kv_prefix):
     """(app, schema); the run's fire lock is lifted afterwards."""
     app, schema = f"mon-{uuid.uuid4().hex[:8]}", Schema(kv_prefix)
+    advertise(consul_target.client(0), schema, [app])
     yield app, schema
     clear(consul_target.client(0), schema, app)
 

@@ -18,6 +18,7 @@ import yaml
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLE_VARS = REPO_ROOT / "roles" / "fireap_node" / "vars" / "main.yml"
@@ -112,6 +113,7 @@ def test_the_installed_monitor_shows_a_release_and_writes_its_report_without_ans
     agent = consul_target.agents[0]
     client = consul_target.client()
     schema = Schema(kv_prefix)
+    advertise(client, schema, ["web"])
     fired = fire(client, schema, "web", version="5.0.1", fanout=2)
     try:
         consul = {"host": agent.host, "port": agent.port, "scheme": agent.scheme}

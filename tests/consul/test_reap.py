@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils._commands import fill_template
-from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
+from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeAdvert, NodeState, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 from ansible_collections.fireap.consul.plugins.module_utils._processed_events import PROCESSED_FILE, load_processed
 from ansible_collections.fireap.consul.plugins.module_utils._reap import main
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import (
@@ -226,6 +229,83 @@ def test_an_unusable_state_dir_exits_2(env, tmp_path, monkeypatch):
     rc = main(["--config", str(config)], spawn=env.spawns, out=io.StringIO())
     assert rc == 2
     assert f"cannot use state_dir {blocker / 'state'}" in env.log()
+
+
+# --- the advert of the node's apps ------------------------------------------------------------
+
+
+def advert_entry(env):
+    return env.target.client().kv.get(env.schema.advert(env.node))[1]
+
+
+def test_the_watch_start_advertises_the_apps_and_a_changed_config_advertises_again(env, tmp_path):
+    assert env.handle([])[0] == 0
+    entry = advert_entry(env)
+    assert NodeAdvert.from_json(entry["Value"]) == load_config(str(env.config)).advert()
+    assert set(json.loads(entry["Value"])["apps"]) == {APP, "db"}
+    assert b"exec_commands" not in entry["Value"] and b"echo" not in entry["Value"], "no commands in KV"
+    assert f"advertised this node's apps in {env.schema.advert(env.node)}: web, db" in env.log()
+
+    env.handle([])  # another agent reload: the advert is current, nothing is written
+    assert advert_entry(env)["ModifyIndex"] == entry["ModifyIndex"]
+
+    write_config(env.config, consul_section(env.target), env.schema.prefix,
+                 {APP: {"exec_commands": ["true"], "max_semaphores": 2}})
+    assert env.handle([event("ev-1", 3)])[0] == 0  # even a call with a new event notices the change
+    changed = NodeAdvert.from_json(advert_entry(env)["Value"])
+    assert list(changed.apps) == [APP] and changed.apps[APP].max_semaphores == 2
+
+
+def test_the_fanout_comes_from_the_advert_of_a_config_outside_etc_fireap(env, tmp_path):
+    """Before the adverts, fireap_fire read /etc/fireap/config.yml on the leader: 5 here."""
+    env.config = tmp_path / "opt" / "fireap-config" / "config.yml"
+    env.config.parent.mkdir(parents=True)
+    write_config(env.config, consul_section(env.target), env.schema.prefix,
+                 {APP: {"exec_commands": ["true"], "max_semaphores": 3}})
+    assert env.handle([])[0] == 0
+    fired = fire(env.target.client(len(env.target.agents) - 1), env.schema, APP, version="1", check_mode=True)
+    assert fired["targets"] == [env.leader, env.node]
+    assert fired["fanout"] == 3
+    others = [agent.name for agent in env.target.agents[1:-1]]
+    assert fired["without_app"] == others
+
+
+def test_a_node_whose_services_do_not_match_the_app_filter_is_no_target_and_does_not_pull(env, tmp_path):
+    config = write_config(tmp_path / "filtered.yml", consul_section(env.target), env.schema.prefix,
+                          {APP: {"exec_commands": [f"touch {env.ran}"], "service": "nosuchservice"}})
+    env.config = config
+    assert env.handle([])[0] == 0
+    leader_client = env.target.client(len(env.target.agents) - 1)
+    with pytest.raises(ReleaseError, match=rf"no node besides the leader {env.leader} takes app 'web'.*"
+                                           rf"1 have it, but its service/tag filters there match none of their "
+                                           rf"services in the catalog \({env.node}\)"):
+        fire(leader_client, env.schema, APP, version="1")
+
+    env.fire()  # targeted all the same (say, by a leader that read the catalog before a change)
+    assert main(["--config", str(config), "--worker", APP]) == 1
+    assert not env.ran.exists()
+    failed = own_record(env)
+    assert failed.status == "failed"
+    assert failed.error.startswith("not pulled: the app's service filter '^nosuchservice$' matches none of this "
+                                   "node's services")
+
+
+def test_a_node_running_the_app_filter_s_service_is_a_target_and_pulls(env, tmp_path):
+    service = f"svc-{os.getpid()}-{id(env)}"
+    config = write_config(tmp_path / "filtered.yml", consul_section(env.target), env.schema.prefix,
+                          {APP: {"exec_commands": [f"touch {env.ran}"], "service": service, "tag": "blue"}})
+    env.config = config
+    registered = env.target.http("PUT", "/v1/agent/service/register", 0,
+                                 json_body={"Name": service, "ID": service + "-1", "Tags": ["blue"]})
+    assert registered.status_code == 200, registered.text
+    try:
+        assert env.handle([])[0] == 0
+        fired = fire(env.target.client(len(env.target.agents) - 1), env.schema, APP, version="1")
+        assert fired["targets"] == [env.leader, env.node] and fired["not_accepting"] == []
+        assert main(["--config", str(config), "--worker", APP]) == 0
+        assert env.ran.exists() and own_record(env).status == "done"
+    finally:
+        env.target.http("PUT", f"/v1/agent/service/deregister/{service}-1", 0)
 
 
 # --- the worker ------------------------------------------------------------------------------

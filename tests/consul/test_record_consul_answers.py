@@ -28,7 +28,9 @@ import consul
 import pytest
 from consul_harness import ConsulTarget
 
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.modules import fireap_clear, fireap_fire, fireap_info
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
 from ansible_collections.fireap.consul.tests.unit.plugins.modules.consul_answers import (
     ANSWERS_DIR,
     RecordingConsul,
@@ -50,11 +52,17 @@ Setup = Callable[[consul.Consul, dict[str, Any]], None]
 
 
 def no_state(_client: consul.Consul, _connection: dict[str, Any]) -> None:
-    """An app never released: nothing under the prefix."""
+    """Nothing under the prefix: no node advertises an app."""
 
 
-def running_release(_client: consul.Consul, connection: dict[str, Any]) -> None:
+def advertised(client: consul.Consul, _connection: dict[str, Any]) -> None:
+    """An app never released that every node advertises (max_semaphores 5), as their handlers leave it."""
+    advertise(client, Schema(PREFIX), [APP])
+
+
+def running_release(client: consul.Consul, connection: dict[str, Any]) -> None:
     """Version 7 of the app fired with fan-out 2: the leader done, its lock held, no node started."""
+    advertised(client, connection)
     fired = run_module(fireap_fire, dict(connection, app=APP, version="7", fanout=2))
     assert fired.code == 0, fired.stdout
 
@@ -77,8 +85,9 @@ def release_in_progress(client: consul.Consul, connection: dict[str, Any]) -> No
     assert client.kv.put(f"{PREFIX}{APP}/nodes/bad", "not json")
 
 
-def malformed_release(client: consul.Consul, _connection: dict[str, Any]) -> None:
-    """A release record that is not JSON."""
+def malformed_release(client: consul.Consul, connection: dict[str, Any]) -> None:
+    """A release record that is not JSON, of an app every node advertises."""
+    advertised(client, connection)
     assert client.kv.put(f"{PREFIX}{APP}/release", "{not json")
 
 
@@ -126,9 +135,10 @@ SCENARIOS = [
     Scenario("clear_wipe_malformed_release", "fireap_clear wiping an app whose release record is not JSON",
              fireap_clear, {"app": APP, "wipe": True}, malformed_release),
     *scenarios_of(fireap_clear, {"app": APP, "abort": True}, running_release),
-    Scenario("fire_first", "fireap_fire of an app never released", fireap_fire, FIRE_ARGS),
+    Scenario("fire_first", "fireap_fire of an app never released", fireap_fire, FIRE_ARGS, advertised),
     Scenario("fire_check_mode", "fireap_fire in check mode of an app never released", fireap_fire, FIRE_ARGS,
-             check_mode=True),
+             advertised, check_mode=True),
+    Scenario("fire_app_on_no_node", "fireap_fire of an app no node advertises", fireap_fire, FIRE_ARGS),
     Scenario("fire_lock_held", "fireap_fire while the app's previous release still runs", fireap_fire, FIRE_ARGS,
              running_release),
     Scenario("fire_malformed_release", "fireap_fire of an app whose release record is not JSON", fireap_fire,

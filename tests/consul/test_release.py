@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 import uuid
 
 import pytest
@@ -39,6 +40,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import Rel
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
 from ansible_collections.fireap.consul.plugins.module_utils._task_event import decode_payload
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_version
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
 
 NODES = 12
 DELIVERY_TIMEOUT = 20.0
@@ -57,10 +59,17 @@ def client(cluster):
         yield consul_client
 
 
+#: The apps every node advertises under a test's prefix (the last one: the longest app name the KV keys take).
+APPS = ("web", "api", "a" * 60)
+
+
 @pytest.fixture
 def schema(cluster):
-    """A prefix of this test's own; lock sessions left behind are destroyed, keys deleted."""
+    """A prefix of this test's own, where every node advertises APPS; lock sessions left behind
+    are destroyed, keys deleted."""
     schema = Schema(f"fireap-test/{uuid.uuid4().hex}/")
+    with cluster.client(0) as consul_client:
+        advertise(consul_client, schema, APPS)
     yield schema
     with cluster.client(0) as consul_client:
         _index, entries = consul_client.kv.get(schema.prefix, recurse=True)
@@ -320,21 +329,22 @@ def test_argument_errors(client, schema):
         fire(client, schema, "web", "1", service="a/b")
 
 
-def test_node_filter_is_unanchored_like_consul(cluster, client, schema, leader):
-    names = cluster.node_names
-    # Some node name that is a substring of another one (node-1 in node-10), else a name's prefix.
-    pattern = next(
-        (a for a in names[1:] for b in names if a != b and a in b),
-        names[1][:-1],
-    )
-    expected = {name for name in names if re.search(pattern, name)}
-    assert len(expected - {leader}) > 1, f"the double's names {names} give no unanchored example"
-    result = fire(client, schema, "web", "1", node_filter=pattern, check_mode=True)
-    assert result["targets"][0] == leader
-    assert set(result["targets"]) == expected | {leader}
-
-    exact = fire(client, schema, "web", "1", node_filter=f"^{re.escape(names[1])}$", check_mode=True)
+def test_node_filter_matches_whole_names_here_and_in_the_event(cluster, client, schema, leader):
+    """Behaviour changed: node_filter was searched unanchored (web1 also selected web10)."""
+    names = cluster.node_names  # node-000 ... node-011
+    with pytest.raises(ReleaseError, match="no node besides the leader .* matches the filters node='node-01'"):
+        fire(client, schema, "web", "1", node_filter="node-01", check_mode=True)  # a prefix of node-010, node-011
+    exact = fire(client, schema, "web", "1", node_filter=names[1])
     assert exact["targets"] == [leader, names[1]]
+    assert exact["filters"]["node"] == names[1]
+    event = event_on(cluster, 1, exact["event_id"])
+    assert event["NodeFilter"] == f"^(?:{names[1]})$"
+    assert not re.search(event["NodeFilter"], names[1] + "0"), "Consul's agents search it: it must be anchored"
+
+    several = fire(client, schema, "web", "2", node_filter=r"node-00[1-3]", force=True, check_mode=True)
+    assert several["targets"] == [leader] + names[1:4]
+    either = fire(client, schema, "web", "2", node_filter="node-001|node-002", force=True, check_mode=True)
+    assert either["targets"] == [leader] + names[1:3]
 
 
 def test_a_filter_matching_nothing_is_refused(client, schema, leader):
@@ -416,6 +426,72 @@ def test_malformed_release_record_is_reported_and_wipe_removes_it(client, schema
     assert fire(client, schema, "web")["version"] == "1"
 
 
+# --- the nodes that have the app ---------------------------------------------------------
+
+
+def test_only_nodes_advertising_the_app_are_targets_at_their_smallest_fanout(cluster, client, schema, leader):
+    names = cluster.node_names
+    advertise(client, schema, ["web", "some"], names[1:3], max_semaphores=4)
+    advertise(client, schema, ["web", "some"], names[3:4], max_semaphores=2)
+    fired = fire(client, schema, "some", "1")
+    assert fired["targets"] == [leader] + names[1:4]
+    assert (fired["fanout"], fired["release"]["fanout"]) == (2, 2)
+    assert fired["without_app"] == names[4:] and fired["not_accepting"] == [] and fired["unreachable_targets"] == []
+    assert fire(client, schema, "some", "2", fanout=3, force=True)["fanout"] == 3
+
+
+def test_an_app_on_no_node_fails_at_once_before_the_lock_and_the_event(cluster, client, schema):
+    events_before = cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json()
+    started = time.monotonic()
+    with pytest.raises(ReleaseError) as refused:
+        fire(client, schema, "nosuchapp", "1")
+    assert time.monotonic() - started < 5
+    assert str(refused.value).startswith(
+        f"app 'nosuchapp' is configured on no node: none advertises it in {schema.adverts_prefix()}<node> "
+        f"(the apps the nodes have: {'a' * 60}, api, web)")
+    assert client.kv.get(schema.app_prefix("nosuchapp"), recurse=True)[1] is None, "no lock, no release record"
+    assert cluster.http("GET", "/v1/event/list", 0, params={"name": EVENT_NAME}).json() == events_before
+
+
+def test_the_app_filters_a_node_advertises_decide_on_its_catalog_services(cluster, client, schema, leader):
+    names = cluster.node_names
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    advertise(client, schema, ["filtered"], names[1:5], service_filter=f"^{service}$", tag_filter="^blue$")
+    registered = {1: ["blue"], 2: ["green"], 4: ["green", "blue"]}
+    for agent, tags in registered.items():
+        body = {"Name": service, "ID": f"{service}-{agent}", "Tags": tags}
+        assert cluster.http("PUT", "/v1/agent/service/register", agent, json_body=body).status_code == 200
+    try:
+        fired = fire(client, schema, "filtered", "1", check_mode=True)
+    finally:
+        for agent in registered:
+            cluster.http("PUT", f"/v1/agent/service/deregister/{service}-{agent}", agent)
+    assert fired["targets"] == [leader, names[1], names[4]]
+    assert fired["not_accepting"] == [names[2], names[3]]
+    assert fired["without_app"] == names[5:]
+
+
+def test_a_node_whose_agent_is_down_stays_a_target_and_is_reported(cluster, client, schema, leader):
+    down = cluster.node_names[-1]
+    assert cluster.http("PUT", f"/_devcluster/agents/{down}/stop", 0).status_code == 200
+    try:
+        fired = fire(client, schema, "web", "1", check_mode=True)
+    finally:
+        assert cluster.http("PUT", f"/_devcluster/agents/{down}/start", 0).status_code == 200
+    assert down in fired["targets"] and fired["unreachable_targets"] == [down]
+
+
+def test_an_unreadable_advert_leaves_its_node_out_and_says_why(cluster, client, schema, leader):
+    broken = cluster.node_names[2]
+    assert client.kv.put(schema.advert(broken), json.dumps({"apps": {"web": {"max_semaphores": 10**12}}}))
+    fired = fire(client, schema, "web", "1", check_mode=True)
+    assert broken not in fired["targets"] and fired["without_app"] == [broken]
+    assert fired["advert_errors"] == [
+        f"malformed KV key '{schema.advert(broken)}': app 'web': field 'max_semaphores': max_semaphores must be an "
+        "integer from 1 to 64, got 1000000000000; that node counts as having no app until its handler writes the "
+        "advert again"]
+
+
 # --- check mode ---------------------------------------------------------------------------
 
 
@@ -448,7 +524,7 @@ def test_info_without_a_release(client, schema):
     result = info(client, schema, "nothing")
     assert result["exists"] is False and result["status"] == "none" and result["release"] is None
     assert result["counts"] == {"done": 0, "pulling": 0, "waiting": 0, "failed": 0, "pending": 0}
-    assert result["lock"] is None and result["nodes"] == [] and result["finished"] is False
+    assert result["lock"] is None and result["nodes"] == [] and result["all_finished"] is False
 
 
 def test_info_counts_tree_pending_and_timings(client, schema, leader):
@@ -473,7 +549,7 @@ def test_info_counts_tree_pending_and_timings(client, schema, leader):
     assert result["counts"] == {"done": 5, "pulling": 1, "waiting": 1, "failed": 1, "pending": pending}
     assert result["total"] == NODES
     assert result["percent"] == round(100 * 6 / NODES, 1)
-    assert (result["status"], result["finished"], result["succeeded"]) == ("running", False, False)
+    assert (result["status"], result["all_finished"], result["succeeded"]) == ("running", False, False)
     assert result["failed_nodes"] == [{"node": n6, "source": n2, "error": "rsync exit 23"}]
     assert result["tree"] == {leader: [n1, n2], n1: [n3, n4], n2: [n6]}
     assert result["max_depth"] == 2
@@ -503,7 +579,7 @@ def test_info_finishes_and_skips_malformed_records(client, schema):
     finish_all(client, schema, "web", fired)
     client.kv.put(schema.node("web", "garbage"), b"[]")
     result = info(client, schema, "web")
-    assert (result["status"], result["finished"], result["succeeded"], result["percent"]) == ("finished", True, True, 100.0)
+    assert (result["status"], result["all_finished"], result["succeeded"], result["percent"]) == ("finished", True, True, 100.0)
     assert result["timings"]["elapsed"] >= 0
     assert len(result["warnings"]) == 1 and "garbage" in result["warnings"][0]
 
@@ -518,7 +594,7 @@ def test_wait_returns_when_the_last_target_finishes(client, schema):
     wait_until(lambda: seen, WAIT_TIMEOUT, "first progress report")
     finish_all(client, schema, "web", fired)
     final = future.result(WAIT_TIMEOUT * 2)
-    assert final["finished"] and final["counts"]["done"] == NODES
+    assert final["all_finished"] and final["counts"]["done"] == NODES
     assert seen[0]["counts"]["pending"] == NODES - 1 and seen[-1] == final
 
 

@@ -19,6 +19,7 @@ from collections import Counter
 
 import consul
 import pytest
+from devcluster.consul import MISSING_KEY_BLOCK, MISSING_KEY_WAKE, Realism
 from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -42,13 +43,37 @@ pytestmark = pytest.mark.double_only
 
 NODES = 24
 TASK_SECONDS = 0.05
-FAST = PullTimings(watch_timeout=120, start_grace=1.5, busy_grace=3, max_wait=2)
+# A failed task waits failure_detection for its source to be marked down: 1 s of the default double.
+FAST = PullTimings(watch_timeout=120, start_grace=1.5, busy_grace=3, max_wait=2, failure_detection=1)
 
 
 @pytest.fixture(scope="module")
 def cluster(make_double):
     with make_double(nodes=NODES, name="worker-double") as target:
         yield target
+
+
+#: Doubles as unkind as Consul (the ``unkind`` fixture): a crashed agent's node stays passing this
+#: long, and missing keys are woken by writes nearby (hashicorp/consul#9449) or raise the index.
+DETECTION = 3.0
+REALISTIC = PullTimings(watch_timeout=120, start_grace=60, busy_grace=60, max_wait=2, failure_detection=10,
+                        absent_pause=0.5)
+
+
+@pytest.fixture(scope="module")
+def unkind(make_double):
+    """Doubles with Consul's behaviour (``Realism.consul``), one per missing-key mode, started on demand."""
+    started = {}
+
+    def get(missing_key=MISSING_KEY_BLOCK):
+        if missing_key not in started:
+            realism = Realism.consul(6, failure_detection=DETECTION, missing_key=missing_key)
+            started[missing_key] = make_double(nodes=6, realism=realism, name=f"unkind-{missing_key}")
+        return started[missing_key]
+
+    yield get
+    for target in started.values():
+        target.close()
 
 
 @pytest.fixture
@@ -218,7 +243,8 @@ def test_a_source_whose_session_ends_mid_pull_counts_as_crashed(cluster, schema)
     client = cluster.client(1)
     session = client.session.create(node=first, lock_delay=0, ttl=30)
     assert client.kv.put(schema.slot(app, leader, 0), first, acquire=session)
-    pulling = NodeState(version="v1", run_id=release.run_id, status="pulling", started=time.time(), source=leader, depth=1)
+    pulling = NodeState(version="v1", run_id=release.run_id, status="pulling", started=time.time(), source=leader,
+                        depth=1)
     assert client.kv.put(schema.node(app, first), pulling.to_json(), acquire=session)
     task = Task()
     box = {}
@@ -240,25 +266,33 @@ def four_nodes_with_a_stage_two_puller(cluster, schema, app):
     return release, leader, first, puller
 
 
-def test_a_puller_whose_source_goes_down_mid_task_moves_to_another_source(cluster, schema):
-    app = "srcdown"
+@pytest.mark.parametrize("double, how", [("kind", "stop"), ("unkind", "stop"), ("unkind", "leave")])
+def test_a_puller_whose_source_goes_down_mid_task_moves_to_another_source(request, double, how):
+    """The source's node fails while we pull from it: a crash (``stop``) or a clean ``leave``. On
+    Consul (the ``unkind`` double) a crashed node stays passing until gossip failure detection
+    marks it (DETECTION s later), a node that left has no checks at all; either way the failed
+    task is the source's and the puller ends done from another source."""
+    cluster = request.getfixturevalue("cluster") if double == "kind" else request.getfixturevalue("unkind")()
+    timings = FAST if double == "kind" else REALISTIC
+    schema = Schema(f"fireap-test/{uuid.uuid4().hex}/")
+    app = f"srcdown{how}"
     release, leader, first, puller = four_nodes_with_a_stage_two_puller(cluster, schema, app)
     done = NodeState(version="v1", run_id=release.run_id, status="done", started=time.time(), source=leader, depth=1,
                      finished=time.time())
     assert cluster.client().kv.put(schema.node(app, first), done.to_json())
     task = Task()
 
-    def source_dies(source):
-        if source.name == first:  # the source's node fails while we pull from it
-            control(cluster, f"agents/{first}/stop")
+    def source_goes(source):
+        if source.name == first:
+            control(cluster, f"agents/{first}/{how}")
             task.calls.append((puller, source))
             return False, "rsync: connection refused"
         return task.for_node(puller)(source)
 
     lines = []
     try:
-        result = pull(cluster.client(cluster.node_names.index(puller)), app, puller, source_dies, schema=schema,
-                      timings=FAST, log=lines.append)
+        result = pull(cluster.client(cluster.node_names.index(puller)), app, puller, source_goes, schema=schema,
+                      timings=timings, log=lines.append)
     finally:
         control(cluster, f"agents/{first}/start")
     assert result.ran_task and result.state.status == "done" and result.state.source == leader, "\n".join(lines)
@@ -267,6 +301,7 @@ def test_a_puller_whose_source_goes_down_mid_task_moves_to_another_source(cluste
     assert f"looking for another source: source {first} went down during the pull: rsync: connection refused" in lines
     assert states(cluster, schema, app)[puller] == result.state
     assert_clean(cluster, schema, app, [puller])
+    cluster.client().kv.delete(schema.prefix, recurse=True)
 
 
 def test_a_claim_after_the_release_was_aborted_is_refused_and_runs_nothing(cluster, schema):
@@ -276,7 +311,9 @@ def test_a_claim_after_the_release_was_aborted_is_refused_and_runs_nothing(clust
     task = Task()
     box = {}
     control(cluster, "stats", "DELETE")
-    thread = threading.Thread(target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [puller], task, patient)))
+    thread = threading.Thread(
+        target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [puller], task, patient))
+    )
     thread.start()
     # One txn read, then a blocking read of its source's record: the worker is waiting.
     wait_until(lambda: control(cluster, "stats", "GET")["agents"][puller]["requests"] >= 2, 60, f"{puller} waiting")
@@ -471,6 +508,102 @@ def test_an_agent_without_read_transactions_is_read_key_by_key(cluster, schema):
     assert sum("reading key by key" in line for line in lines) == 1, lines
 
 
+# --- Consul as unkind as it is: missing keys woken by other writes --------------------------------
+
+@pytest.mark.parametrize("missing_key", [MISSING_KEY_WAKE, MISSING_KEY_BLOCK])
+def test_every_node_pulls_once_on_an_unkind_double(unkind, missing_key):
+    """The whole propagation where Consul wakes (or raises the index of) reads of records that do not
+    exist yet on every write nearby: every node ends done, once, within the fan-out."""
+    cluster = unkind(missing_key)
+    schema = Schema(f"fireap-test/{uuid.uuid4().hex}/")
+    app = "unkindall"
+    release, plan = fire(cluster, schema, app, 2)
+    task = Task()
+    try:
+        results, logs = run_workers(cluster, schema, app, list(plan), task, REALISTIC)
+        final = states(cluster, schema, app)
+    finally:
+        cluster.client().kv.delete(schema.prefix, recurse=True)
+    for node, result in results.items():
+        assert result.state.status == "done" and result.state.run_id == release.run_id, "\n".join(logs[node])
+        assert final[node] == result.state
+    assert sorted(node for node, _source in task.calls) == sorted(plan)
+    assert max(task.peak.values()) <= 2
+
+
+def write_elsewhere(cluster, schema, app, node, stop):
+    """Keep rewriting another node's record (as a busy rollout does) until ``stop`` is set: each
+    write wakes, or raises the index of, Consul's blocking reads of missing keys nearby."""
+    client = cluster.client()
+    n = 0
+    while not stop.is_set():
+        n += 1
+        client.kv.put(schema.node(app, node), json.dumps({"noise": n}))
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("missing_key", [MISSING_KEY_WAKE, MISSING_KEY_BLOCK])
+def test_an_abort_reaches_a_worker_blocked_on_a_missing_record_within_one_wait(unkind, missing_key):
+    """The source's record does not exist yet: Consul wakes (or raises the index of) the blocking read
+    on every write to a key nearby. The worker still re-reads the release within max_wait."""
+    cluster = unkind(missing_key)
+    schema = Schema(f"fireap-test/{uuid.uuid4().hex}/")
+    app = "abortmissing"
+    release, _leader, first, puller = four_nodes_with_a_stage_two_puller(cluster, schema, app)
+    assert cluster.client().kv.get(schema.node(app, first))[1] is None
+    stop = threading.Event()
+    writer = threading.Thread(target=write_elsewhere, args=(cluster, schema, app, cluster.node_names[5], stop))
+    box = {}
+    worker = threading.Thread(
+        target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [puller], Task(), REALISTIC))
+    )
+    try:
+        control(cluster, "stats", "DELETE")
+        writer.start()
+        worker.start()
+        wait_until(lambda: control(cluster, "stats", "GET")["agents"][puller]["requests"] >= 3, 30, f"{puller} waiting")
+        aborted = ReleaseRecord(**{**release.__dict__, "status": "aborted", "aborted_reason": "operator"})
+        cluster.client().kv.put(schema.release(app), aborted.to_json())
+        began = time.monotonic()
+        worker.join(REALISTIC.max_wait * 3)
+        seen_after = time.monotonic() - began
+    finally:
+        stop.set()
+        writer.join()
+        worker.join(60)
+        cluster.client().kv.delete(schema.prefix, recurse=True)
+    result = box["run"][0][puller]
+    assert result.failed and result.state.error == f"release {release.run_id} was aborted: operator"
+    assert seen_after < REALISTIC.max_wait + REALISTIC.absent_pause + 1.0
+
+
+def test_requests_of_a_worker_blocked_on_a_missing_record_stay_bounded_under_writes_nearby(unkind):
+    """Consul before not-found blocking returns a read of a missing key on every write under its
+    nearest radix node: without spacing those reads the requests would follow the cluster's writes."""
+    cluster = unkind(MISSING_KEY_WAKE)
+    schema = Schema(f"fireap-test/{uuid.uuid4().hex}/")
+    app = "manywrites"
+    release, _leader, _first, puller = four_nodes_with_a_stage_two_puller(cluster, schema, app)
+    stop = threading.Event()
+    writer = threading.Thread(target=write_elsewhere, args=(cluster, schema, app, cluster.node_names[5], stop))
+    timings = PullTimings(watch_timeout=5, start_grace=60, busy_grace=60, max_wait=2, absent_pause=0.5)
+    control(cluster, "stats", "DELETE")
+    writer.start()
+    try:
+        results, _logs = run_workers(cluster, schema, app, [puller], Task(), timings)
+    finally:
+        stop.set()
+        writer.join()
+        cluster.client().kv.delete(schema.prefix, recurse=True)
+    assert results[puller].state.error.startswith("timed out after 5s waiting for a source")
+    stats = control(cluster, "stats", "GET")["agents"]
+    # 5 s of waiting: one read per absent_pause at most, the release every max_wait, start and end.
+    bound = 5 / 0.5 + 5 / 2 + 6
+    assert stats[puller]["requests"] <= bound, stats[puller]["routes"]
+    # Each write woke the worker's read: without the spacing it would have sent one read per write.
+    assert stats[cluster.node_names[0]]["routes"].get("PUT /v1/kv/", 0) > 2 * bound
+
+
 # --- hostile values in KV: every target ends with a record, nothing hostile reaches a command -----
 
 
@@ -621,7 +754,9 @@ def test_hostile_release_turning_malformed_while_a_worker_waits_is_recorded_fail
     task = Task()
     box = {}
     patient = PullTimings(watch_timeout=120, start_grace=60, busy_grace=60, max_wait=1)
-    thread = threading.Thread(target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [waiting], task, patient)))
+    thread = threading.Thread(
+        target=lambda: box.setdefault("run", run_workers(cluster, schema, app, [waiting], task, patient))
+    )
     control(cluster, "stats", "DELETE")
     thread.start()
     wait_until(lambda: control(cluster, "stats", "GET")["agents"][waiting]["requests"] >= 2, 60, f"{waiting} waiting")

@@ -1,9 +1,12 @@
-"""playbooks/setup.yml and playbooks/release.yml with the real ansible-playbook, on the dev cluster.
+"""playbooks/setup.yml and playbooks/release.yml with the real ansible-playbook, on the dev cluster,
+and the playbooks that docs/playbooks.md and the modules' EXAMPLES show.
 
 The cluster enforces an ACL token, which the inventory hands to the role and to the release
-play's module defaults. Every node gets fireap with three apps: ``demo`` rsyncs the source
-node's app tree into its own, ``broken`` fails on one node, ``canary`` fails on the first
-stage's nodes and is slow elsewhere (so that the run is still going when the failures show).
+play's module defaults. Every node gets fireap with these apps: ``demo`` rsyncs the source
+node's app tree into its own, ``broken`` and ``web`` (the examples' app) fail on one node,
+``canary`` fails on the first stage's nodes and is slow elsewhere (so that the run is still
+going when the failures show), ``site`` and ``myapp`` (the docs' app) succeed at once, and
+``slow`` takes a while on every node.
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import uuid
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
 import pytest
+import yaml
+
+from ansible_collections.fireap.consul.plugins.filter import release_report_html
+from ansible_collections.fireap.consul.plugins.modules import fireap_info, fireap_wait
 
 pytestmark = pytest.mark.double_only
 
@@ -23,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = REPO_ROOT / ".venv" / "bin" / "ansible-playbook"
 SETUP = REPO_ROOT / "playbooks" / "setup.yml"
 RELEASE = REPO_ROOT / "playbooks" / "release.yml"
+PLAYBOOKS_DOC = REPO_ROOT / "docs" / "playbooks.md"
 NODES = 7
 FANOUT = 2
 TOKEN = f"release-test-{uuid.uuid4()}"
@@ -40,6 +51,10 @@ def _apps(nodes_dir: Path) -> str:
         "demo": f"rsync -a --delete {nodes_dir}/{{{{ remote.name }}}}/app/ {nodes_dir}/{{{{ node }}}}/app/",
         "broken": f"[ {{{{ node }}}} != {BROKEN_NODE} ] || {{ echo simulated failure >&2; exit 3; }}",
         "canary": f"case {{{{ node }}}} in {'|'.join(CANARY_FAILING)}) echo bad build >&2; exit 4;; esac; sleep 4",
+        "web": f"[ {{{{ node }}}} != {BROKEN_NODE} ] || {{ echo web build broken >&2; exit 5; }}",
+        "site": "exit 0",
+        "myapp": "exit 0",
+        "slow": "sleep 15",
     }
     lines = ["fireap_node_defaults: {watch_timeout: 120, command_timeout: 60}", "fireap_node_apps:"]
     for app, command in commands.items():
@@ -140,7 +155,7 @@ def test_release_without_an_app_fails_before_touching_consul(installed):
 def test_release_copies_the_build_to_every_node_and_writes_the_report(installed):
     nodes_dir, leader = installed["nodes_dir"], installed["target"].node_names[0]
     write_build(nodes_dir / leader / "app", "1.0.1", files=30)
-    report = installed["work"] / "report-1.0.1.json"
+    report = installed["work"] / "reports" / "demo" / "report-1.0.1.json"  # directories created by the play
     run = release(installed, "demo", "fireap_version=1.0.1", f"fireap_fanout={FANOUT}", "fireap_poll_interval=1",
                   f"fireap_report_path={report}")
     assert run.returncode == 0, run.output
@@ -210,7 +225,7 @@ def test_too_many_failures_abort_the_run(installed):
     # 0: the first failure aborts; the slow nodes keep the run going meanwhile.
     run = release(installed, "canary", "fireap_version=1", f"fireap_fanout={FANOUT}", "fireap_poll_interval=1",
                   "fireap_max_fail_percentage=0", f"fireap_report_path={report}",
-                  f"fireap_report_html_path={installed['work'] / 'canary.html'}")
+                  f"fireap_report_html_path={installed['work'] / 'html' / 'canary.html'}")
     assert run.returncode != 0, run.output
     aborting = re.search(r"^canary 1: aborting the run: ([12]) of 7 targets failed \(\d+\.\d%\), "
                          r"more than max_fail_percentage 0%$", run.output, re.MULTILINE)
@@ -221,6 +236,192 @@ def test_too_many_failures_abort_the_run(installed):
     assert (data["aborted"], data["status"], data["succeeded"]) == (True, "aborted", False)
     assert data["release"]["aborted_reason"].endswith("more than max_fail_percentage 0%")
     assert data["lock"]["held"] is False, "the abort lifts the fire lock"
-    page = (installed["work"] / "canary.html").read_text()
+    page = (installed["work"] / "html" / "canary.html").read_text()
     assert '<span class="status status-aborted">aborted</span>' in page
     assert re.search(r"<td class=\"node\">node-00[12]</td>.*?<pre>.*bad build.*</pre>", page, re.DOTALL), page
+
+
+# --- the documentation's playbooks ------------------------------------------------------------
+
+
+def documented_commands(section: str = "Example") -> list[str]:
+    """The ansible-playbook commands of the first sh block under ``## <section>`` in docs/playbooks.md."""
+    text = PLAYBOOKS_DOC.read_text()
+    block = re.search(rf"^## {section}\n.*?^```sh\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert block, f"no sh block under '## {section}' in {PLAYBOOKS_DOC}"
+    return [line for line in block.group(1).splitlines() if line.startswith("ansible-playbook ")]
+
+
+def run_documented(installed, command: str) -> subprocess.CompletedProcess:
+    """A documented command against the dev cluster: its inventory (with the apps, which a real
+    inventory's group_vars hold) for ``inventory``, the repository's playbooks for ``playbooks/``."""
+    words = shlex.split(command)
+    assert words[:3] == ["ansible-playbook", "-i", "inventory"] and words[3].startswith("playbooks/"), command
+    extra = words[4:]
+    if words[3] == "playbooks/setup.yml":
+        extra = ["-e", f"@{installed['work'] / 'extra-vars.yml'}", *extra]
+    return playbook(REPO_ROOT / words[3], installed["inventory"], installed["work"], *extra)
+
+
+def task_lines(output: str, task: str) -> list[str]:
+    """The result lines of ``TASK [...<task>]`` (or of the handler of that name) in ``output``."""
+    found = re.search(rf"^(?:TASK|RUNNING HANDLER) \[[^\]]*{re.escape(task)}\] \**\n(.*?)(?:\n\n|\Z)", output,
+                      re.MULTILINE | re.DOTALL)
+    assert found, f"no task {task!r} in:\n{output}"
+    return found.group(1).splitlines()
+
+
+def test_the_documented_commands_install_check_reconfigure_and_release_with_reports(installed):
+    *setup_commands, release_command = documented_commands()
+    names = installed["target"].node_names
+    outputs = []
+    for command in setup_commands:  # on installed nodes: nothing to change
+        run = run_documented(installed, command)
+        assert run.returncode == 0, f"{command}:\n{run.output}"
+        assert all(counts[1:] == (0, 0, 0) for counts in recap(run.output).values()), f"{command}:\n{run.output}"
+        outputs.append(run.output)
+    _setup, check, config = outputs
+    assert sorted(task_lines(check, "Check that the handler's Python can run fireap-reap")) == [
+        f"ok: [{name}]" for name in names], "check mode runs the read-only Python check"
+    tasks = re.findall(r"^TASK \[fireap\.consul\.fireap_node : (.*?)\]", config, re.MULTILINE)
+    assert tasks == ["Validating arguments against arg spec 'main' - Install the fireap-reap handler and its Consul "
+                     "watch on a node", "Create the config directory", "Write the task config",
+                     "Register the Consul watch that runs fireap-reap"]
+
+    run = run_documented(installed, release_command)
+    assert run.returncode == 0, run.output
+    report = installed["work"] / "reports" / "myapp" / "1.4.2.json"
+    data = json.loads(report.read_text())
+    assert (data["app"], data["version"], data["release"]["fanout"]) == ("myapp", "1.4.2", 3)
+    assert (data["status"], data["all_finished"], data["succeeded"]) == ("finished", True, True)
+    assert "finished" not in data
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", data["timings"]["fired_at_iso"])
+    assert report.with_suffix(".html").read_text().startswith("<!DOCTYPE html>")
+
+
+class _AnyName(dict):
+    """Jinja's filters and tests for parsing only: Ansible's and the collection's are not loaded."""
+
+    def get(self, name, default=None):
+        return super().get(name, default) or (lambda *_args, **_kwargs: None)
+
+
+def release_variables() -> set[str]:
+    """The variables release.yml reads from -e or the inventory: every name its templates and
+    conditions use that it does not set itself (registered results, vars) or get from Ansible."""
+    plays = yaml.safe_load(RELEASE.read_text())
+    env = jinja2.Environment()
+    env.filters, env.tests = _AnyName(env.filters), _AnyName(env.tests)
+    used: set[str] = set()
+    own: set[str] = set()
+    conditions = {"when", "that", "failed_when", "changed_when", "until"}
+
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            own.update(node.get("vars") or ())
+            if isinstance(node.get("register"), str):
+                own.add(node["register"])
+            for name, value in node.items():
+                walk(value, name)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, key)
+        elif isinstance(node, str) and (key in conditions or "{{" in node or "{%" in node):
+            text = f"{{{{ {node} }}}}" if key in conditions else node
+            used.update(jinja2.meta.find_undeclared_variables(env.parse(text)))
+
+    walk(plays)
+    return {name for name in used - own if name.startswith("fireap_")}
+
+
+def test_every_variable_of_release_yml_is_documented_in_one_place():
+    variables = release_variables()
+    assert {"fireap_app", "fireap_fanout", "fireap_report_path", "fireap_node_consul_token"} <= variables
+    section = PLAYBOOKS_DOC.read_text().split("\n## release.yml\n", 1)[1]
+    documented = set(re.findall(r"^\| `(fireap_[a-z_]+)` \|", section, re.MULTILINE))
+    assert documented == variables
+    header = RELEASE.read_text().split("\n- name:", 1)[0]
+    assert 'docs/playbooks.md, section "release.yml"' in header
+    assert not re.search(r"^#\s+fireap_\w+\s{2,}", header, re.MULTILINE), "the header lists no variables itself"
+
+
+# --- the modules' EXAMPLES, as they are written --------------------------------------------------
+
+
+def leader_playbook(path: Path, name: str, tasks: list[dict]) -> Path:
+    """A playbook of one play of ``tasks`` on the leader, the modules reaching its agent with its port and token."""
+    play = {
+        "name": name,
+        "hosts": "fireap_leader",
+        "gather_facts": False,
+        "module_defaults": {"group/fireap.consul.consul": {"port": "{{ fireap_node_consul_port }}",
+                                                           "token": "{{ fireap_node_consul_token }}"}},
+        "tasks": tasks,
+    }
+    path.write_text(yaml.safe_dump([play], sort_keys=False))
+    return path
+
+
+def examples_playbook(path: Path, *plugins, replace: dict[str, str] | None = None) -> Path:
+    """The plugins' EXAMPLES, in order, as a playbook on the leader; ``replace`` changes the texts
+    (each must be somewhere) that the test needs elsewhere."""
+    text = "\n".join(plugin.EXAMPLES for plugin in plugins)
+    for old, new in (replace or {}).items():
+        assert old in text, f"{old!r} is in no EXAMPLES"
+        text = text.replace(old, new)
+    return leader_playbook(path, "The examples", yaml.safe_load(text))
+
+
+def test_the_wait_examples_show_the_failed_nodes_and_then_fail(installed):
+    """The case the examples are written for: web fails on one node (1 of 7, past the 10% budget)."""
+    run = playbook(examples_playbook(installed["work"] / "wait-examples.yml", fireap_wait), installed["inventory"],
+                   installed["work"])
+    assert run.returncode != 0, run.output
+    shown = task_lines(run.output, "Show the nodes that failed")
+    assert any(f'"msg": "{BROKEN_NODE}: ' in line and "exit status 5" in line for line in shown), run.output
+    # Aborted past the budget, or finished first when the other nodes were quicker than a poll.
+    failure = "\n".join(task_lines(run.output, "Fail unless every node has web 1.4.3"))
+    assert re.search(r"(was aborted: 1 of 7 targets failed .* more than max_fail_percentage 10%|finished with "
+                     r"failures)", failure), failure
+
+
+def test_the_info_and_report_examples_read_the_run_the_wait_examples_left(installed):
+    page = installed["work"] / "web-release.html"
+    examples = examples_playbook(installed["work"] / "info-examples.yml", fireap_info, release_report_html,
+                                 replace={"/tmp/web-release.html": str(page)})
+    run = playbook(examples, installed["inventory"], installed["work"])
+    assert run.returncode == 0, run.output
+    assert re.search(r'"msg": "web 1\.4\.3: fired at \d{4}-\d\d-\d\dT[\d:.]+Z, [\d.]+s"', run.output), run.output
+    assert any(f'"msg": "{BROKEN_NODE} failed pulling from ' in line
+               for line in task_lines(run.output, "Show the failed nodes")), run.output
+    assert "<h1>web 1.4.3</h1>" in page.read_text()
+
+
+def test_the_wait_examples_pass_when_every_node_succeeds(installed):
+    examples = examples_playbook(installed["work"] / "wait-examples-site.yml", fireap_wait,
+                                 replace={"app: web": "app: site", "web 1.4.3": "site 1.4.3"})
+    run = playbook(examples, installed["inventory"], installed["work"])
+    assert run.returncode == 0, run.output
+    leader = installed["target"].node_names[0]
+    assert task_lines(run.output, "Show the nodes that failed") == [f"skipping: [{leader}]"]
+    assert task_lines(run.output, "Fail unless every node has site 1.4.3") == [f"skipping: [{leader}]"]
+
+
+def test_fireap_info_under_async_keeps_its_own_all_finished(installed):
+    """Ansible sets ``finished`` on an async task's result to whether the job ended: the run's own
+    flag must be another key, or a running release would read as finished."""
+    result_file = installed["work"] / "async-info.json"
+    path = leader_playbook(installed["work"] / "async-info.yml", "fireap_info as an async task", [
+        {"name": "Fire a release that takes a while", "fireap.consul.fireap_fire": {"app": "slow", "version": "1"}},
+        {"name": "Read its progress in the background", "fireap.consul.fireap_info": {"app": "slow"},
+         "async": 60, "poll": 1, "register": "progress"},
+        {"name": "Abort the run", "fireap.consul.fireap_clear": {"app": "slow", "abort": True, "reason": "seen"}},
+        {"name": "Keep the result", "delegate_to": "localhost",
+         "ansible.builtin.copy": {"content": "{{ progress | to_json }}", "dest": str(result_file), "mode": "0644"}},
+    ])
+    run = playbook(path, installed["inventory"], installed["work"])
+    assert run.returncode == 0, run.output
+    result = json.loads(result_file.read_text())
+    assert result["ansible_job_id"] and result["finished"] is True, "Ansible's: the job ended"
+    assert (result["status"], result["all_finished"], result["succeeded"]) == ("running", False, False)
+    assert result["counts"]["pending"] + result["counts"]["pulling"] + result["counts"]["waiting"] > 0

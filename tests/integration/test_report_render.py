@@ -22,6 +22,7 @@ from ansible_collections.fireap.consul.plugins.module_utils import _monitor
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._worker import pull
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
 
 pytestmark = pytest.mark.double_only
 
@@ -77,6 +78,7 @@ def released(make_double, tmp_path_factory):
     """A finished run on a NODES-node cluster; yields (info, report path)."""
     with make_double(nodes=NODES, name="report-devcluster") as target:
         schema = Schema()
+        advertise(target.client(0), schema, [APP], max_semaphores=FANOUT)
         fired = fire(target.client(0), schema, APP, version=VERSION, fanout=FANOUT)
         failing = fired["targets"][-1]  # a leaf of the plan: nobody waits for it
         agents = {agent.name: i for i, agent in enumerate(target.agents)}

@@ -3,7 +3,8 @@
 The cluster runs with ACLs (a token in the task config). The role is applied twice: the first
 run installs and reloads every agent, the second changes nothing. The reloaded agents run the
 installed fireap-reap from their watch; a release written the way fireap_fire writes it and
-woken by the FIREAP:TASK event then reaches every node through the installed handler.
+woken by the FIREAP:TASK event then reaches every node through the installed handler. Then
+the role runs in check mode and with its tags.
 """
 
 from __future__ import annotations
@@ -79,19 +80,33 @@ def deployed(cluster, tmp_path_factory):
                ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(work / "ansible-tmp"))
     command = [str(ANSIBLE_PLAYBOOK), "-i", str(double.workdir / "inventory.yml"), "-e", f"@{extra_vars}",
                str(PLAYBOOK)]
+
+    def apply(*extra: str) -> subprocess.CompletedProcess:
+        """The role applied with these further ansible-playbook arguments."""
+        # cwd outside the repository: the run must not depend on its ansible.cfg.
+        return subprocess.run([*command, *extra], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=PLAYBOOK_TIMEOUT, check=False)
+
     runs = []
     for _run in range(2):
-        # cwd outside the repository: the run must not depend on its ansible.cfg.
-        result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
-                                timeout=PLAYBOOK_TIMEOUT, check=False)
+        result = apply()
         assert result.returncode == 0, f"ansible-playbook failed:\n{result.stdout}\n{result.stderr}"
         runs.append(result.stdout)
-    yield {"runs": runs, "kv_prefix": kv_prefix, "out_dir": out_dir, "double": double, "target": target}
+    yield {"runs": runs, "kv_prefix": kv_prefix, "out_dir": out_dir, "double": double, "target": target,
+           "apply": apply}
     target.client().kv.delete(kv_prefix, recurse=True)
 
 
 def _recap(output: str) -> dict[str, tuple[int, int, int, int]]:
     return {host: tuple(int(n) for n in counts) for host, *counts in RECAP.findall(output)}
+
+
+def _results(output: str, task: str) -> dict[str, str]:
+    """Each host's result word (ok, changed, skipping, fatal) for the task or handler named ``task``."""
+    block = re.search(rf"^(?:TASK|RUNNING HANDLER) \[fireap\.consul\.fireap_node : {re.escape(task)}\] \**\n"
+                      r"(.*?)(?:\n\n|\Z)", output, re.M | re.S)
+    assert block, f"no task {task!r} in:\n{output}"
+    return dict((host, word) for word, host in re.findall(r"^(\w+): \[([^\]]+)\]", block.group(1), re.M))
 
 
 def _node_root(double, name: str) -> Path:
@@ -219,3 +234,70 @@ def test_the_installed_monitor_shows_the_release_with_the_node_config(deployed):
     assert f"{NODES}/{NODES} done, 0 failed" in lines[1]
     assert [line.split()[:3] for line in lines[4:]] == [[name, "2.0.1", "done"] for name in target.node_names]
     assert TOKEN not in shown.stdout + shown.stderr
+
+
+def test_the_reload_handler_reports_a_change(deployed):
+    names = deployed["target"].node_names
+    assert _results(deployed["runs"][0], "Reload the Consul agent") == dict.fromkeys(names, "changed")
+
+
+def test_check_mode_runs_the_python_check_and_changes_nothing(deployed):
+    run = deployed["apply"]("--check")
+    assert run.returncode == 0, run.stdout + run.stderr
+    names = deployed["target"].node_names
+    assert _results(run.stdout, "Check that the handler's Python can run fireap-reap") == dict.fromkeys(names, "ok")
+    assert all(counts[1:] == (0, 0, 0) for counts in _recap(run.stdout).values()), run.stdout
+
+
+def test_check_mode_fails_on_a_python_that_cannot_run_the_handler(deployed):
+    run = deployed["apply"]("--check", "-e", "fireap_node_python=/nonexistent/python3")
+    assert run.returncode != 0, run.stdout
+    assert "/nonexistent/python3 cannot run fireap-reap" in run.stdout + run.stderr
+
+
+def test_check_mode_leaves_out_the_check_of_a_venv_it_has_not_created(deployed):
+    double, target = deployed["double"], deployed["target"]
+    run = deployed["apply"]("--check", "-e", "fireap_node_python=")
+    assert run.returncode == 0, run.stdout + run.stderr
+    names = target.node_names
+    assert _results(run.stdout, "Create the handler's venv with its Python dependencies") == dict.fromkeys(
+        names, "changed")
+    assert _results(run.stdout, "Check that the handler's Python can run fireap-reap") == dict.fromkeys(
+        names, "skipping")
+    assert not any((_node_root(double, name) / "opt" / "fireap" / "venv").exists() for name in names)
+
+
+def test_every_task_has_the_role_tag_and_the_install_or_the_config_tag(deployed):
+    listed = deployed["apply"]("--list-tasks")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    tags = dict(re.findall(r"fireap\.consul\.fireap_node : (.*?)\tTAGS: \[(.*?)\]", listed.stdout))
+    del tags["Validating arguments against arg spec 'main' - Install the fireap-reap handler and its Consul watch "
+             "on a node"]
+    assert len(tags) == 11, tags
+    install = {task for task, names in tags.items() if names == "fireap_node, fireap_node_install"}
+    config = {task for task, names in tags.items() if names == "fireap_node, fireap_node_config"}
+    assert config == {"Create the config directory", "Write the task config",
+                      "Register the Consul watch that runs fireap-reap"}
+    assert install == set(tags) - config
+
+
+def test_the_config_tag_rewrites_the_config_only_and_the_install_tag_the_code_only(deployed):
+    double, target = deployed["double"], deployed["target"]
+    node = target.agents[1].name
+    root = _node_root(double, node)
+    monitor = root / "opt" / "fireap" / "bin" / "fireap-monitor"
+    config = root / "etc" / "fireap" / "config.yml"
+    monitor.unlink()
+    config.write_text(config.read_text() + "# edited by hand\n")
+
+    run = deployed["apply"]("--tags", "fireap_node_config")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "# edited by hand" not in config.read_text() and not monitor.exists()
+    assert _results(run.stdout, "Write the task config")[node] == "changed"
+    assert _results(run.stdout, "Reload the Consul agent") == {node: "changed"}
+    assert "Install the fireap-monitor command" not in run.stdout
+
+    run = deployed["apply"]("--tags", "fireap_node_install")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert monitor.exists() and _results(run.stdout, "Install the fireap-monitor command")[node] == "changed"
+    assert "Write the task config" not in run.stdout and "RUNNING HANDLER" not in run.stdout

@@ -6,6 +6,8 @@ import uuid
 
 import pytest
 
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import APP, advertise
 from ansible_collections.fireap.consul.tests.unit.plugins.modules.module_run import run_module as run_in_process
 
 NODES = 4
@@ -20,8 +22,11 @@ def acl_cluster(make_double):
 
 @pytest.fixture
 def prefix(acl_cluster):
-    """A KV prefix of this test's own; lock sessions left behind are destroyed, keys deleted."""
+    """A KV prefix of this test's own, where every node advertises the app ``web``; lock sessions
+    left behind are destroyed, keys deleted."""
     prefix = f"fireap-test/{uuid.uuid4().hex}/"
+    with acl_cluster.client(0) as client:
+        advertise(client, Schema(prefix), [APP])
     yield prefix
     with acl_cluster.client(0) as client:
         _index, entries = client.kv.get(prefix, recurse=True)

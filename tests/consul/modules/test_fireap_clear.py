@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.modules import fireap_clear, fireap_fire
 
 
 def dump(cluster, prefix):
+    """The keys of the app ``web`` (the nodes' adverts are not the app's)."""
     with cluster.client(0) as client:
-        return client.kv.get(prefix, recurse=True)[1]
+        return client.kv.get(Schema(prefix).app_prefix("web"), recurse=True)[1]
 
 
 def test_check_mode_reports_without_changing(acl_cluster, connection, prefix, run_module):

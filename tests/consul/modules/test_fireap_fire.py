@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from consul_harness import in_background
@@ -12,13 +13,16 @@ from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
 from ansible_collections.fireap.consul.plugins.modules import fireap_fire
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
 
 FINISH_TIMEOUT = 60.0
 
 
 def kv_keys(cluster, prefix):
+    """The keys under ``prefix`` besides the nodes' adverts."""
     with cluster.client(0) as client:
-        return client.kv.get(prefix, keys=True)[1] or []
+        keys = client.kv.get(prefix, keys=True)[1] or []
+    return [key for key in keys if not key.startswith(Schema(prefix).adverts_prefix())]
 
 
 def finish_when_fired(cluster, prefix, app, failing=()):
@@ -57,36 +61,28 @@ def test_fire_records_the_run_and_hides_the_token(acl_cluster, connection, prefi
     assert stored == result["release"]
 
 
-@pytest.mark.parametrize("config_text, fanout", [("defaults:\n  exec_commands: [\"true\"]\napps:\n  web:\n    max_semaphores: 3\n", 3), (None, 5)])
-def test_fanout_defaults_to_max_semaphores_of_the_task_config(connection, prefix, run_module, tmp_path, config_text, fanout):
-    config = tmp_path / "config.yml"
-    if config_text is not None:
-        config.write_text(config_text)
-    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, config=str(config)))
-    assert run.code == 0 and run.result["fanout"] == fanout, run.stdout
-    assert run.result["release"]["fanout"] == fanout
+def test_fanout_defaults_to_the_smallest_max_semaphores_the_targets_advertise(
+        acl_cluster, connection, prefix, run_module):
+    with acl_cluster.client(0) as client:
+        advertise(client, Schema(prefix), ["web"], acl_cluster.node_names[2:], max_semaphores=3)
+    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix))
+    assert run.code == 0 and run.result["fanout"] == 3, run.stdout
+    assert run.result["release"]["fanout"] == 3
 
 
-def test_an_explicit_fanout_wins_over_the_task_config(connection, prefix, run_module, tmp_path):
-    config = tmp_path / "config.yml"
-    config.write_text("defaults:\n  exec_commands: [\"true\"]\napps:\n  web:\n    max_semaphores: 3\n")
-    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, fanout=7, config=str(config)))
+def test_an_explicit_fanout_wins_over_the_adverts(connection, prefix, run_module):
+    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, fanout=7))
     assert run.code == 0 and run.result["fanout"] == 7, run.stdout
 
 
-@pytest.mark.parametrize("config_text, message", [
-    ("defaults:\n  exec_commands: [\"true\"]\napps:\n  api: {}\n", "no app 'web' is configured (apps: api) (fanout is not set"),
-    ("apps:\n  web:\n    max_semaphores: 0\n", "apps.web.max_semaphores: must be an integer from 1 to 64, got 0"),
-    ("apps: [\n", "invalid YAML"),
-])
-def test_a_task_config_without_a_usable_fanout_fails_clearly(acl_cluster, connection, prefix, run_module, tmp_path,
-                                                             config_text, message):
-    config = tmp_path / "config.yml"
-    config.write_text(config_text)
-    run = run_module(fireap_fire, dict(connection, app="web", version="1.0", kv_prefix=prefix, config=str(config)))
-    assert run.failed and message in run.result["msg"], run.result["msg"]
-    assert str(config) in run.result["msg"]
-    assert kv_keys(acl_cluster, prefix) == []
+def test_an_app_on_no_node_fails_at_once_naming_the_apps_the_nodes_have(acl_cluster, connection, prefix, run_module):
+    started = time.monotonic()
+    run = run_module(fireap_fire, dict(connection, app="nosuchapp", version="1.0", kv_prefix=prefix))
+    assert time.monotonic() - started < 5
+    assert run.failed
+    assert run.result["msg"].startswith("app 'nosuchapp' is configured on no node")
+    assert "(the apps the nodes have: web)" in run.result["msg"]
+    assert kv_keys(acl_cluster, prefix) == [], "no lock, no release record"
 
 
 def test_token_from_the_environment_is_used_and_hidden(acl_cluster, connection, prefix, run_module, monkeypatch):

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from ansible.modules import async_status
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.fake_time import FakeTime
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.release_info import (
     finished_release,
     info_of,
+    no_release,
     row,
     running_release,
 )
 
 from ansible_collections.fireap.consul.plugins.action import fireap_wait
+from ansible_collections.fireap.consul.plugins.modules import fireap_info as fireap_info_doc
+from ansible_collections.fireap.consul.plugins.modules import fireap_wait as fireap_wait_doc
 from ansible_collections.fireap.consul.plugins.module_utils import _progress
 from ansible_collections.fireap.consul.plugins.module_utils._connection import CONNECTION_ARGUMENT_SPEC
 
@@ -111,3 +116,20 @@ def test_a_replaced_run_fails_the_task():
     replaced = info_of(running_release()["nodes"], run_id="1" * 32)
     with pytest.raises(_progress.ReleaseError, match=f"stopped waiting for run {RUN} .*replaced it"):
         plugin(Modules([running_release(), replaced]))._wait(dict(ARGS))
+
+
+def async_result_keys() -> set[str]:
+    """The keys Ansible sets on an async task's result: async_status's own (not the job's stdout and
+    stderr, which are the module's) and async_wrapper's results_file."""
+    return set(yaml.safe_load(async_status.RETURN)) - {"stdout", "stderr"} | {"results_file"}
+
+
+def test_no_result_key_is_one_that_ansible_sets_on_an_async_task():
+    reserved = async_result_keys()
+    assert {"finished", "started", "ansible_job_id"} <= reserved
+    for module in (fireap_info_doc, fireap_wait_doc):
+        assert not set(yaml.safe_load(module.RETURN)) & reserved, module.__name__
+    outcome = plugin(Modules([finished_release()]))._wait(dict(ARGS))
+    for result in (finished_release(), no_release(), outcome):
+        assert not set(result) & reserved
+    assert outcome["all_finished"] is True

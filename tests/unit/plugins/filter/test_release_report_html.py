@@ -22,7 +22,7 @@ WAITED = {
     "run_id": "a1" * 16,
     "version": "2.0",
     "status": "finished",
-    "finished": True,
+    "all_finished": True,
     "succeeded": True,
     "counts": {"done": 2, "pulling": 0, "waiting": 0, "failed": 0, "pending": 0},
     "total": 2,

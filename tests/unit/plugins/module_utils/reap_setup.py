@@ -1,4 +1,5 @@
-"""What fireap-reap's tests hand it: a task config file, a watch event, the records a fire leaves in KV.
+"""What fireap-reap's tests hand it: a task config file, a watch event, the records a fire leaves in KV,
+and the adverts the handlers leave there for a fire.
 
 Shared by the unit tests (tests/unit/plugins/module_utils/test_reap.py, test_task_event.py) and the
 tests against Consul (tests/consul/test_reap.py).
@@ -13,7 +14,14 @@ from pathlib import Path
 
 import yaml
 
-from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, PlanEntry, ReleaseRecord
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    AppAdvert,
+    NodeAdvert,
+    NodeState,
+    PlanEntry,
+    ReleaseRecord,
+    Schema,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME
 
 APP = "web"
@@ -84,3 +92,15 @@ class Spawns:
     def __call__(self, config_path: str, app: str, log_file: str) -> int:
         self.calls.append((config_path, app, log_file))
         return 4242
+
+
+def advertise(client, schema: Schema, apps, nodes=None, **settings) -> list[str]:
+    """Write, as each node's handler does, an advert of ``apps`` (each with ``settings``: max_semaphores,
+    default 5, service_filter, tag_filter) for ``nodes`` (default: every node of the catalog); returns them."""
+    settings.setdefault("max_semaphores", 5)
+    if nodes is None:
+        nodes = [node["Node"] for node in client.catalog.nodes()[1]]
+    record = NodeAdvert({app: AppAdvert(**settings) for app in apps})
+    for node in nodes:
+        assert client.kv.put(schema.advert(node), record.to_json())
+    return nodes

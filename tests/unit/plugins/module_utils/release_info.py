@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ansible_collections.fireap.consul.plugins.module_utils._progress import iso_utc
+
 FIRED = 1_700_000_000.0
 COUNT_KEYS = ("done", "pulling", "waiting", "failed", "pending")
 
@@ -9,6 +11,8 @@ COUNT_KEYS = ("done", "pulling", "waiting", "failed", "pending")
 def row(node, status, *, source=None, depth=None, started=None, finished=None, error=None, this_run=True,
         planned_source=None, stage=1, slot=0):
     """One node row; times are seconds after FIRED."""
+    started_at = None if started is None else FIRED + started
+    finished_at = None if finished is None else FIRED + finished
     return {
         "node": node,
         "status": status,
@@ -18,8 +22,10 @@ def row(node, status, *, source=None, depth=None, started=None, finished=None, e
         "slot": slot,
         "source": source,
         "depth": depth,
-        "started": None if started is None else FIRED + started,
-        "finished": None if finished is None else FIRED + finished,
+        "started": started_at,
+        "started_iso": iso_utc(started_at),
+        "finished": finished_at,
+        "finished_iso": iso_utc(finished_at),
         "duration": None if finished is None or started is None else finished - started,
         "error": error,
     }
@@ -30,28 +36,29 @@ def info_of(rows, *, app="web", version="1.4.3", status=None, elapsed=None, fano
     counts = dict.fromkeys(COUNT_KEYS, 0)
     for one in rows:
         counts[one["status"]] += 1
-    finished = counts["pending"] == counts["waiting"] == counts["pulling"] == 0
+    all_finished = counts["pending"] == counts["waiting"] == counts["pulling"] == 0
     if status is None:
-        status = "aborted" if aborted_reason else "finished" if finished else "running"
+        status = "aborted" if aborted_reason else "finished" if all_finished else "running"
     tree = {}
     for one in rows:
         if one["this_run"] and one["source"]:
             tree.setdefault(one["source"], []).append(one["node"])
     ends = [one["finished"] for one in rows[1:] if one["this_run"] and one["finished"] is not None]
+    first, last = (min(ends), max(ends)) if ends else (None, None)
     if elapsed is None:
-        elapsed = (max(ends) - FIRED) if ends else 0.0
+        elapsed = (last - FIRED) if ends else 0.0
     total = len(rows)
     info = {
         "app": app,
         "exists": True,
         "release": {"app": app, "version": version, "run_id": "0f3c" * 8, "fanout": fanout, "leader": rows[0]["node"],
-                    "target_count": total, "fired_at": FIRED, "filters": {}, "status": "aborted" if aborted_reason
-                    else "running", "aborted_reason": aborted_reason},
+                    "target_count": total, "fired_at": FIRED, "fired_at_iso": iso_utc(FIRED), "filters": {},
+                    "status": "aborted" if aborted_reason else "running", "aborted_reason": aborted_reason},
         "run_id": "0f3c" * 8,
         "version": version,
         "status": status,
-        "finished": finished,
-        "succeeded": finished and counts["failed"] == 0,
+        "all_finished": all_finished,
+        "succeeded": all_finished and counts["failed"] == 0,
         "counts": counts,
         "total": total,
         "percent": round(100.0 * (counts["done"] + counts["failed"]) / total, 1),
@@ -62,8 +69,9 @@ def info_of(rows, *, app="web", version="1.4.3", status=None, elapsed=None, fano
         "max_depth": max((one["depth"] for one in rows if one["depth"] is not None), default=0),
         "stages_planned": 2,
         "ideal_stages": 2,
-        "timings": {"fired_at": FIRED, "first_finished": min(ends) if ends else None,
-                    "last_finished": max(ends) if ends else None, "elapsed": elapsed},
+        "timings": {"fired_at": FIRED, "fired_at_iso": iso_utc(FIRED), "first_finished": first,
+                    "first_finished_iso": iso_utc(first), "last_finished": last, "last_finished_iso": iso_utc(last),
+                    "elapsed": elapsed},
         "lock": None,
         "warnings": [],
     }
@@ -101,8 +109,10 @@ def no_release(app="web"):
     """What info() returns for an app without a release record."""
     return {
         "app": app, "exists": False, "release": None, "run_id": None, "version": None, "status": "none",
-        "finished": False, "succeeded": False, "counts": dict.fromkeys(COUNT_KEYS, 0), "total": 0, "percent": 0.0,
-        "failed_nodes": [], "nodes": [], "tree": {}, "max_depth": 0, "stages_planned": 0, "ideal_stages": 0,
-        "timings": {"fired_at": None, "first_finished": None, "last_finished": None, "elapsed": None},
+        "all_finished": False, "succeeded": False, "counts": dict.fromkeys(COUNT_KEYS, 0), "total": 0,
+        "percent": 0.0, "failed_nodes": [], "nodes": [], "tree": {}, "max_depth": 0, "stages_planned": 0,
+        "ideal_stages": 0,
+        "timings": {"fired_at": None, "fired_at_iso": None, "first_finished": None, "first_finished_iso": None,
+                    "last_finished": None, "last_finished_iso": None, "elapsed": None},
         "lock": None, "warnings": [],
     }

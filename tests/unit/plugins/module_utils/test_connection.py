@@ -63,6 +63,7 @@ def test_defaults_without_parameters_or_environment():
     assert (options.host, options.port, options.scheme) == ("127.0.0.1", 8500, "http")
     assert options.validate_certs is True
     assert options.ca_path is None and options.token is None
+    assert options.client_cert is None and options.client_key is None and options.cert is None
     assert options.timeout == 30.0 and options.retries == 3
     assert options.address == "http://127.0.0.1:8500"
 
@@ -242,6 +243,60 @@ def test_missing_ca_path_is_an_error_only_where_it_is_used():
     assert unverified.verify is False
 
 
+def pem_files(tmp_path):
+    """Two files standing in for a client certificate and its key (only their existence is checked)."""
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    cert.write_text("pem")
+    key.write_text("pem")
+    return str(cert), str(key)
+
+
+def test_client_certificate_variables_fill_what_the_options_leave_unset(tmp_path):
+    cert, key = pem_files(tmp_path)
+    environ = {"CONSUL_HTTP_SSL": "true", "CONSUL_CLIENT_CERT": cert, "CONSUL_CLIENT_KEY": key}
+    assert ConsulOptions.from_params({}, environ).cert == (cert, key)
+    other = tmp_path / "other.pem"
+    other.write_text("pem")
+    options = ConsulOptions.from_params({"client_cert": str(other)}, environ)
+    assert (options.client_cert, options.client_key) == (str(other), key)
+    config = {"scheme": "https", "client_cert": cert, "client_key": key}
+    assert ConsulOptions.from_config(config, {}).cert == (cert, key)
+
+
+def test_a_client_certificate_is_used_over_https_only(tmp_path):
+    cert, key = pem_files(tmp_path)
+    assert ConsulOptions(scheme="https", client_cert=cert, client_key=key).cert == (cert, key)
+    assert ConsulOptions(client_cert=cert, client_key=key).cert is None
+    # Stale or half-set variables do not matter to plain http, as for CONSUL_CACERT.
+    assert ConsulOptions.from_params({}, {"CONSUL_CLIENT_CERT": "/nonexistent/client.pem"}).scheme == "http"
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"client_cert": "CERT"}, "client_cert is set but client_key is not: the client certificate and its private "
+                                  "key go together (the options client_cert and client_key, else CONSUL_CLIENT_CERT "
+                                  "and CONSUL_CLIENT_KEY)"),
+        ({"client_key": "KEY"}, "client_key is set but client_cert is not"),
+        ({"client_cert": "/nonexistent/c.pem", "client_key": "KEY"},
+         "client_cert '/nonexistent/c.pem' is not a file (expected the client certificate (PEM); the value comes "
+         "from the client_cert option, else CONSUL_CLIENT_CERT)"),
+        ({"client_cert": "CERT", "client_key": "DIR"}, "client_key 'DIR' is not a file (expected the client "
+                                                       "certificate's private key (PEM)"),
+    ],
+    ids=["cert-without-key", "key-without-cert", "missing-cert", "key-is-a-directory"],
+)
+def test_unusable_client_certificate_settings_are_named(tmp_path, given, message):
+    cert, key = pem_files(tmp_path)
+    paths = {"CERT": cert, "KEY": key, "DIR": str(tmp_path)}
+    params = {name: paths.get(value, value) for name, value in given.items()}
+    with pytest.raises(ConsulOptionsError) as caught:
+        ConsulOptions.from_params({"scheme": "https", **params}, {})
+    for placeholder, path in paths.items():
+        message = message.replace(f"'{placeholder}'", repr(path))
+    assert str(caught.value).startswith(message)
+
+
 def test_verify_argument(tmp_path):
     cacert = tmp_path / "ca.pem"
     cacert.write_text("pem")
@@ -303,6 +358,8 @@ def test_malformed_token_is_rejected_without_showing_it(source, value):
         ({"scheme": "ftp"}, "scheme must be 'http' or 'https', got 'ftp' (str)"),
         ({"validate_certs": "yes"}, "validate_certs must be true or false, got 'yes' (str)"),
         ({"ca_path": 5}, "ca_path must be the path of a CA certificate file or directory, got 5 (int)"),
+        ({"client_cert": ""}, "client_cert must be the path of a client certificate file, got '' (str)"),
+        ({"client_key": 5}, "client_key must be the path of a client certificate's private key file, got 5 (int)"),
         ({"token": ""}, "token is empty; leave it unset to send no token"),
         ({"token": 1234}, "token must be a string, got a int (value not shown)"),
         ({"timeout": 0}, "timeout must be a number of seconds greater than 0, got 0 (int)"),
@@ -340,6 +397,7 @@ def test_repr_hides_token():
     options = ConsulOptions(token=TOKEN)
     assert TOKEN not in repr(options) and TOKEN not in str(options)
     assert "token=<hidden>" in repr(options)
+    assert "client_cert=None, client_key=None" in repr(options)
     assert "token=None" in repr(ConsulOptions())
 
 
@@ -370,7 +428,7 @@ class ScriptedConsul:
     answer, after the request was read) or "hang" (answer nothing until the test ends).
     """
 
-    def __init__(self, tls_cert=None):
+    def __init__(self, tls_cert=None, client_ca=None):
         self.answers = [(200, "true")]
         self.requests = []
         self.release = threading.Event()
@@ -409,6 +467,9 @@ class ScriptedConsul:
         if tls_cert is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls_cert)
+            if client_ca is not None:  # as an agent with verify_incoming
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=client_ca)
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -454,6 +515,15 @@ def tls_cert(tmp_path_factory):
 @pytest.fixture
 def tls_server(tls_cert):
     scripted = ScriptedConsul(tls_cert)
+    scripted.answers = [(200, kv_entry("k", "v"))]
+    yield scripted
+    scripted.close()
+
+
+@pytest.fixture
+def verifying_server(tls_cert):
+    """An HTTPS agent that requires a client certificate: tls_cert's, which signed itself."""
+    scripted = ScriptedConsul(tls_cert, client_ca=tls_cert[0])
     scripted.answers = [(200, kv_entry("k", "v"))]
     yield scripted
     scripted.close()
@@ -660,9 +730,43 @@ def test_certificate_name_mismatch_is_explained(tls_server, tls_cert):
         build_client(options).kv.get("k")
 
 
+def test_an_agent_that_verifies_clients_accepts_the_client_certificate(verifying_server, tls_cert):
+    environ = {"CONSUL_HTTP_ADDR": f"https://localhost:{verifying_server.port}", "CONSUL_CACERT": tls_cert[0],
+               "CONSUL_CLIENT_CERT": tls_cert[0], "CONSUL_CLIENT_KEY": tls_cert[1]}
+    options = ConsulOptions.from_params({"retries": 0}, environ)
+    assert build_client(options).kv.get("k")[1]["Value"] == b"v"
+
+
+def test_an_agent_that_verifies_clients_refuses_none_and_says_what_to_set(verifying_server, tls_cert):
+    options = ConsulOptions(host="localhost", port=verifying_server.port, scheme="https", ca_path=tls_cert[0],
+                            retries=0)
+    with pytest.raises(ConsulUnreachable) as caught, consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+    # TLS 1.3 may see the agent's alert or only the connection it closed: the hint is the same.
+    assert str(caught.value).startswith(
+        f"cannot reach the Consul agent at https://localhost:{verifying_server.port} while reading k: ")
+    assert str(caught.value).endswith(
+        "(the agent may require a client certificate, as Consul's verify_incoming does: set client_cert and "
+        "client_key, or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)")
+
+
+def test_a_client_key_that_is_not_the_certificate_s_is_explained(verifying_server, tls_cert, tmp_path):
+    _cert, other_key = pem_files(tmp_path)
+    options = ConsulOptions(host="localhost", port=verifying_server.port, scheme="https", ca_path=tls_cert[0],
+                            client_cert=tls_cert[0], client_key=other_key, retries=0)
+    with pytest.raises(ConsulUnreachable) as caught, consul_errors(options, "reading k"):
+        build_client(options).kv.get("k")
+    assert str(caught.value).endswith(
+        f"(cannot load the client certificate {tls_cert[0]!r} with the key {other_key!r}: both must be PEM files "
+        "and the key must be the certificate's)")
+
+
 def test_client_passes_tls_settings(tmp_path):
     cacert = tmp_path / "ca.pem"
     cacert.write_text("pem")
+    cert, key = pem_files(tmp_path)
+    assert build_client(ConsulOptions(scheme="https", client_cert=cert, client_key=key)).http.cert == (cert, key)
+    assert build_client(ConsulOptions()).http.cert is None
     assert build_client(ConsulOptions(validate_certs=False)).http.verify is False
     assert build_client(ConsulOptions(scheme="https", ca_path=str(cacert))).http.verify == str(cacert)
     assert build_client(ConsulOptions(host="::1", scheme="https")).http.base_uri == "https://[::1]:8500"

@@ -15,7 +15,7 @@ from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.release_i
 
 from ansible_collections.fireap.consul.plugins.module_utils import _progress
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
-from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._kv import LockRecord, NodeState, ReleaseRecord, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     MAX_NAMED,
     PrefixChanges,
@@ -283,3 +283,59 @@ def test_prefix_changes_block_from_the_last_index_and_restart_when_it_goes_back(
         {"keys": True, "separator": "/", "index": 9, "wait": "2500ms"},
         {"keys": True, "separator": "/"},
     ]
+
+
+# --- info's keys and times ------------------------------------------------------------------
+
+
+def recorded_info(schema: Schema) -> dict:
+    """info() of a run of three nodes in which n1 has finished and the fire lock is held."""
+    entries = recorded_run(schema, ["n0", "n1", "n2"])
+    finishes(schema, "n1")(entries)
+    lock = LockRecord(run_id="run-1", holder="n0", since=EPOCH + 0.25)
+    entries[schema.lock("web")] = (lock.to_json(), "session-1")
+    return _progress.info(FakeClient(FakeKV(entries)), schema, "web")
+
+
+def test_iso_utc_shows_an_epoch_time_as_iso_8601_in_utc():
+    assert _progress.iso_utc(EPOCH + 1.2345) == "2023-11-14T22:13:21.234Z"
+    assert _progress.iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert _progress.iso_utc(None) is None
+    assert _progress.iso_utc(1e300) is None, "past year 9999: no date, the epoch field keeps the time"
+
+
+def test_info_gives_every_time_as_epoch_seconds_and_as_iso_8601_utc():
+    result = recorded_info(Schema("fireap/"))
+    assert result["release"]["fired_at"] == EPOCH and result["release"]["fired_at_iso"] == "2023-11-14T22:13:20.000Z"
+    assert result["timings"] == {
+        "fired_at": EPOCH, "fired_at_iso": "2023-11-14T22:13:20.000Z",
+        "first_finished": EPOCH + 2, "first_finished_iso": "2023-11-14T22:13:22.000Z",
+        "last_finished": EPOCH + 2, "last_finished_iso": "2023-11-14T22:13:22.000Z",
+        "elapsed": 0.0,
+    }
+    rows = {row["node"]: row for row in result["nodes"]}
+    assert (rows["n1"]["started_iso"], rows["n1"]["finished_iso"]) == ("2023-11-14T22:13:21.000Z",
+                                                                       "2023-11-14T22:13:22.000Z")
+    assert (rows["n2"]["started"], rows["n2"]["started_iso"], rows["n2"]["finished_iso"]) == (None, None, None)
+    assert (result["lock"]["since"], result["lock"]["since_iso"]) == (EPOCH + 0.25, "2023-11-14T22:13:20.250Z")
+    assert list(rows["n1"])[8:12] == ["started", "started_iso", "finished", "finished_iso"], "each next to its epoch"
+
+
+def test_info_says_whether_every_target_finished_as_all_finished_not_as_finished():
+    """``finished`` is the key Ansible's async_status sets on an async task's result."""
+    result = recorded_info(Schema("fireap/"))
+    assert "finished" not in result and result["all_finished"] is False and result["status"] == "running"
+    assert "finished" not in no_release() and run_over(info_of(finished_release()["nodes"]))
+
+
+def _keys(progress: dict) -> list[set]:
+    """The keys of an info(): its own, its release record's, its timings' and its node rows'."""
+    rows = [set(row) for row in progress["nodes"][:1]]
+    return [set(progress), set(progress["release"] or ()), set(progress["timings"]), *rows]
+
+
+def test_the_tests_release_states_have_the_keys_of_info():
+    """release_info's states stand in for info() in the rendering, outcome and wait tests."""
+    schema = Schema("fireap/")
+    assert _keys(finished_release()) == _keys(recorded_info(schema))
+    assert _keys(no_release()) == _keys(_progress.info(FakeClient(FakeKV({})), schema, "web"))

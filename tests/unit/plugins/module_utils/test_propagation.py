@@ -205,6 +205,14 @@ def started(plan=PLAN, own=None, timings=TIMINGS):
     return machine, action
 
 
+def observe(machine, node, seen, index, now):
+    """``on_node`` as the adapter answers it: a wait ending at or past the machine's
+    ``release_due`` is first followed by a re-read of the (unchanged) release."""
+    if now >= machine.release_due:
+        assert machine.on_release(RELEASE, now) is None
+    return machine.on_node(node, seen, index, now)
+
+
 def claim(source, depth, slots=None):
     """The ClaimSlot of ``source``: the slots in order and the pulling record to write."""
     slots = slot_order("me", 2, 1) if slots is None else slots
@@ -294,8 +302,9 @@ def test_waits_on_the_source_or_first_on_the_previous_slot_holder():
 @pytest.mark.parametrize(
     "prev, now, expected",
     [
-        (view("waiting"), T0 + 1, WaitForNode("prev", 7, 10)),
-        (view("pulling", source="src"), T0 + 1, WaitForNode("prev", 7, 10, claim_soon=True)),
+        # The release was read at T0: the wait ends when it is due again (T0 + max_wait).
+        (view("waiting"), T0 + 1, WaitForNode("prev", 7, 9)),
+        (view("pulling", source="src"), T0 + 1, WaitForNode("prev", 7, 9, claim_soon=True)),
         (None, T0 + 15, WaitForNode("prev", 7, 5)),  # not started yet: wait until the grace ends
         (view("done", source="src"), T0 + 1, claim("src", 1)),  # so src is done
         (view("done", source="other"), T0 + 1, WaitForNode("src", 0, 0.0)),
@@ -304,12 +313,12 @@ def test_waits_on_the_source_or_first_on_the_previous_slot_holder():
         (view("pulling", source="src", held=False), T0 + 1, WaitForNode("src", 0, 0.0)),  # crashed
         (None, T0 + 20, CheckStart("prev")),  # not started within the grace: could it have?
         (view("done", run_id="r1", source="src"), T0 + 1, WaitForNode("src", 0, 0.0)),  # had it already
-        (view("pulling", run_id="r1", source="src"), T0 + 1, WaitForNode("prev", 7, 10)),  # old run, may start
+        (view("pulling", run_id="r1", source="src"), T0 + 1, WaitForNode("prev", 7, 9)),  # old run, may start
     ],
 )
 def test_waiting_on_the_previous_slot_holder(prev, now, expected):
     machine, _first = started(PLAN_AFTER)
-    assert machine.on_node("prev", prev or NodeView(None), 7, now) == expected
+    assert observe(machine, "prev", prev or NodeView(None), 7, now) == expected
 
 
 def test_previous_holder_done_from_our_source_lets_us_claim_at_once():
@@ -369,6 +378,23 @@ def test_a_task_failed_with_its_source_down_moves_to_another_source():
     assert machine.on_released(True, T0 + 9) == PullResult(done.state, "pulled version v2 from d1", True)
 
 
+def test_a_pull_that_loses_more_sources_than_fallback_tries_records_failed():
+    machine = claimed(depth=3)
+    lost = []
+    for n in range(TIMINGS.fallback_tries + 1):
+        source = machine.source
+        assert isinstance(machine.on_claim(ClaimOutcome(slot=0, index=40 + n), T0 + 2), RunTask)
+        action = machine.on_task(False, "connection refused", T0 + 3, source_down=True)
+        lost.append(source)
+        if n < TIMINGS.fallback_tries:
+            assert action == ReleaseSlot(source, 0, claim(source, machine.source_depth + 1).state)
+            assert isinstance(machine.on_released(True, T0 + 3), ListNodes)
+            machine.on_nodes({f"d{n}": view("done", source="lead", depth=1)}, T0 + 3)
+    assert action.state.status == "failed"
+    assert action.state.error == f"connection refused (the sources {', '.join(lost)} all went down during the pull)"
+    assert machine.on_released(True, T0 + 3).failed
+
+
 def test_a_source_down_is_only_heard_for_a_failed_task():
     machine = claimed()
     machine.on_claim(ClaimOutcome(slot=1, index=40), T0 + 2)
@@ -421,14 +447,14 @@ def test_unusable_preferred_source_sends_to_the_fallback(source, now, excluded, 
 )
 def test_pending_source_is_waited_on_with_bounded_blocking_queries(source, now, expected):
     machine, _first = started()
-    assert machine.on_node("src", source, 3, now) == expected
+    assert observe(machine, "src", source, 3, now) == expected
 
 
 @pytest.mark.parametrize("source", [NodeView(None), view("done", version="v1", run_id="r1", source="x")])
 def test_a_source_not_started_within_the_grace_is_checked(source):
     machine, _first = started()
-    assert machine.on_node("src", source, 3, T0 + 19) == WaitForNode("src", 3, 1)
-    assert machine.on_node("src", source, 3, T0 + 20) == CheckStart("src")
+    assert observe(machine, "src", source, 3, T0 + 19) == WaitForNode("src", 3, 1)
+    assert observe(machine, "src", source, 3, T0 + 20) == CheckStart("src")
 
 
 SRC_PLAN = PlanEntry(run_id="r2", source="s0", stage=1, slot=0)
@@ -472,7 +498,7 @@ def test_a_source_that_could_have_started_long_ago_is_late(plan, source, after, 
 )
 def test_a_source_that_could_not_start_yet_is_waited_for(plan, source, after, now, expected):
     machine, _first = started()
-    machine.on_node("src", NodeView(None), 3, T0 + 20)
+    assert observe(machine, "src", NodeView(None), 3, now) == CheckStart("src")
     assert machine.on_start_check(plan, source, after, now) == expected
 
 
@@ -484,8 +510,10 @@ def test_a_late_previous_slot_holder_sends_us_to_our_source():
 
 def test_busy_slots_are_waited_on_then_abandoned_after_the_busy_grace():
     machine = claimed()
-    assert machine.on_claim(ClaimOutcome(index=41), T0 + 2) == WaitForSlots("src", 41, 10)
-    assert machine.on_slots_changed(T0 + 5) == claim("src", 4)
+    # The release read at T0 is due again at T0 + 10: the wait ends then.
+    assert machine.on_claim(ClaimOutcome(index=41), T0 + 2) == WaitForSlots("src", 41, 8)
+    assert machine.on_release(RELEASE, T0 + 10) is None  # the wait timed out: the adapter re-read it
+    assert machine.on_slots_changed(T0 + 10) == claim("src", 4)
     assert machine.on_claim(ClaimOutcome(index=42), T0 + 10) == WaitForSlots("src", 42, 7)  # grace ends at T0 + 17
     assert machine.on_slots_changed(T0 + 17) == claim("src", 4)
     action = machine.on_claim(ClaimOutcome(index=43), T0 + 17)
@@ -535,10 +563,12 @@ def test_fallback_tries_candidates_then_blocks_and_relists():
     order = [name for name, _depth in machine.candidates]
     assert first == claim(order[0], 2, slot_order("me", 2))
     assert machine.on_claim(ClaimOutcome(index=50), T0 + 2) == claim(order[1], 2, slot_order("me", 2))
-    # fallback_tries = 2: block on the last tried candidate until the listing is max_wait old.
-    assert machine.on_claim(ClaimOutcome(index=51), T0 + 3) == WaitForSlots(order[1], 51, 9)
+    # fallback_tries = 2: block on the last tried candidate until the listing is max_wait old,
+    # and no longer than until the release is due (read at T0, due at T0 + 10).
+    assert machine.on_claim(ClaimOutcome(index=51), T0 + 3) == WaitForSlots(order[1], 51, 7)
     assert machine.on_slots_changed(T0 + 4) == claim(order[1], 2, slot_order("me", 2))
-    assert machine.on_claim(ClaimOutcome(index=52), T0 + 5) == WaitForSlots(order[1], 52, 7)
+    assert machine.on_claim(ClaimOutcome(index=52), T0 + 5) == WaitForSlots(order[1], 52, 5)
+    assert machine.on_release(RELEASE, T0 + 10) is None  # that wait timed out: the adapter re-read it
     assert isinstance(machine.on_slots_changed(T0 + 12), ListNodes)
 
 
@@ -587,6 +617,32 @@ def test_release_unchanged_lets_the_wait_go_on():
     machine, _first = started()
     assert machine.on_release(RELEASE, T0 + 3) is None
     assert machine.on_node("src", view("waiting"), 3, T0 + 3) == WaitForNode("src", 3, 10)
+
+
+def test_no_wait_outlasts_the_release_due_so_an_abort_is_seen_within_max_wait():
+    """Consul may return blocking reads of a missing record with a raised index although it did not
+    change: each read ends by the time the release is due, and the adapter re-reads it then."""
+    machine, _first = started()
+    aborted = ReleaseRecord(**{**RELEASE.__dict__, "status": "aborted", "aborted_reason": "budget"})
+    now, index = T0, 3
+    while now < machine.release_due:
+        action = machine.on_node("src", NodeView(None), index, now)
+        # (A read lasts at least 0.1 s.)
+        assert isinstance(action, WaitForNode) and now + action.pause + action.wait <= machine.release_due + 0.1
+        now, index = now + action.pause + 0.2, index + 1  # woken early by a write elsewhere
+    assert now - T0 < TIMINGS.max_wait + TIMINGS.absent_pause + 0.2
+    ended = machine.on_release(aborted, now)
+    assert isinstance(ended, WriteState) and ended.state.error == "release r2 was aborted: budget"
+
+
+def test_an_absent_record_is_read_at_most_once_per_absent_pause():
+    machine, _first = started()
+    first = machine.on_node("src", NodeView(None), 3, T0 + 0.25)
+    assert first == WaitForNode("src", 3, 9, pause=0.75)  # read at T0; ends when the release is due
+    second = machine.on_node("src", NodeView(None), 4, T0 + 1.5)
+    assert second == WaitForNode("src", 4, 8, pause=0.5)
+    # A record that exists wakes the read only when it changes: no pause.
+    assert machine.on_node("src", view("waiting"), 5, T0 + 2.1).pause == 0
 
 
 @pytest.mark.parametrize("release, what", [(None, "was deleted"), ("new", "now describes run r3")])
@@ -744,8 +800,9 @@ def test_a_machine_that_ended_accepts_nothing():
     "outcome, expected",
     [
         (ClaimOutcome(slot=0, index=40), RunTask("src", 0)),  # slot 0 is a slot taken
-        (ClaimOutcome(index=41), WaitForSlots("src", 41, 10)),  # all busy: block on the slots read
-        (ClaimOutcome(), WaitForSlots("src", 0, 10)),  # all busy, slots not read
+        # All busy: block on the slots read, until the release read at T0 is due again.
+        (ClaimOutcome(index=41), WaitForSlots("src", 41, 8)),
+        (ClaimOutcome(), WaitForSlots("src", 0, 8)),  # all busy, slots not read
         (ClaimOutcome(unusable="no address"), ListNodes("source src is unusable: no address")),
         (ClaimOutcome(refused=True),
          PullResult(None, "the record of node me is held or changed by another worker; did not pull")),
@@ -780,6 +837,8 @@ def test_a_claim_outcome_is_one_thing_only(fields):
         ({"max_wait": -1}, "max_wait must be"),
         ({"start_grace": True}, "start_grace must be"),
         ({"fallback_tries": 0}, "fallback_tries must be an integer >= 1"),
+        ({"failure_detection": 0}, "failure_detection must be a number of seconds > 0"),
+        ({"absent_pause": float("nan")}, "absent_pause must be a number of seconds > 0"),
     ],
 )
 def test_timings_are_validated(kwargs, message):

@@ -1,6 +1,6 @@
 """fireap_fire run in-process on Consul's answers recorded from the double: a first release, check
-mode, a release refused while the previous one runs or its record is corrupt (test_consul_errors.py:
-Consul's own errors)."""
+mode, a release refused while the previous one runs, its record is corrupt or no node has the app
+(test_consul_errors.py: Consul's own errors)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,10 @@ def test_a_release_record_that_is_not_json_fails_and_says_how_to_get_rid_of_it()
     assert run.failed, run.stdout
     assert "malformed KV key 'fireap/web/release'" in run.result["msg"]
     assert "fireap_clear wipe=true" in run.result["msg"]
+
+
+def test_an_app_no_node_advertises_fails_before_the_lock_is_looked_at():
+    run = run_on_answers("fire_app_on_no_node", fireap_fire, ARGS)
+    assert run.failed, run.stdout
+    assert run.result["msg"].startswith("app 'web' is configured on no node: none advertises it in fireap/.apps/<node> "
+                                        "(the apps the nodes have: none)")

@@ -18,7 +18,7 @@ def test_a_release_under_way_is_counted_node_by_node_and_a_malformed_record_is_a
         assert run.code == 0 and run.result["changed"] is False, run.stdout
         result = run.result
         assert (result["exists"], result["version"]) == (True, "7")
-        assert (result["status"], result["finished"]) == ("running", False)
+        assert (result["status"], result["all_finished"]) == ("running", False)
         assert result["counts"] == {"done": 2, "pulling": 0, "waiting": 0, "failed": 1, "pending": 1}
         assert result["total"] == len(NODES) and result["lock"]["held"] is True
         assert [row["node"] for row in result["nodes"]] == NODES
