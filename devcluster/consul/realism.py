@@ -123,7 +123,7 @@ class GossipLink:
         """The loop times at which one event reaches the agent: [] when lost, two when duplicated.
         Every draw is made for every event, so one setting's outcome does not shift another's."""
         gossip, rng = self.gossip, self.rng
-        lost, late, free, twice, again = (rng.random() for _ in range(5))
+        lost, late, free, twice, again = (rng.random() for _draw in range(5))
         if lost < gossip.loss:
             return []
         at = now + gossip.delay + late * gossip.jitter

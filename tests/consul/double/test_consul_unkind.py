@@ -279,7 +279,7 @@ def test_gossip_can_reorder_events_and_keeps_fire_order_otherwise(consul_target,
     gossip_to(1, Gossip(jitter=1.0, reorder=1.0))
     gossip_to(2, Gossip(jitter=1.0))
     name = unique_name("event")
-    fired = [_fire(consul_target, name)["ID"] for _ in range(8)]
+    fired = [_fire(consul_target, name)["ID"] for _event in range(8)]
     for agent in (1, 2):
         wait_until(lambda agent=agent: len(_events(consul_target, agent, name)) == 8, 10, f"agent {agent}")
     assert [e["ID"] for e in _events(consul_target, 1, name)] != fired  # 1 chance in 8! to be in order
