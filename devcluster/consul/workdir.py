@@ -109,7 +109,7 @@ def prepare_dirs(workdir: Path, nodes: list[NodeInfo]) -> None:
         (workdir / stale).unlink(missing_ok=True)
     for node in nodes:
         node.config_dir.mkdir(parents=True, exist_ok=True)
-        node.root.mkdir(parents=True, exist_ok=True)
+        (node.root / "etc" / "logrotate.d").mkdir(parents=True, exist_ok=True)
 
 
 def write_cluster_files(
@@ -160,6 +160,7 @@ def _inventory(nodes: list[NodeInfo], acl_token: str | None) -> dict[str, Any]:
             "fireap_node_config_dir": str(node.root / "etc" / "fireap"),
             "fireap_node_state_dir": str(node.root / "var" / "lib" / "fireap"),
             "fireap_node_log_dir": str(node.root / "var" / "log" / "fireap"),
+            "fireap_node_logrotate_dir": str(node.root / "etc" / "logrotate.d"),
         }
         for node in nodes
     }

@@ -23,16 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 import yaml
-from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout
 
 from .. import REPO_ROOT
 from ..consul import ServeError, ServeProcess
 from ..consul.serve_process import stop_process
 from ..consul.workdir import fresh_workdir
-from ..polling import wait_until
 from .builds import APP_DIR, rsync_command, tree_difference, tree_manifest, write_build
 from .playbooks import RELEASE_PLAYBOOK, SETUP_PLAYBOOK, DemoError, announce, run_playbook, vars_file_text
 
@@ -46,8 +43,6 @@ RELEASE_LOG = "release.log"
 
 #: How long the monitor may take to show the end of the run after the playbook has seen it.
 MONITOR_GRACE = 15.0
-#: Seconds for every handler to advertise its apps after setup (and for one KV read).
-ADVERT_TIMEOUT = 30.0
 #: Lines of the release playbook's log shown when it failed.
 LOG_TAIL_LINES = 40
 
@@ -112,18 +107,6 @@ def leader_of(inventory: dict) -> str:
     return leaders[0]
 
 
-def wait_for_adverts(agent, count: int) -> None:
-    """Until ``count`` nodes advertise their apps: each handler does when setup's agent reload
-    runs its watch, a moment after the playbook ends, and a release targets only those nodes."""
-    url = f"{agent.scheme}://{agent.host}:{agent.port}/v1/kv/{Schema().adverts_prefix()}?keys"
-
-    def advertised() -> bool:
-        answer = requests.get(url, timeout=ADVERT_TIMEOUT)
-        return answer.status_code == 200 and len(answer.json()) >= count
-
-    wait_until(advertised, ADVERT_TIMEOUT, "every node's advert of its apps", error=DemoError)
-
-
 def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
     """The whole demo; True when every node has the leader's build."""
     prepare_workdir(workdir)
@@ -157,7 +140,6 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         status, _seconds = run_playbook(setup_args)
         if status != 0:
             raise DemoError(f"installing fireap failed: ansible-playbook exited with status {status}")
-        wait_for_adverts(cluster.nodes[0], len(roots))
 
         version = time.strftime("%Y.%m%d.%H%M%S")
         files, size = write_build(roots[leader] / APP_DIR, version)

@@ -22,6 +22,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._errors import Firea
 from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_PREFIX
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     MAX_NAMED,
+    STATUS_PAUSED,
     counts_text,
     follow_run,
     outcome_problem,
@@ -123,6 +124,12 @@ class ActionModule(ActionBase):
         problem = outcome_problem(progress, timeout if timed_out else None)
         if problem:
             outcome.update(failed=True, msg=problem)
+        elif progress["status"] == STATUS_PAUSED:
+            outcome["msg"] = (
+                f"run {progress['run_id']} of app {app!r} (version {progress['version']}) is paused after stage "
+                f"{progress['release']['pause_after_stage']}: its {len(progress['canaries'])} canaries are done; "
+                "let the other stages follow with fireap_fire resume=true, or stop with fireap_clear abort=true"
+            )
         else:
             outcome["msg"] = (
                 f"run {progress['run_id']} of app {app!r} (version {progress['version']}): "
@@ -168,6 +175,8 @@ class ActionModule(ActionBase):
             self._warn(str(err))
             return None
         stragglers = fired["stragglers"]
+        if not stragglers:  # the pending targets are held by the canary gate
+            return None
         display.display(
             f"{args['app']} {progress['version']}: fired the event again to {len(stragglers)} target(s) that never "
             f"started: {_names(stragglers)}"
@@ -208,7 +217,7 @@ def _check_numbers(args: dict) -> None:
 
 def progress_line(progress: dict, elapsed: float) -> str:
     """``web 1.4.3: 37/100 done, 2 failed, 3 pulling, 0 waiting, 58 pending [21s]``."""
-    suffix = " (aborted)" if progress["status"] == "aborted" else ""
+    suffix = f" ({progress['status']})" if progress["status"] in ("aborted", STATUS_PAUSED) else ""
     return f"{progress['app']} {progress['version']}: {counts_text(progress)} [{elapsed:.0f}s]{suffix}"
 
 

@@ -10,6 +10,8 @@ The variables are exactly:
 ``node``            this node's name
 ``remote.name``     the source node's name (the node this one pulls from)
 ``remote.address``  the source node's address
+``checksum``        the release's build checksum (``sha256:`` and 64 lowercase hex digits),
+                    in ``verify_commands`` only
 
 Whitespace inside the braces is allowed (``{{app}}``, ``{{ app }}``). Nothing else of
 Jinja is: filters (``|``), expressions, statements (``{% ... %}``) and comments
@@ -30,6 +32,14 @@ loaded: inside quotes, after a backslash, in a here-document body, inside backqu
 line of a shell or interpreter given program text (``sh -c``, ``bash -lc``, ``su -c``,
 ``sudo -s``, ``python -c``, ``perl -e``, ...); and after the destination of ``ssh`` (the
 remote shell parses its command again). ``$(...)`` is a plain context of its own.
+
+Verify paths
+------------
+An app's ``verify_file`` is a path template: an absolute path in which ``{{ app }}``,
+``{{ version }}`` and ``{{ node }}`` (:data:`PATH_VARIABLES`) are replaced by their values as
+they are, with no quoting: no shell reads it. Those values hold no ``/`` and start with a
+letter, digit or ``_``, so each stays inside the path component it stands in and none can
+make a ``..`` component.
 
 Runner
 ------
@@ -55,17 +65,28 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
+from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch, verification_problem
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     check_address,
+    check_checksum,
     check_name,
     check_version,
 )
 
 VARIABLES = ("app", "version", "node", "remote.name", "remote.address")
-PHASES = ("before_commands", "exec_commands", "after_commands")
+#: The variable only verify_commands may use: the release's checksum.
+CHECKSUM_VARIABLE = "checksum"
+VERIFY_VARIABLES = VARIABLES + (CHECKSUM_VARIABLE,)
+#: The variables of a verify_file path, all known before the pull.
+PATH_VARIABLES = ("app", "version", "node")
+#: The command lists of an app, in the order they run; verify_file is checked before verify_commands.
+PHASES = ("before_commands", "exec_commands", "verify_commands", "after_commands")
+VERIFY_PHASE = "verify_commands"
+#: The label of the verify_file step in results, logs and --dry-run output.
+VERIFY_FILE_LABEL = "verify_file"
 ON_FAILURE_CHOICES = ("abort", "ignore")
 
 OUTPUT_TAIL_BYTES = 4096
@@ -106,6 +127,7 @@ class CommandVariables:
     node: str
     remote_name: str
     remote_address: str
+    checksum: Optional[str] = None  # the release's, None when it carries none
 
     def __post_init__(self) -> None:
         check_name(self.app, "app")
@@ -113,12 +135,17 @@ class CommandVariables:
         check_name(self.node, "node")
         check_name(self.remote_name, "source node")
         check_address(self.remote_address, "source address")
+        if self.checksum is not None:
+            check_checksum(self.checksum)
 
     def value(self, name: str) -> str:
         """The value of a template variable (``remote.name`` and so on)."""
-        if name not in VARIABLES:
+        if name not in VERIFY_VARIABLES:
             raise KeyError(name)
-        return getattr(self, name.replace(".", "_"))
+        value = getattr(self, name.replace(".", "_"))
+        if value is None:
+            raise InvalidValue("the release carries no checksum for {{ %s }}" % name)
+        return value
 
 
 @dataclass(frozen=True)
@@ -133,8 +160,8 @@ def _describe_placeholder(text: str) -> str:
     return "'" + " ".join(text.split()) + "'"
 
 
-def _variable_name(inner: str, placeholder: str) -> str:
-    """The variable a placeholder's inside names; TemplateError if it names none."""
+def _variable_name(inner: str, placeholder: str, names: Tuple[str, ...]) -> str:
+    """The variable of ``names`` a placeholder's inside names; TemplateError if it names none."""
     name = inner.strip()
     shown = _describe_placeholder(placeholder)
     if not name:
@@ -146,13 +173,15 @@ def _variable_name(inner: str, placeholder: str) -> str:
     if not _NAME.match(name):
         raise TemplateError(
             "only a variable name may stand in %s, not an expression "
-            "(variables: %s)" % (shown, ", ".join(VARIABLES)))
-    if name not in VARIABLES:
-        close = difflib.get_close_matches(name, VARIABLES, n=1)
+            "(variables: %s)" % (shown, ", ".join(names)))
+    if name == CHECKSUM_VARIABLE and name not in names:
+        raise TemplateError("%s is set only in verify_commands" % shown)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
         hint = "; did you mean '%s'?" % close[0] if close else ""
         raise TemplateError(
             "unknown variable '%s' in %s%s (variables: %s)"
-            % (name, shown, hint, ", ".join(VARIABLES)))
+            % (name, shown, hint, ", ".join(names)))
     return name
 
 
@@ -167,7 +196,7 @@ def _check_literal(text: str) -> None:
         raise TemplateError("'{{' without a closing '}}'")
 
 
-def _split(template: str) -> Tuple[_Part, ...]:
+def _split(template: str, names: Tuple[str, ...]) -> Tuple[_Part, ...]:
     parts = []
     position = 0
     for match in _PLACEHOLDER.finditer(template):
@@ -175,7 +204,7 @@ def _split(template: str) -> Tuple[_Part, ...]:
         _check_literal(literal)
         if literal:
             parts.append(literal)
-        parts.append(_Variable(_variable_name(match.group(1), match.group(0))))
+        parts.append(_Variable(_variable_name(match.group(1), match.group(0), names)))
         position = match.end()
     tail = template[position:]
     _check_literal(tail)
@@ -472,10 +501,10 @@ class _ShellContext:
         raise TemplateError("{{ %s }} %s" % (name, problem))
 
 
-def _parse(template: str) -> Tuple[_Part, ...]:
+def _parse(template: str, names: Tuple[str, ...] = VERIFY_VARIABLES) -> Tuple[_Part, ...]:
     if not isinstance(template, str):
         raise TemplateError("a command must be a string, got %r" % (template,))
-    parts = _split(template)
+    parts = _split(template, names)
     context = _ShellContext()
     for part in parts:
         if isinstance(part, _Variable):
@@ -485,17 +514,39 @@ def _parse(template: str) -> Tuple[_Part, ...]:
     return parts
 
 
-def template_variables(template: str) -> Tuple[str, ...]:
-    """Check a command template; return the variable names it uses, in order.
+def template_variables(template: str, names: Tuple[str, ...] = VARIABLES) -> Tuple[str, ...]:
+    """Check a command template that may use the variables ``names`` (VERIFY_VARIABLES for
+    verify_commands); return the variable names it uses, in order.
 
     Raises TemplateError with the reason when the template is not acceptable.
     """
-    return tuple(part.name for part in _parse(template) if isinstance(part, _Variable))
+    return tuple(part.name for part in _parse(template, names) if isinstance(part, _Variable))
 
 
 def render_command(template: str, variables: CommandVariables) -> str:
     """The command line for ``template`` with every variable shell-quoted."""
-    return fill_template(template, {name: variables.value(name) for name in VARIABLES})
+    return fill_template(template, {name: variables.value(name) for name in set(template_variables(
+        template, VERIFY_VARIABLES))})
+
+
+def path_variables(template: str) -> Tuple[str, ...]:
+    """Check a verify_file path template; return the variable names it uses, in order.
+
+    TemplateError unless it is an absolute path of printable characters whose placeholders
+    name PATH_VARIABLES.
+    """
+    if not isinstance(template, str) or not template.startswith("/"):
+        raise TemplateError("must be an absolute path, got %r" % (template,))
+    if not template.isprintable():
+        raise TemplateError("must not contain control characters")
+    return tuple(part.name for part in _split(template, PATH_VARIABLES) if isinstance(part, _Variable))
+
+
+def render_path(template: str, variables: CommandVariables) -> str:
+    """The file a verify_file template names, its variables inserted as they are (no shell reads it)."""
+    path_variables(template)
+    return "".join(variables.value(part.name) if isinstance(part, _Variable) else part
+                   for part in _split(template, PATH_VARIABLES))
 
 
 def fill_template(template: str, values: Mapping[str, str]) -> str:
@@ -507,15 +558,41 @@ def fill_template(template: str, values: Mapping[str, str]) -> str:
         for part in _parse(template))
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One step of an app's run: a rendered command, or (``expected`` set) the verify_file
+    check of the file ``command`` names."""
+
+    label: str
+    command: str
+    verifies: bool  # its failure stops the run whatever on_command_failure says
+    expected: Optional[str] = None
+
+
+def _steps(app_config, variables: CommandVariables) -> Tuple[_Step, ...]:
+    """Every step of an app's run, rendered, in order (InvalidValue when the release
+    carries no checksum and the app verifies: see ``verification_problem``)."""
+    steps = []
+    for phase in PHASES:
+        verifies = phase == VERIFY_PHASE
+        if verifies and app_config.verify_file is not None:
+            steps.append(_Step(VERIFY_FILE_LABEL, render_path(app_config.verify_file, variables), True,
+                               variables.value(CHECKSUM_VARIABLE)))
+        steps += [_Step("%s[%d]" % (phase, index), render_command(template, variables), verifies)
+                  for index, template in enumerate(getattr(app_config, phase))]
+    return tuple(steps)
+
+
 def render_phases(app_config, variables: CommandVariables) -> Tuple[Tuple[str, str], ...]:
-    """The commands an app's run would execute, as ``(label, command)``, without running.
+    """The steps an app's run would take, as ``(label, text)``, without running: the
+    rendered command, or for verify_file the file and the checksum it must have.
 
     ``app_config`` is a ``_taskconfig.AppConfig``; labels name the config entry, e.g.
     ``exec_commands[0]``.
     """
     return tuple(
-        (label, render_command(template, variables))
-        for label, template in _labelled_phases(app_config))
+        (step.label, step.command if step.expected is None else "sha256 of %s must be %s" % (step.command, step.expected))
+        for step in _steps(app_config, variables))
 
 
 @dataclass(frozen=True)
@@ -685,34 +762,46 @@ def _run_one(label: str, command: str, timeout: float, kill_grace: float) -> Com
     return CommandResult(label, command, code, duration, tail.text(), error)
 
 
+def _check_file(step: _Step) -> CommandResult:
+    start = time.monotonic()
+    error = file_mismatch(step.command, step.expected)
+    return CommandResult(step.label, step.command, None, time.monotonic() - start, "", error)
+
+
 def _describe_failure(result: CommandResult) -> str:
+    if result.label == VERIFY_FILE_LABEL:
+        return "%s failed: %s" % (result.label, result.error)
     text = "%s failed (%s): %s" % (result.label, result.error, result.command)
     if result.output:
         text += "\noutput:\n" + result.output.rstrip("\n")
     return text
 
 
-def _run(labelled: Sequence[Tuple[str, str]], variables: CommandVariables,
-         timeout: float, on_failure: str, log: Optional[logging.Logger],
-         kill_grace: float) -> CommandsResult:
+def _run(render: Callable[[], Sequence[_Step]], timeout: float, on_failure: str,
+         log: Optional[logging.Logger], kill_grace: float) -> CommandsResult:
     if on_failure not in ON_FAILURE_CHOICES:
         raise InvalidValue(f"on_failure must be one of {', '.join(ON_FAILURE_CHOICES)}, got {on_failure!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidValue("timeout must be a number of seconds > 0, got %r" % (timeout,))
     log = log or _log
     # Render everything first: a bad template must not leave the task half done.
-    rendered = [(label, render_command(template, variables)) for label, template in labelled]
+    rendered = render()
     results = []
-    for label, command in rendered:
-        log.info("%s: running: %s", label, command)
-        result = _run_one(label, command, timeout, kill_grace)
+    for step in rendered:
+        label = step.label
+        if step.expected is None:
+            log.info("%s: running: %s", label, step.command)
+            result = _run_one(label, step.command, timeout, kill_grace)
+        else:
+            log.info("%s: checking that the sha256 of %s is %s", label, step.command, step.expected)
+            result = _check_file(step)
         results.append(result)
         if result.ok:
             log.info("%s: ok in %.1fs", label, result.duration)
             continue
         log.error("%s: %s (ran %.1fs)%s", label, result.error, result.duration,
                   "; output tail:\n" + result.output if result.output else "")
-        if on_failure == "abort":
+        if on_failure == "abort" or step.verifies:
             skipped = len(rendered) - len(results)
             error = _describe_failure(result)
             if skipped:
@@ -738,26 +827,27 @@ def run_commands(commands: Iterable[str], variables: CommandVariables, timeout: 
     first failure) or ``"ignore"`` (run them all, report the failures in ``error``).
     ``phase`` names the list in result labels (``exec_commands[0]``, ...).
     """
-    labelled = [("%s[%d]" % (phase, index), template)
-                for index, template in enumerate(commands)]
-    return _run(labelled, variables, timeout, on_failure, log, kill_grace)
+    def render() -> Tuple[_Step, ...]:
+        return tuple(_Step("%s[%d]" % (phase, index), render_command(template, variables), phase == VERIFY_PHASE)
+                     for index, template in enumerate(commands))
 
-
-def _labelled_phases(app_config) -> Tuple[Tuple[str, str], ...]:
-    return tuple(
-        ("%s[%d]" % (phase, index), template)
-        for phase in PHASES
-        for index, template in enumerate(getattr(app_config, phase)))
+    return _run(render, timeout, on_failure, log, kill_grace)
 
 
 def run_phases(app_config, variables: CommandVariables,
                log: Optional[logging.Logger] = None,
                kill_grace: float = KILL_GRACE) -> CommandsResult:
-    """Run an app's before_commands, exec_commands and after_commands, in that order.
+    """Run an app's before_commands, exec_commands, its verification (verify_file, then
+    verify_commands) and after_commands, in that order.
 
     ``app_config`` is a ``_taskconfig.AppConfig``; its ``command_timeout`` and
-    ``on_command_failure`` apply across the three phases (an abort in before_commands
-    skips exec_commands and after_commands).
+    ``on_command_failure`` apply across the phases (an abort in before_commands skips the
+    rest). A failed verification always stops the run: ``on_command_failure: ignore`` never
+    lets an unverified build reach after_commands. When the release's checksum and the
+    app's verification do not go together (``verification_problem``) nothing runs.
     """
-    return _run(_labelled_phases(app_config), variables, app_config.command_timeout,
+    problem = verification_problem(app_config, variables.checksum)
+    if problem is not None:
+        return CommandsResult(False, (), problem)
+    return _run(lambda: _steps(app_config, variables), app_config.command_timeout,
                 app_config.on_command_failure, log, kill_grace)

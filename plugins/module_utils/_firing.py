@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: MIT
-"""Starting a release run: fire (the fire lock, the targets, the plan, the event) and retry_stragglers.
+"""Starting a release run: fire (the fire lock, the targets, the plan, the event), retry_stragglers
+and resume (opening a run's canary gate).
 
 Plain logic over a py-consul client talking to the leader's agent; no Ansible here (the
 modules translate the exceptions into failures). ``InvalidValue`` means bad input,
@@ -20,15 +21,20 @@ How one release is started (``fire``):
    service/tag filters there, the catalog lists a service of theirs that matches them
    (``AppAdvert.accepts``). The leader comes first. The fan-out, when not given, is the
    smallest ``max_semaphores`` the targets advertise. An app no node advertises is refused
-   before the lock is taken. The plan of every target is written in /v1/txn batches, then
-   the leader's own state (done, depth 0) and the release record in one last transaction,
-   so a node never sees a release record whose plan is not written yet;
+   before the lock is taken. The plan of every target is written under the new run's ID
+   (``<app>/plan/<run_id>/``) in /v1/txn batches, then the leader's own state (done, depth 0)
+   and the release record in one last transaction: the run's plan is complete before any
+   record names the run, and the plan in force never changes. Earlier runs' plans are
+   deleted after that;
 3. the user event ``FIREAP:TASK`` carrying ``{"app", "version"}`` is fired with the
-   release's filters. The event is only a wake-up: nodes read everything else from KV.
+   release's node filter only (Consul would match a service filter against service IDs, not
+   the names the targets were chosen by). The event is only a wake-up: nodes read
+   everything else from KV, and a node without a plan entry for the run does nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -42,7 +48,10 @@ from dataclasses import dataclass
 from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
+    NODE_FAILED,
     NODE_TERMINAL_STATUSES,
+    OUTCOME_RUNNING,
+    OUTCOME_UNFINISHED,
     RELEASE_RUNNING,
     TXN_MAX_OPS,
     KVRecordError,
@@ -51,6 +60,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NodeState,
     ReleaseFilters,
     ReleaseRecord,
+    RunSummary,
     Schema,
     Service,
     txn_set_batches,
@@ -58,18 +68,31 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     PENDING,
     ReleaseError,
+    history_rows,
+    info,
+    last_good_run,
+    read_history,
     read_lock,
     read_release,
     read_run,
+    summarise,
     target_status,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release, schedule_order
-from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout, check_name, check_version
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    STAGE_MAX,
+    check_checksum,
+    check_fanout,
+    check_int,
+    check_name,
+    check_version,
+)
 
 #: Name of the user event every node's watch listens for.
 EVENT_NAME = "FIREAP:TASK"
 
-#: The event body may not exceed this many bytes: Consul's documented budget for payloads.
+#: The event body may not exceed this many bytes: Consul's docs advise payloads of about 100
+#: bytes (Serf itself refuses only a whole event over EVENT_SIZE_LIMIT).
 PAYLOAD_LIMIT = 100
 #: Serf refuses a user event whose encoding (payload and filters included) exceeds this.
 EVENT_SIZE_LIMIT = 512
@@ -135,8 +158,8 @@ def _check_payload(app: str, version: str) -> bytes:
     if len(payload) > PAYLOAD_LIMIT:
         fixed = len(event_payload("", ""))
         raise ReleaseError(
-            f"the event payload for app {app!r} and version {version!r} is {len(payload)} bytes, over Consul's "
-            f"{PAYLOAD_LIMIT}-byte budget for user events: app and version may take {PAYLOAD_LIMIT - fixed} bytes "
+            f"the event payload for app {app!r} and version {version!r} is {len(payload)} bytes, over the "
+            f"{PAYLOAD_LIMIT}-byte budget Consul advises for user event payloads: app and version may take {PAYLOAD_LIMIT - fixed} bytes "
             f"together (as JSON), they take {len(payload) - fixed}; use a shorter app name or version"
         )
     return payload
@@ -220,20 +243,20 @@ def _utf8_len(text: str | None) -> int:
     return len(text.encode("utf-8")) if text else 0
 
 
-def _filter_budget(payload: bytes, service: str | None = None, tag: str | None = None) -> int:
-    """Bytes left for the node filter of an event with ``payload`` and these filters."""
-    return EVENT_SIZE_LIMIT - EVENT_OVERHEAD - len(payload) - _utf8_len(service) - _utf8_len(tag)
+def _filter_budget(payload: bytes) -> int:
+    """Bytes left for the node filter of an event with ``payload``."""
+    return EVENT_SIZE_LIMIT - EVENT_OVERHEAD - len(payload)
 
 
 def _check_event_size(payload: bytes, filters: ReleaseFilters) -> None:
-    budget = _filter_budget(payload, filters.service, filters.tag)
+    budget = _filter_budget(payload)
     node_bytes = _utf8_len(event_node_filter(filters.node))
     if node_bytes > budget:
         raise ReleaseError(
-            f"the event with its filters would not fit in one Consul user event: Serf sends an event, its payload "
-            f"({len(payload)} bytes) and its filters (node {node_bytes}, service {_utf8_len(filters.service)}, "
-            f"tag {_utf8_len(filters.tag)} bytes) in one message of at most {EVENT_SIZE_LIMIT} bytes, about "
-            f"{EVENT_OVERHEAD} of which are taken by the event itself; shorten the filters"
+            f"the event with its node filter would not fit in one Consul user event: Serf sends an event, its "
+            f"payload ({len(payload)} bytes) and its filters (node {node_bytes} bytes) in one message of at most "
+            f"{EVENT_SIZE_LIMIT} bytes, about {EVENT_OVERHEAD} of which are taken by the event itself; shorten "
+            "the node filter"
         )
 
 
@@ -518,35 +541,100 @@ def _chunks(ops: list[dict]) -> list[list[dict]]:
     return [ops[start:start + TXN_MAX_OPS] for start in range(0, len(ops), TXN_MAX_OPS)]
 
 
-def _record_run(client, schema: Schema, app: str, plan, stale, record: ReleaseRecord, release_entry) -> None:
-    """Write the plan, delete stale plan keys, then switch the release record to the new run.
+def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, release_entry, history) -> None:
+    """Write the plan under the new run's ID, then switch the release record to the run.
 
-    The last transaction writes the leader's state and the release record together, only if
-    the record is still the one read before (ops apply in order: the check comes first), so
-    a node never sees a release whose plan is not written and a concurrent writer is noticed.
+    The plan may take several transactions (Consul takes 64 operations in one before 1.14); a
+    fire interrupted between them leaves a partial plan under a run ID no record names, and
+    the run in force keeps its own (the next fire deletes it). The last transaction writes the
+    leader's state, the ``history`` (a History) and the release record together, only if the
+    record is still the one read before (ops apply in order: the check comes first), so a
+    concurrent writer is noticed.
     """
-    _txn(client, txn_set_batches([(schema.plan(app, name), entry.to_json()) for name, entry in plan.items()]))
-    _txn(client, _chunks([{"KV": {"Verb": "delete", "Key": key}} for key in stale]))
+    run_id = record.run_id
+    _txn(client, txn_set_batches([(schema.plan(app, run_id, name), entry.to_json()) for name, entry in plan.items()]))
     key = schema.release(app)
     if release_entry is None:
         check = {"KV": {"Verb": "check-not-exists", "Key": key}}
     else:
         check = {"KV": {"Verb": "check-index", "Key": key, "Index": release_entry["ModifyIndex"]}}
     leader_state = NodeState(
-        version=record.version, run_id=record.run_id, status=NODE_DONE, started=record.fired_at,
+        version=record.version, run_id=run_id, status=NODE_DONE, started=record.fired_at,
         finished=record.fired_at, depth=0,
     )
-    sets = txn_set_batches([(schema.node(app, record.leader), leader_state.to_json()), (key, record.to_json())])
+    sets = txn_set_batches([(schema.node(app, record.leader), leader_state.to_json()),
+                            (schema.history(app), history.to_json()), (key, record.to_json())])
     try:
         client.txn.put([check] + sets[0])
     except Exception as err:
         current = client.kv.get(key, consistency="consistent")[1]
         if (current and current["ModifyIndex"]) != (release_entry and release_entry["ModifyIndex"]):
             raise ReleaseError(
-                f"the release record of app {app!r} changed while run {record.run_id} was being recorded "
+                f"the release record of app {app!r} changed while run {run_id} was being recorded "
                 "(fireap_clear or another fire); nothing was fired: check fireap_info and fire again"
             ) from err
         raise
+
+
+def _stale_plans(client, schema: Schema, app: str, run_id: str) -> list[str]:
+    """The plan keys of every other run (and of no run: keys not under a run's folder)."""
+    keys = client.kv.get(schema.plans_prefix(app), keys=True)[1] or []
+    current = schema.plan_prefix(app, run_id)
+    return sorted(key for key in keys if not key.startswith(current))
+
+
+def _deletes(schema: Schema, app: str, stale: list[str]) -> list[dict]:
+    """Txn ops deleting ``stale``: each run's folder at once, any other key alone."""
+    base = schema.plans_prefix(app)
+    folders, keys = set(), []
+    for key in stale:
+        run, slash, _node = key[len(base):].partition("/")
+        if slash:
+            folders.add(base + run + "/")
+        else:
+            keys.append(key)
+    return ([{"KV": {"Verb": "delete-tree", "Key": folder}} for folder in sorted(folders)]
+            + [{"KV": {"Verb": "delete", "Key": key}} for key in keys])
+
+
+def _retry_targets(app: str, current: dict | None, targets: list[str]) -> list[str]:
+    """The leader and those of ``targets`` that failed in the run ``current`` shows."""
+    if current is None:
+        raise ReleaseError(f"app {app!r} has no run whose failed targets could be retried: fire one first")
+    run = f"run {current['run_id']} of app {app!r} (version {current['version']})"
+    if current["status"] == "aborted":
+        raise ReleaseError(f"{run} was aborted; fire a new run instead of retrying its failed targets")
+    if not current["all_finished"]:
+        unfinished = current["total"] - current["counts"][NODE_DONE] - current["counts"][NODE_FAILED]
+        raise ReleaseError(f"{run} is not over ({unfinished} targets have not finished): wait for it, or re-fire "
+                           "the event to its stragglers with retry_stragglers")
+    failed = {row["node"] for row in current["failed_nodes"]}
+    if not failed:
+        raise ReleaseError(f"{run} has no failed targets: nothing to retry")
+    chosen = [name for name in targets[1:] if name in failed]
+    if not chosen:
+        raise ReleaseError(f"none of the failed targets of {run} ({_listed(sorted(failed))}) is still selected "
+                           "by the filters and has the app")
+    return targets[:1] + chosen
+
+
+def _closed(history, current: dict) -> RunSummary:
+    """The history's line of the run ``current`` shows, closed now that a new run replaces it."""
+    entry = next((run for run in history.runs if run.run_id == current["run_id"]), None)
+    if entry is None:  # a run fired before the history existed, or whose line was lost
+        release = current["release"]
+        entry = RunSummary(run_id=current["run_id"], version=current["version"], kind="release", fired_by="unknown",
+                           fired_at=release["fired_at"], target_count=release["target_count"])
+    closed = summarise(entry, current)
+    if closed.outcome == OUTCOME_RUNNING:
+        closed = RunSummary(**{**closed.to_dict(), "outcome": OUTCOME_UNFINISHED})
+    return closed
+
+
+def _history_text(rows: list[dict]) -> str:
+    """The newest runs of ``rows`` (history_rows) for a message: version and outcome."""
+    shown = [f"{row['version']} {row['outcome']}" for row in rows[:5]]
+    return ", ".join(shown) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "") if shown else "empty"
 
 
 def fire(
@@ -561,8 +649,20 @@ def fire(
     force: bool = False,
     check_mode: bool = False,
     holder: str | None = None,
+    retry_failed: bool = False,
+    rollback: bool = False,
+    pause_after_stage: int | None = None,
+    checksum: str | None = None,
 ) -> dict:
     """Start a run of ``app`` at ``version`` (default: the previous version + 1).
+
+    ``retry_failed``: a run of the current version to the current run's failed targets only
+    (those the filters still select and that still have the app), once that run is over, with
+    its checksum. ``rollback``: a run of the last version a run delivered to every target (from
+    the history), other than the current one, with the checksum that run had. ``pause_after_stage``: the canary gate (targets of
+    later plan stages start only once ``resume`` opens it). ``checksum``: the build's
+    ``sha256:<hex>`` digest, which each target verifies before its after_commands. Either is refused with ReleaseError when there is
+    nothing to do; neither takes ``version``.
 
     ``client`` talks to the leader's agent: its node is the run's leader and always target
     0. ``node_filter`` must match a node's whole name. ``fanout`` None: the smallest
@@ -570,12 +670,14 @@ def fire(
     ``previous_version``, ``targets`` (schedule order), ``target_count``, ``leader``,
     ``fanout``, ``filters``, ``event_id`` (None in check mode), ``release`` (the record
     written), ``previous_release``, ``took_over`` (the lock record of the finished or forced
-    run whose lock was taken, else None), ``stale_plans`` (plan keys of nodes no longer
-    targeted, deleted), ``unreachable_targets`` (targets whose serfHealth is critical: they pull when
+    run whose lock was taken, else None), ``stale_plans`` (plan keys of earlier runs,
+    deleted once the new run is recorded), ``unreachable_targets`` (targets whose serfHealth is critical: they pull when
     their agent is back), ``without_app`` and ``not_accepting`` (selected nodes left out: no
     advert of the app; its filters match none of their services) and ``advert_errors``
-    (unreadable adverts). In check mode nothing is written and no event is fired, but the
-    lock is still checked.
+    (unreadable adverts), ``kind`` (release, retry or rollback), ``retry_of`` (the run whose
+    failed targets a retry runs, else None) and ``history`` (the app's last runs, newest
+    first, this one included). In check mode nothing is written and no event is fired, but
+    the lock is still checked.
 
     Raises FireLockHeld when a run still in progress holds the lock (unless ``force``),
     ReleaseError / ValueError for bad input, and ReleaseError before taking the lock when
@@ -585,8 +687,17 @@ def fire(
     check_name(app, "app")
     if version is not None:
         check_version(version)
+    if retry_failed and rollback:
+        raise InvalidValue("retry_failed and rollback start different runs: give one of them")
+    if (retry_failed or rollback) and version is not None:
+        raise InvalidValue(f"{'retry_failed' if retry_failed else 'rollback'} decides the version itself: "
+                           "leave version out")
     if fanout is not None:
         check_fanout(fanout)
+    if pause_after_stage is not None:
+        check_int(pause_after_stage, "pause_after_stage", 1, STAGE_MAX)
+    if checksum is not None:
+        check_checksum(checksum)
     if node_filter is not None:
         check_filter_regex(node_filter, "node_filter")
     if service is not None:
@@ -607,6 +718,25 @@ def fire(
         fanout = chosen.fanout
     release_entry, previous = read_release(client, schema, app)
     previous_version = previous.version if previous else None
+    current = info(client, schema, app) if previous is not None else None
+    history_warnings: list[str] = []
+    _history_entry, history = read_history(client, schema, app, history_warnings)
+    kind, retry_of = "release", None
+    if retry_failed:
+        # The same version and build: the retried targets verify it against the same checksum.
+        kind, targets = "retry", _retry_targets(app, current, targets)
+        version, retry_of = previous_version, current["run_id"] if current else None
+        checksum = checksum or (previous.checksum if previous else None)
+    elif rollback:
+        kind = "rollback"
+        rows = history_rows(history, current or {"run_id": None})
+        good = last_good_run(rows, previous_version)
+        if good is None:
+            raise ReleaseError(
+                f"app {app!r} has no earlier version that a run delivered to every target (history: "
+                f"{_history_text(rows)}); nothing to roll back to"
+            )
+        version, checksum = good["version"], checksum or good["checksum"]
     if version is None:
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
@@ -616,11 +746,14 @@ def fire(
     run_id = uuid.uuid4().hex
     addresses = {node["Node"]: node["Address"] for node in catalog or () if node.get("Address")}
     plan = plan_release(targets, leader, fanout, run_id, addresses)
-    existing = client.kv.get(schema.plan_prefix(app), keys=True)[1] or []
-    wanted = {schema.plan(app, name) for name in plan}
-    stale = sorted(key for key in existing if key not in wanted)
+    stale = _stale_plans(client, schema, app, run_id)
 
     now = time.time()
+    holder = holder or default_holder()
+    if current is not None:
+        history = history.with_run(_closed(history, current))
+    history = history.with_run(RunSummary(run_id=run_id, version=version, kind=kind, fired_by=holder, fired_at=now,
+                                          target_count=len(targets), retry_of=retry_of, checksum=checksum))
     record = ReleaseRecord(
         app=app,
         version=version,
@@ -631,6 +764,8 @@ def fire(
         fired_at=now,
         filters=filters,
         status=RELEASE_RUNNING,
+        pause_after_stage=pause_after_stage,
+        checksum=checksum,
     )
     result = {
         "run_id": run_id,
@@ -649,21 +784,28 @@ def fire(
         "unreachable_targets": chosen.unreachable,  # Ansible reads "unreachable" as the host's own state
         "without_app": chosen.without_app,
         "not_accepting": chosen.not_accepting,
-        "advert_errors": advert_errors,
+        "advert_errors": advert_errors + history_warnings,
+        "kind": kind,
+        "retry_of": retry_of,
+        "history": history_rows(history, {"run_id": None}),
     }
     if check_mode:
         return result
 
-    lock = LockRecord(run_id=run_id, holder=holder or default_holder(), since=now)
+    lock = LockRecord(run_id=run_id, holder=holder, since=now)
     session = _take_lock(client, schema, app, held_entry, lock)
     try:
-        _record_run(client, schema, app, plan, stale, record, release_entry)
+        _record_run(client, schema, app, plan, record, release_entry, history)
     except Exception:
         client.session.destroy(session)
         raise
+    # Once no record names them: a node reading them now finds a release of another run.
+    _txn(client, _chunks(_deletes(schema, app, stale)))
     try:
-        event = client.event.fire(EVENT_NAME, payload, node=event_node_filter(filters.node), service=filters.service,
-                                  tag=filters.tag)
+        # No service or tag filter: Consul matches an event's service filter against the IDs of
+        # each agent's services, the targets were chosen by service name. The node filter
+        # selects by name as the targets were; a node woken without a plan entry does nothing.
+        event = client.event.fire(EVENT_NAME, payload, node=event_node_filter(filters.node))
     except Exception as err:
         raise ReleaseError(
             f"run {run_id} of app {app!r} (version {version}) was recorded, but firing the {EVENT_NAME} event "
@@ -671,6 +813,28 @@ def fire(
         ) from err
     result["event_id"] = event["ID"]
     return result
+
+
+def _running_release(client, schema: Schema, app: str, version: str | None, what: str, hint: str):
+    """The entry and record of ``app``'s current run, which ``what`` (retry, resume) acts on:
+    ReleaseError when there is none, it was aborted, or ``version`` is not its version."""
+    check_name(app, "app")
+    if version is not None:
+        check_version(version)
+    entry, release = read_release(client, schema, app)
+    if release is None:
+        raise ReleaseError(f"app {app!r} has no release to {what}: {hint}")
+    if release.aborted:
+        raise ReleaseError(
+            f"run {release.run_id} of app {app!r} was aborted ({release.aborted_reason or 'no reason given'}); "
+            "fire a new run instead"
+        )
+    if version is not None and version != release.version:
+        raise ReleaseError(
+            f"version {version!r} is not the version of the current run {release.run_id} ({release.version!r}); "
+            "fire a new run to release another version"
+        )
+    return entry, release
 
 
 def retry_stragglers(client, schema: Schema, app: str, version: str | None = None, check_mode: bool = False) -> dict:
@@ -684,25 +848,12 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
     Returns ``run_id``, ``version``, ``stragglers``, ``events`` (list of ``{event_id,
     node_filter}``; event_id None in check mode).
     """
-    check_name(app, "app")
-    if version is not None:
-        check_version(version)
-    _entry, release = read_release(client, schema, app)
-    if release is None:
-        raise ReleaseError(f"app {app!r} has no release to retry: fire one first")
-    if release.aborted:
-        raise ReleaseError(
-            f"run {release.run_id} of app {app!r} was aborted ({release.aborted_reason or 'no reason given'}); "
-            "fire a new run instead"
-        )
-    if version is not None and version != release.version:
-        raise ReleaseError(
-            f"version {version!r} is not the version of the current run {release.run_id} ({release.version!r}); "
-            "fire a new run to release another version"
-        )
-    targets, _plans, states = read_run(client, schema, app, release, [])
+    _entry, release = _running_release(client, schema, app, version, "retry", "fire one first")
+    targets, plans, states = read_run(client, schema, app, release, [])
     stragglers = [
-        name for name in targets if name != release.leader and target_status(states.get(name), release) == PENDING
+        name for name in targets
+        if name != release.leader and target_status(states.get(name), release) == PENDING
+        and not release.holds(plans[name].stage)  # the canary gate holds it: resume wakes it
     ]
     payload = event_payload(app, release.version)
     node_filters = anchored_node_filters(stragglers, _filter_budget(payload))
@@ -713,3 +864,32 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
             event_id = client.event.fire(EVENT_NAME, payload, node=node_filter)["ID"]
         events.append({"event_id": event_id, "node_filter": node_filter})
     return {"run_id": release.run_id, "version": release.version, "stragglers": stragglers, "events": events}
+
+
+def resume(client, schema: Schema, app: str, version: str | None = None, check_mode: bool = False) -> dict:
+    """Open the canary gate of ``app``'s current run: record ``resumed_at`` on the release record
+    (only if it is still the one read: compare-and-set) and fire the event, so that the targets
+    of later stages start. ``version``, when given, must be the run's.
+
+    Returns ``run_id``, ``version``, ``pause_after_stage``, ``resumed_at``, ``release`` (the
+    record written) and ``event_id`` (None in check mode). ReleaseError when there is no run,
+    it was aborted, it has no canary gate or the gate is open already.
+    """
+    entry, release = _running_release(client, schema, app, version, "resume", "fire one with pause_after_stage first")
+    run = f"run {release.run_id} of app {app!r} (version {release.version})"
+    if release.pause_after_stage is None:
+        raise ReleaseError(f"{run} has no canary gate (pause_after_stage): there is nothing to resume")
+    if release.resumed_at is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(release.resumed_at))
+        raise ReleaseError(f"{run} was resumed already, at {when}")
+    resumed = dataclasses.replace(release, resumed_at=time.time())
+    result = {"run_id": release.run_id, "version": release.version, "pause_after_stage": release.pause_after_stage,
+              "resumed_at": resumed.resumed_at, "release": resumed.to_dict(), "event_id": None}
+    if check_mode:
+        return result
+    if not client.kv.put(schema.release(app), resumed.to_json(), cas=entry["ModifyIndex"]):
+        raise ReleaseError(f"the release record of app {app!r} changed while {run} was being resumed: check "
+                           "fireap_info and resume again")
+    payload = event_payload(app, release.version)
+    result["event_id"] = client.event.fire(EVENT_NAME, payload, node=event_node_filter(release.filters.node))["ID"]
+    return result

@@ -41,6 +41,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     STAGE_MAX,
     TARGETS_MAX,
     check_address,
+    check_checksum,
     check_fanout,
     check_int,
     check_name,
@@ -123,11 +124,21 @@ class Schema:
     def lock(self, app: str) -> str:
         return self.app_prefix(app) + "lock"
 
-    def plan_prefix(self, app: str) -> str:
+    def plans_prefix(self, app: str) -> str:
+        """``<p><app>/plan/``: the plans of the app's runs, one folder per run ID."""
         return self.app_prefix(app) + "plan/"
 
-    def plan(self, app: str, node: str) -> str:
-        return self.plan_prefix(app) + check_name(node, "node")
+    def plan_prefix(self, app: str, run_id: str) -> str:
+        """``<p><app>/plan/<run_id>/``: one run's plan. A run's plan is complete before the
+        release record names the run, however many transactions it took to write."""
+        return self.plans_prefix(app) + check_run_id(run_id) + "/"
+
+    def plan(self, app: str, run_id: str, node: str) -> str:
+        return self.plan_prefix(app, run_id) + check_name(node, "node")
+
+    def history(self, app: str) -> str:
+        """``<p><app>/history``: the app's last runs (see History)."""
+        return self.app_prefix(app) + "history"
 
     def nodes_prefix(self, app: str) -> str:
         return self.app_prefix(app) + "nodes/"
@@ -151,11 +162,15 @@ class Schema:
         return self.adverts_prefix() + check_name(node, "node")
 
     def node_name(self, app: str, key: str) -> str:
-        """The node a ``nodes/<node>`` or ``plan/<node>`` key belongs to (for listings)."""
-        for prefix in (self.nodes_prefix(app), self.plan_prefix(app)):
-            if key.startswith(prefix):
-                return check_name(key[len(prefix):], "node")
-        raise InvalidValue(f"KV key {key!r} is neither under {self.nodes_prefix(app)!r} nor {self.plan_prefix(app)!r}")
+        """The node a ``nodes/<node>`` or ``plan/<run_id>/<node>`` key belongs to (for listings)."""
+        nodes, plans = self.nodes_prefix(app), self.plans_prefix(app)
+        if key.startswith(nodes):
+            return check_name(key[len(nodes):], "node")
+        if key.startswith(plans):
+            run_id, slash, node = key[len(plans):].partition("/")
+            if slash and check_run_id(run_id):
+                return check_name(node, "node")
+        raise InvalidValue(f"KV key {key!r} is neither under {nodes!r} nor under {plans!r}<run_id>/")
 
 
 # --- record field readers: each raises KVRecordError naming the key and the field ---
@@ -305,7 +320,9 @@ class ReleaseFilters(_Record):
 class ReleaseRecord(_Record):
     """``<app>/release``: the authoritative description of the current run of an app.
 
-    ``target_count`` counts every node in the run, the leader included.
+    ``target_count`` counts every node in the run, the leader included. ``pause_after_stage``:
+    the canary gate: no target of a later plan stage starts until ``resumed_at`` is set.
+    ``checksum``: the build's digest, which targets verify before their after_commands.
     """
 
     app: str
@@ -318,6 +335,9 @@ class ReleaseRecord(_Record):
     filters: ReleaseFilters = field(default_factory=ReleaseFilters)
     status: str = RELEASE_RUNNING
     aborted_reason: str | None = None
+    pause_after_stage: int | None = None
+    resumed_at: float | None = None
+    checksum: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.filters, ReleaseFilters):
@@ -327,6 +347,15 @@ class ReleaseRecord(_Record):
     @property
     def aborted(self) -> bool:
         return self.status == RELEASE_ABORTED
+
+    @property
+    def paused(self) -> bool:
+        """The run has a canary gate that is still closed."""
+        return self.pause_after_stage is not None and self.resumed_at is None
+
+    def holds(self, stage: int) -> bool:
+        """Whether the closed canary gate holds a target of plan ``stage``."""
+        return self.paused and stage > (self.pause_after_stage or 0)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> ReleaseRecord:
@@ -342,9 +371,106 @@ class ReleaseRecord(_Record):
             filters=ReleaseFilters.from_dict(obj.get("filters") or {}, key),
             status=_choice(obj, "status", key, RELEASE_STATUSES),
             aborted_reason=_line(obj, "aborted_reason", key, optional=True),
+            pause_after_stage=_checked(obj, "pause_after_stage", key,
+                                       lambda value: check_int(value, "pause_after_stage", 1, STAGE_MAX), optional=True),
+            resumed_at=_time(obj, "resumed_at", key, optional=True),
+            checksum=_checked(obj, "checksum", key, check_checksum, optional=True),
         )
         for name, value in values.items():
             object.__setattr__(record, name, value)
+        return record
+
+
+#: How a run was started: a release of a version, a retry of a run's failed targets, or a
+#: rollback to the last version a run delivered to every target.
+RUN_KINDS = ("release", "retry", "rollback")
+#: A run's outcome in the history: ``running`` until the next fire closes the entry.
+OUTCOME_RUNNING = "running"
+OUTCOME_SUCCEEDED = "succeeded"
+OUTCOME_FAILED = "failed"
+OUTCOME_ABORTED = "aborted"
+OUTCOME_UNFINISHED = "unfinished"  # replaced while targets were still pending
+RUN_OUTCOMES = (OUTCOME_RUNNING, OUTCOME_SUCCEEDED, OUTCOME_FAILED, OUTCOME_ABORTED, OUTCOME_UNFINISHED)
+#: Runs kept in ``<app>/history`` (newest first): about 300 bytes each, so the value stays far
+#: below Consul's 512 KB and a reader's allocation is bounded.
+HISTORY_MAX = 50
+
+
+@dataclass(frozen=True)
+class RunSummary(_Record):
+    """One run in ``<app>/history``: written when the run is fired, closed (outcome, counts,
+    end) by the next fire."""
+
+    run_id: str
+    version: str
+    kind: str
+    fired_by: str
+    fired_at: float
+    target_count: int
+    outcome: str = OUTCOME_RUNNING
+    done: int = 0
+    failed: int = 0
+    finished_at: float | None = None
+    abort_reason: str | None = None
+    retry_of: str | None = None
+    checksum: str | None = None
+
+    def __post_init__(self) -> None:
+        _revalidate(RunSummary, self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> RunSummary:
+        record = object.__new__(cls)
+        for name, value in (
+            ("run_id", _checked(obj, "run_id", key, check_run_id)),
+            ("version", _checked(obj, "version", key, check_version)),
+            ("kind", _choice(obj, "kind", key, RUN_KINDS)),
+            ("fired_by", _line(obj, "fired_by", key)),
+            ("fired_at", _time(obj, "fired_at", key)),
+            ("target_count", _int(obj, "target_count", key, 1, TARGETS_MAX)),
+            ("outcome", _choice(obj, "outcome", key, RUN_OUTCOMES)),
+            ("done", _int(obj, "done", key, 0, TARGETS_MAX)),
+            ("failed", _int(obj, "failed", key, 0, TARGETS_MAX)),
+            ("finished_at", _time(obj, "finished_at", key, optional=True)),
+            ("abort_reason", _line(obj, "abort_reason", key, optional=True)),
+            ("retry_of", _checked(obj, "retry_of", key, check_run_id, optional=True)),
+            ("checksum", _checked(obj, "checksum", key, check_checksum, optional=True)),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
+class History(_Record):
+    """``<app>/history``: the app's last runs, newest first, at most ``HISTORY_MAX``."""
+
+    runs: tuple[RunSummary, ...] = ()
+
+    def __post_init__(self) -> None:
+        _revalidate(History, self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runs": [run.to_dict() for run in self.runs]}
+
+    def with_run(self, run: RunSummary) -> History:
+        """This history with ``run`` first (an entry of the same run replaced), cut to HISTORY_MAX."""
+        return History((run,) + tuple(entry for entry in self.runs if entry.run_id != run.run_id)[:HISTORY_MAX - 1])
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> History:
+        runs = _get(obj, "runs", key, (list,))
+        if len(runs) > HISTORY_MAX:
+            raise KVRecordError(key, f"field 'runs' holds {len(runs)} runs; at most {HISTORY_MAX}")
+        checked = []
+        for index, value in enumerate(runs):
+            if not isinstance(value, dict):
+                raise KVRecordError(key, f"run {index}: must be an object, got {show(value)}")
+            try:
+                checked.append(RunSummary.from_dict(value, key))
+            except KVRecordError as exc:
+                raise KVRecordError(key, f"run {index}: {exc.reason}") from None
+        record = object.__new__(cls)
+        object.__setattr__(record, "runs", tuple(checked))
         return record
 
 

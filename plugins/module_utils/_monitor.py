@@ -38,6 +38,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import DEFAULT_P
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     COUNT_ORDER,
     STATUS_FINISHED,
+    STATUS_PAUSED,
     PrefixChanges,
     counts_text,
     follow_run,
@@ -113,6 +114,8 @@ def header_line(info: dict) -> str:
     if status == "aborted":
         reason = (info.get("release") or {}).get("aborted_reason") or "no reason given"
         status = f"aborted ({reason})"
+    elif status == STATUS_PAUSED:
+        status = f"paused after stage {(info.get('release') or {}).get('pause_after_stage')} (resume to go on)"
     line = f"{info['app']} {info['version']}  run {info['run_id'][:12]}  fired {fired}  {status}"
     if run_over(info):
         line += f" after {format_seconds(info['timings'].get('elapsed'))}"
@@ -249,7 +252,9 @@ def node_change(row: dict, info: dict) -> str:
 
 
 def exit_code(info: dict) -> int:
-    """0 for a run that finished without failures, else 1."""
+    """0 for a run that finished, or is held by its canary gate, without failures; else 1."""
+    if info["status"] == STATUS_PAUSED:
+        return EXIT_FAILED if info["counts"]["failed"] else EXIT_OK
     return EXIT_OK if info["status"] == STATUS_FINISHED and info["succeeded"] else EXIT_FAILED
 
 
@@ -347,7 +352,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Show the progress of an app's fireap release: live (redrawn in place on a terminal, "
                     "appended lines otherwise), once, or as an HTML report.",
         epilog="The connection options fall back to the Consul CLI's variables (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, "
-               "CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_SSL, CONSUL_HTTP_SSL_VERIFY, CONSUL_CACERT, CONSUL_CAPATH), as "
+               "CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_SSL, CONSUL_HTTP_SSL_VERIFY, CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, "
+               "CONSUL_CLIENT_KEY), as "
                "the modules' do; the token is taken only from those (or --config), never from the command line. "
                "Exit codes: 0 the run succeeded (or was shown or written once), 1 it failed or was aborted or "
                "Consul could not be read, 2 bad usage, 130 interrupted.",
@@ -368,6 +374,8 @@ def _parser() -> argparse.ArgumentParser:
     connection.add_argument("--validate-certs", action=argparse.BooleanOptionalAction, default=None,
                             help="verify the agent's TLS certificate (default yes)")
     connection.add_argument("--ca-path", help="CA certificate file or directory for TLS")
+    connection.add_argument("--client-cert", help="client certificate file (PEM) for agents that verify clients")
+    connection.add_argument("--client-key", help="the client certificate's private key file (PEM)")
     connection.add_argument("--timeout", type=float, help="seconds per request (default 30)")
     connection.add_argument("--retries", type=int, help="retries of a failed read (default 3)")
     return parser

@@ -27,13 +27,19 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_PULLING,
     NODE_TERMINAL_STATUSES,
     NODE_WAITING,
+    OUTCOME_ABORTED,
+    OUTCOME_FAILED,
+    OUTCOME_RUNNING,
+    OUTCOME_SUCCEEDED,
     RELEASE_ABORTED,
     RELEASE_RUNNING,
+    History,
     KVRecordError,
     LockRecord,
     NodeState,
     PlanEntry,
     ReleaseRecord,
+    RunSummary,
     Schema,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import schedule_order, stage_count
@@ -49,6 +55,8 @@ COUNT_ORDER = (NODE_DONE, NODE_FAILED, NODE_PULLING, NODE_WAITING, PENDING)
 
 #: What info() reports as the release's status besides the record's own running/aborted.
 STATUS_FINISHED = "finished"
+#: A run whose canary gate holds its later stages once every canary (stages 1..N) is over.
+STATUS_PAUSED = "paused"
 STATUS_NONE = "none"
 
 #: info()'s key for "every target is done or failed". Not ``finished``: Ansible's async_status
@@ -115,6 +123,62 @@ def lock_info(entry: dict | None, record: LockRecord | None) -> dict | None:
     return lock
 
 
+def read_history(client, schema: Schema, app: str, warnings: list[str]) -> tuple[dict | None, History]:
+    """The history key's entry and record; an unreadable one counts as empty (with a warning),
+    so that a damaged history never blocks a release: the next fire writes it afresh."""
+    key = schema.history(app)
+    entry = _read(client, key)
+    if entry is None or entry.get("Value") is None:
+        return entry, History()
+    try:
+        return entry, History.from_json(entry["Value"], key)
+    except KVRecordError as err:
+        warnings.append(f"ignored {err}; the next fire starts the history afresh")
+        return entry, History()
+
+
+def run_outcome(progress: dict) -> str:
+    """The outcome of the run ``progress`` (an info() result) shows, as the history records it."""
+    if progress["status"] == RELEASE_ABORTED:
+        return OUTCOME_ABORTED
+    if not progress[ALL_FINISHED]:
+        return OUTCOME_RUNNING
+    return OUTCOME_FAILED if progress["counts"][NODE_FAILED] else OUTCOME_SUCCEEDED
+
+
+def summarise(entry: RunSummary, progress: dict) -> RunSummary:
+    """``entry`` (the history's line for the run ``progress`` shows) with the run's outcome,
+    counts and end as they are now."""
+    release = progress["release"]
+    return RunSummary(
+        run_id=entry.run_id, version=entry.version, kind=entry.kind, fired_by=entry.fired_by,
+        fired_at=entry.fired_at, target_count=entry.target_count, outcome=run_outcome(progress),
+        done=progress["counts"][NODE_DONE], failed=progress["counts"][NODE_FAILED],
+        finished_at=progress["timings"]["last_finished"] if progress[ALL_FINISHED] else None,
+        abort_reason=release.get("aborted_reason") if release else None, retry_of=entry.retry_of,
+        checksum=entry.checksum,
+    )
+
+
+def history_rows(history: History, progress: dict) -> list[dict]:
+    """The history as results show it, newest first; the current run's line as it is now."""
+    rows = []
+    for entry in history.runs:
+        if entry.run_id == progress["run_id"]:
+            entry = summarise(entry, progress)
+        rows.append(_with_iso(entry.to_dict(), "fired_at", "finished_at"))
+    return rows
+
+
+def last_good_run(rows: list[dict], current_version: str | None) -> dict | None:
+    """The newest run that reached every target (history_rows order) at a version other than
+    ``current_version``: what a rollback releases again, with its checksum."""
+    for row in rows:
+        if row["outcome"] == OUTCOME_SUCCEEDED and row["version"] != current_version:
+            return row
+    return None
+
+
 def _read_tree(client, schema: Schema, app: str, prefix: str, cls, warnings: list[str]) -> tuple[dict, set[str]]:
     """Every record under ``prefix`` by node name (malformed ones are skipped with a warning),
     and the names of those whose key a session holds."""
@@ -143,7 +207,7 @@ def read_run(
     the node is woken again, so it is left out: the node counts as pending, and
     retry_stragglers fires to it.
     """
-    plans, _held = _read_tree(client, schema, app, schema.plan_prefix(app), PlanEntry, warnings)
+    plans, _held = _read_tree(client, schema, app, schema.plan_prefix(app, release.run_id), PlanEntry, warnings)
     states, held = _read_tree(client, schema, app, schema.nodes_prefix(app), NodeState, warnings)
     states = {name: state for name, state in states.items() if not state.crashed(release.run_id, name in held)}
     plans = {name: plan for name, plan in plans.items() if plan.run_id == release.run_id and name != release.leader}
@@ -174,15 +238,11 @@ TIMING_TIMES = ("fired_at", "first_finished", "last_finished")
 
 
 def iso_utc(epoch: float | None) -> str | None:
-    """``epoch`` as ISO 8601 in UTC with milliseconds (``2026-11-26T16:30:01.250Z``); None for None
-    and for a time past year 9999, which a date cannot show (its epoch field still holds it)."""
+    """``epoch`` as ISO 8601 in UTC with milliseconds (``2026-11-26T16:30:01.250Z``); None for None.
+    Times come from records whose readers bound them (``check_time``)."""
     if epoch is None:
         return None
-    try:
-        moment = datetime.fromtimestamp(epoch, timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _with_iso(values: dict, *keys: str) -> dict:
@@ -218,6 +278,7 @@ def _empty_info(app: str, lock: dict | None, warnings: list[str]) -> dict:
                              *TIMING_TIMES),
         "lock": lock,
         "warnings": warnings,
+        "canaries": [],
     }
 
 
@@ -265,10 +326,15 @@ def _build_info(app: str, release: ReleaseRecord, targets, plans, states, lock, 
         elapsed = max(0.0, (last if last is not None else release.fired_at) - release.fired_at)
     else:
         elapsed = max(0.0, now - release.fired_at)
+    canaries = [row["node"] for row in rows if release.pause_after_stage is not None
+                and 1 <= row["stage"] <= release.pause_after_stage]
     if release.aborted:
         status = RELEASE_ABORTED
     elif finished:
         status = STATUS_FINISHED
+    elif release.paused and all(row["status"] in NODE_TERMINAL_STATUSES for row in rows
+                                if row["node"] in canaries):
+        status = STATUS_PAUSED
     else:
         status = RELEASE_RUNNING
     return {
@@ -300,6 +366,7 @@ def _build_info(app: str, release: ReleaseRecord, targets, plans, states, lock, 
         }, *TIMING_TIMES),
         "lock": lock,
         "warnings": warnings,
+        "canaries": canaries,
     }
 
 
@@ -307,16 +374,21 @@ def info(client, schema: Schema, app: str) -> dict:
     """The state of ``app``'s current run, read from KV (O(N) reads: controller only).
 
     Returns ``exists`` (a release record is present), ``release`` (the record), ``run_id``,
-    ``version``, ``status`` (running / finished / aborted / none), ``all_finished`` (every target
+    ``version``, ``status`` (running / paused / finished / aborted / none), ``all_finished`` (every target
     done or failed), ``succeeded`` (finished without failures), ``counts`` per status
     (done, pulling, waiting, failed, pending = no live record for this run: not started yet,
     or its worker died before finishing), ``total``,
     ``percent`` (share of targets finished), ``failed_nodes`` (node, source, error),
+    ``canaries`` (the targets of stages 1..N of a run with a canary gate; status ``paused`` once
+    they are over and the gate is still closed),
     ``nodes`` (one row per target in schedule order: status, planned and actual source,
     stage, depth, started, finished, duration, error), ``tree`` (source -> children of this
     run), ``max_depth``, ``stages_planned``, ``ideal_stages`` (ceil(log_{k+1} N)),
     ``timings`` (fired_at, first/last finished, elapsed), ``lock`` (held, session, run_id,
-    holder, since; None without a lock key) and ``warnings`` (skipped malformed records).
+    holder, since; None without a lock key), ``history`` (the app's last runs, newest first:
+    run_id, version, kind, fired_by, fired_at, target_count, outcome, done, failed,
+    finished_at, abort_reason, retry_of; the current run's line as it is now) and
+    ``warnings`` (skipped malformed records).
     Each time is epoch seconds, and ISO 8601 UTC under ``<name>_iso`` (release, node rows,
     timings, lock).
 
@@ -329,15 +401,21 @@ def info(client, schema: Schema, app: str) -> dict:
     if lock is not None:
         lock = _with_iso(lock, "since")
     _entry, release = read_release(client, schema, app)
+    _entry, history = read_history(client, schema, app, warnings)
     if release is None:
-        return _empty_info(app, lock, warnings)
-    targets, plans, states = read_run(client, schema, app, release, warnings)
-    return _build_info(app, release, targets, plans, states, lock, warnings, time.time())
+        progress = _empty_info(app, lock, warnings)
+    else:
+        targets, plans, states = read_run(client, schema, app, release, warnings)
+        progress = _build_info(app, release, targets, plans, states, lock, warnings, time.time())
+    progress["history"] = history_rows(history, progress)
+    return progress
 
 
 def run_over(progress: dict) -> bool:
-    """Whether the recorded run will change no more (every target finished, or aborted)."""
-    return progress["run_id"] is not None and (progress[ALL_FINISHED] or progress["status"] == RELEASE_ABORTED)
+    """Whether the recorded run will change no more until someone acts: every target finished,
+    it was aborted, or its canary gate holds it (until resumed)."""
+    return progress["run_id"] is not None and (
+        progress[ALL_FINISHED] or progress["status"] in (RELEASE_ABORTED, STATUS_PAUSED))
 
 
 def counts_text(progress: dict) -> str:
@@ -375,6 +453,10 @@ def outcome_problem(progress: dict, timed_out_after: float | None = None) -> str
         head = f"{run} did not finish within {timed_out_after:g}s"
     elif progress["status"] == RELEASE_ABORTED:
         head = f"{run} was aborted: {progress['release']['aborted_reason'] or 'no reason given'}"
+    elif progress["status"] == STATUS_PAUSED:
+        if not counts[NODE_FAILED]:
+            return None
+        head = f"{run} is paused at its canary gate with failed canaries"
     elif counts[NODE_FAILED]:
         head = f"{run} finished with failures"
     else:

@@ -374,9 +374,10 @@ class RunProblem:
 
 
 def read_run(
-    release_key: str, release_value: bytes | None, plan_key: str, plan_value: bytes | None
+    release_key: str, release_value: bytes | None, plan_key: str | None, plan_value: bytes | None
 ) -> tuple[ReleaseRecord | None, PlanEntry | None, RunProblem | None]:
     """The release record and this node's plan entry from their KV values (None: no key).
+    ``plan_key``: where the entry was read, under the run ``run_of`` names (None: not read).
 
     A malformed one becomes a ``RunProblem`` when the run it concerns can still be told: a
     plan entry under a valid release, or a release whose ``run_id`` and ``version`` are valid
@@ -602,6 +603,10 @@ class PullMachine:
             return self._fail_run(release.run_id, release.version, reason, now)
         if own is not None and own.run_id == release.run_id and own.status == NODE_FAILED:
             return self._finish(own, f"already failed in run {release.run_id}: {own.error}; fire again to retry")
+        if release.holds(plan.stage):
+            # Nothing is written or claimed: the event fired by resume starts the pull.
+            return self._finish(own, f"held by the canary gate of run {release.run_id}: stage {plan.stage} starts "
+                                     f"once stage {release.pause_after_stage} is resumed")
         self.started = now
         self.deadline = now + self.timings.watch_timeout
         self.release_read_at = now

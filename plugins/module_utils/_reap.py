@@ -6,7 +6,12 @@ agent's watch handler (type ``event``, name ``FIREAP:TASK``)::
 
     fireap-reap --config /etc/fireap/config.yml [--dry-run]   as the watch handler
     fireap-reap --config FILE --check                          validate a config file
+    fireap-reap --config FILE --list [--json]                  list the configured apps
     fireap-reap --config FILE --worker APP                     started by the handler
+
+``--config`` defaults to the environment variable ``FIREAP_CONFIG_PATH``, else
+``/etc/fireap/config.yml``. ``--debug`` logs at level debug whatever the config's
+``log_level`` says (this run only; the workers it starts follow the config).
 
 As the watch handler it reads a JSON array of Consul events on stdin (empty, ``[]`` at
 watch start, or a terminal when run by hand) and:
@@ -35,22 +40,33 @@ watch start, or a terminal when run by hand) and:
 A worker pulls one app (``_worker.pull``) with the app's commands as the task; an app
 with service/tag filters runs them only when the filters match one of the services of the
 node's own agent (``AppAdvert.accepts``, the rule the leader targets by), else the node
-records the run ``failed`` saying so. One worker runs per app, holding the flock of
+records the run ``failed`` saying so. When the release carries a checksum the task verifies
+the build between exec_commands and after_commands (``_integrity``: verify_file,
+verify_commands); a mismatch, or a checksum and a verification setting that do not go
+together, records the node ``failed``, so it never serves as a source. One worker runs per app, holding the flock of
 ``<state_dir>/worker-<app>.lock``. The handler leaves ``worker-<app>.pending`` before it
 starts one and starts none while the lock is held; a worker that finds the lock held exits
 quietly. The running worker re-checks the release
 after each pull, and whenever that marker appeared, and pulls again when a newer run was
 fired meanwhile.
 
+``--list`` validates the config as ``--check`` does and prints each app with its merged
+settings, its commands and its verification as configured (``--json``: one JSON object);
+it reads no Consul.
+
+The log file is reopened when logrotate (or anyone) moved it away: the fireap_node role
+installs a logrotate snippet that rotates it without copying or truncating.
+
 ``--dry-run`` reads events and Consul like the handler, then prints for each app what
-would happen, with the rendered commands of each worker it would start (the source node is
-not known before the pull: placeholders stand in for it); it starts nothing and writes
+would happen, with the rendered commands and verification steps of each worker it would
+start (the source node is not known before the pull: placeholders stand in for it), or why
+the pull would fail before running any; it starts nothing and writes
 nothing (log lines go to stderr).
 
 Exit codes:
 
-* 0: every configured app was checked; ``--check``: the config is valid; worker: the
-  pulls ended without failure;
+* 0: every configured app was checked; ``--check``, ``--list``: the config is valid;
+  worker: the pulls ended without failure;
 * 1: some app could not be checked (Consul unreachable, access denied, malformed release
   or plan record); worker: a pull failed or could not be done;
 * 2: bad usage, invalid config, py-consul missing (only ``--check`` runs without it), a
@@ -65,7 +81,9 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import json
 import logging
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -79,6 +97,8 @@ except ImportError:
     CB = None
 
 from ansible_collections.fireap.consul.plugins.module_utils._commands import (
+    PHASES,
+    VERIFY_PHASE,
     CommandVariables,
     render_phases,
     run_phases,
@@ -93,6 +113,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     retry_transient,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
+from ansible_collections.fireap.consul.plugins.module_utils._integrity import verification_problem
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_PULLING,
     KVRecordError,
@@ -100,6 +121,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     PlanEntry,
     ReleaseRecord,
     Schema,
+    run_of,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     PullMachine,
@@ -111,6 +133,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
 from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     DEFAULT_PATH,
+    LOG_LEVELS,
     AppConfig,
     ConfigError,
     TaskConfig,
@@ -163,6 +186,8 @@ _ENTRY_PROGRAM = (
 
 LOG_FORMAT = "%(asctime)s %(levelname)s fireap-reap[%(process)d] app=%(app)s version=%(version)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+#: The environment variable that names the task config when ``--config`` is not given.
+CONFIG_PATH_ENV = "FIREAP_CONFIG_PATH"
 
 _log = logging.getLogger("fireap.reap")
 
@@ -236,13 +261,15 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
     logged and treated as absent (the worker overwrites it).
     """
     reader = _Reader(client, options)
-    release_key, plan_key = schema.release(app), schema.plan(app, node)
+    release_key = schema.release(app)
     release_value = reader.value(release_key)
     try:
         release = None if release_value is None else ReleaseRecord.from_json(release_value, release_key)
     except KVRecordError:
         release = None
     malformed = release_value is not None and release is None
+    run = None if release_value is None else run_of(release_value, release_key)
+    plan_key = None if run is None else schema.plan(app, run[0], node)
     own = plan_value = None
     if malformed or (release is not None and not release.aborted):
         own_key = schema.node(app, node)
@@ -250,7 +277,8 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
             own = reader.record(NodeState, own_key)
         except KVRecordError as err:
             log.warning("%s; treating this node as having no state", err)
-        if malformed or (not (own is not None and own.has(release.version)) and node != release.leader):
+        if plan_key is not None and (malformed or (not (own is not None and own.has(release.version))
+                                                   and node != release.leader)):
             plan_value = reader.value(plan_key)
     release, plan, problem = read_run(release_key, release_value, plan_key, plan_value)
     start, reason = decide(node, release, plan, own, problem)
@@ -305,9 +333,25 @@ def private_dir(path: str) -> None:
         os.chmod(path, mode & ~0o007)
 
 
-def configure_logging(log_file: str | None) -> str | None:
-    """Send the handler's log to ``log_file`` (stderr when None); return a warning when the
-    file cannot be opened and stderr is used instead."""
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """The log file, reopened when it was moved or deleted (by logrotate): the new file too
+    is created with LOG_FILE_MODE, whoever rotates it and however."""
+
+    def _open(self):
+        _private_file(self.baseFilename)
+        return super()._open()
+
+
+def log_level(name: str) -> int:
+    """The logging level of a config ``log_level`` (one of LOG_LEVELS)."""
+    if name not in LOG_LEVELS:
+        raise InvalidValue(f"log level must be one of {', '.join(LOG_LEVELS)}, got {show(name)}")
+    return logging.getLevelName(name.upper())
+
+
+def configure_logging(log_file: str | None, level: int = logging.INFO) -> str | None:
+    """Send the handler's log at ``level`` and above to ``log_file`` (stderr when None);
+    return a warning when the file cannot be opened and stderr is used instead."""
     warning = None
     handler: logging.Handler
     if log_file is None:
@@ -316,8 +360,7 @@ def configure_logging(log_file: str | None) -> str | None:
         try:
             # The directory may be shared (/var/log): create it if missing, never change it.
             os.makedirs(os.path.dirname(log_file), mode=STATE_DIR_MODE, exist_ok=True)
-            _private_file(log_file)
-            handler = logging.FileHandler(log_file, encoding="utf-8")
+            handler = _LogFile(log_file, encoding="utf-8")
         except OSError as err:
             handler = logging.StreamHandler(sys.stderr)
             warning = f"cannot write the log file {log_file} ({err.strerror or err}); logging to stderr"
@@ -327,7 +370,7 @@ def configure_logging(log_file: str | None) -> str | None:
         _log.removeHandler(old)
         old.close()
     _log.addHandler(handler)
-    _log.setLevel(logging.INFO)
+    _log.setLevel(level)
     _log.propagate = False
     return warning
 
@@ -568,12 +611,18 @@ class _Handler:
         self.out.write(f"{result.app}: would start a worker: {result.reason}\n")
         if result.release is None:
             return
+        app_config = self.config.app(result.app)
+        problem = verification_problem(app_config, result.release.checksum)
+        if problem is not None:
+            self.out.write(f"  the pull would fail: {problem}\n")
+            return
         try:
             variables = CommandVariables(
                 app=result.app, version=result.release.version, node=self.node,
                 remote_name=DRY_RUN_SOURCE.name, remote_address=DRY_RUN_SOURCE.address,
+                checksum=result.release.checksum,
             )
-            commands = render_phases(self.config.app(result.app), variables)
+            commands = render_phases(app_config, variables)
         except (FireapError, ValueError) as err:
             self.out.write(f"  cannot render the commands: {err}\n")
             return
@@ -584,15 +633,27 @@ class _Handler:
 # --- the worker --------------------------------------------------------------------------
 
 
-def _pulling_version(reader: _Reader, key: str, source: str) -> str:
-    """The version this node's pull is at. The pull records it as ``pulling`` from
-    ``source`` just before the task runs, taken from the release it read last, which may be
-    newer than the one the worker checked."""
+def _pulling_state(reader: _Reader, key: str, source: str) -> NodeState:
+    """This node's record of the pull under way: its version and run. The pull records it as
+    ``pulling`` from ``source`` just before the task runs, taken from the release it read
+    last, which may be newer than the one the worker checked."""
     state = reader.record(NodeState, key)
     if state is None or state.status != NODE_PULLING or state.source != source:
         shown = "nothing" if state is None else f"status {state.status} from {state.source}"
         raise InvalidValue(f"{key} records {shown}, not a pull from {source}")
-    return state.version
+    return state
+
+
+def _run_release(reader: _Reader, key: str, checked: ReleaseRecord | None, run_id: str) -> ReleaseRecord:
+    """The release record of run ``run_id``: ``checked`` (the one the worker decided on) when
+    it is that run's, else the record in KV; InvalidValue when the run is no longer the release's."""
+    if checked is not None and checked.run_id == run_id:
+        return checked
+    release = reader.record(ReleaseRecord, key)
+    if release is None or release.run_id != run_id:
+        shown = "no release" if release is None else f"run {release.run_id}"
+        raise InvalidValue(f"{key} records {shown}, not the run {run_id} being pulled")
+    return release
 
 
 class _Outcome:
@@ -697,21 +758,28 @@ class _AppWorker:
         return (f"not pulled: the app's {filters} matches none of this node's services ({names}); fix the node's "
                 "services or the app's filters, then fire again")
 
-    def run_task(self, source: SourceInfo) -> tuple[bool, str | None]:
-        """The pull's task: the app's commands, run against ``source``, if this node takes the app."""
+    def run_task(self, checked: ReleaseRecord | None, source: SourceInfo) -> tuple[bool, str | None]:
+        """The pull's task: the app's commands and its verification against the release's
+        checksum, run against ``source``, if this node takes the app. ``checked``: the
+        release the worker decided on (its checksum, when the pull is at that run)."""
         refusal = self.refusal()
         if refusal is not None:
             return False, refusal
         reader = _Reader(self.client, self.options)
-        key = self.schema.node(self.app, self.node)
+        warn = _context(self.app).warning
         try:
-            version = retry_transient(lambda: _pulling_version(reader, key, source.name),
-                                      log=_context(self.app).warning)
+            state = retry_transient(lambda: _pulling_state(reader, self.schema.node(self.app, self.node), source.name),
+                                    log=warn)
         except (FireapError, ValueError) as err:
             return False, f"cannot tell which version is being pulled: {err}"
-        variables = CommandVariables(app=self.app, version=version, node=self.node,
-                                     remote_name=source.name, remote_address=source.address)
-        outcome = run_phases(self.app_config, variables, log=_context(self.app, version))
+        try:
+            release = retry_transient(
+                lambda: _run_release(reader, self.schema.release(self.app), checked, state.run_id), log=warn)
+        except (FireapError, ValueError) as err:
+            return False, f"cannot read the checksum of the run being pulled: {err}"
+        variables = CommandVariables(app=self.app, version=state.version, node=self.node, remote_name=source.name,
+                                     remote_address=source.address, checksum=release.checksum)
+        outcome = run_phases(self.app_config, variables, log=_context(self.app, state.version))
         return outcome.ok, outcome.error
 
     def run_pull(self, check: AppCheck) -> str:
@@ -720,8 +788,8 @@ class _AppWorker:
         if check.release is not None:
             log.info("pulling run %s (fan-out %d)", check.release.run_id, check.release.fanout)
         try:
-            result = pull(self.client, self.app, self.node, self.run_task, schema=self.schema,
-                          timings=self.timings, log=log.info)
+            result = pull(self.client, self.app, self.node, functools.partial(self.run_task, check.release),
+                          schema=self.schema, timings=self.timings, log=log.info)
         except FireapError as err:
             log.error("the pull stopped: %s", err)
             return _Outcome.FAILED
@@ -742,26 +810,89 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 some app could not be checked (or a worker's pull failed), "
                "2 bad usage, invalid config or unusable state_dir.",
     )
-    parser.add_argument("--config", default=DEFAULT_PATH, help=f"the task config file (default {DEFAULT_PATH})")
+    default = os.environ.get(CONFIG_PATH_ENV) or DEFAULT_PATH
+    parser.add_argument("--config", default=default,
+                        help=f"the task config file (default: ${CONFIG_PATH_ENV}, else {DEFAULT_PATH}; now {default})")
+    parser.add_argument("--debug", action="store_true", help="log at level debug, whatever the config's log_level")
+    parser.add_argument("--json", action="store_true", help="with --list: print the list as one JSON object")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print what would be started, with the rendered commands; start and write nothing")
     mode.add_argument("--check", action="store_true", help="validate the config file and exit (0 valid, 2 invalid)")
+    mode.add_argument("--list", action="store_true",
+                      help="validate the config file and list its apps with their settings and commands")
     mode.add_argument("--worker", metavar="APP", help="pull APP (the handler starts this itself)")
     return parser
 
 
-def check_config(path: str, out=None) -> int:
-    """``--check``: validate the config file, including its Consul connection options."""
-    out = out or sys.stdout
+def _valid_config(path: str) -> TaskConfig | None:
+    """The config file at ``path`` if it is valid, its Consul connection options included;
+    else None, after saying why on stderr."""
     try:
         config = load_config(path)
         ConsulOptions.from_config(config.consul)
     except (ConfigError, ConsulOptionsError) as err:
         prefix = "" if isinstance(err, ConfigError) else f"{path}: consul: "
         sys.stderr.write(f"fireap-reap: invalid config:\n{prefix}{err}\n")
+        return None
+    return config
+
+
+def check_config(path: str, out=None) -> int:
+    """``--check``: validate the config file, including its Consul connection options."""
+    out = out or sys.stdout
+    config = _valid_config(path)
+    if config is None:
         return EXIT_USAGE
     out.write(f"{path}: valid; apps: {', '.join(config.apps) or 'none'}\n")
+    return EXIT_OK
+
+
+#: The settings ``--list`` shows as table columns; the commands follow the table, app by app.
+LIST_COLUMNS = ("max_semaphores", "watch_timeout", "command_timeout", "on_command_failure", "service_filter",
+                "tag_filter")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return escape_controls(str(value))
+
+
+def list_text(config: TaskConfig) -> str:
+    """The ``--list`` table: a row of settings per app, then each app's commands in the
+    order they run, as configured (one line each: control characters are escaped)."""
+    listings = {name: app.listing() for name, app in config.apps.items()}
+    lines = [f"{config.source}: {len(listings)} app(s); log_level {config.log_level}"]
+    if listings:
+        rows = [("APP", *(column.upper() for column in LIST_COLUMNS))]
+        rows += [(name, *(_cell(listing[column]) for column in LIST_COLUMNS)) for name, listing in listings.items()]
+        widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
+        lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    for name, listing in listings.items():
+        lines += ["", f"{name}:"]
+        for phase in PHASES:
+            if phase == VERIFY_PHASE and listing["verify_file"] is not None:
+                lines.append(f"  verify_file: {escape_controls(listing['verify_file'])}")
+            lines += [f"  {phase}: {escape_controls(command)}" for command in listing[phase]]
+    return "\n".join(lines) + "\n"
+
+
+def list_json(config: TaskConfig) -> str:
+    """The ``--list --json`` object: the config file, its log_level and each app's settings, in config order."""
+    apps = {name: app.listing() for name, app in config.apps.items()}
+    return json.dumps({"config": config.source, "log_level": config.log_level, "apps": apps}, indent=2) + "\n"
+
+
+def list_config(path: str, as_json: bool, out=None) -> int:
+    """``--list``: validate the config file as ``--check`` does, then list its apps."""
+    out = out or sys.stdout
+    config = _valid_config(path)
+    if config is None:
+        return EXIT_USAGE
+    out.write(list_json(config) if as_json else list_text(config))
     return EXIT_OK
 
 
@@ -790,15 +921,20 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
     """Run fireap-reap with ``argv`` (default: the command line); return the exit code.
 
     ``spawn(config_path, app, log_file)`` starts a worker and returns its pid;
-    ``out`` receives --check and --dry-run output (default stdout).
+    ``out`` receives --check, --list and --dry-run output (default stdout).
     """
     out = out or sys.stdout
+    parser = _parser()
     try:
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.json and not args.list:
+            parser.error("--json goes with --list")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if args.check:
         return check_config(args.config, out)
+    if args.list:
+        return list_config(args.config, args.json, out)
     if PY_CONSUL_IMPORT_ERROR is not None:
         sys.stderr.write(f"fireap-reap needs py-consul: {PY_CONSUL_IMPORT_ERROR}\n")
         return EXIT_USAGE
@@ -813,7 +949,8 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
         where = f"{args.config}: consul: " if isinstance(err, ConsulOptionsError) else ""
         sys.stderr.write(f"fireap-reap: {where}{err}\n")
         return EXIT_USAGE
-    warning = configure_logging(None if args.dry_run else config.log_file)
+    level = logging.DEBUG if args.debug else log_level(config.log_level)
+    warning = configure_logging(None if args.dry_run else config.log_file, level)
     if warning:
         _log.warning("%s", warning)
     text = "" if args.worker else _read_stdin()

@@ -48,10 +48,12 @@ table { border-collapse: collapse; }
 th, td { text-align: left; padding: .25em .8em .25em 0; vertical-align: top; }
 table.summary th { font-weight: 600; color: #555; }
 table.failed td, table.failed th { border-bottom: 1px solid #eee; }
+table.history td, table.history th { border-bottom: 1px solid #eee; padding: 2px 8px; text-align: left; }
+table.history tr.current { font-weight: bold; }
 pre { margin: 0; white-space: pre-wrap; word-break: break-word; font-size: 12px; }
 .status { display: inline-block; padding: .1em .6em; border-radius: .8em; font-weight: 600; color: #fff; }
 .status-succeeded { background: #2e7d32; } .status-failed, .status-aborted, .status-timed-out { background: #c62828; }
-.status-running { background: #ef6c00; } .status-none { background: #777; }
+.status-running { background: #ef6c00; } .status-paused { background: #1565c0; } .status-none { background: #777; }
 .count { display: inline-block; margin-right: 1.2em; } .count b { font-size: 1.3em; }
 ul.tree, ul.tree ul { list-style: none; padding-left: 1.4em; border-left: 1px dotted #bbb; }
 ul.tree { border-left: none; padding-left: 0; }
@@ -129,10 +131,10 @@ def format_time(epoch: float | None) -> str:
 
 
 def outcome(info: dict) -> str:
-    """One word for the run: succeeded, failed, aborted, timed-out, running or none."""
+    """One word for the run: succeeded, failed, aborted, timed-out, paused, running or none."""
     if info.get("timed_out"):
         return "timed-out"
-    if info["status"] in ("aborted", "none"):
+    if info["status"] in ("aborted", "none", "paused"):
         return info["status"]
     if info["status"] == "finished":
         return "failed" if info["counts"].get("failed") else "succeeded"
@@ -333,6 +335,29 @@ def _failed_section(info: dict) -> str:
     return f'<table class="failed"><thead><tr><th>Node</th><th>Source</th><th>Error</th></tr></thead><tbody>{rows}</tbody></table>'
 
 
+def _history_section(info: dict) -> str:
+    """The app's last runs (info's ``history``, absent from older results), newest first."""
+    history = info.get("history") or []
+    if not isinstance(history, list) or not history:
+        return '<p class="meta">No history recorded.</p>'
+    rows = []
+    for run in history:
+        if not isinstance(run, dict):
+            continue
+        note = run.get("abort_reason") or (f"retry of run {run['retry_of']}" if run.get("retry_of") else "")
+        current = ' class="current"' if run.get("run_id") == info.get("run_id") else ""
+        rows.append(
+            f'<tr{current}><td>{escape(run.get("fired_at_iso") or "-")}</td><td>{escape(run.get("version"))}</td>'
+            f'<td>{escape(run.get("kind"))}</td><td>{escape(run.get("outcome"))}</td>'
+            f'<td>{escape(run.get("done"))}/{escape(run.get("target_count"))} done, {escape(run.get("failed"))} failed</td>'
+            f'<td>{escape(run.get("fired_by"))}</td><td class="node">{escape(run.get("run_id"))}</td>'
+            f"<td>{escape(note)}</td></tr>"
+        )
+    labels = ("Fired", "Version", "Kind", "Outcome", "Targets", "Fired by", "Run", "Note")
+    head = "".join(f"<th>{label}</th>" for label in labels)
+    return f'<table class="history"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
 def _summary(info: dict) -> str:
     release = info.get("release") or {}
     timings = info["timings"]
@@ -392,6 +417,7 @@ def render_report(info) -> str:
             f'<section id="timeline"><h2>Timeline</h2><p class="meta">One bar per node from its claim of a slot '
             f"to its finish, in seconds since the fire, coloured by its depth in the tree.</p>"
             f"{render_timeline(timeline_bars(info))}</section>"
+            f'<section id="history"><h2>History</h2>{_history_section(info)}</section>'
         )
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

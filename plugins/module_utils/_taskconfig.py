@@ -13,6 +13,7 @@ role variables; the node's fireap-reap handler and the controller modules read i
                             # when missing)
     state_dir: /var/lib/fireap            # absolute: processed events, lock files
     log_file: /var/log/fireap/reap.log    # absolute
+    log_level: info         # debug, info, warning or error: the least severe line logged
     defaults:               # settings for every app; each app may override any of them
       max_semaphores: 5     # fan-out k: pullers one source serves at once, 1..64; the
                             # default fanout of fireap_fire on this node
@@ -21,8 +22,11 @@ role variables; the node's fireap-reap handler and the controller modules read i
       on_command_failure: abort   # abort: stop at the first failed command, the node
                                   # fails; ignore: run the rest, the node is done
       before_commands: []   # command templates, run in this order:
-      exec_commands: []     # before_commands, exec_commands, after_commands
-      after_commands: []
+      exec_commands: []     # before_commands, exec_commands, the verification,
+      after_commands: []    # after_commands
+      verify_file: null     # path template of the build's file: its SHA-256 must be the
+                            # release's checksum
+      verify_commands: []   # commands that verify the build, given {{ checksum }}
       service: null         # target filters, see below
       service_regexp: null
       tag: null
@@ -38,7 +42,15 @@ Rules:
   48 characters and contain no ``..`` (they become part of Consul KV keys, of the event
   payload and of commands). An
   app name that YAML reads as a number or boolean must be quoted.
-- After merging with ``defaults``, every app needs at least one command.
+- After merging with ``defaults``, every app needs at least one command other than
+  verify_commands.
+- Verification: when the release carries a checksum, the node checks its build after
+  exec_commands and before after_commands: the SHA-256 of ``verify_file`` (an absolute path
+  template with ``{{ app }}``, ``{{ version }}``, ``{{ node }}``, computed by the node
+  itself), then ``verify_commands`` (command templates that may also use
+  ``{{ checksum }}``). A release with a checksum on an app without verification, or an app
+  with verification and a release without one, fails the node before anything runs
+  (``_integrity.verification_problem``).
 - Commands are templates with ``{{ app }}``, ``{{ version }}``, ``{{ node }}``,
   ``{{ remote.name }}`` and ``{{ remote.address }}`` (see ``_commands``). Values are
   inserted already shell-quoted: never put quotes around a variable.
@@ -82,7 +94,11 @@ else:
 from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     ON_FAILURE_CHOICES,
     PHASES,
+    VARIABLES,
+    VERIFY_PHASE,
+    VERIFY_VARIABLES,
     TemplateError,
+    path_variables,
     template_variables,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
@@ -101,6 +117,9 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
 DEFAULT_PATH = "/etc/fireap/config.yml"
 DEFAULT_STATE_DIR = "/var/lib/fireap"
 DEFAULT_LOG_FILE = "/var/log/fireap/reap.log"
+#: The handler's log levels, least severe first (the names of Python's logging levels).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
 APP_NAME_MAX_LENGTH = 48
 #: Longest service or tag filter as written: its exact-name regexp still fits an advert.
 FILTER_MAX_LENGTH = 256
@@ -132,11 +151,27 @@ class AppConfig:
     after_commands: Tuple[str, ...]
     service_filter: Optional[str]   # regexp on the names of the node's services, or None
     tag_filter: Optional[str]       # regexp on the tags of that service, or None
+    verify_file: Optional[str] = None   # path template of the file whose SHA-256 is checked
+    verify_commands: Tuple[str, ...] = ()
 
     def advert(self) -> AppAdvert:
         """What the node tells the leader about this app (no commands)."""
         return AppAdvert(max_semaphores=self.max_semaphores, service_filter=self.service_filter,
                          tag_filter=self.tag_filter)
+
+    def listing(self) -> Dict[str, Any]:
+        """The app's merged settings as ``fireap-reap --list`` shows them: commands as
+        configured (templates, not rendered), filters as the regexps the node applies."""
+        return {
+            "max_semaphores": self.max_semaphores,
+            "watch_timeout": self.watch_timeout,
+            "command_timeout": self.command_timeout,
+            "on_command_failure": self.on_command_failure,
+            "verify_file": self.verify_file,
+            **{phase: list(getattr(self, phase)) for phase in PHASES},
+            "service_filter": self.service_filter,
+            "tag_filter": self.tag_filter,
+        }
 
 
 @dataclass(frozen=True)
@@ -150,6 +185,7 @@ class TaskConfig:
     state_dir: str
     log_file: str
     apps: Mapping[str, AppConfig]   # read-only, in config order
+    log_level: str = DEFAULT_LOG_LEVEL  # one of LOG_LEVELS
 
     def advert(self) -> NodeAdvert:
         """The node's advert of its apps (``<prefix>.apps/<node>``)."""
@@ -223,7 +259,12 @@ def _choice(value: Any) -> str:
     return value
 
 
-def _commands(value: Any) -> Tuple[str, ...]:
+def _command_list(names: Tuple[str, ...]) -> Callable[[Any], Tuple[str, ...]]:
+    """The check of a command list whose templates may use the variables ``names``."""
+    return lambda value: _commands(value, names)
+
+
+def _commands(value: Any, names: Tuple[str, ...]) -> Tuple[str, ...]:
     if not isinstance(value, list):
         hint = " (write a single command as a one-item list)" if isinstance(value, str) else ""
         raise _Invalid("must be a list of commands, got %s%s" % (_show(value), hint))
@@ -236,10 +277,20 @@ def _commands(value: Any) -> Tuple[str, ...]:
         if "\0" in command:
             raise _Invalid("must not contain a NUL character", suffix)
         try:
-            template_variables(command)
+            template_variables(command, names)
         except TemplateError as exc:
             raise _Invalid(str(exc), suffix) from None
     return tuple(value)
+
+
+def _verify_file(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        path_variables(value)
+    except TemplateError as exc:
+        raise _Invalid(str(exc)) from None
+    return value
 
 
 def _filter_text(value: str) -> None:
@@ -334,9 +385,11 @@ _SETTINGS: Dict[str, Callable[[Any], Any]] = {
     "watch_timeout": _seconds,
     "command_timeout": _seconds,
     "on_command_failure": _choice,
-    "before_commands": _commands,
-    "exec_commands": _commands,
-    "after_commands": _commands,
+    "before_commands": _command_list(VARIABLES),
+    "exec_commands": _command_list(VARIABLES),
+    "verify_commands": _command_list(VERIFY_VARIABLES),
+    "after_commands": _command_list(VARIABLES),
+    "verify_file": _verify_file,
     "service": _filter_name,
     "service_regexp": _filter_regexp,
     "tag": _filter_name,
@@ -350,14 +403,16 @@ BUILTIN_DEFAULTS: Mapping[str, Any] = types.MappingProxyType({
     "on_command_failure": "abort",
     "before_commands": (),
     "exec_commands": (),
+    "verify_commands": (),
     "after_commands": (),
+    "verify_file": None,
     "service": None,
     "service_regexp": None,
     "tag": None,
     "tag_regexp": None,
 })
 
-_TOP_LEVEL = ("consul", "node_name", "kv_prefix", "state_dir", "log_file", "defaults", "apps")
+_TOP_LEVEL = ("consul", "node_name", "kv_prefix", "state_dir", "log_file", "log_level", "defaults", "apps")
 
 
 class _Problems:
@@ -427,7 +482,7 @@ def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
             for key in pair:
                 settings[key] = own.get(key)
     settings.update((key, value) for key, value in own.items())
-    if not any(settings[phase] for phase in PHASES):
+    if not any(settings[phase] for phase in PHASES if phase != VERIFY_PHASE):
         problems.add(path, "has no commands: set exec_commands (or before_commands, "
                            "after_commands) here or under defaults")
         return None
@@ -451,6 +506,8 @@ def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
         after_commands=settings["after_commands"],
         service_filter=service_filter,
         tag_filter=tag_filter,
+        verify_file=settings["verify_file"],
+        verify_commands=settings["verify_commands"],
     )
 
 
@@ -459,6 +516,14 @@ def _absolute_path(value: Any, default: str) -> str:
         return default
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise _Invalid("must be an absolute path, got %s" % _show(value))
+    return value
+
+
+def _log_level(value: Any) -> str:
+    if value is None:
+        return DEFAULT_LOG_LEVEL
+    if not isinstance(value, str) or value not in LOG_LEVELS:
+        raise _Invalid("must be %s, got %s" % (", ".join(LOG_LEVELS), _show(value)))
     return value
 
 
@@ -501,7 +566,8 @@ def parse_config(data: Any, source: str = "<config>") -> TaskConfig:
     scalars = {}
     for key, check in (("node_name", _node_name), ("kv_prefix", _kv_prefix),
                        ("state_dir", lambda v: _absolute_path(v, DEFAULT_STATE_DIR)),
-                       ("log_file", lambda v: _absolute_path(v, DEFAULT_LOG_FILE))):
+                       ("log_file", lambda v: _absolute_path(v, DEFAULT_LOG_FILE)),
+                       ("log_level", _log_level)):
         try:
             scalars[key] = check(data.get(key))
         except _Invalid as exc:
@@ -531,6 +597,7 @@ def parse_config(data: Any, source: str = "<config>") -> TaskConfig:
         state_dir=scalars["state_dir"],
         log_file=scalars["log_file"],
         apps=types.MappingProxyType(apps),
+        log_level=scalars["log_level"],
     )
 
 

@@ -109,6 +109,18 @@ def check_version(value: Any) -> str:
     return value
 
 
+#: A build's checksum as the leader records it: the algorithm, then the lowercase hex digest.
+CHECKSUM_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_checksum(value: Any) -> str:
+    """Return ``value`` if it is ``sha256:`` and 64 lowercase hex digits (safe in any command)."""
+    _text(value, "checksum")
+    if not CHECKSUM_PATTERN.fullmatch(value):
+        raise InvalidValue(f"checksum {show(value)} must be 'sha256:' followed by 64 lowercase hex digits")
+    return value
+
+
 def check_run_id(value: Any) -> str:
     """Return ``value`` if it can identify a run (fireap_fire makes them as UUID hex)."""
     _text(value, "run id")
@@ -150,16 +162,23 @@ def check_fanout(value: Any) -> int:
     return check_int(value, "fanout", FANOUT_MIN, FANOUT_MAX)
 
 
+#: The last second of year 9999 (UTC): a later time cannot be shown as a date, and no record
+#: of a release holds one; a larger value from KV is refused rather than carried to a formatter.
+TIME_MAX = 253402300799.0
+
+
 def check_time(value: Any, what: str) -> float:
-    """Return ``value`` as float epoch seconds if it is a finite number >= 0."""
+    """Return ``value`` as float epoch seconds if it is a number within 0..TIME_MAX."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidValue(f"{what} must be a number of epoch seconds, got {show(value)}")
     try:
         value = float(value)
     except OverflowError:
-        raise InvalidValue(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}") from None
-    if not math.isfinite(value) or value < 0:
-        raise InvalidValue(f"{what} must be a finite number of epoch seconds >= 0, got {show(value)}")
+        raise InvalidValue(f"{what} must be a number of epoch seconds within 0..{TIME_MAX:.0f} (year 9999), "
+                           f"got {show(value)}") from None
+    if not math.isfinite(value) or not 0 <= value <= TIME_MAX:
+        raise InvalidValue(f"{what} must be a number of epoch seconds within 0..{TIME_MAX:.0f} (year 9999), "
+                           f"got {show(value)}")
     return value
 
 

@@ -59,6 +59,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     PlanEntry,
     ReleaseRecord,
     Schema,
+    run_of,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_address, check_name
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
@@ -68,6 +69,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     ListNodes,
     NodeView,
     PullMachine,
+    PullProtocolError,
     PullResult,
     PullTimings,
     ReleaseSlot,
@@ -210,6 +212,7 @@ class _PullDriver:
         self.written: bytes | None = None  # the last record this worker wrote
         self.address: str | None = None  # the claimed source's address
         self.plan: PlanEntry | None = None
+        self.run_id: str | None = None
         self.release_index = 0  # ModifyIndex of the release record as last read; claims check it
         self.txn_reads = True  # False once Consul refused a read-only txn ("get-or-empty")
 
@@ -432,7 +435,9 @@ class _PullDriver:
 
     def check_start(self, action: CheckStart) -> tuple[PlanEntry | None, NodeView, NodeView]:
         """The plan entry of a node not started yet and the records of the nodes it waits for."""
-        plan_key = self.schema.plan(self.app, action.node)
+        if self.run_id is None:
+            raise PullProtocolError("CheckStart before a run was read")
+        plan_key = self.schema.plan(self.app, self.run_id, action.node)
         plan = self.parse(PlanEntry, plan_key, self.read(plan_key)[1])
         if plan is None:
             return None, NodeView(None), NodeView(None)
@@ -503,14 +508,19 @@ class _PullDriver:
 
     def drive_run(self):
         release_key = self.schema.release(self.app)
-        plan_key = self.schema.plan(self.app, self.node)
         own_key = self.schema.node(self.app, self.node)
-        release_entry, plan_entry, own_entry = self.read_keys(release_key, plan_key, own_key)
+        release_entry, own_entry = self.read_keys(release_key, own_key)
+        run = None if release_entry is None else run_of(_value(release_entry), release_key)
+        plan_key = plan_entry = None
+        if run is not None:
+            plan_key = self.schema.plan(self.app, run[0], self.node)
+            plan_entry = self.read(plan_key)[1]
         try:
             release, plan, problem = read_run(release_key, _value(release_entry), plan_key, _value(plan_entry))
         except KVRecordError as err:
             raise PullError(str(err)) from err
         self.plan = plan
+        self.run_id = run[0] if run else None
         own = self.parse(NodeState, own_key, own_entry)
         self.written = own_entry.get("Value") if own_entry else None
         self.release_index = release_entry["ModifyIndex"] if release_entry and release else 0

@@ -12,10 +12,11 @@ description:
   - Lifts the fire lock of O(app) (destroys the Consul session holding it), so that the next
     M(fireap.consul.fireap_fire) starts without O(fireap.consul.fireap_fire#module:force).
   - With O(abort=true), marks the running release as aborted with O(reason). Targets that have not
-    started do not start; targets waiting for a source give up and record a failure; targets already
-    pulling finish their task.
+    started do not start; targets waiting for a source give up and record a failure; targets that
+    claimed a slot (their claim checks the release record, so none succeeds after the abort) finish
+    their task.
   - With O(wipe=true), deletes everything fireap stores for the app (release record, lock, plan, node
-    states, slots); nodes then treat the app as never released.
+    states, slots, history); nodes then treat the app as never released.
 extends_documentation_fragment:
   - fireap.consul.connection
   - fireap.consul.app

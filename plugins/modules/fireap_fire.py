@@ -51,8 +51,8 @@ options:
         Consul by the same rule, so it can never reach a command as an option or as shell code.
       - When omitted, the last run of digits of the previous run's version is incremented
         (V(1.4.2) becomes V(1.4.3), V(v7) becomes V(v8)); without a previous run the version is V(1).
-      - The event carries the app and version as compact JSON, which must fit Consul's 100-byte budget for
-        event payloads; the module refuses longer values.
+      - The event carries the app and version as compact JSON, which must fit the 100 bytes Consul's docs
+        advise for event payloads; the module refuses longer values.
       - With O(retry_stragglers=true), it must be the current run's version when given.
     type: str
   node_filter:
@@ -69,9 +69,9 @@ options:
     description:
       - Only nodes the catalog lists for this service are targets (combined with O(node_filter) when both
         are given).
-      - The name is matched exactly in the catalog. The event's service filter carries it as given, and
-        Consul matches it as an unanchored regular expression against each agent's local service IDs;
-        agents that receive the event without being a target find no plan entry for the run and do nothing.
+      - The name is matched exactly in the catalog. The event carries no service filter, since Consul would
+        match it against each agent's service IDs, not names. Every node O(node_filter) selects gets the
+        event, and those that are not targets find no plan entry for the run and do nothing.
     type: str
   tag:
     description:
@@ -95,9 +95,56 @@ options:
     description:
       - Do not start a new run; fire the current run's event again to its targets that never started, with
         node filters anchoring exactly those nodes (C(^(a|b|c\)$)), split into several events when needed.
-      - Cannot be combined with O(node_filter), O(service), O(tag) or O(force).
+      - Cannot be combined with O(node_filter), O(service), O(tag), O(force), O(retry_failed) or O(rollback).
+      - Failed targets are not re-fired, their run is over for them; see O(retry_failed).
     type: bool
     default: false
+  retry_failed:
+    description:
+      - Start a run of the current version to the current run's B(failed) targets only (those the filters
+        still select and that still have the app), once that run is over. The nodes that failed run the
+        app's commands again; the others are not woken.
+      - Refused while the current run has unfinished targets (see O(retry_stragglers) for those), after an
+        abort, and when no target failed. Cannot be combined with O(version) or O(rollback).
+    type: bool
+    default: false
+  rollback:
+    description:
+      - Start a run of the last version that a run delivered to every target (outcome V(succeeded) in the
+        history RV(history)), other than the current version, to the targets the filters select.
+      - Refused when the history holds no such version. Cannot be combined with O(version) or O(retry_failed).
+    type: bool
+    default: false
+  pause_after_stage:
+    description:
+      - The canary gate. The targets of plan stages 1 to N run; those of later stages do not start (they
+        claim no slot and run nothing) until the gate is opened with O(resume=true). The run then shows
+        as V(paused) in M(fireap.consul.fireap_info) once stages 1 to N are over.
+      - With fan-out k, stage 1 is k nodes, stages 1 and 2 are k(k+2) nodes (see the plan's C(stage)).
+      - O(fireap.consul.fireap_clear#module:abort=true) is the other way out.
+    type: int
+  resume:
+    description:
+      - Do not start a new run; open the canary gate of the current run (see O(pause_after_stage)) and fire
+        its event, so that the targets of the later stages start.
+      - Refused when the current run has no canary gate, was resumed already or was aborted. Cannot be
+        combined with the options that start a run.
+    type: bool
+    default: false
+  checksum:
+    description:
+      - The build's checksum, V(sha256:) and 64 lowercase hex digits, recorded with the run. Every target
+        verifies its copy against it before its C(after_commands) (the task config's C(verify_file) or
+        C(verify_commands)); a mismatch fails the target, which then serves no other node.
+      - A target fails before running anything when the release carries a checksum and its app configures no
+        verification, and when its app configures verification and the release carries no checksum.
+      - O(retry_failed) and O(rollback) reuse the checksum of the run they repeat unless one is given.
+      - Mutually exclusive with O(checksum_file).
+    type: str
+  checksum_file:
+    description:
+      - A file on the leader (the build) whose SHA-256 the module computes and records as O(checksum).
+    type: path
   wait:
     description:
       - Wait until every target is done or failed (or the run is aborted) before returning.
@@ -146,6 +193,29 @@ EXAMPLES = r"""
     wait: true
     wait_timeout: 1800
 
+- name: Run the current version again on the nodes that failed in the last run
+  fireap.consul.fireap_fire:
+    app: web
+    retry_failed: true
+    wait: true
+
+- name: Go back to the last version every target got
+  fireap.consul.fireap_fire:
+    app: web
+    rollback: true
+
+- name: Release web 2.0.0 to the first stage only, checked against the build's checksum
+  fireap.consul.fireap_fire:
+    app: web
+    version: 2.0.0
+    pause_after_stage: 1
+    checksum_file: /srv/builds/web-2.0.0.tar.gz
+
+- name: Let the other stages follow once the canaries look good
+  fireap.consul.fireap_fire:
+    app: web
+    resume: true
+
 - name: Fire the current run's event again to the nodes that never started
   fireap.consul.fireap_fire:
     app: web
@@ -165,28 +235,28 @@ version:
   sample: 1.4.3
 previous_version:
   description: Version of the run this one replaces; null when the app had none.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: str
   sample: 1.4.2
 targets:
   description: Names of the target nodes in schedule order, the leader first.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: list
   elements: str
   sample: [node-0, node-1, node-2]
 target_count:
   description: Number of targets, the leader included.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: int
   sample: 3
 leader:
   description: The node of the agent the module talked to; the root of the propagation tree.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: str
   sample: node-0
 fanout:
   description: The fan-out of the run (O(fanout), else the smallest C(max_semaphores) the targets advertise).
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: int
   sample: 5
 unreachable_targets:
@@ -194,13 +264,13 @@ unreachable_targets:
     - Targets whose agent is down (C(serfHealth) critical). They stay targets and pull when their agent
       is back; until then the run waits for them.
     - Not named C(unreachable), which Ansible reads as the host's own state.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: list
   elements: str
   sample: [node-5]
 without_app:
   description: Nodes the filters select that are not targets because they do not advertise O(app).
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: list
   elements: str
   sample: [db-1, db-2]
@@ -208,19 +278,19 @@ not_accepting:
   description:
     - Nodes that advertise O(app) but are not targets because the app's C(service)/C(tag) filters in
       their task config match none of their services in the catalog.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: list
   elements: str
   sample: [web-7]
 advert_errors:
   description: Adverts that could not be read (their nodes count as not having the app); also warnings.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: list
   elements: str
   sample: []
 filters:
-  description: The event filters of the run, as given.
-  returned: success and not O(retry_stragglers)
+  description: The release's filters (node, service, tag), as given; the event carries the node filter only.
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: dict
   contains:
     node:
@@ -233,6 +303,31 @@ filters:
       description: The service tag, or null.
       type: str
   sample: {node: '^web', service: null, tag: null}
+resumed_at:
+  description: When the canary gate was opened (epoch seconds).
+  returned: success and O(resume)
+  type: float
+pause_after_stage:
+  description: The stage after which the run's canary gate holds the later stages.
+  returned: success and O(resume)
+  type: int
+kind:
+  description: How the run was started, V(release), V(retry) (O(retry_failed)) or V(rollback) (O(rollback)).
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
+  type: str
+  sample: release
+retry_of:
+  description: The run whose failed targets this run retries; null unless O(retry_failed).
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
+  type: str
+  sample: null
+history:
+  description:
+    - The app's last runs (at most 50, kept in C(<kv_prefix><app>/history)), newest first, this run included;
+      the run this one replaced is closed with its outcome. See M(fireap.consul.fireap_info) for the fields.
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
+  type: list
+  elements: dict
 event_id:
   description: Id of the fired C(FIREAP:TASK) event; null in check mode.
   returned: success and not O(retry_stragglers)
@@ -265,7 +360,7 @@ release:
       description: When the run was started (epoch seconds).
       type: float
     filters:
-      description: The event filters (node, service, tag).
+      description: The release's filters (node, service, tag).
       type: dict
     status:
       description: V(running) (a new record is never aborted).
@@ -275,16 +370,16 @@ release:
       type: str
 previous_release:
   description: The release record this run replaced, null when there was none.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: dict
 took_over:
   description: The lock record (run_id, holder, since) of the run whose fire lock was taken over, else null.
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: dict
   sample: {run_id: 8e1f0c2d3b4a59687f6e5d4c3b2a1908, holder: ctl01 (pid 4242), since: 1700000000.5}
 stale_plans:
   description: Plan keys of nodes that are no longer targets (deleted, or to be deleted in check mode).
-  returned: success and not O(retry_stragglers)
+  returned: success, when a run is started (not O(retry_stragglers) or O(resume))
   type: list
   elements: str
   sample: [fireap/web/plan/node-9]
@@ -317,7 +412,8 @@ info:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, retry_stragglers
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, resume, retry_stragglers
+from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_checksum
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, outcome_problem, wait
@@ -333,11 +429,19 @@ ARGUMENT_SPEC = fireap_argument_spec(
     fanout={"type": "int"},
     force={"type": "bool", "default": False},
     retry_stragglers={"type": "bool", "default": False},
+    retry_failed={"type": "bool", "default": False},
+    rollback={"type": "bool", "default": False},
+    pause_after_stage={"type": "int"},
+    resume={"type": "bool", "default": False},
+    checksum={"type": "str"},
+    checksum_file={"type": "path"},
     wait={"type": "bool", "default": False},
     wait_timeout={"type": "float", "default": 3600.0},
 )
 
-_NOT_WITH_RETRY = ("node_filter", "service", "tag", "force")
+#: The options that start a run, which re-firing to stragglers and resuming do not.
+_RUN_OPTIONS = ("node_filter", "service", "tag", "force", "retry_failed", "rollback", "pause_after_stage", "checksum",
+                "checksum_file")
 
 
 def run(module: AnsibleModule, client, schema: Schema) -> dict:
@@ -345,6 +449,11 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
     if params["retry_stragglers"]:
         result = retry_stragglers(client, schema, params["app"], params["version"], check_mode=module.check_mode)
         return dict(result, changed=bool(result["events"]))
+    if params["resume"]:
+        return dict(resume(client, schema, params["app"], params["version"], check_mode=module.check_mode), changed=True)
+    checksum = params["checksum"]
+    if params["checksum_file"]:
+        checksum = file_checksum(params["checksum_file"])
     result = fire(
         client,
         schema,
@@ -356,6 +465,10 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
         fanout=params["fanout"],
         force=params["force"],
         check_mode=module.check_mode,
+        retry_failed=params["retry_failed"],
+        rollback=params["rollback"],
+        pause_after_stage=params["pause_after_stage"],
+        checksum=checksum,
     )
     for message in result["advert_errors"]:
         module.warn(message)
@@ -374,14 +487,15 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
 
 
 def main() -> None:
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, required_by={"tag": "service"})
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, required_by={"tag": "service"},
+                           mutually_exclusive=[("checksum", "checksum_file"), ("retry_stragglers", "resume")])
     params = module.params
     if params["wait_timeout"] < 0:
         module.fail_json(msg=f"wait_timeout must be a number of seconds >= 0, got {params['wait_timeout']:g}")
-    if params["retry_stragglers"]:
-        given = [name for name in _NOT_WITH_RETRY if params[name]]
-        if given:
-            module.fail_json(msg=f"retry_stragglers=true re-fires the current run; it cannot be combined with {', '.join(given)}")
+    for mode, what in (("retry_stragglers", "re-fires the current run"), ("resume", "opens the current run's gate")):
+        given = [name for name in _RUN_OPTIONS if params[name]]
+        if params[mode] and given:
+            module.fail_json(msg=f"{mode}=true {what}; it cannot be combined with {', '.join(given)}")
     with fireap_consul(module, f"releasing app {params['app']!r}") as (client, schema):
         result = run(module, client, schema)
     module.exit_json(**result)

@@ -78,7 +78,7 @@ def env(multi_agent_target, kv_prefix, tmp_path, monkeypatch):
                                      finished=1.0)
             self.put(self.schema.node(APP, self.leader), leader_state)
             if targets:
-                self.put(self.schema.plan(APP, self.node), plan(run_id, source=self.leader))
+                self.put(self.schema.plan(APP, run_id, self.node), plan(run_id, source=self.leader))
             self.put(self.schema.release(APP), rel)
             return rel
 
@@ -212,7 +212,7 @@ def test_a_malformed_release_exits_1_but_other_apps_are_checked(env):
     env.target.client().kv.put(env.schema.release(APP), "{broken")
     db_release = ReleaseRecord(app="db", version="7", run_id="run-db", fanout=1, leader=env.leader,
                                target_count=2, fired_at=1.0)
-    env.put(env.schema.plan("db", env.node), plan("run-db", source=env.leader))
+    env.put(env.schema.plan("db", "run-db", env.node), plan("run-db", source=env.leader))
     env.put(env.schema.release("db"), db_release)
     rc, _out = env.handle([])
     assert rc == 1
@@ -417,11 +417,11 @@ def test_hostile_plan_address_never_reaches_a_command(env, tmp_path, monkeypatch
     _config, handler, worker = hostile_setup(env, tmp_path, [template])
     env.fire()
     entry = plan("run-1", source=env.leader).to_dict()
-    assert env.target.client().kv.put(env.schema.plan(APP, env.node), json.dumps({**entry, "source_address": hostile}))
+    assert env.target.client().kv.put(env.schema.plan(APP, "run-1", env.node), json.dumps({**entry, "source_address": hostile}))
 
     assert handler(monkeypatch) == 0
     assert [call[1] for call in env.spawns.calls] == [APP]
-    plan_key = env.schema.plan(APP, env.node)
+    plan_key = env.schema.plan(APP, "run-1", env.node)
     # The value is shown clipped (repr, at most 80 characters).
     assert re.search(re.escape(f"app=web version=1.0: run run-1 cannot be pulled (malformed KV key '{plan_key}': field "
                                "'source_address': address '-oProxyCommand=touch ") + r".*"
@@ -446,14 +446,14 @@ def test_hostile_plan_address_never_reaches_a_command(env, tmp_path, monkeypatch
 
 def _self_sourced(env):
     entry = plan("run-1", source=env.node).to_dict()
-    env.target.client().kv.put(env.schema.plan(APP, env.node), json.dumps(entry))
+    env.target.client().kv.put(env.schema.plan(APP, "run-1", env.node), json.dumps(entry))
     return "the plan entry of run run-1 names this node as its own source"
 
 
 def _malformed_plan(env):
     entry = plan("run-1", source=env.leader).to_dict()
-    env.target.client().kv.put(env.schema.plan(APP, env.node), json.dumps({**entry, "stage": 0}))
-    return f"malformed KV key '{env.schema.plan(APP, env.node)}': field 'stage'"
+    env.target.client().kv.put(env.schema.plan(APP, "run-1", env.node), json.dumps({**entry, "stage": 0}))
+    return f"malformed KV key '{env.schema.plan(APP, 'run-1', env.node)}': field 'stage'"
 
 
 def _huge_fanout(env):

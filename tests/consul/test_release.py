@@ -7,6 +7,7 @@ fired event only lands in the agents' event lists and node states are written by
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import time
@@ -16,6 +17,7 @@ import pytest
 from consul_harness import in_background
 from devcluster.polling import wait_until
 
+from ansible_collections.fireap.consul.plugins.module_utils import _firing
 from ansible_collections.fireap.consul.plugins.module_utils import _reap as reap
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._firing import (
@@ -27,14 +29,17 @@ from ansible_collections.fireap.consul.plugins.module_utils._firing import (
     event_payload,
     fire,
     next_version,
+    resume,
     retry_stragglers,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     LockRecord,
     NodeState,
     PlanEntry,
+    HISTORY_MAX,
     ReleaseRecord,
     Schema,
+    txn_set_batches,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError, ReleaseWaitTimeout, info, wait
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release
@@ -234,9 +239,9 @@ def test_fire_writes_release_plan_leader_state_lock_and_event(cluster, client, s
     addresses = {node["Node"]: node["Address"] for node in client.catalog.nodes()[1]}
     expected = plan_release(result["targets"], leader, 2, run_id, addresses)
     assert all(entry.source_address for entry in expected.values())
-    _index, plans = client.kv.get(schema.plan_prefix("web"), recurse=True)
+    _index, plans = client.kv.get(schema.plans_prefix("web"), recurse=True)
     assert {e["Key"]: PlanEntry.from_json(e["Value"]) for e in plans} == {
-        schema.plan("web", name): entry for name, entry in expected.items()
+        schema.plan("web", run_id, name): entry for name, entry in expected.items()
     }
 
     state = NodeState.from_json(client.kv.get(schema.node("web", leader))[1]["Value"])
@@ -307,7 +312,7 @@ def test_a_lock_without_a_release_of_its_run_is_refused(client, schema):
 def test_payload_over_budget_is_refused_before_anything_is_written(client, schema):
     before = kv_dump(client, schema)
     app = "a" * 60
-    with pytest.raises(ReleaseError, match=r"is 101 bytes, over Consul's 100-byte budget.*77 bytes together.*take 78"):
+    with pytest.raises(ReleaseError, match=r"is 101 bytes, over the 100-byte budget Consul advises.*77 bytes together.*take 78"):
         fire(client, schema, app, "v" * 18)
     assert kv_dump(client, schema) == before
     assert fire(client, schema, app, "v" * 17, check_mode=True)["version"] == "v" * 17
@@ -352,6 +357,21 @@ def test_a_filter_matching_nothing_is_refused(client, schema, leader):
         fire(client, schema, "web", "1", node_filter="^nomatch$")
 
 
+def test_a_target_whose_service_id_differs_from_its_name_gets_the_event(cluster, client, schema, leader):
+    """Consul delivers an event with a service filter only to agents with a service whose ID
+    matches it; the targets are chosen by service name, so the event carries no service filter."""
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    response = cluster.http("PUT", "/v1/agent/service/register", 3,
+                            json_body={"Name": service, "ID": "frontend-1", "Tags": ["blue"]})
+    assert response.status_code == 200, response.text
+    try:
+        fired = fire(client, schema, "web", "1", service=service, tag="blue")
+        assert fired["targets"] == [leader, cluster.node_names[3]]
+        assert event_on(cluster, 3, fired["event_id"])["Payload"]
+    finally:
+        cluster.http("PUT", "/v1/agent/service/deregister/frontend-1", 3)
+
+
 def test_targets_by_service_and_tag(cluster, client, schema, leader):
     service = f"svc-{uuid.uuid4().hex[:8]}"
     registered = {2: ["blue"], 3: ["green"], 4: ["blue", "canary"]}
@@ -367,7 +387,7 @@ def test_targets_by_service_and_tag(cluster, client, schema, leader):
         assert blue["targets"] == [leader] + sorted([names[2], names[4]])
         assert blue["filters"] == {"node": None, "service": service, "tag": "blue"}
         event = event_on(cluster, 2, blue["event_id"])
-        assert (event["ServiceFilter"], event["TagFilter"]) == (service, "blue")
+        assert (event["NodeFilter"], event["ServiceFilter"], event["TagFilter"]) == ("", "", "")
 
         narrowed = fire(client, schema, "web", "2", node_filter=f"^{re.escape(names[4])}$", service=service, force=True)
         assert narrowed["targets"] == [leader, names[4]]
@@ -376,16 +396,54 @@ def test_targets_by_service_and_tag(cluster, client, schema, leader):
             cluster.http("PUT", f"/v1/agent/service/deregister/{service}", agent)
 
 
-def test_stale_plans_of_nodes_no_longer_targeted_are_deleted(cluster, client, schema, leader):
+def plan_keys(client, schema, app):
+    return client.kv.get(schema.plans_prefix(app), keys=True)[1] or []
+
+
+def test_a_new_run_deletes_the_plans_of_earlier_runs(cluster, client, schema, leader):
     names = cluster.node_names
     first = fire(client, schema, "web", "1")
     finish_all(client, schema, "web", first)
-    kept = f"^{re.escape(names[1])}$"
-    second = fire(client, schema, "web", "2", node_filter=kept)
-    assert second["stale_plans"] == sorted(schema.plan("web", name) for name in names[2:])
-    keys = client.kv.get(schema.plan_prefix("web"), keys=True)[1]
-    assert keys == [schema.plan("web", names[1])]
-    assert read_json(client, schema.plan("web", names[1]))["run_id"] == second["run_id"]
+    first_keys = plan_keys(client, schema, "web")
+    assert first_keys == sorted(schema.plan("web", first["run_id"], name) for name in first["targets"][1:])
+    second = fire(client, schema, "web", "2", node_filter=f"^{re.escape(names[1])}$")
+    assert second["stale_plans"] == first_keys
+    assert plan_keys(client, schema, "web") == [schema.plan("web", second["run_id"], names[1])]
+    assert read_json(client, schema.plan("web", second["run_id"], names[1]))["run_id"] == second["run_id"]
+
+
+class _InterruptedClient:
+    """A client whose fire stops after the plan is written: the switching transaction fails."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.txn = self
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def put(self, payload):
+        if any(op["KV"]["Verb"].startswith("check") for op in payload):
+            raise ConnectionError("leader lost")
+        return self._client.txn.put(payload)
+
+
+def test_a_fire_interrupted_after_the_plan_leaves_the_run_in_force_untouched(cluster, client, schema, monkeypatch):
+    """The plan goes in several transactions (64 ops each before Consul 1.14; 2 here): until the
+    release record names the new run, every node reads the plan of the run in force."""
+    first = fire(client, schema, "web", "1")
+    before = {key: read_json(client, key) for key in plan_keys(client, schema, "web")}
+    monkeypatch.setattr(_firing, "txn_set_batches", functools.partial(txn_set_batches, max_ops=2))
+    with pytest.raises(ConnectionError, match="leader lost"):
+        fire(_InterruptedClient(client), schema, "web", "2", force=True)
+    assert read_json(client, schema.release("web"))["run_id"] == first["run_id"]
+    assert {key: read_json(client, key) for key in before} == before
+    partial = sorted(set(plan_keys(client, schema, "web")) - set(before))
+    assert partial and all(read_json(client, key)["run_id"] != first["run_id"] for key in partial)
+
+    third = fire(client, schema, "web", "3", force=True)
+    assert sorted(third["stale_plans"]) == sorted([*before, *partial])
+    assert all(key.startswith(schema.plan_prefix("web", third["run_id"])) for key in plan_keys(client, schema, "web"))
 
 
 class _RacingClient:
@@ -475,6 +533,10 @@ def test_a_node_whose_agent_is_down_stays_a_target_and_is_reported(cluster, clie
     down = cluster.node_names[-1]
     assert cluster.http("PUT", f"/_devcluster/agents/{down}/stop", 0).status_code == 200
     try:
+        # A crash shows once gossip failure detection has marked the node (seconds on Consul).
+        wait_until(lambda: any(check["CheckID"] == "serfHealth" and check["Status"] == "critical"
+                               for check in cluster.http("GET", f"/v1/health/node/{down}", 0).json()),
+                   30, f"{down}'s serfHealth critical")
         fired = fire(client, schema, "web", "1", check_mode=True)
     finally:
         assert cluster.http("PUT", f"/_devcluster/agents/{down}/start", 0).status_code == 200
@@ -701,3 +763,157 @@ def test_clear_wipes_every_key_of_the_app_only(client, schema):
 def test_clear_reason_must_be_text(client, schema):
     with pytest.raises(ValueError, match="reason must be a non-empty string"):
         clear(client, schema, "web", abort=True, reason="  ")
+
+
+# --- history, retry of the failed targets, rollback -------------------------------------------
+
+
+def finish_with_failures(client, schema, app, result, failing):
+    """Record the run's targets done, but ``failing`` failed."""
+    for name in result["targets"][1:]:
+        if name in failing:
+            put_state(client, schema, app, name, version=result["version"], run_id=result["run_id"], status="failed",
+                      started=10.0, finished=11.0, error="exit 1")
+        else:
+            put_state(client, schema, app, name, version=result["version"], run_id=result["run_id"], status="done",
+                      started=10.0, finished=11.0, source=result["leader"], depth=1)
+
+
+def test_each_run_is_in_the_history_and_the_next_fire_closes_it(client, schema):
+    first = fire(client, schema, "web", "1", holder="ops@ctl")
+    assert [(row["run_id"], row["outcome"]) for row in first["history"]] == [(first["run_id"], "running")]
+    finish_all(client, schema, "web", first)
+    assert info(client, schema, "web")["history"][0]["outcome"] == "succeeded"
+    second = fire(client, schema, "web", "2", holder="ops@ctl")
+    finish_with_failures(client, schema, "web", second, second["targets"][1:2])
+    history = info(client, schema, "web")["history"]
+    assert [(row["version"], row["kind"], row["outcome"]) for row in history] == [
+        ("2", "release", "failed"), ("1", "release", "succeeded")]
+    closed = history[1]
+    assert (closed["fired_by"], closed["done"], closed["failed"], closed["target_count"]) == (
+        "ops@ctl", NODES, 0, NODES)
+    assert closed["finished_at"] == 11.0 and closed["finished_at_iso"].startswith("1970-01-01T00:00:11")
+    clear(client, schema, "web", abort=True, reason="bad build")
+    fire(client, schema, "web", "3")
+    assert [(row["version"], row["outcome"], row["abort_reason"]) for row in info(client, schema, "web")["history"]] == [
+        ("3", "running", None), ("2", "aborted", "bad build"), ("1", "succeeded", None)]
+
+
+def test_the_history_keeps_the_last_runs_only(client, schema):
+    for number in range(1, HISTORY_MAX + 3):
+        fire(client, schema, "web", str(number), force=True)
+    history = info(client, schema, "web")["history"]
+    assert len(history) == HISTORY_MAX
+    assert history[0]["version"] == str(HISTORY_MAX + 2) and history[-1]["version"] == "3"
+    assert {row["outcome"] for row in history[1:]} == {"unfinished"}
+
+
+def test_a_malformed_history_is_a_warning_and_the_next_fire_starts_it_afresh(client, schema):
+    client.kv.put(schema.history("web"), json.dumps({"runs": [{"run_id": "-x"}]}))
+    assert any("history" in warning for warning in info(client, schema, "web")["warnings"])
+    fired = fire(client, schema, "web", "1")
+    assert [row["run_id"] for row in info(client, schema, "web")["history"]] == [fired["run_id"]]
+
+
+def test_retry_failed_runs_the_same_version_to_the_failed_targets_only(client, schema, leader):
+    first = fire(client, schema, "web", "4")
+    failing = first["targets"][2:4]
+    finish_with_failures(client, schema, "web", first, failing)
+    retry = fire(client, schema, "web", retry_failed=True)
+    assert (retry["version"], retry["kind"], retry["retry_of"]) == ("4", "retry", first["run_id"])
+    assert retry["targets"] == [leader] + failing
+    assert plan_keys(client, schema, "web") == sorted(schema.plan("web", retry["run_id"], name) for name in failing)
+    row = info(client, schema, "web")["history"][0]
+    assert (row["kind"], row["retry_of"], row["target_count"]) == ("retry", first["run_id"], 3)
+
+
+def test_retry_failed_refuses_what_it_cannot_retry(client, schema):
+    with pytest.raises(ReleaseError, match="has no run whose failed targets could be retried"):
+        fire(client, schema, "web", retry_failed=True)
+    first = fire(client, schema, "web", "1")
+    with pytest.raises(ReleaseError, match=r"is not over \(\d+ targets have not finished\).*retry_stragglers"):
+        fire(client, schema, "web", retry_failed=True)
+    finish_all(client, schema, "web", first)
+    with pytest.raises(ReleaseError, match="has no failed targets: nothing to retry"):
+        fire(client, schema, "web", retry_failed=True)
+    with pytest.raises(ValueError, match="retry_failed decides the version itself"):
+        fire(client, schema, "web", "2", retry_failed=True)
+    with pytest.raises(ValueError, match="give one of them"):
+        fire(client, schema, "web", retry_failed=True, rollback=True)
+
+
+def test_rollback_releases_the_last_version_every_target_got(client, schema):
+    with pytest.raises(ReleaseError, match="no earlier version that a run delivered to every target.*history: empty"):
+        fire(client, schema, "web", rollback=True)
+    good = fire(client, schema, "web", "1.0")
+    finish_all(client, schema, "web", good)
+    bad = fire(client, schema, "web", "1.1")
+    finish_with_failures(client, schema, "web", bad, bad["targets"][1:2])
+    rolled = fire(client, schema, "web", rollback=True)
+    assert (rolled["version"], rolled["kind"], rolled["target_count"]) == ("1.0", "rollback", NODES)
+    assert [(row["version"], row["kind"]) for row in info(client, schema, "web")["history"]] == [
+        ("1.0", "rollback"), ("1.1", "release"), ("1.0", "release")]
+    with pytest.raises(ValueError, match="rollback decides the version itself"):
+        fire(client, schema, "web", "0.9", rollback=True)
+
+
+def test_rollback_refuses_when_only_the_current_version_ever_succeeded(client, schema):
+    only = fire(client, schema, "web", "1")
+    finish_all(client, schema, "web", only)
+    with pytest.raises(ReleaseError, match=r"no earlier version .*history: 1 succeeded\); nothing to roll back to"):
+        fire(client, schema, "web", rollback=True)
+
+
+# --- the canary gate ---------------------------------------------------------------------------
+
+
+def test_a_gated_run_records_its_gate_and_resume_opens_it_once(cluster, client, schema):
+    fired = fire(client, schema, "web", "5", fanout=2, pause_after_stage=1, checksum="sha256:" + "ab" * 32)
+    record = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
+    assert (record.pause_after_stage, record.resumed_at, record.checksum) == (1, None, "sha256:" + "ab" * 32)
+    assert info(client, schema, "web")["canaries"] == fired["targets"][1:3]
+    assert retry_stragglers(client, schema, "web")["stragglers"] == fired["targets"][1:3], "the held nodes are left alone"
+    opened = resume(client, schema, "web", "5")
+    assert opened["run_id"] == fired["run_id"] and opened["pause_after_stage"] == 1
+    assert ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"]).resumed_at == opened["resumed_at"]
+    assert base64.b64decode(event_on(cluster, 1, opened["event_id"])["Payload"]) == event_payload("web", "5")
+    with pytest.raises(ReleaseError, match="was resumed already"):
+        resume(client, schema, "web")
+
+
+def test_resume_refuses_runs_without_a_closed_gate(client, schema):
+    with pytest.raises(ReleaseError, match="has no release to resume"):
+        resume(client, schema, "web")
+    fire(client, schema, "web", "1")
+    with pytest.raises(ReleaseError, match="has no canary gate .*nothing to resume"):
+        resume(client, schema, "web")
+    fire(client, schema, "web", "2", pause_after_stage=2, force=True)
+    with pytest.raises(ReleaseError, match="is not the version of the current run"):
+        resume(client, schema, "web", "3")
+    clear(client, schema, "web", abort=True, reason="stop")
+    with pytest.raises(ReleaseError, match="was aborted"):
+        resume(client, schema, "web")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"pause_after_stage": 0}, "pause_after_stage must be an integer from 1 to 64"),
+    ({"checksum": "sha256:XYZ"}, "checksum 'sha256:XYZ' must be 'sha256:' followed by 64 lowercase hex digits"),
+])
+def test_gate_and_checksum_arguments_are_checked_before_anything_is_written(client, schema, arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fire(client, schema, "web", "1", **arguments)
+    assert client.kv.get(schema.release("web"))[1] is None
+
+
+def test_a_retry_and_a_rollback_carry_the_checksum_of_the_run_they_repeat(client, schema):
+    good_sum, bad_sum = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    good = fire(client, schema, "web", "1.0", checksum=good_sum)
+    finish_all(client, schema, "web", good)
+    bad = fire(client, schema, "web", "1.1", checksum=bad_sum)
+    finish_with_failures(client, schema, "web", bad, bad["targets"][1:2])
+    retry = fire(client, schema, "web", retry_failed=True)
+    assert retry["release"]["checksum"] == bad_sum
+    finish_all(client, schema, "web", retry)
+    rolled = fire(client, schema, "web", rollback=True)
+    assert (rolled["version"], rolled["release"]["checksum"]) == ("1.0", good_sum)
+    assert info(client, schema, "web")["history"][0]["checksum"] == good_sum

@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from ansible_collections.fireap.consul.plugins.filter import release_report_html
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.modules import fireap_info, fireap_wait
 
 pytestmark = pytest.mark.double_only
@@ -53,7 +55,8 @@ def _apps(nodes_dir: Path) -> str:
         "canary": f"case {{{{ node }}}} in {'|'.join(CANARY_FAILING)}) echo bad build >&2; exit 4;; esac; sleep 4",
         "web": f"[ {{{{ node }}}} != {BROKEN_NODE} ] || {{ echo web build broken >&2; exit 5; }}",
         "site": "exit 0",
-        "myapp": "exit 0",
+        # Fails where the test leaves a marker file, so that a retry can succeed.
+        "myapp": f"[ ! -e {nodes_dir}/{{{{ node }}}}/fail-myapp ] || {{ echo myapp broken here >&2; exit 6; }}",
         "slow": "sleep 15",
     }
     lines = ["fireap_node_defaults: {watch_timeout: 120, command_timeout: 60}", "fireap_node_apps:"]
@@ -245,9 +248,9 @@ def test_too_many_failures_abort_the_run(installed):
 
 
 def documented_commands(section: str = "Example") -> list[str]:
-    """The ansible-playbook commands of the first sh block under ``## <section>`` in docs/playbooks.md."""
+    """The ansible-playbook commands of the first sh block under the heading ``<section>`` in docs/playbooks.md."""
     text = PLAYBOOKS_DOC.read_text()
-    block = re.search(rf"^## {section}\n.*?^```sh\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    block = re.search(rf"^##+ {re.escape(section)}\n.*?^```sh\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
     assert block, f"no sh block under '## {section}' in {PLAYBOOKS_DOC}"
     return [line for line in block.group(1).splitlines() if line.startswith("ansible-playbook ")]
 
@@ -286,7 +289,8 @@ def test_the_documented_commands_install_check_reconfigure_and_release_with_repo
     tasks = re.findall(r"^TASK \[fireap\.consul\.fireap_node : (.*?)\]", config, re.MULTILINE)
     assert tasks == ["Validating arguments against arg spec 'main' - Install the fireap-reap handler and its Consul "
                      "watch on a node", "Create the config directory", "Write the task config",
-                     "Register the Consul watch that runs fireap-reap"]
+                     "Register the Consul watch that runs fireap-reap",
+                     "Install the logrotate snippet of the handler's log"]
 
     run = run_documented(installed, release_command)
     assert run.returncode == 0, run.output
@@ -321,6 +325,7 @@ def release_variables() -> set[str]:
             own.update(node.get("vars") or ())
             if isinstance(node.get("register"), str):
                 own.add(node["register"])
+            own.update(node.get("ansible.builtin.set_fact") or ())
             for name, value in node.items():
                 walk(value, name)
         elif isinstance(node, list):
@@ -425,3 +430,95 @@ def test_fireap_info_under_async_keeps_its_own_all_finished(installed):
     assert result["ansible_job_id"] and result["finished"] is True, "Ansible's: the job ended"
     assert (result["status"], result["all_finished"], result["succeeded"]) == ("running", False, False)
     assert result["counts"]["pending"] + result["counts"]["pulling"] + result["counts"]["waiting"] > 0
+
+
+def all_documented_commands(section: str) -> list[str]:
+    """The ansible-playbook commands of every sh block of the section headed ``<section>``."""
+    text = PLAYBOOKS_DOC.read_text()
+    body = re.search(rf"^(#+) {re.escape(section)}\n(.*?)(?=^#{{1,3}} |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert body, f"no section {section!r} in {PLAYBOOKS_DOC}"
+    blocks = re.findall(r"^```sh\n(.*?)^```", body.group(2), re.MULTILINE | re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("ansible-playbook ")]
+
+
+def test_the_documented_retry_of_the_failed_nodes_and_rollback(installed):
+    retry_command, rollback_command = all_documented_commands("Retry the failed nodes, roll back")
+    assert "fireap_retry_failed=true" in retry_command and "fireap_rollback=true" in rollback_command
+    assert release(installed, "myapp", "fireap_version=2.0").returncode == 0
+    refused = run_documented(installed, retry_command)
+    assert refused.returncode != 0 and "has no failed targets: nothing to retry" in refused.output, refused.output
+
+    marker = installed["nodes_dir"] / BROKEN_NODE / "fail-myapp"
+    marker.touch()
+    try:
+        broken = release(installed, "myapp", "fireap_version=2.1")
+    finally:
+        marker.unlink()
+    assert broken.returncode != 0 and f"{NODES - 1}/{NODES} done, 1 failed" in broken.output, broken.output
+    broken_run = re.search(r"myapp 2\.1 \(run (\w+)\)", broken.output).group(1)
+
+    retried = run_documented(installed, retry_command)
+    assert retried.returncode == 0, retried.output
+    assert f"retry of version 2.1 (the failed targets of run {broken_run}): 2 target(s)" in retried.output
+    assert "myapp 2.1: 2/2 done, 0 failed" in retried.output
+
+    rolled = run_documented(installed, rollback_command)
+    assert rolled.returncode == 0, rolled.output
+    assert f"rollback of version 2.0: {NODES} target(s)" in rolled.output
+    assert f"myapp 2.0: {NODES}/{NODES} done, 0 failed" in rolled.output
+
+
+def held_activity(installed, run_id: str) -> dict[str, list[str]]:
+    """The run's plan stages, and what the targets of stages > 1 wrote: node records, slot claims."""
+    client = installed["target"].client()
+    schema = Schema()
+    plans = client.kv.get(schema.plan_prefix("myapp", run_id), recurse=True)[1] or []
+    stages = {entry["Key"].rsplit("/", 1)[1]: json.loads(entry["Value"])["stage"] for entry in plans}
+    held = sorted(name for name, stage in stages.items() if stage > 1)
+    records = [name for name in held
+               if (entry := client.kv.get(schema.node("myapp", name))[1]) and json.loads(entry["Value"])["run_id"] == run_id]
+    slots = client.kv.get(schema.app_prefix("myapp") + "slots/", recurse=True)[1] or []
+    claims = [entry["Key"] for entry in slots if entry.get("Session") or (entry.get("Value") or b"").decode() in held]
+    return {"held": held, "records": records, "claims": claims}
+
+
+def test_the_documented_canary_gate_holds_the_later_stages_until_resumed(installed):
+    pause_command, resume_command, checked_command = all_documented_commands("Canary gate")
+    paused = run_documented(installed, pause_command)
+    assert paused.returncode == 0, paused.output
+    assert re.search(r"myapp 3\.0: \d/7 done, 0 failed, 0 pulling, 0 waiting, \d pending \[\d+s\] \(paused\)", paused.output)
+    assert "is paused after stage 1" in paused.output and "-e fireap_resume=true" in paused.output
+    run_id = re.search(r"myapp 3\.0 \(run (\w+)\)", paused.output).group(1)
+    time.sleep(10)
+    activity = held_activity(installed, run_id)
+    assert activity["held"], "the plan has a stage 2"
+    assert (activity["records"], activity["claims"]) == ([], []), activity
+
+    resumed = run_documented(installed, resume_command)
+    assert resumed.returncode == 0, resumed.output
+    assert f"myapp 3.0: {NODES}/{NODES} done, 0 failed" in resumed.output
+    again = run_documented(installed, resume_command)
+    assert again.returncode != 0 and "was resumed already" in again.output, again.output
+
+    nodes_dir = installed["nodes_dir"]
+    bad = nodes_dir / "node-001" / "unhealthy"
+    bad.touch()
+    try:
+        check = f"test ! -e {nodes_dir}/$FIREAP_CANARY/unhealthy"
+        command = checked_command.replace(re.search(r"'fireap_canary_check=.*'", checked_command).group(),
+                                          shlex.quote(f"fireap_canary_check={json.dumps(check)}"))
+        failed = run_documented(installed, command)
+    finally:
+        bad.unlink()
+    assert failed.returncode != 0, failed.output
+    assert "the canary check failed on node-001" in failed.output, failed.output
+    info = installed["target"].client().kv.get(Schema().release("myapp"))[1]
+    record = json.loads(info["Value"])
+    assert (record["version"], record["status"], record["aborted_reason"]) == (
+        "3.1", "aborted", "canary check failed on node-001")
+
+    command = command.replace("fireap_version=3.1", "fireap_version=3.2")
+    passed = run_documented(installed, command)
+    assert passed.returncode == 0, passed.output
+    assert "Resume the release, its canaries passed their check" in passed.output
+    assert f"myapp 3.2: {NODES}/{NODES} done, 0 failed" in passed.output

@@ -26,6 +26,7 @@ from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME, event_payload
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NodeAdvert,
     NodeState,
     ReleaseRecord,
     Schema,
@@ -87,13 +88,16 @@ def deployed(cluster, tmp_path_factory):
         return subprocess.run([*command, *extra], cwd=work, env=env, capture_output=True, text=True,
                               timeout=PLAYBOOK_TIMEOUT, check=False)
 
-    runs = []
+    runs, adverts = [], []
     for _run in range(2):
         result = apply()
         assert result.returncode == 0, f"ansible-playbook failed:\n{result.stdout}\n{result.stderr}"
         runs.append(result.stdout)
-    yield {"runs": runs, "kv_prefix": kv_prefix, "out_dir": out_dir, "double": double, "target": target,
-           "apply": apply}
+        # Read at once: a release started right after the play targets the nodes advertised then.
+        _index, entries = target.client().kv.get(Schema(kv_prefix).adverts_prefix(), recurse=True)
+        adverts.append({entry["Key"]: NodeAdvert.from_json(entry["Value"]) for entry in entries or []})
+    yield {"runs": runs, "adverts": adverts, "kv_prefix": kv_prefix, "out_dir": out_dir, "double": double,
+           "target": target, "apply": apply}
     target.client().kv.delete(kv_prefix, recurse=True)
 
 
@@ -165,6 +169,18 @@ def test_the_reloaded_watch_runs_the_installed_handler(deployed):
                          rf"node {agent.name}, apps: {APP}$", text, re.M), text
 
 
+def test_every_node_has_advertised_its_apps_when_the_play_ends(deployed):
+    schema = Schema(deployed["kv_prefix"])
+    for adverts in deployed["adverts"]:
+        assert {key: sorted(advert.apps) for key, advert in adverts.items()} == {
+            schema.advert(name): [APP] for name in deployed["target"].node_names}
+
+
+def test_the_role_waits_for_each_node_to_advertise_after_the_reload(deployed):
+    names = deployed["target"].node_names
+    assert _results(deployed["runs"][0], "Wait for the node to advertise its apps") == dict.fromkeys(names, "ok")
+
+
 def test_the_installed_handler_validates_and_dry_runs(deployed):
     double, target = deployed["double"], deployed["target"]
     root = _node_root(double, target.agents[1].name)
@@ -187,7 +203,7 @@ def test_a_fired_release_reaches_every_node_through_the_installed_handler(deploy
     leader, version, run_id = names[0], "2.0.1", str(uuid.uuid4())
     now = time.time()
     plan = plan_release(names, leader, FANOUT, run_id)
-    records = [(schema.plan(APP, node), entry.to_json()) for node, entry in plan.items()]
+    records = [(schema.plan(APP, run_id, node), entry.to_json()) for node, entry in plan.items()]
     records.append((schema.node(APP, leader), NodeState(version=version, run_id=run_id, status="done", started=now,
                                                         depth=0, finished=now).to_json()))
     for key, value in records:
@@ -273,11 +289,11 @@ def test_every_task_has_the_role_tag_and_the_install_or_the_config_tag(deployed)
     tags = dict(re.findall(r"fireap\.consul\.fireap_node : (.*?)\tTAGS: \[(.*?)\]", listed.stdout))
     del tags["Validating arguments against arg spec 'main' - Install the fireap-reap handler and its Consul watch "
              "on a node"]
-    assert len(tags) == 11, tags
+    assert len(tags) == 12, tags
     install = {task for task, names in tags.items() if names == "fireap_node, fireap_node_install"}
     config = {task for task, names in tags.items() if names == "fireap_node, fireap_node_config"}
     assert config == {"Create the config directory", "Write the task config",
-                      "Register the Consul watch that runs fireap-reap"}
+                      "Register the Consul watch that runs fireap-reap", "Install the logrotate snippet of the handler's log"}
     assert install == set(tags) - config
 
 

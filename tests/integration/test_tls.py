@@ -14,6 +14,7 @@ client certificate from their options, the handler's config, the role's variable
 from __future__ import annotations
 
 import datetime
+import io
 import ipaddress
 import json
 import os
@@ -38,6 +39,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._connection import (
     build_client,
     consul_errors,
 )
+from ansible_collections.fireap.consul.plugins.module_utils import _monitor
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._progress import info
 from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
@@ -347,3 +349,17 @@ def test_serve_refuses_an_unusable_certificate_clearly(tls, tmp_path, extra, mes
                            str(find_free_port_range(1)), "--workdir", str(tmp_path / "cluster"), *extra],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("with_certificate", [True, False])
+def test_the_monitor_presents_the_client_certificate_of_its_flags(client_auth, monkeypatch, capsys, with_certificate):
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", TOKEN)
+    flags = ["--client-cert", client_auth["client_cert"], "--client-key", client_auth["client_key"]]
+    argv = ["--app", "tls-app", "--one-shot", "--scheme", "https", "--port", str(client_auth["port"]),
+            "--ca-path", client_auth["ca"], "--retries", "0", *(flags if with_certificate else [])]
+    shown = io.StringIO()
+    assert _monitor.main(argv, out=shown) == (0 if with_certificate else 1)
+    if with_certificate:
+        assert shown.getvalue().startswith("tls-app: no release recorded"), shown.getvalue()
+    else:
+        assert "set client_cert and client_key, or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY" in capsys.readouterr().err

@@ -33,7 +33,8 @@ def finish_when_fired(cluster, prefix, app, failing=()):
         with cluster.client(0) as client:
             entry = wait_until(lambda: client.kv.get(schema.release(app))[1], FINISH_TIMEOUT, "release record")
             record = ReleaseRecord.from_json(entry["Value"])
-            for key in client.kv.get(schema.plan_prefix(app), keys=True)[1]:
+            plan_prefix = schema.plan_prefix(app, record.run_id)
+            for key in client.kv.get(plan_prefix, keys=True)[1]:
                 node = schema.node_name(app, key)
                 common = {"version": record.version, "run_id": record.run_id, "started": 1.0, "finished": 2.0}
                 if node in failing:
@@ -127,7 +128,14 @@ def test_an_unreachable_agent_is_reported(connection, prefix, run_module):
         ({"node_filter": "web["}, "is not a valid regular expression"),
         ({"kv_prefix": "fireap"}, "KV prefix 'fireap' must end with '/'"),
         ({"retry_stragglers": True, "node_filter": "^a$", "force": True}, "cannot be combined with node_filter, force"),
-        ({"version": "v" * 60, "app": "a" * 30}, "over Consul's 100-byte budget"),
+        ({"resume": True, "pause_after_stage": 2}, "resume=true opens the current run's gate; it cannot be combined with "
+                                                   "pause_after_stage"),
+        ({"resume": True}, "app 'web' has no release to resume"),
+        ({"retry_failed": True, "rollback": True}, "retry_failed and rollback start different runs: give one of them"),
+        ({"checksum": "sha256:" + "a" * 64, "checksum_file": "/x"}, "parameters are mutually exclusive: checksum|checksum_file"),
+        ({"checksum_file": "/nonexistent/build.tgz"}, "cannot read /nonexistent/build.tgz to compute its checksum"),
+        ({"checksum": "-a"}, "checksum '-a' must be 'sha256:' followed by 64 lowercase hex digits"),
+        ({"version": "v" * 60, "app": "a" * 30}, "over the 100-byte budget Consul advises"),
         ({"wait": True, "wait_timeout": -1}, "wait_timeout must be a number of seconds >= 0, got -1"),
     ],
 )

@@ -53,7 +53,8 @@ def info_of(rows, *, app="web", version="1.4.3", status=None, elapsed=None, fano
         "exists": True,
         "release": {"app": app, "version": version, "run_id": "0f3c" * 8, "fanout": fanout, "leader": rows[0]["node"],
                     "target_count": total, "fired_at": FIRED, "fired_at_iso": iso_utc(FIRED), "filters": {},
-                    "status": "aborted" if aborted_reason else "running", "aborted_reason": aborted_reason},
+                    "status": "aborted" if aborted_reason else "running", "aborted_reason": aborted_reason,
+                    "pause_after_stage": None, "resumed_at": None, "checksum": None},
         "run_id": "0f3c" * 8,
         "version": version,
         "status": status,
@@ -74,6 +75,8 @@ def info_of(rows, *, app="web", version="1.4.3", status=None, elapsed=None, fano
                     "elapsed": elapsed},
         "lock": None,
         "warnings": [],
+        "history": [],
+        "canaries": [],
     }
     info.update(extra)
     return info
@@ -90,7 +93,19 @@ def finished_release():
             error='exit status 3: <script>alert("x")</script> & more\nsecond line'),
         row("node-005", "done", source="node-001", depth=2, started=0.3, finished=2.4, stage=2, slot=1),
         row("node-006", "done", source="node-002", depth=2, started=0.1, finished=2.2, stage=2, slot=0),
+    ], history=[
+        history_row("0f3c" * 8, "1.4.3", "failed", done=6, failed=1, finished_at=FIRED + 2.4),
+        history_row("9a1b" * 8, "1.4.2", "aborted", fired_at=FIRED - 3600, done=3, abort_reason="bad <build>"),
     ])
+
+
+def history_row(run_id, version, outcome, fired_at=FIRED, done=7, failed=0, finished_at=None, abort_reason=None,
+                kind="release"):
+    """One line of info()'s history."""
+    return {"run_id": run_id, "version": version, "kind": kind, "retry_of": None, "fired_by": "ops@ctl",
+            "fired_at": fired_at, "fired_at_iso": iso_utc(fired_at), "target_count": 7, "outcome": outcome,
+            "done": done, "failed": failed, "finished_at": finished_at, "finished_at_iso": iso_utc(finished_at),
+            "abort_reason": abort_reason, "checksum": None}
 
 
 def running_release():
@@ -114,5 +129,5 @@ def no_release(app="web"):
         "ideal_stages": 0,
         "timings": {"fired_at": None, "fired_at_iso": None, "first_finished": None, "first_finished_iso": None,
                     "last_finished": None, "last_finished_iso": None, "elapsed": None},
-        "lock": None, "warnings": [],
+        "lock": None, "warnings": [], "history": [], "canaries": [],
     }

@@ -49,8 +49,9 @@ def test_default_schema_names_every_key():
     assert schema.app_prefix("web") == "fireap/web/"
     assert schema.release("web") == "fireap/web/release"
     assert schema.lock("web") == "fireap/web/lock"
-    assert schema.plan_prefix("web") == "fireap/web/plan/"
-    assert schema.plan("web", "n1") == "fireap/web/plan/n1"
+    assert schema.plans_prefix("web") == "fireap/web/plan/"
+    assert schema.plan_prefix("web", "run-1") == "fireap/web/plan/run-1/"
+    assert schema.plan("web", "run-1", "n1") == "fireap/web/plan/run-1/n1"
     assert schema.nodes_prefix("web") == "fireap/web/nodes/"
     assert schema.node("web", "n1") == "fireap/web/nodes/n1"
     assert schema.slots_prefix("web", "n1") == "fireap/web/slots/n1/"
@@ -61,11 +62,13 @@ def test_custom_prefix_and_node_name_parsing():
     schema = Schema("ops/fireap-2/")
     assert schema.node("my.app_1", "host-1.example.com") == "ops/fireap-2/my.app_1/nodes/host-1.example.com"
     assert schema.node_name("my.app_1", "ops/fireap-2/my.app_1/nodes/host-1") == "host-1"
-    assert schema.node_name("my.app_1", "ops/fireap-2/my.app_1/plan/host-2") == "host-2"
-    with pytest.raises(ValueError, match="neither under"):
-        schema.node_name("my.app_1", "ops/fireap-2/other/nodes/host-1")
-    with pytest.raises(ValueError, match="node name"):
-        schema.node_name("my.app_1", "ops/fireap-2/my.app_1/nodes/a/b")
+    assert schema.node_name("my.app_1", "ops/fireap-2/my.app_1/plan/run-7/host-2") == "host-2"
+    for key in ("ops/fireap-2/other/nodes/host-1", "ops/fireap-2/my.app_1/plan/host-2"):
+        with pytest.raises(ValueError, match="neither under"):
+            schema.node_name("my.app_1", key)
+    for key in ("ops/fireap-2/my.app_1/nodes/a/b", "ops/fireap-2/my.app_1/plan/run-7/a/b"):
+        with pytest.raises(ValueError, match="node name"):
+            schema.node_name("my.app_1", key)
 
 
 @pytest.mark.parametrize("prefix", ["", "/fireap/", "fireap", "a//b/", "a/../b/", "./", "fi re/", "ü/", None, 3])

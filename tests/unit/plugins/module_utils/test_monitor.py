@@ -283,3 +283,12 @@ def test_connection_settings_come_from_the_config_then_the_flags(tmp_path, monke
 def test_a_report_that_cannot_be_written_says_where(tmp_path):
     with pytest.raises(OSError, match=f"cannot write the report to {tmp_path}/missing/r.html"):
         _monitor.write_report(str(tmp_path / "missing" / "r.html"), finished_release())
+
+
+def test_a_paused_run_says_so_and_exits_0_unless_a_canary_failed():
+    paused = info_of(finished_release()["nodes"], status="paused", all_finished=False)
+    paused["release"]["pause_after_stage"] = 1
+    assert "paused after stage 1 (resume to go on)" in _monitor.header_line(paused)
+    assert _monitor.exit_code(paused) == 1  # node-004 failed
+    paused["counts"] = dict(paused["counts"], failed=0)
+    assert _monitor.exit_code(paused) == 0

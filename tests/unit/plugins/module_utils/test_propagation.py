@@ -851,3 +851,20 @@ def test_the_first_wait_blocks_from_the_release_index():
     assert machine.start(T0) == WaitForNode("prev", 70, 10)
     first_stage = PlanEntry(run_id="r2", source="lead", stage=1, slot=0)
     assert isinstance(PullMachine("me", RELEASE, first_stage, None, TIMINGS, release_index=70).start(T0), ClaimSlot)
+
+
+# --- the canary gate ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pause, resumed, stage, held", [
+    (1, None, 2, True), (1, None, 1, False), (2, None, 2, False), (1, T0 + 5, 2, False), (None, None, 3, False),
+])
+def test_the_canary_gate_holds_later_stages_until_resumed_without_writing_or_claiming(pause, resumed, stage, held):
+    release = dataclasses.replace(RELEASE, pause_after_stage=pause, resumed_at=resumed)
+    plan = PlanEntry(run_id="r2", source="lead", stage=stage, slot=0)
+    action = PullMachine("me", release, plan, None, TIMINGS).start(T0)
+    if held:
+        assert isinstance(action, PullResult) and not action.ran_task and action.state is None
+        assert action.reason == f"held by the canary gate of run r2: stage {stage} starts once stage 1 is resumed"
+    else:
+        assert not isinstance(action, PullResult), action

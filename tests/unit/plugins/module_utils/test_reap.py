@@ -84,7 +84,7 @@ OPTIONS = ConsulOptions()
 
 def _kv(rel=None, pln=None, own=None) -> dict:
     values = {}
-    for key, record in ((SCHEMA.release(APP), rel), (SCHEMA.plan(APP, ME), pln), (SCHEMA.node(APP, ME), own)):
+    for key, record in ((SCHEMA.release(APP), rel), (SCHEMA.plan(APP, "run-1", ME), pln), (SCHEMA.node(APP, ME), own)):
         if record is not None:
             values[key] = record if isinstance(record, bytes) else record.to_json().encode()
     return values
@@ -101,7 +101,7 @@ def _kv(rel=None, pln=None, own=None) -> dict:
 def test_check_app_reads_only_what_the_decision_needs(values, reads, start):
     client = FakeClient(values)
     result = check_app(client, OPTIONS, SCHEMA, APP, ME)
-    names = {SCHEMA.release(APP): "release", SCHEMA.node(APP, ME): "own", SCHEMA.plan(APP, ME): "plan"}
+    names = {SCHEMA.release(APP): "release", SCHEMA.node(APP, ME): "own", SCHEMA.plan(APP, "run-1", ME): "plan"}
     assert [names[key] for key in client.kv.reads] == reads
     assert result.start is start
     assert result.app == APP
@@ -129,7 +129,7 @@ def test_check_app_turns_a_malformed_plan_under_a_valid_release_into_a_run_probl
     result = check_app(client, OPTIONS, SCHEMA, APP, ME)
     assert result.start and result.release == release()
     assert (result.problem.run_id, result.problem.version) == ("run-1", "1.0")
-    assert result.problem.reason == "malformed KV key 'fireap/web/plan/node-me': missing field 'source'"
+    assert result.problem.reason == "malformed KV key 'fireap/web/plan/run-1/node-me': missing field 'source'"
     assert result.reason == f"run run-1 cannot be pulled ({result.problem.reason}): recording it as failed"
     assert (result.run_id, result.version) == ("run-1", "1.0")
 

@@ -89,6 +89,20 @@ def test_failed_nodes_are_listed_with_their_source_and_whole_error():
     assert 'node-004node-001exit status 3: <script>alert("x")</script> & more\nsecond line' in text
 
 
+def test_the_history_lists_the_app_s_runs_newest_first_with_the_current_one_marked():
+    page = render_report(finished_release())
+    text = "".join(Page(page).text)
+    assert "History" in text
+    assert "1.4.3releasefailed6/7 done, 1 failedops@ctl" in text
+    assert "1.4.2releaseaborted3/7 done, 0 failedops@ctl" + "9a1b" * 8 + "bad <build>" in text
+    assert page.index("<td>1.4.3</td>") < page.index("<td>1.4.2</td>")
+    assert '<tr class="current"><td>' in page and "bad &lt;build&gt;" in page
+
+
+def test_a_result_without_history_says_so():
+    assert "No history recorded." in "".join(Page(render_report(running_release())).text)
+
+
 def test_the_tree_nests_every_node_under_its_source():
     parsed = Page(render_report(finished_release()))
     tree_items = [(attrs, parents) for tag, attrs, parents in parsed.elements if tag == "li"]
@@ -182,7 +196,7 @@ def test_wait_results_add_the_outcome_and_the_refires():
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [({}, "succeeded"), ({"status": "running"}, "running"), ({"status": "aborted"}, "aborted"),
-     ({"status": "none"}, "none"), ({"timed_out": True}, "timed-out")],
+     ({"status": "none"}, "none"), ({"timed_out": True}, "timed-out"), ({"status": "paused"}, "paused")],
 )
 def test_outcome(changes, expected):
     info = info_of(finished_release()["nodes"][:2])

@@ -31,11 +31,14 @@ from ansible_collections.fireap.consul.plugins.module_utils import (
 )
 from ansible_collections.fireap.consul.plugins.module_utils._commands import CommandVariables, TemplateError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    HISTORY_MAX,
+    History,
     KVRecordError,
     LockRecord,
     NodeState,
     PlanEntry,
     ReleaseRecord,
+    RunSummary,
     Schema,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
@@ -50,7 +53,7 @@ SCHEMA = Schema()
 APP = "web"
 ME = "node-me"
 RELEASE_KEY = SCHEMA.release(APP)
-PLAN_KEY = SCHEMA.plan(APP, ME)
+PLAN_KEY = SCHEMA.plan(APP, "run-1", ME)
 OWN_KEY = SCHEMA.node(APP, ME)
 LOCK_KEY = SCHEMA.lock(APP)
 T0 = 1700000000.0
@@ -69,6 +72,9 @@ STATE = {"version": "1.0", "run_id": "run-1", "status": "done", "started": T0, "
 FAILED_STATE = {"version": "1.0", "run_id": "run-1", "status": "failed", "started": T0, "finished": T0 + 1,
                 "error": "exec_commands[0] failed (exit status 1)\noutput:\nboom"}
 LOCK = {"run_id": "run-1", "holder": "controller.example.com", "since": T0}
+RUN = {"run_id": "run-1", "version": "1.0", "kind": "release", "fired_by": "ops@ctl", "fired_at": T0, "target_count": 3,
+       "outcome": "failed", "done": 2, "failed": 1, "finished_at": T0 + 5, "abort_reason": "r", "retry_of": "run-0"}
+HISTORY_KEY = SCHEMA.history(APP)
 
 #: The control characters no value may carry into a message or a log line.
 CONTROLS = [chr(code) for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)]
@@ -115,6 +121,8 @@ HOSTILE_TIMES = {
     "inf": math.inf,
     "-inf": -math.inf,
     "negative": -1,
+    "past year 9999": 253402300800,
+    "huge": 1e300,
     "true": True,
     "string": "1",
     "list": [1.0],
@@ -569,6 +577,17 @@ RECORD_FIELDS = [
     (LockRecord, LOCK_KEY, LOCK, "run_id", HOSTILE_WORDS),
     (LockRecord, LOCK_KEY, LOCK, "holder", HOSTILE_LINES),
     (LockRecord, LOCK_KEY, LOCK, "since", HOSTILE_TIMES),
+    (ReleaseRecord, RELEASE_KEY, RELEASE, "pause_after_stage", {**HOSTILE_INTS, "zero": 0, "past the stages": 65}),
+    (ReleaseRecord, RELEASE_KEY, RELEASE, "resumed_at", HOSTILE_TIMES),
+    (ReleaseRecord, RELEASE_KEY, RELEASE, "checksum", {**HOSTILE_WORDS, "upper case": "sha256:" + "A" * 64,
+                                                       "short": "sha256:" + "a" * 63, "md5": "md5:" + "a" * 32,
+                                                       "option": "-" + "a" * 70}),
+    *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_WORDS) for field in ("run_id", "version", "retry_of")],
+    *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_CHOICES) for field in ("kind", "outcome")],
+    *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_INTS) for field in ("target_count", "done", "failed")],
+    *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_TIMES) for field in ("fired_at", "finished_at")],
+    *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_LINES) for field in ("fired_by", "abort_reason")],
+    (RunSummary, HISTORY_KEY, RUN, "checksum", {**HOSTILE_WORDS, "short": "sha256:" + "a" * 63}),
 ]
 RECORD_CASES = [
     pytest.param(cls, key, base, field, value, id=f"{cls.__name__}.{field}-{name}")
@@ -584,6 +603,18 @@ def test_every_valid_baseline_record_is_accepted():
     assert NodeState.from_json(dumps(STATE)).has("1.0")
     assert NodeState.from_json(dumps(FAILED_STATE)).error.endswith("boom")
     assert LockRecord.from_json(dumps(LOCK)).holder == "controller.example.com"
+    assert RunSummary.from_json(dumps(RUN)).retry_of == "run-0"
+    gated = ReleaseRecord.from_json(dumps({**RELEASE, "pause_after_stage": 1, "checksum": "sha256:" + "0" * 64}))
+    assert gated.paused and gated.holds(2) and not gated.holds(1)
+
+
+def test_a_history_of_too_many_runs_or_of_hostile_entries_is_refused():
+    with pytest.raises(KVRecordError, match=f"holds {HISTORY_MAX + 1} runs; at most {HISTORY_MAX}"):
+        History.from_json(dumps({"runs": [RUN] * (HISTORY_MAX + 1)}), HISTORY_KEY)
+    for runs in ([RUN, "x"], [RUN, {**RUN, "version": "-v"}], "runs"):
+        with pytest.raises(KVRecordError) as info:
+            History.from_json(dumps({"runs": runs}), HISTORY_KEY)
+        assert_one_bounded_line(str(info.value))
 
 
 @pytest.mark.parametrize("cls, key, base, field, value", RECORD_CASES)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import pytest
 
@@ -251,13 +252,14 @@ def test_check_int_refuses_bools_and_bounds():
             check_int(value, "slot", 0, 63)
 
 
-@pytest.mark.parametrize("value, expected", [(0, 0.0), (1, 1.0), (1700000000.5, 1700000000.5), (10**15, 1e15)])
+@pytest.mark.parametrize("value, expected", [(0, 0.0), (1, 1.0), (1700000000.5, 1700000000.5),
+                                             (253402300799, 253402300799.0)])
 def test_check_time_accepts(value, expected):
     result = check_time(value, "started")
     assert result == expected and isinstance(result, float)
 
 
-@pytest.mark.parametrize("value", [-1, -0.5, math.nan, math.inf, -math.inf, True, "1", None, [1]])
+@pytest.mark.parametrize("value", [-1, -0.5, math.nan, math.inf, -math.inf, True, "1", None, [1], 253402300800, 1e300])
 def test_check_time_refuses(value):
     with pytest.raises(ValueError, match="started must be"):
         check_time(value, "started")
@@ -347,3 +349,9 @@ def test_the_leader_and_the_node_bound_the_fanout_alike():
         _taskconfig.parse_config({"apps": {"web": {"exec_commands": ["true"], "max_semaphores": FANOUT_MAX + 1}}})
     with pytest.raises(ValueError, match="fanout must be an integer from 1 to 64, got 65"):
         _firing.fire(object(), _kv.Schema(), "web", "1.0", fanout=65)
+
+
+def test_every_time_check_time_accepts_can_be_shown_as_a_date():
+    """The report and the monitor format record times without guarding: the bound is the
+    last second a date can show."""
+    assert time.strftime("%Y", time.gmtime(check_time(253402300799, "started"))) == "9999"

@@ -25,8 +25,8 @@ def test_abort_marks_the_running_release_aborted_and_lifts_its_lock():
 def test_wipe_deletes_every_key_of_the_app():
     run = run_on_answers("clear_wipe", fireap_clear, {"app": "web", "wipe": True})
     assert run.code == 0 and run.result["changed"] is True, run.stdout
-    # The recorded release: its record, lock, the leader's state and the plans of the three other nodes.
-    assert (run.result["wiped"], run.result["deleted_keys"]) == (True, 6)
+    # The recorded release: its record, lock, history, the leader's state and the plans of the three other nodes.
+    assert (run.result["wiped"], run.result["deleted_keys"]) == (True, 7)
     assert run.result["lock_lifted"]["held"] is True and run.result["aborted"] is None
     assert run.result["after"] == {"release": None, "lock": None}
 
