@@ -2,7 +2,12 @@
 running the real node side.
 
 The double runs as `python -m devcluster serve` in a process of its own, with ACLs on and a
-data dir (so that it can be killed and restarted with its state). Every node gets what the
+data dir (so that it can be killed and restarted with its state), as unkind as Consul unless the
+command line's realism options say otherwise (late, reordered, lossy gossip; crashes detected
+after memberlist's suspicion timeout; missing keys that block); the figures file records those
+settings under ``consul``. A release is waited for as fireap_wait does: every
+STRAGGLER_RETRY_AFTER seconds the event is fired again to the targets that have not taken the
+run up. Every node gets what the
 ``fireap_node`` role installs, written directly from the inventory's role variables (the
 role's own run takes minutes at this size): the task config with the Consul token (0600),
 and the agent's watch on the FIREAP:TASK event running this tree's ``fireap-reap``. Releases

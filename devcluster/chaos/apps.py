@@ -10,6 +10,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+#: The pull of the app whose workers are killed mid-pull: long enough that a kill aimed at a
+#: pull in progress does not land after its command ended on a loaded machine.
+CRASH_PULL_SECONDS = 8
 #: command_timeout of the app whose injected command hangs.
 HANG_TIMEOUT = 3
 #: The hung command: a sleep of a length nothing else uses, so leftovers can be found.
@@ -67,12 +70,14 @@ def injected_hang_command(nodes_dir: Path) -> str:
 def chaos_apps(nodes_dir: Path) -> dict[str, dict[str, Any]]:
     """Every scenario's apps, as the role's ``fireap_node_apps``."""
     pull = {name: {"exec_commands": [pull_command(nodes_dir, seconds)]} for name, seconds in (
-        ("crash", 3), ("outage", 1), ("replay", 0.3), ("twin-a", 0.3), ("twin-b", 0.3), ("race", 0.3),
-        ("race-other", 0.3), ("input", 0.2), ("access", 0.2), ("missed", 0.3))}
+        ("crash", CRASH_PULL_SECONDS), ("outage", 1), ("replay", 0.3), ("twin-a", 0.3), ("twin-b", 0.3), ("race", 0.3),
+        ("race-other", 0.3), ("input", 0.2), ("access", 0.2), ("missed", 0.3), ("lossy", 0.3), ("late", 0.3),
+        ("late-other", 0.3), ("absent", 0.3), ("service-id", 0.3), ("old-txn", 0.3))}
     failing = [injected_failure_command(nodes_dir), pull_command(nodes_dir, 0.3)]
     return {
         **pull,
         "source": {"exec_commands": [source_checked_command(nodes_dir, 2)]},
+        "source-leave": {"exec_commands": [source_checked_command(nodes_dir, 2)]},
         "fail-abort": {"exec_commands": failing, "on_command_failure": "abort"},
         "fail-ignore": {"exec_commands": failing, "on_command_failure": "ignore"},
         "hang": {"exec_commands": [injected_hang_command(nodes_dir), pull_command(nodes_dir, 0.3)],

@@ -11,6 +11,8 @@ from pathlib import Path
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout
 
 from .. import REPO_ROOT
+from ..consul import Realism
+from ..consul.realism import RealismError, add_arguments, from_args
 from .harness import ChaosCluster, ChaosError
 from .probe import Outcome
 from .scenarios import SCENARIOS, run_scenario
@@ -35,10 +37,15 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def run_chaos(nodes: int, fanout: int, workdir: Path, names: list[str], json_path: Path | None) -> list[Outcome]:
+def run_chaos(nodes: int, fanout: int, workdir: Path, names: list[str], json_path: Path | None,
+              realism: Realism | None = None) -> list[Outcome]:
+    """Run the scenarios ``names`` in order on one cluster; the figures (and, under ``consul``,
+    the double's realism settings) go to ``json_path``."""
     began = time.time()
     outcomes = []
-    with ChaosCluster(nodes, fanout, workdir) as cluster:
+    with ChaosCluster(nodes, fanout, workdir, realism) as cluster:
+        consul = cluster.realism.describe(nodes)
+        print("chaos: consul " + " ".join(f"{key}={value}" for key, value in consul.items()), flush=True)
         for name in names:
             outcome = run_scenario(cluster, name)
             print(f"chaos: {name}: {'ok' if outcome.ok else 'FAILED'} in {outcome.seconds:.1f}s", flush=True)
@@ -46,7 +53,7 @@ def run_chaos(nodes: int, fanout: int, workdir: Path, names: list[str], json_pat
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         report = {"nodes": nodes, "fanout": fanout, "started": began, "seconds": round(time.time() - began, 1),
-                  "ok": all(outcome.ok for outcome in outcomes),
+                  "consul": consul, "ok": all(outcome.ok for outcome in outcomes),
                   "scenarios": [outcome.to_json() for outcome in outcomes]}
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     return outcomes
@@ -64,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the figures of every scenario to this file")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS),
                         help="run only this scenario (repeatable; default all, in order)")
+    add_arguments(parser)
     return parser
 
 
@@ -77,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--{err}")
     try:
+        realism = from_args(args, args.nodes)
+    except RealismError as err:
+        parser.error(str(err))
+    try:
         outcomes = run_chaos(args.nodes, args.fanout, args.workdir.absolute(), args.scenario or list(SCENARIOS),
-                             args.json)
+                             args.json, realism)
     except ChaosError as err:
         print(f"chaos: error: {err}", file=sys.stderr)
         return 1

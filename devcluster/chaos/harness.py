@@ -1,7 +1,9 @@
 """The cluster the chaos scenarios run on: the double with fireap installed on every node.
 
 The double runs as `python -m devcluster serve` in a process of its own (ServeProcess), with
-ACLs on and a data dir, so that it can be killed and restarted with its state. Every node gets
+ACLs on and a data dir, so that it can be killed and restarted with its state, and as unkind as
+Consul (``Realism()``: late, reordered and lossy gossip, failure detection after memberlist's
+suspicion timeout, missing keys that block, 1.22's transaction limit) unless told otherwise. Every node gets
 what the ``fireap_node`` role installs, written directly from the inventory's role variables
 (the role's own run takes minutes at this size): the task config with the Consul token (0600),
 and the agent's watch on the FIREAP:TASK event running this tree's ``fireap-reap``.
@@ -31,7 +33,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._processed_events im
 from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 
-from ..consul import INVENTORY_FILE, NodeInfo, ServeError, ServeProcess
+from ..consul import INVENTORY_FILE, Gossip, NodeInfo, Realism, ServeError, ServeProcess
 from ..consul.workdir import fresh_workdir
 from ..polling import wait_until
 from .apps import chaos_apps
@@ -50,9 +52,10 @@ class ChaosError(Exception):
 
 
 class ChaosCluster:
-    """N nodes with fireap installed on each, ACLs on, state in a data dir; close() stops all."""
+    """N nodes with fireap installed on each, ACLs on, state in a data dir, the double as unkind
+    as ``realism`` says (default Consul's); close() stops all."""
 
-    def __init__(self, nodes: int, fanout: int, workdir: Path) -> None:
+    def __init__(self, nodes: int, fanout: int, workdir: Path, realism: Realism | None = None) -> None:
         if nodes < 8:
             raise ChaosError(f"the scenarios need at least 8 nodes, got {nodes}")
         try:
@@ -62,9 +65,11 @@ class ChaosCluster:
         self.fanout = fanout
         self.token = str(uuid.uuid4())
         self.schema = Schema()
+        #: The settings the double runs with, failure detection in seconds for this many nodes.
+        self.realism = (realism or Realism()).for_nodes(nodes)
         # Ports fixed at the first start: killed and started again, the double comes back where it was.
         self.double = ServeProcess(nodes, self.workdir, acl_token=self.token, data_dir=self.workdir / "data",
-                                   new_session=True)
+                                   new_session=True, realism=self.realism)
         self.http = requests.Session()
         self.http.headers["X-Consul-Token"] = self.token
         self._clients: list = []
@@ -148,11 +153,33 @@ class ChaosCluster:
         except ServeError as err:
             raise ChaosError(str(err)) from None
 
+    def leave_agent(self, name: str) -> None:
+        """``name``'s agent leaves the cluster: stopped, its node deregistered at once."""
+        try:
+            self.double.leave_agent(name)
+        except ServeError as err:
+            raise ChaosError(str(err)) from None
+
     def start_agent(self, name: str) -> None:
         try:
             self.double.start_agent(name)
         except ServeError as err:
             raise ChaosError(str(err)) from None
+
+    def set_gossip(self, names: list[str], gossip: Gossip | None = None) -> None:
+        """How events reach the agents of ``names`` from now on (None: as the double's settings say)."""
+        try:
+            for name in names:
+                self.double.set_gossip(name, gossip or self.realism.gossip)
+        except ServeError as err:
+            raise ChaosError(str(err)) from None
+
+    def restart(self, realism: Realism) -> None:
+        """Stop the double and start it again on its data dir with other settings (the nodes'
+        agents come back with empty event rings; their watches run their handlers once)."""
+        self.double.stop()
+        self.realism = self.double.realism = realism.for_nodes(len(self.names))
+        self.serve()
 
     def fire_event(self, payload: bytes, nodes: list[str] | None = None) -> list[str]:
         """FIREAP:TASK events carrying ``payload`` (to exactly ``nodes`` when given); their IDs."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
+from ansible_collections.fireap.consul.plugins.module_utils._firing import event_payload, fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, NODE_FAILED, KVRecordError, NodeState
 
 from ..polling import wait_until
@@ -17,6 +18,9 @@ from .processes import worker_pids
 #: Longest a scenario waits for the workers of its apps to end after the release.
 SETTLE_TIMEOUT = 90.0
 POLL_SECONDS = 0.3
+#: fireap_wait's straggler_retry_after default: how long a release waits before its event is
+#: fired again to the nodes that have not taken the run up (gossip lost it for them).
+STRAGGLER_RETRY_AFTER = 30.0
 
 
 @dataclass
@@ -61,10 +65,16 @@ class Probe:
         self.client = cluster.client()
         self.schema = cluster.schema
         self.snapshots: list[dict[str, tuple[int, bytes | None]]] = []
+        #: The events ``finished`` fired again, as fireap_wait does: {app, version, nodes, after}.
+        self.refires: list[dict[str, Any]] = []
+        #: When each app's event was last fired (loop time).
+        self._fired_at: dict[str, float] = {}
 
     def fire(self, app: str, version: str, **kwargs) -> dict:
-        return fire(self.client, self.schema, app, version=version, fanout=self.cluster.fanout,
-                    holder="chaos", **kwargs)
+        fired = fire(self.client, self.schema, app, version=version, fanout=self.cluster.fanout,
+                     holder="chaos", **kwargs)
+        self._fired_at[app] = time.monotonic()
+        return fired
 
     def views(self, app: str) -> dict[str, View]:
         _index, entries = self.client.kv.get(self.schema.nodes_prefix(app), recurse=True)
@@ -124,10 +134,22 @@ class Probe:
                   lambda: not any(worker_pids(config, app) for config in configs for app in apps), timeout)
 
     def finished(self, app: str, names: list[str], version: str) -> Callable[[], bool]:
-        """A predicate: every node of ``names`` is done at ``version`` or failed in the current run."""
+        """A predicate: every node of ``names`` is done at ``version`` or failed in the current run.
+        While it is not, it does what fireap_wait does every STRAGGLER_RETRY_AFTER seconds: fire the
+        event again to those of ``names`` that have not taken ``version`` up (gossip lost it)."""
         def check() -> bool:
             views = self.views(app)
-            return all(_terminal(views.get(name), version) for name in names)
+            if all(_terminal(views.get(name), version) for name in names):
+                return True
+            now = time.monotonic()
+            since = now - self._fired_at.setdefault(app, now)
+            if since >= STRAGGLER_RETRY_AFTER:
+                self._fired_at[app] = now
+                pending = [name for name in names if not _taken_up(views.get(name), version)]
+                if pending:
+                    self.cluster.fire_event(event_payload(app, version), pending)
+                    self.refires.append({"app": app, "version": version, "nodes": pending, "after": round(since, 1)})
+            return False
         return check
 
     def measure(self, outcome: Outcome, releases: list[tuple[str, str, list[str], set[str]]]) -> Outcome:
@@ -146,6 +168,8 @@ class Probe:
                 if done and name != self.cluster.leader and not runs[version] and view.state.source:
                     outcome.problems.append(f"{name} is recorded done at {app} {version} without a run of its commands")
             outcome.leaked_slots += len(self.held_slots(app))
+        if self.refires:
+            outcome.facts["refires"] = self.refires
         lost = self.lost_records()
         outcome.lost_records = len(lost)
         if lost:
@@ -158,6 +182,11 @@ def _state(value: bytes | None) -> NodeState | None:
         return NodeState.from_json(value)
     except (KVRecordError, ValueError):
         return None
+
+
+def _taken_up(view: View | None, version: str) -> bool:
+    """The node has a record at ``version``: its worker got the event, whatever it is doing now."""
+    return view is not None and view.state is not None and view.state.version == version
 
 
 def _terminal(view: View | None, version: str) -> bool:

@@ -64,16 +64,20 @@ def kill_tree(pid: int) -> int:
     """SIGKILL ``pid`` and every process below it (its commands run in sessions of their own).
 
     Each process is stopped before its children are looked up, so none can start another
-    between the look-up and the kill: a command forked meanwhile would run on, orphaned.
+    between the look-up and the kill: a command forked meanwhile would run on, orphaned. The
+    tree is stopped one generation at a time, with one look at /proc per generation (a process
+    that forks as fast as it can leaves thousands of children before its stop takes effect).
     """
-    victims, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(current, signal.SIGSTOP)
-        _wait_stopped(current)
-        victims.append(current)
-        pending.extend(other for other in _pids() if _proc_parent(other) == current)
+    victims: set[int] = set()
+    generation = [pid]
+    while generation:
+        for current in generation:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(current, signal.SIGSTOP)
+        for current in generation:
+            _wait_stopped(current)
+        victims.update(generation)
+        generation = [other for other in _pids() if other not in victims and _proc_parent(other) in victims]
     for victim in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import yaml
@@ -28,6 +29,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
     NODE_FAILED,
     NODE_PULLING,
+    NODE_WAITING,
     NodeState,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._processed_events import write_atomic
@@ -38,7 +40,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import (
 )
 from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
 
-from .apps import HANG_TIMEOUT, started_marker
+from ..consul import Gossip
+from .apps import HANG_TIMEOUT, run_log, started_marker
 from .harness import HTTP_TIMEOUT, ChaosCluster, ChaosError
 from .probe import Outcome, Probe, View
 from .processes import hung_commands, kill_tree, worker_pids
@@ -48,6 +51,19 @@ OUTAGE_SECONDS = 6.0
 HOSTILE_VERSION = "1;touch${IFS}PWNED;$(touch${IFS}PWNED2)"
 #: Records the hostile-KV part of the bad-input scenario writes in its three runs on five targets.
 HOSTILE_KV_RECORDS = 15
+#: The share of events gossip loses to each agent in the event loss scenario.
+EVENT_LOSS = 0.2
+#: Seconds from an event's arrival to its handler's worker showing (a Python start).
+HANDLER_START_SECONDS = 2.0
+#: Gossip of the reordering scenario: late by seconds, half of the events out of fire order.
+REORDER_GOSSIP = Gossip(delay=1.0, jitter=2.0, reorder=0.5)
+#: The service of the service-ID scenario, and how many nodes run it.
+SERVICE_NAME = "fireap-chaos-web"
+SERVICE_ID_NODES = 8
+#: The Consul release of the transaction limit scenario (before 1.14: 64 operations).
+OLD_CONSUL_VERSION = "1.13.0"
+#: A version that makes a FIREAP:TASK event longer than Serf's 512 bytes.
+SERF_REFUSED_VERSION = 450
 #: The failure budget of the budget scenario: its first failure is past it.
 MAX_FAIL_PERCENTAGE = 1.0
 
@@ -111,10 +127,23 @@ def puller_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
 
 
 def source_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
-    app, version = "source", "1"
+    """A done source crashes while serving: its pullers see it fail before Consul's failure
+    detection marks it (``realism.failure_detection`` later), its sessions still valid."""
+    return _source_goes(cluster, probe, "source_crash", "source", leave=False)
+
+
+def source_leave(cluster: ChaosCluster, probe: Probe) -> Outcome:
+    """A done source leaves while serving (a client agent's SIGTERM): its node is deregistered at
+    once, so its pullers find no checks at all for it rather than a critical one."""
+    return _source_goes(cluster, probe, "source_leave", "source-leave", leave=True)
+
+
+def _source_goes(cluster: ChaosCluster, probe: Probe, scenario: str, app: str, leave: bool) -> Outcome:
+    version = "1"
     fired = probe.fire(app, version)
     targets, run_id = fired["targets"], fired["run_id"]
-    outcome = Outcome("source_crash", len(targets), 1, "a done source crashes (agent and processes) while serving")
+    how = "leaves (agent deregistered at once)" if leave else "crashes (agent and processes)"
+    outcome = Outcome(scenario, len(targets), 1, f"a done source {how} while serving")
 
     def serving() -> str | None:
         views = probe.views(app)
@@ -127,14 +156,18 @@ def source_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
     serving_pullers = sorted(name for name, view in probe.views(app).items()
                              if view.held and view.state and view.state.status == NODE_PULLING
                              and view.state.source == victim)
-    # The agent first, then what it serves: a puller that finds the data gone finds the node down too.
-    cluster.stop_agent(victim)
+    # The agent first, then what it serves: a puller that finds the data gone finds the node gone too.
+    gone = time.monotonic()
+    (cluster.leave_agent if leave else cluster.stop_agent)(victim)
     (cluster.root(victim) / "crashed").touch()
     for pid in worker_pids(cluster.config_path(victim)):
         kill_tree(pid)
     probe.snapshot(cluster.schema.app_prefix(app))
     others = [name for name in targets if name != victim]
     try:
+        if not leave:
+            probe.wait(f"{victim}'s serfHealth critical", lambda: _serf_status(probe, victim) == "critical")
+            outcome.facts["detected_after_s"] = round(time.monotonic() - gone, 1)
         probe.wait("every other node to finish", probe.finished(app, others, version))
     finally:
         cluster.start_agent(victim)
@@ -142,6 +175,7 @@ def source_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
     views = probe.views(app)
     outcome.facts.update(
         crashed=victim,
+        failure_detection_s=round(cluster.realism.failure_detection or 0.0, 1),
         pullers_at_crash=serving_pullers,
         moved={name: views[name].state.source for name in serving_pullers if views[name].state.has(version)},
         failed={name: view.state.error for name, view in views.items()
@@ -150,6 +184,12 @@ def source_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
     probe.settled([app])
     probe.snapshot(cluster.schema.app_prefix(app))
     return probe.measure(outcome, [(app, version, targets, {victim})])
+
+
+def _serf_status(probe: Probe, name: str) -> str | None:
+    """``name``'s serfHealth status, None when its node has no checks (it left)."""
+    _index, checks = probe.client.health.node(name)
+    return next((check["Status"] for check in checks or () if check.get("CheckID") == "serfHealth"), None)
 
 
 def consul_outage(cluster: ChaosCluster, probe: Probe) -> Outcome:
@@ -190,7 +230,8 @@ def replays_and_duplicates(cluster: ChaosCluster, probe: Probe) -> Outcome:
         events = cluster.agent_request("GET", name, "/v1/event/list", params={"name": EVENT_NAME}).json()
         done = cluster.run_handler(name, json.dumps(events + events))
         if done.returncode != 0:
-            outcome.problems.append(f"the handler on {name} fed one event twice exited {done.returncode}")
+            outcome.problems.append(f"the handler on {name} fed one event twice exited {done.returncode}: "
+                                    f"{done.stderr.strip()[-300:]!r}")
     outcome.faults += len(twice)
     probe.fire("replay", "2")
     probe.wait("replay 2 everywhere", probe.finished("replay", targets, "2"))
@@ -267,17 +308,19 @@ def bad_input(cluster: ChaosCluster, probe: Probe) -> Outcome:
         "app with ../": b'{"app":"../etc","version":"1"}',
         "app with a shell metacharacter": b'{"app":"in;put","version":"1"}',
         "version with a newline": b'{"app":"input","version":"1\\n2"}',
+        # Consul takes it (only Serf's 512 bytes for the whole event apply); the handler must not.
+        "version of 120 characters": event_payload(app, "9" * 120),
     }
     handled: dict[str, str] = {}
     for label, payload in events.items():
         event_ids = cluster.fire_event(payload, receivers)
         handled[label] = event_ids[0]
-    too_large = event_payload(app, "9" * 120)
     try:
-        cluster.fire_event(too_large, receivers)
-        handled["payload over 100 bytes"] = "accepted by Consul"
-    except Exception as err:  # py-consul raises its own exception for the 413
-        handled["payload over 100 bytes"] = f"refused by Consul: {err}"[:160]
+        cluster.client().event.fire(EVENT_NAME, event_payload(app, "9" * SERF_REFUSED_VERSION),
+                                    node=f"^{receivers[0]}$")
+        serf_limit = "accepted by Consul"
+    except Exception as err:  # py-consul raises its own exception for Serf's 500
+        serf_limit = f"refused by Consul: {err}"[:160]
     stdin_inputs = {
         "stdin not JSON": "garbage",
         "stdin not an array": '{"ID": "x"}',
@@ -287,7 +330,9 @@ def bad_input(cluster: ChaosCluster, probe: Probe) -> Outcome:
     for label, text in stdin_inputs.items():
         offset = len(_read(cluster.reap_log(receivers[0])))
         exit_code = cluster.run_handler(receivers[0], text).returncode
-        warnings = [line for line in _read(cluster.reap_log(receivers[0]))[offset:].splitlines() if " WARNING " in line]
+        # Not the lines of the events fired above: gossip may deliver one of them meanwhile.
+        warnings = [line for line in _read(cluster.reap_log(receivers[0]))[offset:].splitlines()
+                    if " WARNING " in line and not any(event_id in line for event_id in handled.values())]
         stdin_results[label] = {"exit": exit_code, "log": warnings[0].split(": ", 1)[-1] if warnings else ""}
     probe.wait("the handlers to log the malformed events",
                lambda: all(event_id in _read(cluster.reap_log(receivers[-1]))
@@ -295,7 +340,7 @@ def bad_input(cluster: ChaosCluster, probe: Probe) -> Outcome:
     log = _read(cluster.reap_log(receivers[-1]))
     outcome.facts["events"] = {label: _line_with(log, event_id) for label, event_id in handled.items()
                                if label in events}
-    outcome.facts["events"]["payload over 100 bytes"] = handled["payload over 100 bytes"]
+    outcome.facts["events"]["event over Serf's 512 bytes"] = serf_limit
     outcome.facts["stdin"] = stdin_results
     outcome.facts["configs"] = bad_configs(cluster)
     outcome.facts["module_arguments"] = bad_arguments(probe)
@@ -341,7 +386,7 @@ def hostile_kv(cluster: ChaosCluster, probe: Probe, app: str) -> tuple[dict[str,
         for name, entry in plans.items():
             value = entry if isinstance(entry, str) else json.dumps(
                 {"run_id": run_id, "source": leader, "stage": 1, "slot": 0, "source_address": address, **entry})
-            client.kv.put(schema.plan(app, name), value)
+            client.kv.put(schema.plan(app, run_id, name), value)
         if "\n" not in version:
             client.kv.put(schema.node(app, leader), NodeState(
                 version=version, run_id=run_id, status=NODE_DONE, started=now, finished=now, depth=0).to_json())
@@ -602,9 +647,14 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     progress = probe.wait("the failures to pass the budget", over_budget)
     reason = over_failure_budget(progress, MAX_FAIL_PERCENTAGE)
     clear(probe.client, cluster.schema, app, abort=True, reason=reason)
-    # Started: the nodes whose commands had begun (their marker is there). A node that had
-    # claimed a slot but not begun its commands stops at the abort, as it should.
-    started = {name for name in targets if (cluster.root(name) / started_marker(app)).exists()} - {cluster.leader}
+    # Started: the nodes whose commands had begun (their marker is there) or whose claim of a
+    # slot was recorded before the abort (its record of the run): the claim's transaction
+    # checks the release record, so no claim succeeds after the abort, but one made just before
+    # it may still run its commands.
+    run_id = fired["run_id"]
+    views = probe.views(app)
+    started = {name for name in targets if (cluster.root(name) / started_marker(app)).exists()
+               or (views.get(name) and views[name].state and views[name].state.run_id == run_id)} - {cluster.leader}
     not_started = [name for name in targets if name not in started and name != cluster.leader]
     probe.settled([app])
     for name in injected:
@@ -629,6 +679,203 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     return probe.measure(outcome, [(app, version, targets, faulted)])
 
 
+def event_loss(cluster: ChaosCluster, probe: Probe) -> Outcome:
+    """Gossip loses EVENT_LOSS of the events to every agent but the leader's: the nodes that missed
+    the fire stay pending until what fireap_wait does (the event fired again to them every
+    straggler_retry_after, itself as lossy) reaches them."""
+    app, version = "lossy", "1"
+    others = [name for name in cluster.names if name != cluster.leader]
+    cluster.set_gossip(others, replace(cluster.realism.gossip, loss=EVENT_LOSS))
+    outcome = Outcome("event_loss", len(cluster.names), 0, f"gossip loses {EVENT_LOSS:.0%} of the events to each agent")
+    try:
+        targets = probe.fire(app, version)["targets"]
+        probe.wait("every node to finish, with fireap_wait's re-fires", probe.finished(app, targets, version))
+    finally:
+        cluster.set_gossip(others)
+    probe.settled([app])
+    rounds = [refire["nodes"] for refire in probe.refires if refire["app"] == app]
+    outcome.faults = sum(len(nodes) for nodes in rounds)
+    # Those fired at again include nodes that got the event but still wait for their source without a record.
+    outcome.facts.update(event_loss=EVENT_LOSS, no_record_at_first_refire=len(rounds[0]) if rounds else 0,
+                         refire_rounds=len(rounds))
+    probe.snapshot(cluster.schema.app_prefix(app))
+    return probe.measure(outcome, [(app, version, targets, set())])
+
+
+def _round_over(cluster: ChaosCluster, probe: Probe, app: str, run_id: str) -> None:
+    """Wait until a fire's round is over: gossip has delivered what it will (its delay and jitter
+    have passed), no worker of ``app`` runs and no node took up the run for HANDLER_START_SECONDS."""
+    time.sleep(cluster.realism.gossip.delay + cluster.realism.gossip.jitter)
+    configs = [cluster.config_path(name) for name in cluster.names]
+
+    def started() -> set[str]:
+        return {name for name, view in probe.views(app).items() if view.state and view.state.run_id == run_id}
+
+    def quiet() -> bool:
+        before = started()
+        time.sleep(HANDLER_START_SECONDS)
+        return not any(worker_pids(config, app) for config in configs) and started() == before
+
+    probe.wait(f"the workers of {app} to end and no node to take the run up", quiet)
+
+
+def gossip_reorder(cluster: ChaosCluster, probe: Probe) -> Outcome:
+    """Events late by up to REORDER_GOSSIP's delay + jitter, half of them out of fire order: an app
+    fired at version 1 and at once again at 2 (forced), and another app, fired back to back. Every
+    node ends at 2 and never runs 1 after 2."""
+    others = [name for name in cluster.names if name != cluster.leader]
+    cluster.set_gossip(others, REORDER_GOSSIP)
+    outcome = Outcome("gossip_reorder", len(cluster.names), 3,
+                      f"events {REORDER_GOSSIP.delay:g}..{REORDER_GOSSIP.delay + REORDER_GOSSIP.jitter:g}s late, "
+                      f"{REORDER_GOSSIP.reorder:.0%} out of order; version 1 then 2 fired back to back")
+    try:
+        probe.fire("late", "1")
+        second = probe.fire("late", "2", force=True)
+        other = probe.fire("late-other", "1")
+        probe.wait("late 2 everywhere", probe.finished("late", second["targets"], "2"))
+        probe.wait("late-other 1 everywhere", probe.finished("late-other", other["targets"], "1"))
+    finally:
+        cluster.set_gossip(others)
+        # Events still on their way wake handlers, which catch up on every app: let them land.
+        time.sleep(REORDER_GOSSIP.delay + REORDER_GOSSIP.jitter)
+    probe.settled(["late", "late-other"])
+    views = probe.views("late")
+    downgraded = sorted(name for name in second["targets"] if not _done(views.get(name), "2"))
+    older_after_newer = sorted(name for name in second["targets"] if _runs_in_order(cluster, name, "late")[-1:] == ["1"])
+    outcome.facts.update(gossip=asdict(REORDER_GOSSIP), downgraded=downgraded, ran_1_after_2=older_after_newer,
+                         ran_1=sum(1 for name in second["targets"] if "1" in _runs_in_order(cluster, name, "late")))
+    if downgraded or older_after_newer:
+        outcome.problems.append(f"nodes not at late 2: {downgraded}; nodes that ran 1 after 2: {older_after_newer}")
+    probe.snapshot(cluster.schema.prefix)
+    return probe.measure(outcome, [("late", "2", second["targets"], set()),
+                                   ("late-other", "1", other["targets"], set())])
+
+
+def _runs_in_order(cluster: ChaosCluster, name: str, app: str) -> list[str]:
+    """The versions ``name`` ran ``app`` at, in the order of its run log."""
+    return [line.split(" ", 1)[0] for line in _read(cluster.root(name) / run_log(app)).splitlines() if line]
+
+
+def abort_missing_record(cluster: ChaosCluster, probe: Probe) -> Outcome:
+    """The first stage never gets the event, so the second stage's workers wait on records that do
+    not exist (blocking reads of missing keys, which Consul wakes on writes elsewhere and times out
+    with a raised index); the run is aborted while they wait. They must end without running."""
+    app, version = "absent", "1"
+    planned = probe.fire(app, version, check_mode=True)["targets"]
+    first_stage = planned[1:1 + cluster.fanout]
+    cluster.set_gossip(first_stage, replace(cluster.realism.gossip, loss=1.0))
+    # Any FIREAP:TASK event wakes a handler, which catches up on every app: none may still be on its way.
+    time.sleep(cluster.realism.gossip.delay + cluster.realism.gossip.jitter)
+    outcome = Outcome("abort_missing_record", len(planned), len(first_stage),
+                      f"the first stage ({len(first_stage)} nodes) misses the event; abort while the next waits")
+    try:
+        fired = probe.fire(app, version)
+        targets, run_id = fired["targets"], fired["run_id"]
+        plans = _plans(probe, app, run_id)
+        waiting_on_absent = sorted(name for name, plan in plans.items() if plan.get("source") in first_stage)
+
+        def waiting() -> list[str] | None:
+            # A worker that has not claimed a slot yet: it has no record of the run, or one that waits.
+            views = probe.views(app)
+            ready = [name for name in waiting_on_absent if worker_pids(cluster.config_path(name), app)
+                     and (views.get(name) is None or views[name].state is None or views[name].state.run_id != run_id
+                          or views[name].state.status == NODE_WAITING)]
+            return ready or None
+
+        blocked = probe.wait("second-stage workers waiting on their sources' missing records", waiting)
+        probe.snapshot(cluster.schema.app_prefix(app))
+        aborted = time.monotonic()
+        clear(probe.client, cluster.schema, app, abort=True, reason="chaos: abort while workers wait on a missing record")
+        probe.settled([app])
+        outcome.facts.update(waiting_at_abort=blocked, workers_ended_after_s=round(time.monotonic() - aborted, 1))
+    finally:
+        cluster.set_gossip(first_stage)
+    views = probe.views(app)
+    ran = sorted(name for name in targets if name != cluster.leader and (probe.runs(app, name)[version]
+                 or _done(views.get(name), version)))
+    outcome.facts["ran_or_done_after_abort"] = ran
+    if ran:
+        outcome.problems.append(f"nodes ran or are recorded done after the abort: {ran}")
+    probe.snapshot(cluster.schema.app_prefix(app))
+    # The survivor is the leader, done when the run was fired; every other target stops.
+    return probe.measure(outcome, [(app, version, targets, set(targets) - {cluster.leader})])
+
+
+def _plans(probe: Probe, app: str, run_id: str) -> dict[str, dict]:
+    """The run's plan entries by node, as fire wrote them."""
+    prefix = probe.schema.plan_prefix(app, run_id)
+    _index, entries = probe.client.kv.get(prefix, recurse=True)
+    return {entry["Key"][len(prefix):]: json.loads(entry["Value"]) for entry in entries or ()}
+
+
+def service_ids(cluster: ChaosCluster, probe: Probe) -> Outcome:
+    """A release to the nodes of a service (fire's ``service``): half of them register it under an
+    ID that is not its name. fire takes its targets from the catalog by service name; each agent
+    matches the event's service filter against the IDs of its local services (agent/user_event.go).
+    Every target must start from the fire's own event."""
+    app, version = "service-id", "1"
+    nodes = [name for name in cluster.names if name != cluster.leader][:SERVICE_ID_NODES]
+    same, other = nodes[:len(nodes) // 2], nodes[len(nodes) // 2:]
+    ids = {**{name: SERVICE_NAME for name in same}, **{name: f"{name}-frontend" for name in other}}
+    for name, service_id in ids.items():
+        cluster.agent_request("PUT", name, "/v1/agent/service/register", json={"Name": SERVICE_NAME, "ID": service_id})
+    outcome = Outcome("service_ids", len(nodes) + 1, len(other),
+                      f"fire with service={SERVICE_NAME!r}; {len(other)} of its {len(nodes)} nodes register it under "
+                      "another ID")
+    try:
+        fired = probe.fire(app, version, service=SERVICE_NAME)
+        targets, run_id = fired["targets"], fired["run_id"]
+        probe.wait("the nodes whose service ID is its name to finish", probe.finished(app, same, version))
+        _round_over(cluster, probe, app, run_id)
+        views = probe.views(app)
+        never_woken = sorted(name for name in targets if name != cluster.leader and not (
+            views.get(name) and views[name].state and views[name].state.run_id == run_id))
+        outcome.facts.update(targets=targets, service_ids=ids, never_woken=never_woken)
+        if never_woken:
+            outcome.problems.append(
+                f"{len(never_woken)} targets never got the fire's event: {never_woken} (service IDs "
+                f"{sorted(ids[name] for name in never_woken)}); fire chose them by the service's name, the "
+                f"agents matched the event's service filter {SERVICE_NAME!r} against their service IDs")
+            refired = retry_stragglers(probe.client, cluster.schema, app, version)["stragglers"]
+            outcome.facts["completed_by_retry_stragglers"] = refired
+            probe.wait("the re-fired targets to finish", probe.finished(app, targets, version))
+        probe.settled([app])
+    finally:
+        for name, service_id in ids.items():
+            cluster.agent_request("PUT", name, f"/v1/agent/service/deregister/{service_id}")
+    probe.snapshot(cluster.schema.app_prefix(app))
+    return probe.measure(outcome, [(app, version, targets, set())])
+
+
+def txn_limit_1_13(cluster: ChaosCluster, probe: Probe) -> Outcome:
+    """The double restarted as Consul 1.13 (64 operations per transaction, 128 from 1.14) for a
+    release to every node: every transaction fire, the handlers and the workers send must fit
+    (the plan takes one write per target: more than one transaction past 64 nodes); then back
+    to the settings before."""
+    app, version = "old-txn", "1"
+    before = cluster.realism
+    outcome = Outcome("txn_limit_1_13", len(cluster.names), 1, "a Consul 1.13 server: at most 64 operations per txn")
+    probe.snapshot(cluster.schema.prefix)
+    cluster.restart(replace(before, consul_version=OLD_CONSUL_VERSION))
+    try:
+        reported = probe.client.agent.self()["Config"]["Version"]
+        over = [{"KV": {"Verb": "get", "Key": f"{cluster.schema.prefix}{index}"}} for index in range(65)]
+        refused = cluster.http.put(f"{cluster.nodes[cluster.leader].base_url}/v1/txn", json=over, timeout=HTTP_TIMEOUT)
+        outcome.facts.update(consul_version=reported, txn_max_ops=cluster.realism.txn_max_ops,
+                             txn_of_65=f"{refused.status_code} {refused.text.strip()}")
+        if reported != OLD_CONSUL_VERSION or refused.status_code != 413:
+            outcome.problems.append(f"the double does not stand for Consul {OLD_CONSUL_VERSION}: {outcome.facts}")
+        fired = probe.fire(app, version)
+        targets = fired["targets"]
+        outcome.facts.update(plan_writes=len(targets), plan_transactions=-(-len(targets) // cluster.realism.txn_max_ops))
+        probe.wait(f"{app} everywhere", probe.finished(app, targets, version))
+        probe.settled([app])
+        probe.snapshot(cluster.schema.prefix)
+    finally:
+        cluster.restart(before)
+    return probe.measure(outcome, [(app, version, targets, set())])
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -647,6 +894,7 @@ def _line_with(text: str, *needles: str) -> str:
 SCENARIOS: dict[str, Callable[[ChaosCluster, Probe], Outcome]] = {
     "puller_crash": puller_crash,
     "source_crash": source_crash,
+    "source_leave": source_leave,
     "consul_outage": consul_outage,
     "replays_duplicates": replays_and_duplicates,
     "concurrent_fires": concurrent_fires,
@@ -655,6 +903,11 @@ SCENARIOS: dict[str, Callable[[ChaosCluster, Probe], Outcome]] = {
     "access": access,
     "missed_events": missed_events,
     "failure_budget": failure_budget,
+    "event_loss": event_loss,
+    "gossip_reorder": gossip_reorder,
+    "abort_missing_record": abort_missing_record,
+    "service_ids": service_ids,
+    "txn_limit_1_13": txn_limit_1_13,
 }
 
 

@@ -9,12 +9,13 @@ from .cluster import Cluster, ClusterError
 from .double import EMBEDDED, SUBPROCESS, Double
 from .embedded import DevCluster
 from .ports import find_free_port_range
-from .realism import MISSING_KEY_BLOCK, MISSING_KEY_EXACT, MISSING_KEY_WAKE, Gossip, Realism, RealismError
+from .realism import CONSUL_GOSSIP, MISSING_KEY_BLOCK, MISSING_KEY_EXACT, MISSING_KEY_WAKE, Gossip, Realism, RealismError
 from .serve_process import ServeError, ServeProcess
 from .workdir import CLUSTER_FILE, INVENTORY_FILE, NodeInfo, node_names
 
 __all__ = [
     "CLUSTER_FILE",
+    "CONSUL_GOSSIP",
     "EMBEDDED",
     "MISSING_KEY_BLOCK",
     "MISSING_KEY_EXACT",

@@ -3,7 +3,7 @@
 Node 0 is where the (single) Raft server runs; its agent is also an agent like
 the others.  Stopping an agent (a crash) closes its port and loses its event ring;
 its serfHealth turns critical (invalidating sessions bound to it) once failure
-detection has run (``Realism.failure_detection``, at once by default).  An agent
+detection has run (``Realism.failure_detection``: memberlist's time for the cluster's size).  An agent
 that leaves is deregistered at once, its sessions invalidated.  Starting it again
 re-reads its config dir and fires its watches as an agent start does.
 """
@@ -103,7 +103,7 @@ class Cluster:
         self.acl_token = acl_token
         self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
         self.tls = _tls_context(tls_cert, tls_key, tls_client_ca)
-        self.realism = realism or Realism()
+        self.realism = (realism or Realism()).for_nodes(nodes)
         self.nodes: list[NodeInfo] = plan_nodes(self.workdir, nodes, http_port, host, "https" if self.tls else "http")
         self.state = ConsulState(datacenter)
         self.timers = SessionTimers(self.state)
@@ -213,7 +213,7 @@ class Cluster:
 
     async def stop_agent(self, name: str) -> None:
         """Crash-stop one agent: port closed, connections dropped; its serfHealth turns critical
-        (its sessions invalidated) once failure detection has run, at once without a delay."""
+        (its sessions invalidated) once failure detection has run, at once with ``Realism.kind()``."""
         agent = self.agent_by_name[name]
         if not agent.running:
             return

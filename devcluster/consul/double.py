@@ -11,8 +11,8 @@ everything else (the demo, the benchmark, the chaos suite, the tests' harness) u
         double.leave_agent("node-004")            # a clean leave: deregistered at once
         double.stats()                            # per-agent HTTP counters; reset_stats()
 
-``realism=Realism.consul(20)`` makes it as unkind as Consul (realism.py); the default keeps
-the double's older, kinder behaviour.
+It is as unkind as Consul by default (realism.py); ``realism=Realism.kind()`` gives the double's
+older, deterministic behaviour to a test that needs it.
 """
 
 from __future__ import annotations

@@ -43,13 +43,15 @@ pytestmark = pytest.mark.double_only
 
 NODES = 24
 TASK_SECONDS = 0.05
-# A failed task waits failure_detection for its source to be marked down: 1 s of the default double.
+# A failed task waits failure_detection for its source to be marked down: at once on the kind double.
 FAST = PullTimings(watch_timeout=120, start_grace=1.5, busy_grace=3, max_wait=2, failure_detection=1)
 
 
 @pytest.fixture(scope="module")
 def cluster(make_double):
-    with make_double(nodes=NODES, name="worker-double") as target:
+    """The kind double (``Realism.kind()``: a crash detected at once), for FAST's short waits; the
+    ``unkind`` doubles below are Consul's."""
+    with make_double(nodes=NODES, name="worker-double", realism=Realism.kind()) as target:
         yield target
 
 
@@ -62,12 +64,12 @@ REALISTIC = PullTimings(watch_timeout=120, start_grace=60, busy_grace=60, max_wa
 
 @pytest.fixture(scope="module")
 def unkind(make_double):
-    """Doubles with Consul's behaviour (``Realism.consul``), one per missing-key mode, started on demand."""
+    """Doubles with Consul's behaviour (``Realism()``), one per missing-key mode, started on demand."""
     started = {}
 
     def get(missing_key=MISSING_KEY_BLOCK):
         if missing_key not in started:
-            realism = Realism.consul(6, failure_detection=DETECTION, missing_key=missing_key)
+            realism = Realism(failure_detection=DETECTION, missing_key=missing_key)
             started[missing_key] = make_double(nodes=6, realism=realism, name=f"unkind-{missing_key}")
         return started[missing_key]
 
@@ -118,7 +120,7 @@ def fire(cluster, schema, app, fanout, targets=None, version="v1", addresses=Non
     targets = cluster.node_names if targets is None else targets
     run_id = uuid.uuid4().hex
     plan = plan_release(targets, leader, fanout, run_id, addresses)
-    for batch in txn_set_batches((schema.plan(app, node), entry.to_json()) for node, entry in plan.items()):
+    for batch in txn_set_batches((schema.plan(app, run_id, node), entry.to_json()) for node, entry in plan.items()):
         client.txn.put(batch)
     now = time.time()
     leader_state = NodeState(version=version, run_id=run_id, status="done", started=now, depth=0, finished=now)
@@ -413,13 +415,14 @@ def test_requests_per_node_stay_constant_without_any_listing(cluster, schema):
     patient = PullTimings(watch_timeout=120, start_grace=30, busy_grace=30, max_wait=10)
     _results, logs = run_workers(cluster, schema, app, list(plan), Task(), patient)
     stats = control(cluster, "stats", "GET")["agents"]
-    # Each worker talks only to its own agent: one txn reading release/plan/own record, session
-    # create/destroy, one claim txn, one txn releasing the slot with the final record, and
+    # Each worker talks only to its own agent: one txn reading the release and its own record,
+    # one read of its plan entry (under the run ID the release names), session create/destroy,
+    # one claim txn, one txn releasing the slot with the final record, and
     # blocking reads of the node waited on (as many as that record changes: not a constant, so
     # not bounded here). No node lists the other nodes' records or reads the catalog (the plan
     # carries the addresses, as fireap_fire writes it).
     assert all(not any("looking for another source" in line for line in lines) for lines in logs.values())
-    fixed = {"PUT /v1/session/create": 1, "PUT /v1/session/destroy/": 1, "PUT /v1/txn": 3}
+    fixed = {"GET /v1/kv/": 1, "PUT /v1/session/create": 1, "PUT /v1/session/destroy/": 1, "PUT /v1/txn": 3}
     for node in plan:
         routes = dict(stats[node]["routes"])
         routes.pop("GET /v1/kv/ (blocking)", None)
@@ -695,13 +698,13 @@ def test_hostile_plan_address_never_reaches_the_command_and_the_run_is_recorded_
                    stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
     assert marker.exists()
     marker.unlink()
-    assert cluster.client().kv.put(schema.plan(app, node), json.dumps({**entry.to_dict(), "source_address": hostile}))
+    assert cluster.client().kv.put(schema.plan(app, release.run_id, node), json.dumps({**entry.to_dict(), "source_address": hostile}))
     task = ShellTask(f"{ssh} -o BatchMode=yes -o ConnectTimeout=5 {{{{ remote.address }}}} true")
     result, lines = pull_one(cluster, node, app, task, schema)
     assert not marker.exists()
     assert task.calls == []
     recorded = assert_recorded_failed(cluster, schema, app, node, result, release,
-                                      f"malformed KV key '{schema.plan(app, node)}': field 'source_address'")
+                                      f"malformed KV key '{schema.plan(app, release.run_id, node)}': field 'source_address'")
     assert "neither an IP address nor a host name" in recorded.error, lines
 
 
@@ -709,7 +712,7 @@ def test_hostile_plan_address_never_reaches_the_command_and_the_run_is_recorded_
 def test_hostile_self_sourced_plan_is_recorded_failed(cluster, schema, field):
     app = f"self{field}"
     release, entry, _leader, node = two_nodes(cluster, schema, app)
-    assert cluster.client().kv.put(schema.plan(app, node), json.dumps({**entry.to_dict(), field: node}))
+    assert cluster.client().kv.put(schema.plan(app, release.run_id, node), json.dumps({**entry.to_dict(), field: node}))
     task = Task()
     result, _lines = pull_one(cluster, node, app, task, schema)
     assert task.calls == []
@@ -727,12 +730,12 @@ def test_hostile_self_sourced_plan_is_recorded_failed(cluster, schema, field):
 def test_hostile_malformed_plan_is_recorded_failed(cluster, schema, field, value):
     app = f"badplan-{field}"
     release, entry, _leader, node = two_nodes(cluster, schema, app)
-    assert cluster.client().kv.put(schema.plan(app, node), json.dumps({**entry.to_dict(), field: value}))
+    assert cluster.client().kv.put(schema.plan(app, release.run_id, node), json.dumps({**entry.to_dict(), field: value}))
     task = Task()
     result, _lines = pull_one(cluster, node, app, task, schema)
     assert task.calls == []
     assert_recorded_failed(cluster, schema, app, node, result, release,
-                           f"malformed KV key '{schema.plan(app, node)}': field '{field}'")
+                           f"malformed KV key '{schema.plan(app, release.run_id, node)}': field '{field}'")
 
 
 def test_hostile_fanout_release_is_recorded_failed_without_a_slot_list(cluster, schema, no_slot_lists):

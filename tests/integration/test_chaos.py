@@ -46,13 +46,18 @@ def test_killed_pullers_are_never_done_and_a_refire_completes_them(cluster):
     assert_nothing_lost(outcome)
 
 
-def test_pullers_of_a_crashed_source_move_to_other_sources(cluster):
-    outcome = run_scenario(cluster, "source_crash")
+@pytest.mark.parametrize("scenario", ["source_crash", "source_leave"])
+def test_pullers_of_a_source_that_crashed_or_left_move_to_other_sources(cluster, scenario):
+    """A crash shows only once failure detection has run (the pullers see the source fail first);
+    a node that leaves is deregistered at once."""
+    outcome = run_scenario(cluster, scenario)
     assert outcome.facts["pullers_at_crash"], outcome
     assert_nothing_lost(outcome)
     crashed = outcome.facts["crashed"]
     assert crashed not in outcome.facts["moved"].values()
     assert set(outcome.facts["moved"]) == set(outcome.facts["pullers_at_crash"])
+    if scenario == "source_crash":
+        assert outcome.facts["detected_after_s"] >= outcome.facts["failure_detection_s"] > 0
 
 
 def test_a_consul_outage_is_ridden_out_without_running_anything_twice(cluster):
@@ -90,7 +95,9 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(cluster):
     assert "not configured on this node" in events["unknown app"]
     assert "may only contain" in events["app with ../"] and "may only contain" in events["app with a shell metacharacter"]
     assert "may only contain letters, digits and '._+~-'" in events["version with a newline"]
-    assert events["payload over 100 bytes"].startswith("refused by Consul: 413")
+    assert "has 120 characters; at most 64" in events["version of 120 characters"]
+    assert events["event over Serf's 512 bytes"].startswith("refused by Consul") and "512 bytes" in events[
+        "event over Serf's 512 bytes"]
     assert all(result["exit"] == 0 and result["log"] for result in outcome.facts["stdin"].values())
     assert "not valid base64" in outcome.facts["stdin"]["payload not base64"]["log"]
     configs = outcome.facts["configs"]
@@ -155,4 +162,37 @@ def test_past_the_failure_budget_the_run_is_aborted_and_nodes_not_started_never_
     assert report["status"] == "aborted" and "max_fail_percentage" in report["reason"]
     assert outcome.facts["not_started"] > 0
     assert outcome.facts["started_after_abort"] == []
+    assert_nothing_lost(outcome)
+
+
+def test_nodes_that_gossip_missed_are_completed_by_fires_at_the_stragglers(cluster):
+    outcome = run_scenario(cluster, "event_loss")
+    assert_nothing_lost(outcome)
+    assert outcome.facts["event_loss"] == 0.2
+    assert outcome.facts["refire_rounds"] == len([r for r in outcome.facts.get("refires", ()) if r["app"] == "lossy"])
+
+
+def test_late_and_reordered_events_end_every_node_at_the_newest_version(cluster):
+    outcome = run_scenario(cluster, "gossip_reorder")
+    assert_nothing_lost(outcome)
+    assert outcome.facts["downgraded"] == [] and outcome.facts["ran_1_after_2"] == []
+
+
+def test_an_abort_ends_workers_waiting_on_a_missing_record_without_a_run(cluster):
+    outcome = run_scenario(cluster, "abort_missing_record")
+    assert outcome.facts["waiting_at_abort"], outcome
+    assert outcome.facts["ran_or_done_after_abort"] == []
+    assert_nothing_lost(outcome)
+
+
+def test_a_release_to_a_service_reaches_nodes_whose_service_id_is_not_its_name(cluster):
+    outcome = run_scenario(cluster, "service_ids")
+    assert outcome.facts["never_woken"] == [], outcome.problems
+    assert_nothing_lost(outcome)
+
+
+def test_a_release_to_every_node_fits_consul_1_13_s_64_operation_transactions(cluster):
+    outcome = run_scenario(cluster, "txn_limit_1_13")
+    assert outcome.facts["consul_version"] == "1.13.0" and outcome.facts["txn_max_ops"] == 64
+    assert outcome.facts["txn_of_65"].startswith("413 ")
     assert_nothing_lost(outcome)

@@ -1,11 +1,15 @@
-"""Fixtures of the Consul conformance suite: sessions that clean up, and a target with ACLs."""
+"""Fixtures of the Consul conformance suite: sessions that clean up, a target with ACLs, gossip
+without losses."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import pytest
 from consul_harness import ADDR_ENV, real_target_from_env
+
+from devcluster.consul import CONSUL_GOSSIP
 
 
 @pytest.fixture
@@ -44,3 +48,20 @@ def acl_target(make_double):
         return
     with make_double(nodes=1, acl_token=f"acl-{uuid.uuid4()}", name="devcluster-acl") as target:
         yield target
+
+
+@pytest.fixture
+def lossless_gossip(consul_target):
+    """Consul's gossip on every agent of the double, late and reordered but without losses, for
+    tests of which agents an event reaches (the API's filter rules, not delivery: in a small
+    healthy LAN Serf's push/pull re-sends what a round missed); Consul's again afterwards. A real
+    agent is left as it is."""
+    double = consul_target.double
+    if double is None:
+        yield
+        return
+    for node in consul_target.node_names:
+        double.set_gossip(node, replace(CONSUL_GOSSIP, loss=0.0))
+    yield
+    for node in consul_target.node_names:
+        double.set_gossip(node, CONSUL_GOSSIP)

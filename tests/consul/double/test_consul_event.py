@@ -18,6 +18,8 @@ from consul_harness import event_index, in_background, unique_name
 
 DELIVERY_TIMEOUT = 20.0
 
+pytestmark = pytest.mark.usefixtures("lossless_gossip")
+
 
 def _fire(target, name: str, payload: bytes = b"", agent: int = 0, **filters):
     return target.http("PUT", f"/v1/event/fire/{name}", agent, params=filters, data=payload)

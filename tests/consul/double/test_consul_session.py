@@ -184,3 +184,20 @@ def test_ttl_expiry_invalidates_the_session_between_ttl_and_twice_ttl(consul_tar
         index, entry = kv.get(key, index=index, wait="5s")
     assert time.monotonic() - created_no_earlier_than >= ttl
     assert _session_info(consul_target, session_id) == []
+
+
+def test_a_well_formed_unknown_session_id_is_empty_or_not_found_never_an_error(consul_target):
+    """agent/session_endpoint.go: info of an unknown ID answers [] (with the sessions index), renew
+    404 "Session id '<id>' not found", destroy true; the sessions of an unknown node are []. Only
+    an ID that is not a UUID fails the lookup (500)."""
+    unknown = str(uuid.uuid4())
+    info = consul_target.http("GET", f"/v1/session/info/{unknown}")
+    assert info.status_code == 200 and info.json() == []
+    assert int(info.headers["X-Consul-Index"]) >= 1
+    renew = consul_target.http("PUT", f"/v1/session/renew/{unknown}")
+    assert renew.status_code == 404 and renew.text == f"Session id '{unknown}' not found"
+    destroy = consul_target.http("PUT", f"/v1/session/destroy/{unknown}")
+    assert destroy.status_code == 200 and destroy.json() is True
+    node = consul_target.http("GET", f"/v1/session/node/fireap-test-{uuid.uuid4().hex}")
+    assert node.status_code == 200 and node.json() == []
+    assert consul_target.http("GET", "/v1/session/info/not-a-uuid").status_code == 500

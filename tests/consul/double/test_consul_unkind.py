@@ -1,4 +1,4 @@
-"""Where Consul is unkind, and the double must be too (started with ``Realism.consul``).
+"""Where Consul is unkind, and the double must be too (its default, ``Realism()``).
 
 Each test names the Consul document or source it follows. Against a real agent
 (FIREAP_TEST_CONSUL_HTTP_ADDR) only the tests that need the double's /_devcluster/ endpoints
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from consul_harness import in_background, real_target_from_env, unique_name
-from devcluster.consul import MISSING_KEY_WAKE, Gossip, Realism
+from devcluster.consul import CONSUL_GOSSIP, MISSING_KEY_BLOCK, MISSING_KEY_WAKE, Gossip, Realism
+from devcluster.consul.realism import failure_detection_seconds
 from devcluster.polling import wait_until
 
 README = Path(__file__).resolve().parents[3] / "devcluster" / "README.md"
@@ -34,14 +36,14 @@ UNKIND_FAILURE_DETECTION = 2.0
 @pytest.fixture(scope="module")
 def unkind_target(make_double):
     """Consul as it is: the real agent named by the environment, else a 3-node double with
-    Consul's behaviour (``Realism.consul``: failure detection, late and lossy gossip, missing keys
-    as Consul 1.22 blocks on them, Serf's event size limit only)."""
+    Consul's behaviour (``Realism()``: failure detection, late and lossy gossip, missing keys
+    as Consul 1.22 blocks on them, Serf's event size limit only), failure detection shortened."""
     real = real_target_from_env()
     if real is not None:
         yield real
         real.close()
         return
-    realism = Realism.consul(3, failure_detection=UNKIND_FAILURE_DETECTION)
+    realism = Realism(failure_detection=UNKIND_FAILURE_DETECTION)
     with make_double(nodes=3, realism=realism, name="devcluster-unkind") as target:
         yield target
 
@@ -132,6 +134,31 @@ def test_a_node_that_leaves_is_deregistered_at_once_with_its_checks_and_sessions
         unkind_target.double.start_agent(node)
     assert _serf_status(unkind_target, node) == "passing"
     assert _member_status(unkind_target, node) == 1
+
+
+@pytest.mark.double_only
+def test_passing_leaves_out_a_crashed_node_s_instances_once_detected_and_false_keeps_them(unkind_target):
+    """health/service: ?passing drops the instances of a node whose serfHealth is critical;
+    ?passing=false is strconv.ParseBool's false and filters nothing (agent/health_endpoint.go)."""
+    node = unkind_target.node_names[2]
+    name = unique_name("service")
+    registered = unkind_target.http("PUT", "/v1/agent/service/register", 2, json_body={"Name": name, "ID": name + "-1"})
+    assert registered.status_code == 200, registered.text
+
+    def instances(**params) -> list[str]:
+        response = unkind_target.http("GET", f"/v1/health/service/{name}", params=params)
+        assert response.status_code == 200, response.text
+        return [entry["Node"]["Node"] for entry in response.json()]
+
+    wait_until(lambda: instances(passing="") == [node], 20, "the instance in the catalog")
+    unkind_target.double.stop_agent(node)
+    try:
+        wait_until(lambda: _serf_status(unkind_target, node) == "critical", 20, f"{node} detected")
+        assert instances(passing="") == [] and instances(passing="true") == []
+        assert instances(passing="false") == [node] and instances() == [node]
+    finally:
+        unkind_target.double.start_agent(node)
+        unkind_target.http("PUT", f"/v1/agent/service/deregister/{name}-1", 2)
 
 
 # --- blocking reads of a missing key ---------------------------------------------------------
@@ -227,7 +254,7 @@ def _fire(target, name: str, payload: bytes = b"x"):
 @pytest.fixture
 def gossip_to(consul_target):
     """``gossip_to(agent, Gossip(...))`` sets how events reach one agent of the shared double; it is
-    made instant again afterwards."""
+    given Consul's gossip again afterwards."""
     changed = []
 
     def set_gossip(agent: int, gossip: Gossip) -> str:
@@ -238,7 +265,7 @@ def gossip_to(consul_target):
 
     yield set_gossip
     for node in changed:
-        consul_target.double.set_gossip(node, Gossip())
+        consul_target.double.set_gossip(node, CONSUL_GOSSIP)
 
 
 @pytest.mark.double_only
@@ -359,6 +386,29 @@ def test_an_unknown_datacenter_has_no_path(unkind_target, path):
     assert response.text.strip().endswith("No path to datacenter")
 
 
+# --- the defaults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes, seconds", [(1, 5.0), (10, 5.0), (100, 9.0), (1000, 13.0)])
+def test_failure_detection_is_a_probe_and_memberlist_s_least_suspicion_timeout(nodes, seconds):
+    """memberlist: probe every second; suspicion timeout 4 x max(1, log10 N) probe intervals
+    (https://developer.hashicorp.com/consul/docs/agent/config/config-files#gossip_lan)."""
+    assert failure_detection_seconds(nodes) == pytest.approx(seconds)
+    assert Realism().for_nodes(nodes).failure_detection == pytest.approx(seconds)
+
+
+@pytest.mark.double_only
+def test_a_double_started_without_settings_is_consul_s(consul_target):
+    """The tests', the demo's, the benchmark's and the fault suite's doubles are as unkind as Consul:
+    its gossip on every agent, missing keys that block, 1.22's transaction limit."""
+    assert Realism() == Realism(failure_detection=None, missing_key=MISSING_KEY_BLOCK, gossip=CONSUL_GOSSIP,
+                                consul_version="1.22.0")
+    assert Realism().txn_max_ops == 128
+    agents = consul_target.http("GET", "/_devcluster/agents").json()
+    assert [agent["gossip"] for agent in agents] == [asdict(CONSUL_GOSSIP)] * len(consul_target.agents)
+    assert consul_target.http("GET", "/v1/agent/self").json()["Config"]["Version"] == "1.22.0"
+
+
 # --- the settings as documented --------------------------------------------------------------------
 
 
@@ -368,7 +418,7 @@ def test_the_readme_s_realism_example_runs_as_written(tmp_path):
     [example] = re.findall(r"^```python\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
     namespace = {"workdir": tmp_path}
     exec(compile(example, str(README), "exec"), namespace)  # noqa: S102 - the project's own README
-    assert namespace["realism"] == Realism.consul(4, failure_detection=2.0)
+    assert namespace["realism"] == Realism(failure_detection=2.0)
 
 
 @pytest.mark.double_only
@@ -378,9 +428,12 @@ def test_serve_options_give_the_settings_and_the_double_classes_pass_them_on(tmp
     from devcluster.consul.serve import build_parser
 
     base = ["--nodes", "5", "--http-port", "8500", "--workdir", str(tmp_path)]
-    parsed = build_parser().parse_args([*base, "--realistic", "--failure-detection", "2", "--gossip-loss", "0"])
+    parsed = build_parser().parse_args([*base, "--failure-detection", "2", "--gossip-loss", "0"])
     realism = from_args(parsed, 5)
-    assert realism == Realism.consul(5, failure_detection=2.0, gossip=Gossip(delay=0.05, jitter=0.5, reorder=0.2))
-    assert from_args(build_parser().parse_args(base), 5) == Realism()
+    assert realism == Realism(failure_detection=2.0, gossip=Gossip(delay=0.05, jitter=0.5, reorder=0.2))
+    assert from_args(build_parser().parse_args(base), 5) == Realism(failure_detection=5.0)
+    kind = from_args(build_parser().parse_args([*base, "--kind", "--missing-key", "block"]), 5)
+    assert kind == Realism.kind(missing_key="block")
+    assert kind.failure_detection == 0 and kind.gossip.instant
     command = ServeProcess(5, tmp_path, http_port=8500, realism=realism)._command()
     assert from_args(build_parser().parse_args(command[command.index("serve") + 1:]), 5) == realism
