@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NODES ?= 20
 FANOUT ?= 5
-DEBIAN_TOOLS := rsync parallel shellcheck chromium
+DEBIAN_TOOLS := rsync parallel shellcheck chromium logrotate
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
 .PHONY: setup test lint typecheck sanity units consul changelog molecule demo bench chaos clean
@@ -85,7 +85,8 @@ molecule: setup
 demo: setup
 	$(PY) -m devcluster demo --nodes $(NODES) --fanout $(FANOUT) --workdir build/demo
 
-# The standard benchmark set; figures and plots go to build/bench/.
+# The standard benchmark set; figures and plots go to build/bench/. As root it includes the
+# netns configurations (namespaces, links shaped with tc); otherwise it says it leaves them out.
 bench: setup
 	$(PY) -m devcluster bench --standard
 

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -43,11 +44,14 @@ def ansible_playbook(command: str) -> str:
     return yaml.safe_dump([play], sort_keys=False, width=4096)
 
 
-def run_ansible(inventory: Path, workdir: Path, forks: int, command: str) -> float:
-    """Seconds ansible-playbook takes to run ``command`` on every node but the leader with ``forks``."""
+def run_ansible(inventory: Path, workdir: Path, forks: int, command: str, prefix: Sequence[str] = ()) -> float:
+    """Seconds ansible-playbook takes to run ``command`` on every node but the leader with ``forks``.
+
+    ``prefix`` runs ansible-playbook under another command (the netns mode: inside the leader's namespace).
+    """
     playbook = workdir / PLAYBOOK_FILE
     playbook.write_text(ansible_playbook(command))
-    args = [ansible_tool("ansible-playbook"), "-i", str(inventory), "-f", str(forks), str(playbook)]
+    args = [*prefix, ansible_tool("ansible-playbook"), "-i", str(inventory), "-f", str(forks), str(playbook)]
     began = time.monotonic()
     done = subprocess.run(
         args, cwd=REPO_ROOT, env=ansible_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
@@ -66,15 +70,16 @@ def parallel_tool() -> str:
     return path
 
 
-def run_parallel(hosts: list[str], jobs: int, command: str) -> float:
+def run_parallel(hosts: list[str], jobs: int, command: str, prefix: Sequence[str] = ()) -> float:
     """Seconds GNU parallel -j ``jobs`` takes to run ``command`` once per host.
 
     ``{}`` in ``command`` is the host; a command without it gets no argument (``-N0``).
+    ``prefix`` runs parallel under another command (the netns mode: inside the leader's namespace).
     """
     if not hosts:
         raise BenchError("the parallel baseline needs at least one host besides the leader")
     per_host = [] if "{}" in command else ["-N0"]
-    args = [parallel_tool(), "--will-cite", "--halt", "now,fail=1", "-j", str(jobs), *per_host, command, ":::", *hosts]
+    args = [*prefix, parallel_tool(), "--will-cite", "--halt", "now,fail=1", "-j", str(jobs), *per_host, command, ":::", *hosts]
     began = time.monotonic()
     done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - began

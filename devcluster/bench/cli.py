@@ -2,19 +2,26 @@
 
     python -m devcluster bench --nodes N --fanout K [--task-seconds T] [--mode inproc|process]
         [--baseline ansible,parallel] [--repeat R] [--json FILE] [--double subprocess|embedded] [--processes P]
+    python -m devcluster bench --mode netns --nodes N [--artifact-mb M] [--link-mbit B] [--link-latency-ms L]
+        [--repeat R] [--json FILE]
     python -m devcluster bench --standard [--json FILE]
 
 N counts every node, the leader included; the ideal is ceil(log_(k+1) N) * t. ``inproc``
 runs every node's real pull in a thread (threads spread over worker processes) with a task
-sleeping t (inproc.py); ``process`` installs the real node side with Ansible and pulls a real
-tree with rsync, beside a GNU parallel push of the same tree (process.py). With
+sleeping t (inproc.py): the coordination overhead, no link has a bandwidth. ``process``
+installs the real node side with Ansible and pulls a real tree with rsync, beside a GNU
+parallel push of the same tree (process.py). ``netns`` (root only) puts every node in a
+network namespace with a shaped link and moves a real build over it, fireap at k = 1, 2 and 5
+beside release.yml, push at its best and an HTTP artifact server (netns.py). With
 ``--repeat`` the figures are medians. ``--json`` writes the records and, next to them, a
-plot (PNG and SVG). ``--standard`` runs the set `make bench` uses.
+plot (PNG and SVG). ``--standard`` runs the set `make bench` uses (its netns configuration
+only as root).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -27,12 +34,15 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import F
 
 from .. import REPO_ROOT
 from ..consul import SUBPROCESS, Double
+from ..netns import CONSUL_PORT, AgentRelay, LinkShape, NetnsCluster, NetnsError
+from ..netns.cluster import require_root
 from .baselines import run_ansible, run_parallel, sleep_command
 from .core import (
     ANSIBLE,
     BASELINES,
     INPROC,
     MODES,
+    NETNS,
     PARALLEL,
     PROCESS,
     combine,
@@ -41,6 +51,7 @@ from .core import (
 )
 from .double import DOUBLE_KINDS, BenchError, leader_client, running_double
 from .inproc import run_inproc
+from .netns import STAGE_FANOUTS, NetnsBench, lower_bound_seconds, netns_record, stage_model_seconds
 from .plot import write_plot
 from .process import ProcessBench
 
@@ -52,6 +63,8 @@ TIMEOUT_BASE = 120.0
 TIMEOUT_FACTOR = 20.0
 #: Process mode serves the double in its own process: its agents run the nodes' handlers.
 PROCESS_DOUBLE = SUBPROCESS
+#: Seconds a netns release may take before the benchmark gives up on it.
+NETNS_TIMEOUT = 900.0
 
 
 @dataclass(frozen=True)
@@ -64,13 +77,20 @@ class Config:
     mode: str = INPROC
     baselines: tuple[str, ...] = ()
     repeat: int = 1
+    artifact_mb: int = 32
+    link_mbit: float = 50.0
+    latency_ms: float = 0.0
 
     def describe(self) -> str:
+        if self.mode == NETNS:
+            latency = f" +{self.latency_ms:g} ms" if self.latency_ms else ""
+            return f"netns N={self.nodes} build {self.artifact_mb} MiB + tree, links {self.link_mbit:g} Mbit/s{latency}"
         return f"{self.mode} N={self.nodes} k={self.fanout} t={self.task_seconds:g}s"
 
 
 #: The set `make bench` runs: inproc across N (push baselines where they take minutes, not
-#: tens of minutes), then the process mode with real rsync transfers.
+#: tens of minutes), the process mode with real rsync transfers, then (as root) the netns
+#: mode over shaped links.
 STANDARD = (
     Config(10, 5, 0.5, INPROC, (ANSIBLE, PARALLEL), 3),
     Config(30, 5, 0.5, INPROC, (ANSIBLE, PARALLEL), 3),
@@ -78,6 +98,8 @@ STANDARD = (
     Config(200, 5, 0.5, INPROC, (PARALLEL,), 3),
     Config(1000, 5, 0.5, INPROC, (), 3),
     Config(30, 5, 2.0, PROCESS, (PARALLEL,), 1),
+    Config(10, 5, 0.0, NETNS, (), 3),
+    Config(30, 5, 0.0, NETNS, (), 3),
 )
 
 
@@ -90,8 +112,71 @@ def _timeout(config: Config) -> float:
     return TIMEOUT_BASE + TIMEOUT_FACTOR * ideal_seconds(config.nodes, config.fanout, config.task_seconds)
 
 
+def run_netns(config: Config, workdir: Path) -> dict:
+    """The netns configuration ``config.repeat`` times on one cluster of namespaces; the record of medians."""
+    try:
+        require_root()
+        shape = LinkShape(config.link_mbit, config.latency_ms)
+    except (NetnsError, ValueError) as err:
+        raise BenchError(str(err)) from err
+    stamp = time.strftime("%Y%m%d.%H%M%S")
+    versions = (f"{stamp}.{i}" for i in itertools.count())
+    runs = []
+    with running_double(config.nodes, workdir, SUBPROCESS) as double:
+        leader = leader_client(double)
+        try:
+            with NetnsCluster([node.name for node in double.nodes], shape) as net:
+                net.record_pid(double.proc.pid)
+                routes = [(node.name, net.node(node.name).namespace, node.port) for node in double.nodes]
+                with AgentRelay(routes, CONSUL_PORT) as relay:
+                    bench = NetnsBench(double, leader, net, relay, config.artifact_mb * 1024 * 1024)
+                    with bench.servers():
+                        bench.install()
+                        lower = lower_bound_seconds(bench.total_bytes, shape.bytes_per_second, shape.round_trip_seconds)
+                        for i in range(1, config.repeat + 1):
+                            run = bench.run(versions, NETNS_TIMEOUT, lower)
+                            print(f"  run {i}/{config.repeat}: {netns_summary(run)}", flush=True)
+                            runs.append(run)
+        except NetnsError as err:
+            raise BenchError(str(err)) from err
+        finally:
+            leader.http.close()
+    transfer = bench.total_bytes / shape.bytes_per_second
+    return netns_record(runs, {
+        "nodes": config.nodes,
+        "artifact_bytes": bench.total_bytes,
+        "tree_files": len(list((double.leader.root / "app").rglob("part*.bin"))),
+        "link_mbit": config.link_mbit,
+        "link_latency_ms": config.latency_ms,
+        "transfer_seconds": transfer,
+        "stage_model_seconds": {str(k): stage_model_seconds(config.nodes, k, transfer) for k in STAGE_FANOUTS},
+        "push_model_seconds": (config.nodes - 1) * transfer,
+    })
+
+
+def netns_summary(record: dict) -> str:
+    """One line with the figures of a netns run or record."""
+    stages = " ".join(f"k={k} {seconds:.1f}s" for k, seconds in record["stage_seconds"].items())
+    failures = record["failures"]
+    return ", ".join([
+        f"lower bound {record['lower_bound_seconds']:.1f}s",
+        f"stages {stages}",
+        f"fireap {record['fireap_seconds']:.1f}s (k={record['best_k']}, "
+        f"{record['ratio_to_lower_bound']['fireap']:.2f}x the bound)",
+        f"release.yml {record['operator_seconds']:.1f}s",
+        f"push best {record['push_best_seconds']:.1f}s ({record['push_best_method']})",
+        f"HTTP pull {record['http_pull_seconds']:.1f}s",
+        f"push/fireap {record['push_best_seconds'] / record['fireap_seconds']:.2f}",
+        f"agent requests/node {record['agent_requests_per_node']['mean']:.1f}",
+        f"bytes/node {record['agent_bytes_per_node']['mean'] / 1024:.1f} KiB",
+        f"failures {failures if isinstance(failures, int) else len(failures)}",
+    ])
+
+
 def run_config(config: Config, workdir: Path, double: str, processes: int | None = None) -> dict:
     """Measure one configuration ``config.repeat`` times on one cluster; the combined record."""
+    if config.mode == NETNS:
+        return run_netns(config, workdir)
     records = []
     with running_double(config.nodes, workdir, PROCESS_DOUBLE if config.mode == PROCESS else double) as cluster:
         leader = leader_client(cluster)
@@ -198,6 +283,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_float(maximum: float, zero: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0 <= value if zero else 0 < value) or value > maximum:
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'} and at most {maximum:g}, got {text}")
+        return value
+
+    return parse
+
+
 def _baselines(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in BASELINES]
@@ -223,7 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="t: the task's seconds (inproc: a sleep, default 0.5; process: one rsync of the tree at the "
         "bandwidth limit, default 2)",
     )
-    parser.add_argument("--mode", choices=MODES, default=INPROC, help="inproc (default) or process")
+    parser.add_argument(
+        "--mode", choices=MODES, default=INPROC, help="inproc (default), process or netns (root: namespaces, shaped links)"
+    )
+    parser.add_argument(
+        "--artifact-mb", type=_int_at_least(1, 4096), default=32, help="netns: the build's tarball in MiB (default 32)"
+    )
+    parser.add_argument(
+        "--link-mbit", type=_positive_float(100_000), default=50.0, help="netns: every node's link rate up and down (default 50)"
+    )
+    parser.add_argument(
+        "--link-latency-ms", type=_positive_float(10_000, zero=True), default=0.0,
+        help="netns: one-way delay on every uplink (needs the kernel's netem; default 0)",
+    )
     parser.add_argument(
         "--baseline", type=_baselines, default=(), help="comma-separated push baselines: ansible, parallel"
     )
@@ -259,9 +369,17 @@ def configs_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         given = [flag for flag, value in (("--nodes", args.nodes), ("--task-seconds", args.task_seconds)) if value]
         if given or args.baseline or args.repeat != 1 or args.mode != INPROC:
             parser.error("--standard runs its own set: drop --nodes, --task-seconds, --mode, --baseline and --repeat")
-        return list(STANDARD)
+        if os.geteuid() == 0:
+            return list(STANDARD)
+        print("bench: not root: the standard set runs without its netns configurations", flush=True)
+        return [config for config in STANDARD if config.mode != NETNS]
     if args.nodes is None:
         parser.error("give --nodes N (or --standard)")
+    if args.mode == NETNS:
+        if args.task_seconds is not None or args.baseline:
+            parser.error("--mode netns moves a real build and runs every baseline: drop --task-seconds and --baseline")
+        return [Config(args.nodes, args.fanout, 0.0, NETNS, (), args.repeat, args.artifact_mb, args.link_mbit,
+                       args.link_latency_ms)]
     task_seconds = args.task_seconds if args.task_seconds is not None else DEFAULT_TASK_SECONDS[args.mode]
     baselines = args.baseline
     if args.mode == PROCESS and PARALLEL not in baselines:
@@ -280,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             print(f"bench: {config.describe()}, {config.repeat} run(s)", flush=True)
             record = run_config(config, args.workdir.absolute(), args.double, args.processes)
-            print(f"bench: {config.describe()}: {summary(record)}", flush=True)
+            line = netns_summary(record) if config.mode == NETNS else summary(record)
+            print(f"bench: {config.describe()}: {line}", flush=True)
             records.append(record)
     except BenchError as err:
         print(f"bench: error: {err}", file=sys.stderr)

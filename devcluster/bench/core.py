@@ -17,7 +17,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
 
 INPROC = "inproc"
 PROCESS = "process"
-MODES = (INPROC, PROCESS)
+NETNS = "netns"
+MODES = (INPROC, PROCESS, NETNS)
 
 ANSIBLE = "ansible"
 PARALLEL = "parallel"

@@ -1,0 +1,138 @@
+"""The netns benchmark's own logic: the build, the bound and models, the costs per node and per
+stage transition, the record of medians and the command line (no cluster, no timing)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ansible_collections.fireap.consul.plugins.module_utils._kv import PlanEntry
+from devcluster.bench import cli as bench
+from devcluster.bench.core import NETNS, TaskTiming
+from devcluster.bench.costs import TAIL_SECONDS, node_costs, transition_costs, worst_transition
+from devcluster.bench.netns import (
+    TREE_FILES,
+    build_bytes,
+    lower_bound_seconds,
+    netns_record,
+    push_concurrencies,
+    stage_model_seconds,
+    write_build,
+)
+from devcluster.demo.builds import tree_manifest
+from devcluster.netns.relay import BLOCKING_READ, READ, RENEWAL, WRITE, RequestRecord
+
+RUN_ID = "20260101T000000-0123abcd"
+
+
+def test_the_build_is_the_same_bytes_every_time(tmp_path):
+    first = write_build(tmp_path / "a", 64 * 1024)
+    second = write_build(tmp_path / "b", 64 * 1024)
+    assert first == second
+    assert tree_manifest(tmp_path / "a") == tree_manifest(tmp_path / "b")
+    members, files = build_bytes(64 * 1024)
+    assert sum(members) == 64 * 1024 and len(files) == TREE_FILES
+    assert len(list((tmp_path / "a").rglob("part*.bin"))) == TREE_FILES
+
+
+def test_bound_and_models():
+    assert lower_bound_seconds(10_000_000, 1_000_000, 0.02) == pytest.approx(10.02)
+    # N=30: k=1 takes 5 stages of one transfer, k=5 two stages of five transfers sharing the uplink.
+    assert stage_model_seconds(30, 1, 2.0) == 10.0
+    assert stage_model_seconds(30, 5, 2.0) == 20.0
+    assert push_concurrencies(29) == (1, 5, 29)
+    assert push_concurrencies(3) == (1, 3)
+
+
+def _record(node, at, category, path="/v1/kv/x", size=100):
+    return RequestRecord(node, at, "PUT" if category == WRITE else "GET", path, category, size)
+
+
+def test_node_costs_count_each_node_and_kind():
+    records = [_record("a", 1, WRITE), _record("a", 2, READ), _record("b", 3, BLOCKING_READ), _record("leader", 4, WRITE)]
+    costs = node_costs(records, {"a": 50, "b": 10}, ["a", "b"])
+    assert costs["agent_requests_per_node"] == {"mean": 1.5, "max": 2}
+    assert costs["agent_bytes_per_node"] == {"mean": 180, "max": 250}
+    assert costs["server_requests_per_node"][WRITE] == 0.5
+    assert costs["server_requests_per_node"][RENEWAL] == 0
+
+
+def test_transitions_run_from_a_stage_ending_to_the_next_starting():
+    plan = {
+        "a": PlanEntry(RUN_ID, "leader", 1, 0),
+        "b": PlanEntry(RUN_ID, "leader", 2, 0, after="a"),
+        "c": PlanEntry(RUN_ID, "a", 2, 0),
+    }
+    tasks = {"a": TaskTiming("leader", 100.5, 110.0), "b": TaskTiming("leader", 110.2, 120.0),
+             "c": TaskTiming("a", 110.4, 121.0)}
+    records = [
+        _record("a", 100.1, WRITE),  # 0->1: the first puller's claim
+        _record("a", 110.0, WRITE, "/v1/session/destroy/s1"),
+        _record("b", 110.1, WRITE),
+        _record("c", 110.3, WRITE),
+        _record("c", 115.0, READ),  # during the transfers: in no transition
+        _record("c", 121.0 + TAIL_SECONDS / 2, WRITE, "/v1/session/destroy/s2"),
+    ]
+    transitions = transition_costs(records, tasks, plan, fired=100.0, completed=121.0)
+    assert list(transitions) == ["0->1", "1->2", "2->3"]
+    assert transitions["0->1"][WRITE] == 1
+    assert transitions["1->2"][WRITE] == 3 and transitions["1->2"]["session_destroys"] == 1
+    assert transitions["1->2"]["peak_writes_per_second"] == 3
+    assert transitions["2->3"]["session_destroys"] == 1 and transitions["2->3"][READ] == 0
+    assert worst_transition(transitions)["transition"] == "1->2"
+
+
+def _run(fireap, push, k=1):
+    return {
+        "lower_bound_seconds": 6.0,
+        "stage_seconds": {"1": fireap, "2": fireap * 2, "5": fireap * 3},
+        "best_k": k,
+        "fireap_seconds": fireap,
+        "push_best_seconds": push,
+        "push_best_method": "parallel -j 1",
+        "push_tried_seconds": {"parallel -j 1": push},
+        "failures": {},
+    }
+
+
+def test_the_record_holds_medians_and_the_run_count():
+    record = netns_record([_run(30, 180), _run(32, 170, k=2), _run(31, 175)], {"nodes": 30})
+    assert record["mode"] == NETNS and record["runs"] == 3 and record["nodes"] == 30
+    assert record["fireap_seconds"] == 31 and record["stage_seconds"]["2"] == 62
+    assert record["best_k"] == 1 and record["push_best_seconds"] == 175
+    assert record["push_tried_seconds"] == {"parallel -j 1": 180}
+    assert record["fireap_runs"] == [30, 32, 31]
+    assert record["fireap_over_lower_bound_seconds"] == 25
+    assert record["failures"] == 0
+
+
+def _configs(*argv):
+    parser = bench.build_parser()
+    return bench.configs_from_args(parser, parser.parse_args(list(argv)))
+
+
+def test_cli_builds_a_netns_configuration():
+    (config,) = _configs("--mode", "netns", "--nodes", "30", "--artifact-mb", "32", "--link-mbit", "50", "--repeat", "3")
+    assert (config.mode, config.nodes, config.artifact_mb, config.link_mbit, config.repeat) == (NETNS, 30, 32, 50.0, 3)
+    assert "links 50 Mbit/s" in config.describe()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mode", "netns", "--nodes", "10", "--task-seconds", "2"], "drop --task-seconds"),
+        (["--mode", "netns", "--nodes", "10", "--link-mbit", "0"], "must be > 0"),
+        (["--mode", "netns", "--nodes", "10", "--link-latency-ms", "-1"], "must be >= 0"),
+        (["--mode", "netns", "--nodes", "10", "--artifact-mb", "0"], "from 1 to 4096"),
+    ],
+)
+def test_cli_refuses_bad_netns_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _configs(*argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_standard_set_has_netns_only_as_root():
+    modes = [config.mode for config in _configs("--standard")]
+    assert (NETNS in modes) == (os.geteuid() == 0)
