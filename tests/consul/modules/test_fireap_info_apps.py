@@ -58,8 +58,10 @@ def test_hostile_adverts_are_left_out_with_a_warning(acl_cluster, connection, pr
     assert run.code == 0, run.stdout
     assert run.result["apps"] == {}
     assert run.result["nodes_without_apps"] == sorted(names)
-    warnings = json.dumps(run.result["warnings"])
-    assert len(run.result["warnings"]) == 4 and warnings.count("that node counts as having no app") == 4
+    # In process, Ansible's warning list may still hold one from an earlier module run: ours name the prefix.
+    ours = [warning for warning in run.result["warnings"] if prefix in json.dumps(warning)]
+    warnings = json.dumps(ours)
+    assert len(ours) == 4 and warnings.count("that node counts as having no app") == 4
     assert f"at most {ADVERT_APPS_MAX}" in warnings and "from 1 to 64" in warnings and "may only contain" in warnings
 
 
