@@ -204,12 +204,11 @@ EXAMPLES = r"""
     app: web
     rollback: true
 
-- name: Release web 2.0.0 to the first stage only, checked against the build's checksum
+- name: Release web 2.0.0 to the first stage only (the canaries)
   fireap.consul.fireap_fire:
     app: web
     version: 2.0.0
     pause_after_stage: 1
-    checksum_file: /srv/builds/web-2.0.0.tar.gz
 
 - name: Let the other stages follow once the canaries look good
   fireap.consul.fireap_fire:

@@ -259,6 +259,10 @@ def for_the_double(task: dict) -> dict:
             args = {name: value for name, value in args.items() if name not in CONNECTION_OPTIONS}
             if "node_filter" in args:
                 args["node_filter"] = "^node-[0-9]+$"
+            if args.get("retry_failed"):
+                # No node of the double fails: the example's retry is refused as documented.
+                adapted["register"] = "fireap_example"
+                adapted["failed_when"] = "'has no failed targets: nothing to retry' not in fireap_example.msg | default('')"
             adapted[key] = args
     return adapted
 
