@@ -31,6 +31,16 @@ class BenchError(Exception):
     """The benchmark cannot go on; the message says why."""
 
 
+def node_roots(double: Double) -> tuple[Path, dict[str, Path]]:
+    """The directory holding the node directories and each node's root: the benchmarks' commands
+    name a node's files by ``<dir>/<node name>``, so every root must be just that."""
+    roots = {node.name: node.root for node in double.nodes}
+    nodes_dir = double.leader.root.parent
+    if any(root != nodes_dir / name for name, root in roots.items()):
+        raise BenchError(f"the node directories are not all <dir>/<node name>: {roots}")
+    return nodes_dir, roots
+
+
 def cpu_times() -> tuple[int, int]:
     """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
     fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]

@@ -46,7 +46,7 @@ from ..netns import CONSUL_PORT, AgentRelay, NetnsCluster
 from .baselines import run_ansible, run_parallel
 from .core import NETNS, TaskTiming
 from .costs import node_costs, transition_costs, worst_transition
-from .double import BenchError
+from .double import BenchError, node_roots
 
 APP = "bench"
 APP_DIR = builds.APP_DIR
@@ -150,10 +150,7 @@ class NetnsBench:
         self.relay = relay
         self.artifact_bytes = artifact_bytes
         self.leader = double.leader.name
-        self.roots = {node.name: node.root for node in double.nodes}
-        self.nodes_dir = double.leader.root.parent
-        if any(root != self.nodes_dir / name for name, root in self.roots.items()):
-            raise BenchError(f"the node directories are not all <dir>/<node name>: {self.roots}")
+        self.nodes_dir, self.roots = node_roots(double)
         self.pushed = [name for name in self.roots if name != self.leader]
         self.work = double.workdir / NETNS
         self.total_bytes = 0

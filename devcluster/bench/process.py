@@ -31,7 +31,7 @@ from ..demo import builds
 from ..demo.playbooks import SETUP_PLAYBOOK, DemoError, run_playbook, vars_file_text
 from .baselines import run_ansible, run_parallel
 from .core import ANSIBLE, PARALLEL, PROCESS, RunResult, TaskTiming, busy_fraction
-from .double import BenchError, cpu_times
+from .double import BenchError, cpu_times, node_roots
 
 APP = "bench"
 APP_DIR = builds.APP_DIR
@@ -104,10 +104,7 @@ class ProcessBench:
         self.fanout = fanout
         self.task_seconds = task_seconds
         self.leader = double.leader.name
-        self.roots = {node.name: node.root for node in double.nodes}
-        self.nodes_dir = double.leader.root.parent
-        if any(root != self.nodes_dir / name for name, root in self.roots.items()):
-            raise BenchError(f"the node directories are not all <dir>/<node name>: {self.roots}")
+        self.nodes_dir, self.roots = node_roots(double)
         self.kib = bwlimit_kib(TREE_BYTES, task_seconds)
 
     def install(self) -> None:

@@ -462,10 +462,43 @@ def test_the_documented_retry_of_the_failed_nodes_and_rollback(installed):
     assert f"retry of version 2.1 (the failed targets of run {broken_run}): 2 target(s)" in retried.output
     assert "myapp 2.1: 2/2 done, 0 failed" in retried.output
 
-    rolled = run_documented(installed, rollback_command)
+    report = installed["work"] / "reports" / "myapp-rollback.json"
+    rolled = run_documented(installed, f"{rollback_command} -e fireap_report_path={report}")
     assert rolled.returncode == 0, rolled.output
     assert f"rollback of version 2.0: {NODES} target(s)" in rolled.output
     assert f"myapp 2.0: {NODES}/{NODES} done, 0 failed" in rolled.output
+
+    # The history as the report has it (fireap_info's), newest first: the rollback, the retry,
+    # the run with a failed node (closed by the retry's fire), the first run.
+    data = json.loads(report.read_text())
+    rows = [(row["kind"], row["version"], row["outcome"], row["done"], row["failed"], row["target_count"])
+            for row in data["history"][:4]]
+    assert rows == [
+        ("rollback", "2.0", "succeeded", NODES, 0, NODES),
+        ("retry", "2.1", "succeeded", 2, 0, 2),
+        ("release", "2.1", "failed", NODES - 1, 1, NODES),
+        ("release", "2.0", "succeeded", NODES, 0, NODES),
+    ], data["history"]
+    assert data["history"][0]["run_id"] == data["run_id"] and data["history"][1]["retry_of"] == broken_run
+    assert data["history"][2]["run_id"] == broken_run
+    assert all(row["fired_by"] and row["fired_at"] and row["abort_reason"] is None for row in data["history"][:4])
+    page = report.with_suffix(".html").read_text()
+    assert '<section id="history"><h2>History</h2><table class="history">' in page
+    assert all(row["run_id"] in page for row in data["history"][:4])
+
+
+def test_a_rollback_without_an_earlier_good_version_is_refused_before_anything_is_written(installed):
+    """``site`` is released by no other test: first no run at all, then one run that is the current version."""
+    client, schema = installed["target"].client(), Schema()
+    for released in (None, "1.0"):
+        if released is not None:
+            assert release(installed, "site", f"fireap_version={released}").returncode == 0
+        before = client.kv.get(schema.app_prefix("site"), recurse=True)[1]
+        refused = release(installed, "site", "fireap_rollback=true")
+        assert refused.returncode != 0, refused.output
+        assert "app 'site' has no earlier version that a run delivered to every target" in refused.output
+        assert "nothing to roll back to" in refused.output
+        assert client.kv.get(schema.app_prefix("site"), recurse=True)[1] == before, "a refusal writes nothing"
 
 
 def held_activity(installed, run_id: str) -> dict[str, list[str]]:

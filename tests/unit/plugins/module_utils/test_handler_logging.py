@@ -23,22 +23,6 @@ from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setu
 APPS = {APP: {"exec_commands": ["true"]}}
 
 
-@pytest.fixture
-def reap_logger():
-    """The fireap-reap logger, restored after the test configured it."""
-    logger = logging.getLogger("fireap.reap")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield logger
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in handlers:
-            handler.close()
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 def unreachable_config(tmp_path, **extra):
     """A config whose agent does not answer: a handler run logs that it could not check the app."""
     return write_config(tmp_path / "c.yml", {"host": "127.0.0.1", "port": closed_port(), "retries": 0, "timeout": 2},

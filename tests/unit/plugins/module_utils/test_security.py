@@ -202,22 +202,6 @@ def private_umask():
     os.umask(old)
 
 
-@pytest.fixture
-def reap_logging():
-    """Restore the fireap-reap logger after a test configured it."""
-    logger = logging.getLogger("fireap.reap")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield logger
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in handlers:
-            handler.close()
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 def variables(**values) -> CommandVariables:
     fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0", remote_address="10.0.0.1")
     fields.update(values)
@@ -461,11 +445,11 @@ def log_lines(path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def test_case6_one_log_record_is_one_line_whatever_its_message_holds(tmp_path, reap_logging):
+def test_case6_one_log_record_is_one_line_whatever_its_message_holds(tmp_path, reap_logger):
     path = tmp_path / "log" / "reap.log"
     assert _reap.configure_logging(str(path)) is None
     forged = "1.0\n2024-01-01T00:00:00+0000 ERROR fireap-reap[1] app=web version=6.6.6: forged\x1b[2J\r\u2028end"
-    logging.LoggerAdapter(reap_logging, {"app": APP, "version": "1.0"}).info("version %s", forged)
+    logging.LoggerAdapter(reap_logger, {"app": APP, "version": "1.0"}).info("version %s", forged)
     lines = log_lines(path)
     assert len(lines) == 1
     assert not any(char in lines[0] for char in CONTROLS)
@@ -473,29 +457,29 @@ def test_case6_one_log_record_is_one_line_whatever_its_message_holds(tmp_path, r
                              "forged\\x1b[2J\\r\\u2028end")
 
 
-def test_case6_a_huge_log_message_is_clipped(tmp_path, reap_logging):
+def test_case6_a_huge_log_message_is_clipped(tmp_path, reap_logger):
     path = tmp_path / "reap.log"
     _reap.configure_logging(str(path))
-    reap_logging.error("output tail: %s", "x" * 1_000_000)
+    reap_logger.error("output tail: %s", "x" * 1_000_000)
     lines = log_lines(path)
     assert len(lines) == 1 and len(lines[0]) < 100_000
     assert len(lines[0]) < _reap.LOG_MESSAGE_MAX_LENGTH + 200
     assert lines[0].endswith("characters in all]")
 
 
-def test_case6_an_exception_in_a_log_record_stays_on_its_line(tmp_path, reap_logging):
+def test_case6_an_exception_in_a_log_record_stays_on_its_line(tmp_path, reap_logger):
     path = tmp_path / "reap.log"
     _reap.configure_logging(str(path))
     try:
         raise ValueError("bad\nvalue\x1b")
     except ValueError:
-        reap_logging.exception("the pull stopped")
+        reap_logger.exception("the pull stopped")
     (line,) = log_lines(path)
     assert "Traceback" in line and "bad\\nvalue\\x1b" in line
     assert not any(char in line for char in CONTROLS)
 
 
-def test_case6_reap_log_is_created_private_and_a_world_readable_one_is_tightened(tmp_path, reap_logging, private_umask):
+def test_case6_reap_log_is_created_private_and_a_world_readable_one_is_tightened(tmp_path, reap_logger, private_umask):
     new = tmp_path / "new" / "reap.log"
     _reap.configure_logging(str(new))
     assert stat.S_IMODE(new.stat().st_mode) == 0o640
@@ -530,7 +514,7 @@ def test_case6_the_state_dir_is_private(tmp_path, private_umask):
     assert stat.S_IMODE(tighter.stat().st_mode) == 0o700  # never loosened
 
 
-def test_a_shared_directory_holding_the_log_is_left_as_it_is(tmp_path, reap_logging, private_umask):
+def test_a_shared_directory_holding_the_log_is_left_as_it_is(tmp_path, reap_logger, private_umask):
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
