@@ -1,0 +1,455 @@
+# SPDX-License-Identifier: MIT
+"""An app's artifact over the swarm: torrent metadata, its checks, peers, the libtorrent session.
+
+An app may declare one artifact file. The leader publishes the file's torrent metadata (the
+bencoded v1 info dict of that one file) with the release; each target downloads the file from
+the nodes that already have it, verifies it, and only then runs the app's commands. Consul
+takes a tracker's place: the metadata and its info-hash live in KV, and each node publishes
+the port of its swarm under the run, the address of that port being the node's catalog
+address. Nothing else finds peers: DHT, local peer discovery, peer exchange, UPnP, NAT-PMP
+and trackers are off, the session listens only on the node's own cluster address, and an IP
+filter admits only the addresses of the run's nodes.
+
+Everything read from KV is checked by the rules of ``_validation`` before libtorrent sees it:
+the metadata's size is bounded before it is decoded, it must describe exactly the one file
+the release names (its basename, length, piece size and piece count) and hash to the release's
+info-hash; a peer is a catalog IP literal and a port, never a host name a KV writer chose.
+
+libtorrent (``libtorrent==2.1.1``, installed by the fireap_node role) is imported only when a
+swarm is used, so the rest of the node path runs without it. The checks of metadata and peers
+are stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch
+from ansible_collections.fireap.consul.plugins.module_utils._validation import check_int, check_run_id, show
+
+#: Smallest and largest piece size: pieces are a power of two in this range.
+PIECE_MIN = 64 * 1024
+PIECE_MAX = 16 * 1024 * 1024
+#: Most pieces of one artifact: the info dict holds 20 bytes per piece, so it stays near 80 KB.
+PIECES_MAX = 4096
+#: Largest artifact: PIECES_MAX pieces of PIECE_MAX bytes (64 GiB).
+ARTIFACT_MAX = PIECES_MAX * PIECE_MAX
+#: Consul's limit on one KV value.
+KV_VALUE_MAX = 512 * 1024
+#: Largest info dict accepted from KV: the pieces plus room for the name and the numbers.
+METADATA_MAX = PIECES_MAX * 20 + 4096
+#: The keys of the info dict of one file (v1): any other key (``files``: several files) is refused.
+INFO_KEYS = (b"length", b"name", b"piece length", b"pieces")
+#: The folder under the artifact's directory where a node downloads before it verifies.
+STAGING_FOLDER = ".fireap-swarm"
+#: Seconds between two re-connections to the known peers, and the longest single wait for an alert.
+POLL_SECONDS = 0.5
+
+INFO_HASH_LENGTH = 40
+
+
+class SwarmError(FireapError):
+    """The swarm refused a value (metadata, a peer) or could not deliver the artifact."""
+
+
+def _libtorrent() -> Any:
+    """The libtorrent module, or SwarmError saying how to get it."""
+    try:
+        import libtorrent  # pylint: disable=import-outside-toplevel
+    except ImportError as exc:
+        raise SwarmError("an app with an artifact needs the Python package libtorrent (libtorrent==2.1.1, which "
+                         f"the fireap_node role installs into its venv), which cannot be imported: {exc}") from None
+    return libtorrent
+
+
+def piece_size(length: int) -> int:
+    """The smallest power of two >= PIECE_MIN that cuts ``length`` bytes into at most PIECES_MAX pieces."""
+    check_artifact_length(length)
+    size = PIECE_MIN
+    while math.ceil(length / size) > PIECES_MAX:
+        size *= 2
+    return size
+
+
+def check_artifact_length(value: Any) -> int:
+    """Return ``value`` if it is an artifact's size in bytes: 1..ARTIFACT_MAX."""
+    return check_int(value, "artifact size", 1, ARTIFACT_MAX)
+
+
+def check_info_hash(value: Any) -> str:
+    """Return ``value`` if it is a v1 info-hash: 40 lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != INFO_HASH_LENGTH or value.strip("0123456789abcdef"):
+        raise SwarmError(f"info-hash {show(value)} must be 40 lowercase hex digits")
+    return value
+
+
+def check_port(value: Any) -> int:
+    """Return ``value`` if it is a TCP port a node's swarm listens on: 1..65535."""
+    try:
+        return check_int(value, "swarm port", 1, 65535)
+    except ValueError as exc:
+        raise SwarmError(str(exc)) from None
+
+
+def check_artifact_name(value: Any) -> str:
+    """Return ``value`` if it can name the artifact's file inside its directory: one path
+    component, printable, not ``.`` or ``..``, so no path built from it leaves the directory."""
+    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value
+            or not value.isprintable() or len(value.encode("utf-8")) > 255):
+        raise SwarmError(f"artifact name {show(value)} must be one path component (no '/', not '.' or '..', "
+                         "printable, at most 255 bytes)")
+    return value
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """One artifact's torrent metadata: the bencoded info dict and what it describes."""
+
+    info: bytes
+    info_hash: str
+    name: str
+    length: int
+    piece_length: int
+
+    @property
+    def pieces(self) -> int:
+        return math.ceil(self.length / self.piece_length)
+
+
+# --- bencode: only what an info dict of one file holds, bounded, canonical ---
+
+
+def _bencode(value: Any) -> bytes:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return b"i%de" % value
+    if isinstance(value, bytes):
+        return b"%d:%s" % (len(value), value)
+    if isinstance(value, list):
+        return b"l" + b"".join(_bencode(item) for item in value) + b"e"
+    if isinstance(value, dict):
+        return b"d" + b"".join(_bencode(key) + _bencode(value[key]) for key in sorted(value)) + b"e"
+    raise SwarmError(f"cannot bencode {type(value).__name__}")
+
+
+def _bdecode(data: bytes, index: int, depth: int) -> tuple[Any, int]:
+    """The value at ``data[index:]`` and the index after it; SwarmError when malformed."""
+    if depth > 4:
+        raise SwarmError("metadata nests too deep")
+    kind = data[index:index + 1]
+    if kind == b"i":
+        end = data.find(b"e", index)
+        if end < 0 or end - index > 21:
+            raise SwarmError("metadata holds a malformed integer")
+        try:
+            return int(data[index + 1:end]), end + 1
+        except ValueError:
+            raise SwarmError("metadata holds a malformed integer") from None
+    if kind in (b"l", b"d"):
+        items = []
+        index += 1
+        while data[index:index + 1] != b"e":
+            if index >= len(data):
+                raise SwarmError("metadata ends inside a list or dict")
+            item, index = _bdecode(data, index, depth + 1)
+            items.append(item)
+        if kind == b"l":
+            return items, index + 1
+        if len(items) % 2 or not all(isinstance(key, bytes) for key in items[::2]):
+            raise SwarmError("metadata holds a malformed dict")
+        return dict(zip(items[::2], items[1::2])), index + 1
+    colon = data.find(b":", index, index + 8)
+    if colon < 0 or not data[index:colon].isdigit():
+        raise SwarmError("metadata holds a malformed string")
+    end = colon + 1 + int(data[index:colon])
+    if end > len(data):
+        raise SwarmError("metadata ends inside a string")
+    return data[colon + 1:end], end
+
+
+def check_metadata(data: Any, *, name: str, length: int, info_hash: str) -> Metadata:
+    """The metadata ``data`` read from KV, if it is the info dict of exactly the artifact the
+    release names: one file called ``name`` of ``length`` bytes, a power-of-two piece size
+    within PIECE_MIN..PIECE_MAX, one 20-byte hash per piece, hashing to ``info_hash``.
+
+    Anyone who can write KV can write this value: its size is checked before it is decoded,
+    it must be canonical bencode (so the hash covers exactly what was checked), and nothing in
+    it may name another file or path.
+    """
+    check_artifact_name(name)
+    check_artifact_length(length)
+    check_info_hash(info_hash)
+    if not isinstance(data, bytes):
+        raise SwarmError(f"artifact metadata must be bytes, got {type(data).__name__}")
+    if len(data) > METADATA_MAX:
+        raise SwarmError(f"artifact metadata has {len(data)} bytes; at most {METADATA_MAX}")
+    try:
+        info, end = _bdecode(data, 0, 0)
+    except SwarmError as exc:
+        raise SwarmError(f"artifact metadata is not bencoded: {exc}") from None
+    if end != len(data) or not isinstance(info, dict) or _bencode(info) != data:
+        raise SwarmError("artifact metadata is not one canonically bencoded dict")
+    if b"files" in info:
+        raise SwarmError("artifact metadata describes several files; an artifact is one file")
+    if sorted(info) != sorted(INFO_KEYS):
+        raise SwarmError(f"artifact metadata must hold exactly the keys {', '.join(k.decode() for k in INFO_KEYS)}, "
+                         f"got {', '.join(show(k) for k in sorted(info))}")
+    try:
+        got_name = info[b"name"].decode("utf-8") if isinstance(info[b"name"], bytes) else None
+    except UnicodeDecodeError:
+        got_name = None
+    check_artifact_name(got_name)
+    if got_name != name:
+        raise SwarmError(f"artifact metadata names the file {show(got_name)}, the release {show(name)}")
+    if info[b"length"] != length:
+        raise SwarmError(f"artifact metadata gives the length {show(info[b'length'])}, the release {length}")
+    piece = info[b"piece length"]
+    if (not isinstance(piece, int) or not PIECE_MIN <= piece <= PIECE_MAX or piece & (piece - 1)):
+        raise SwarmError(f"artifact metadata's piece length {show(piece)} must be a power of two within "
+                         f"{PIECE_MIN}..{PIECE_MAX}")
+    count = math.ceil(length / piece)
+    if count > PIECES_MAX:
+        raise SwarmError(f"artifact metadata has {count} pieces; at most {PIECES_MAX}")
+    pieces = info[b"pieces"]
+    if not isinstance(pieces, bytes) or len(pieces) != 20 * count:
+        raise SwarmError(f"artifact metadata must hold {count} piece hashes of 20 bytes")
+    actual = hashlib.sha1(data).hexdigest()
+    if actual != info_hash:
+        raise SwarmError(f"artifact metadata has the info-hash {actual}, the release {info_hash}")
+    return Metadata(info=data, info_hash=info_hash, name=name, length=length, piece_length=piece)
+
+
+def create_metadata(path: str) -> Metadata:
+    """The metadata of the file at ``path`` (v1 only, so one info-hash; no trackers, no web
+    seeds; piece size from ``piece_size``), checked by the rules a node reads it by."""
+    lt = _libtorrent()
+    try:
+        length = os.stat(path).st_size
+    except OSError as err:
+        raise SwarmError(f"cannot read the artifact {path}: {err.strerror or err}") from None
+    if not 0 < length <= ARTIFACT_MAX:
+        raise SwarmError(f"the artifact {path} has {length} bytes; an artifact has 1..{ARTIFACT_MAX} bytes")
+    name = check_artifact_name(os.path.basename(path))
+    creator = lt.create_torrent([lt.create_file_entry(name, length)], piece_size(length),
+                                lt.create_torrent.v1_only)
+    try:
+        lt.set_piece_hashes(creator, os.path.dirname(path) or ".")
+    except RuntimeError as err:
+        raise SwarmError(f"cannot hash the artifact {path}: {err}") from None
+    info = lt.bencode(creator.generate()[b"info"])
+    return check_metadata(info, name=name, length=length, info_hash=hashlib.sha1(info).hexdigest())
+
+
+# --- peers ---
+
+
+def check_ip(value: Any) -> str:
+    """Return ``value`` if it is an IPv4 or IPv6 literal without a zone: a catalog address
+    a node's swarm may connect to (never a host name, which a resolver could send anywhere)."""
+    if not isinstance(value, str) or "%" in value:
+        raise SwarmError(f"peer address {show(value)} must be an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise SwarmError(f"peer address {show(value)} must be an IP address") from None
+
+
+def peer(address: Any, port: Any) -> tuple[str, int]:
+    """A peer to connect to: the node's catalog ``address`` (an IP literal) and the ``port``
+    it published under the run."""
+    return check_ip(address), check_port(port)
+
+
+def _endpoint(address: str, port: int) -> str:
+    """``ADDR:PORT`` as libtorrent's listen_interfaces takes it (IPv6 in brackets)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def staging_dir(final_path: str, run_id: str) -> str:
+    """``<artifact dir>/.fireap-swarm/<run_id>``: where a node downloads the artifact before it
+    is verified, on the final path's file system so that the verified file is renamed into place."""
+    return os.path.join(os.path.dirname(final_path), STAGING_FOLDER, check_run_id(run_id))
+
+
+class Swarm:
+    """One node's libtorrent session for one artifact: it listens only on the node's cluster
+    ``address`` (``port`` 0: any free port, see ``port``), unchokes at most ``upload_slots``
+    peers at once (the app's ``max_semaphores``), and talks only to the peers given to
+    ``connect``. Thread-safe: a thread may add peers while another waits for the download."""
+
+    def __init__(self, address: str, port: int, upload_slots: int) -> None:
+        lt = _libtorrent()
+        self._lt = lt
+        self.address = check_ip(address)
+        port = check_int(port, "swarm port", 0, 65535)
+        categories = lt.alert.category_t
+        settings = {
+            "listen_interfaces": _endpoint(self.address, port),
+            "outgoing_interfaces": self.address,
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "dht_bootstrap_nodes": "",
+            "unchoke_slots_limit": check_int(upload_slots, "upload slots", 1, 64),
+            # Nodes of a dev cluster share one address; real nodes have one each.
+            "allow_multiple_connections_per_ip": True,
+            "alert_mask": (categories.error_notification | categories.status_notification
+                           | categories.storage_notification),
+        }
+        # flags 0: none of the default extensions, peer exchange among them (peers only from Consul).
+        self._session = lt.session(settings, 0)
+        self._lock = threading.Lock()
+        self._allowed: set[str] = {self.address}
+        self._peers: set[tuple[str, int]] = set()
+        self._handle: Any = None
+        self._apply_filter()
+        self._await_listening(_endpoint(self.address, port))
+
+    def _await_listening(self, endpoint: str) -> None:
+        """Return once the session listens on TCP (bounded), so the port it reports is in use."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for alert in self._session.pop_alerts():
+                if isinstance(alert, self._lt.listen_failed_alert):
+                    raise SwarmError(f"the swarm cannot listen on {endpoint}: {alert.message()}")
+                if (isinstance(alert, self._lt.listen_succeeded_alert)
+                        and alert.socket_type == self._lt.socket_type_t.tcp):
+                    return
+            self._session.wait_for_alert(int(POLL_SECONDS * 1000))
+        raise SwarmError(f"the swarm did not start listening on {endpoint} within 10 s")
+
+    @property
+    def port(self) -> int:
+        """The port the session listens on (the one the OS chose for port 0)."""
+        return check_port(self._session.listen_port())
+
+    def _apply_filter(self) -> None:
+        """Block every address but this node's and its peers', in both directions."""
+        rules = self._lt.ip_filter()
+        rules.add_rule("0.0.0.0", "255.255.255.255", 1)
+        rules.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+        for address in self._allowed:
+            rules.add_rule(address, address, 0)
+        self._session.set_ip_filter(rules)
+
+    def connect(self, peers: Iterable[tuple[str, int]]) -> None:
+        """Connect to ``peers`` (from ``peer``), now and again at every poll; the node's own
+        endpoint is skipped."""
+        with self._lock:
+            fresh = {peer(address, port) for address, port in peers} - self._peers
+            fresh.discard((self.address, self.port))
+            if not fresh:
+                return
+            self._peers |= fresh
+            if not {address for address, _port in fresh} <= self._allowed:
+                self._allowed |= {address for address, _port in fresh}
+                self._apply_filter()
+            handle = self._handle
+        if handle is not None:
+            for endpoint in fresh:
+                handle.connect_peer(endpoint)
+
+    def _reconnect(self) -> None:
+        with self._lock:
+            peers, handle = set(self._peers), self._handle
+        if handle is not None:
+            for endpoint in peers:
+                handle.connect_peer(endpoint)
+
+    def _add(self, metadata: Metadata, save_path: str, seed: bool) -> None:
+        lt = self._lt
+        params = lt.add_torrent_params()
+        params.ti = lt.torrent_info(lt.bdecode(b"d4:info" + metadata.info + b"e"))
+        params.save_path = save_path
+        flags = lt.torrent_flags
+        params.flags = (flags.disable_dht | flags.disable_lsd | flags.disable_pex | flags.apply_ip_filter
+                        | (flags.seed_mode if seed else 0))
+        handle = self._session.add_torrent(params)
+        with self._lock:
+            self._handle = handle
+        self._reconnect()
+
+    def seed(self, metadata: Metadata, path: str) -> None:
+        """Serve the file at ``path``, which is the artifact (the leader's, or one verified
+        here): libtorrent checks each piece when it first sends it."""
+        if os.path.basename(path) != metadata.name:
+            raise SwarmError(f"the file {path} is not named {metadata.name}")
+        self._add(metadata, os.path.dirname(path), seed=True)
+
+    def _raise_errors(self) -> None:
+        for alert in self._session.pop_alerts():
+            if isinstance(alert, (self._lt.torrent_error_alert, self._lt.file_error_alert)):
+                raise SwarmError(f"the swarm failed: {alert.message()}")
+
+    def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float) -> None:
+        """Download the artifact into ``final_path``, then seed it from there.
+
+        The download goes into ``staging_dir``; the whole file's SHA-256 must be ``checksum``
+        before it is renamed onto ``final_path``, so bad data never lands there (libtorrent
+        checked each piece against the metadata already). A file already at ``final_path`` that
+        has the checksum is seeded as it is. SwarmError when the download does not finish
+        within ``timeout`` seconds or fails; the staging file is removed then.
+        """
+        if os.path.basename(final_path) != metadata.name:
+            raise SwarmError(f"the artifact path {final_path} is not named {metadata.name}")
+        if os.path.isfile(final_path) and file_mismatch(final_path, checksum) is None:
+            self.seed(metadata, final_path)
+            return
+        staging = staging_dir(final_path, run_id)
+        os.makedirs(staging, mode=0o700, exist_ok=True)
+        staged = os.path.join(staging, metadata.name)
+        try:
+            self._download(metadata, staging, timeout)
+            mismatch = file_mismatch(staged, checksum)
+            if mismatch is not None:
+                raise SwarmError(f"the artifact from the swarm is not the release's: {mismatch}")
+            os.replace(staged, final_path)
+        finally:
+            if os.path.exists(staged):
+                os.unlink(staged)
+            os.rmdir(staging)
+        self.seed(metadata, final_path)
+
+    def _download(self, metadata: Metadata, staging: str, timeout: float) -> None:
+        """Download into ``staging``, then take the torrent out of the session (its file closed)."""
+        deadline = time.monotonic() + timeout
+        self._add(metadata, staging, seed=False)
+        try:
+            while not self._handle.status().is_seeding:
+                if time.monotonic() >= deadline:
+                    raise SwarmError(f"the artifact did not arrive from the swarm within {timeout:g} s "
+                                     f"({self._handle.status().progress:.0%} of {metadata.length} bytes)")
+                self._raise_errors()
+                self._session.wait_for_alert(int(POLL_SECONDS * 1000))
+                self._reconnect()
+        finally:
+            self._remove()
+
+    def _remove(self) -> None:
+        """Take the torrent out of the session and wait (bounded) until its file is closed."""
+        with self._lock:
+            handle, self._handle = self._handle, None
+        self._session.remove_torrent(handle)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(isinstance(alert, self._lt.torrent_removed_alert) for alert in self._session.pop_alerts()):
+                return
+            self._session.wait_for_alert(int(POLL_SECONDS * 1000))
+        raise SwarmError("libtorrent did not release the artifact's file within 10 s")
+
+    def close(self) -> None:
+        """Stop serving and close the session's sockets."""
+        self._session.pause()
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle is not None:
+            self._session.remove_torrent(handle)
+

@@ -1,0 +1,233 @@
+"""The swarm of an artifact: its metadata and the checks of metadata read from KV, peers, and
+real libtorrent sessions on 127.0.0.1 (one seed, two leechers, peers connected explicitly)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from ansible_collections.fireap.consul.plugins.module_utils import _swarm
+from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
+    PIECE_MAX,
+    PIECE_MIN,
+    PIECES_MAX,
+    Swarm,
+    SwarmError,
+    check_metadata,
+    check_port,
+    create_metadata,
+    peer,
+    piece_size,
+    staging_dir,
+)
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(name="artifact")
+def artifact_fixture(tmp_path):
+    """A 300 KB build on the seed's side (5 pieces of 64 KiB)."""
+    path = tmp_path / "seed" / "app-1.0.tar.gz"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(300_000))
+    return str(path)
+
+
+def info_dict(name=b"app-1.0.tar.gz", length=300_000, piece=PIECE_MIN, pieces=None, extra=None):
+    """A bencoded info dict as an attacker could write it (``extra``: more keys), with its info-hash."""
+    if pieces is None:
+        pieces = b"\0" * 20 * -(-length // piece)
+    fields = {b"name": name, b"length": length, b"piece length": piece, b"pieces": pieces, **(extra or {})}
+    data = _swarm._bencode(fields)
+    return data, hashlib.sha1(data).hexdigest()
+
+
+def test_piece_size_is_the_smallest_power_of_two_that_bounds_the_piece_count():
+    assert piece_size(1) == PIECE_MIN
+    assert piece_size(PIECE_MIN * PIECES_MAX) == PIECE_MIN
+    assert piece_size(PIECE_MIN * PIECES_MAX + 1) == 2 * PIECE_MIN
+    assert piece_size(PIECE_MAX * PIECES_MAX) == PIECE_MAX
+    with pytest.raises(ValueError, match="artifact size"):
+        piece_size(PIECE_MAX * PIECES_MAX + 1)
+
+
+def test_metadata_round_trip(artifact):
+    metadata = create_metadata(artifact)
+    assert (metadata.name, metadata.length, metadata.piece_length, metadata.pieces) == (
+        "app-1.0.tar.gz", 300_000, PIECE_MIN, 5)
+    assert metadata.info_hash == hashlib.sha1(metadata.info).hexdigest()
+    assert len(metadata.info) < 1024
+    again = check_metadata(metadata.info, name="app-1.0.tar.gz", length=300_000, info_hash=metadata.info_hash)
+    assert again == metadata
+
+
+def test_metadata_of_a_missing_or_empty_file_is_refused(tmp_path):
+    with pytest.raises(SwarmError, match="cannot read the artifact"):
+        create_metadata(str(tmp_path / "missing"))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(SwarmError, match="has 0 bytes"):
+        create_metadata(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"name": b"other.tar.gz"}, "names the file 'other.tar.gz'"),
+    ({"name": b"../app-1.0.tar.gz"}, "must be one path component"),
+    ({"name": b"/etc/app-1.0.tar.gz"}, "must be one path component"),
+    ({"name": b".."}, "must be one path component"),
+    ({"name": b"\xff"}, "must be one path component"),
+    ({"length": 300_001}, "gives the length 300001"),
+    ({"piece": 100_000}, "must be a power of two"),
+    ({"piece": 2 * PIECE_MAX}, "must be a power of two"),
+    ({"piece": 32 * 1024}, "must be a power of two"),
+    ({"pieces": b"\0" * 19 * 5}, "must hold 5 piece hashes"),
+    ({"extra": {b"files": [{b"length": 1, b"path": [b"x"]}]}}, "several files"),
+    ({"extra": {b"private": 1}}, "exactly the keys"),
+])
+def test_metadata_from_kv_that_breaks_a_rule_is_refused(fields, expected):
+    data, info_hash = info_dict(**fields)
+    with pytest.raises(SwarmError, match=expected):
+        check_metadata(data, name="app-1.0.tar.gz", length=300_000, info_hash=info_hash)
+
+
+def test_metadata_whose_hash_is_not_the_releases_is_refused():
+    data, info_hash = info_dict()
+    other = ("0" if info_hash[0] != "0" else "1") + info_hash[1:]
+    with pytest.raises(SwarmError, match=f"has the info-hash {info_hash}, the release {other}"):
+        check_metadata(data, name="app-1.0.tar.gz", length=300_000, info_hash=other)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"d" + b"0:" * (_swarm.METADATA_MAX // 2) + b"e", "at most"),
+    (b"l4:spame", "one canonically bencoded dict"),
+    (b"d4:name3:abce", "exactly the keys"),
+    (b"d4:name3:abc", "not bencoded: metadata ends inside a list or dict"),
+    (b"d4:name9:abce", "not bencoded: metadata ends inside a string"),
+    (b"d4:name3:abc6:length3:abce", "not one canonically"),  # keys out of order
+    (b"d6:lengthi01ee", "not one canonically"),
+    (b"d6:lengthix1ee", "not bencoded: metadata holds a malformed integer"),
+    (b"d6:lengthi" + b"1" * 30 + b"ee", "not bencoded: metadata holds a malformed integer"),
+    (b"d1:al" * 10 + b"e", "not bencoded: metadata nests too deep"),
+    (b"di1ei2ee", "not bencoded: metadata holds a malformed dict"),
+    (b"d4:namex3:abce", "not bencoded: metadata holds a malformed string"),
+    ("d4:name3:abce", "must be bytes"),
+])
+def test_metadata_that_is_not_one_bounded_canonical_dict_is_refused(data, expected):
+    with pytest.raises(SwarmError, match=expected):
+        check_metadata(data, name="app-1.0.tar.gz", length=300_000, info_hash="0" * 40)
+
+
+def test_the_releases_own_values_are_checked_too():
+    data, info_hash = info_dict()
+    with pytest.raises(SwarmError, match="40 lowercase hex digits"):
+        check_metadata(data, name="app-1.0.tar.gz", length=300_000, info_hash=info_hash.upper())
+    with pytest.raises(ValueError, match="artifact size"):
+        check_metadata(data, name="app-1.0.tar.gz", length=0, info_hash=info_hash)
+    with pytest.raises(SwarmError, match="one path component"):
+        check_metadata(data, name="a/b", length=300_000, info_hash=info_hash)
+
+
+def test_peers_are_ip_literals_and_ports():
+    assert peer("10.0.0.7", 6881) == ("10.0.0.7", 6881)
+    assert peer("fd00::0:1", 1) == ("fd00::1", 1)
+    for address in ("node-1.example.com", "10.0.0.7%eth0", "fe80::1%eth0", "", None, "10.0.0.256"):
+        with pytest.raises(SwarmError, match="must be an IP address"):
+            peer(address, 6881)
+    for port in (0, 65536, -1, True, "6881", 6881.0):
+        with pytest.raises(SwarmError, match="swarm port"):
+            check_port(port)
+
+
+def test_the_staging_dir_is_under_the_artifacts_dir_and_named_by_a_valid_run_id():
+    assert staging_dir("/srv/builds/app-1.tar.gz", RUN_ID) == f"/srv/builds/.fireap-swarm/{RUN_ID}"
+    with pytest.raises(ValueError, match="run id"):
+        staging_dir("/srv/builds/app-1.tar.gz", "../x")
+
+
+def test_a_swarm_listens_on_the_address_it_is_given_at_the_port_it_reports():
+    swarm = Swarm("127.0.0.1", 0, 2)
+    try:
+        assert 0 < swarm.port < 65536
+    finally:
+        swarm.close()
+    with pytest.raises(SwarmError, match=r"cannot listen on 192\.0\.2\.1:0"):
+        Swarm("192.0.2.1", 0, 2)  # an address of no interface here: nothing is sent
+
+
+@pytest.fixture(name="swarms")
+def swarms_fixture():
+    """Three sessions on 127.0.0.1, each on a port of its own."""
+    swarms = [Swarm("127.0.0.1", 0, 2) for index in range(3)]
+    yield swarms
+    for swarm in swarms:
+        swarm.close()
+
+
+def test_two_leechers_fetch_the_artifact_from_one_seed_and_each_other(artifact, tmp_path, swarms):
+    metadata = create_metadata(artifact)
+    with open(artifact, "rb") as stream:
+        build = stream.read()
+    seed, *leechers = swarms
+    seed.seed(metadata, artifact)
+    endpoints = [("127.0.0.1", swarm.port) for swarm in swarms]
+    for swarm in swarms:
+        swarm.connect(endpoints)
+    targets = [str(tmp_path / f"node-{index}" / "app-1.0.tar.gz") for index in range(2)]
+    errors = []
+
+    def fetch(swarm, target):
+        try:
+            swarm.fetch(metadata, target, digest(build), RUN_ID, timeout=60)
+        except SwarmError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch, args=pair) for pair in zip(leechers, targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors
+    for target in targets:
+        with open(target, "rb") as stream:
+            assert stream.read() == build
+        assert os.listdir(os.path.join(os.path.dirname(target), ".fireap-swarm")) == []
+
+
+def test_a_download_whose_checksum_is_not_the_releases_never_lands(artifact, tmp_path, swarms):
+    metadata = create_metadata(artifact)
+    seed, leecher = swarms[:2]
+    seed.seed(metadata, artifact)
+    leecher.connect([("127.0.0.1", seed.port)])
+    target = tmp_path / "node" / "app-1.0.tar.gz"
+    with pytest.raises(SwarmError, match="not the release's: checksum mismatch"):
+        leecher.fetch(metadata, str(target), digest(b"another build"), RUN_ID, timeout=60)
+    assert not target.exists()
+    assert os.listdir(target.parent / ".fireap-swarm") == []
+
+
+def test_a_download_without_peers_times_out_and_leaves_nothing(artifact, tmp_path, swarms):
+    metadata = create_metadata(artifact)
+    target = tmp_path / "node" / "app-1.0.tar.gz"
+    with pytest.raises(SwarmError, match=r"did not arrive from the swarm within 1 s \(0% of 300000 bytes\)"):
+        swarms[1].fetch(metadata, str(target), digest(b"x"), RUN_ID, timeout=1)
+    assert not target.exists()
+    assert os.listdir(target.parent / ".fireap-swarm") == []
+
+
+def test_a_file_already_in_place_with_the_checksum_is_served_without_a_download(artifact, tmp_path, swarms):
+    metadata = create_metadata(artifact)
+    with open(artifact, "rb") as stream:
+        build = stream.read()
+    holder, leecher = swarms[1:]
+    holder.fetch(metadata, artifact, digest(build), RUN_ID, timeout=1)
+    assert not os.path.exists(os.path.join(os.path.dirname(artifact), ".fireap-swarm"))
+    leecher.connect([("127.0.0.1", holder.port)])
+    target = tmp_path / "node" / "app-1.0.tar.gz"
+    leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
+    assert target.read_bytes() == build
