@@ -10,6 +10,9 @@ The variables are exactly:
 ``node``            this node's name
 ``remote.name``     the source node's name (the node this one pulls from)
 ``remote.address``  the source node's address
+``artifact``        the local path of the app's artifact, once the swarm delivered and verified
+                    it (apps with an ``artifact`` only; they have no single source, so no
+                    ``remote.*``)
 ``checksum``        the release's build checksum (``sha256:`` and 64 lowercase hex digits),
                     in ``verify_commands`` only
 
@@ -71,12 +74,16 @@ from ansible_collections.fireap.consul.plugins.module_utils._errors import Firea
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch, verification_problem
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     check_address,
+    check_artifact_path,
     check_checksum,
     check_name,
     check_version,
 )
 
-VARIABLES = ("app", "version", "node", "remote.name", "remote.address")
+#: The variable of an app with an artifact: its local path. Such an app has no single source.
+ARTIFACT_VARIABLE = "artifact"
+SOURCE_VARIABLES = ("remote.name", "remote.address")
+VARIABLES = ("app", "version", "node") + SOURCE_VARIABLES + (ARTIFACT_VARIABLE,)
 #: The variable only verify_commands may use: the release's checksum.
 CHECKSUM_VARIABLE = "checksum"
 VERIFY_VARIABLES = VARIABLES + (CHECKSUM_VARIABLE,)
@@ -128,6 +135,7 @@ class CommandVariables:
     remote_name: str
     remote_address: str
     checksum: Optional[str] = None  # the release's, None when it carries none
+    artifact: Optional[str] = None  # the artifact's local path, None for an app without one
 
     def __post_init__(self) -> None:
         check_name(self.app, "app")
@@ -137,6 +145,8 @@ class CommandVariables:
         check_address(self.remote_address, "source address")
         if self.checksum is not None:
             check_checksum(self.checksum)
+        if self.artifact is not None:
+            check_artifact_path(self.artifact)
 
     def value(self, name: str) -> str:
         """The value of a template variable (``remote.name`` and so on)."""
@@ -144,7 +154,8 @@ class CommandVariables:
             raise KeyError(name)
         value = getattr(self, name.replace(".", "_"))
         if value is None:
-            raise InvalidValue("the release carries no checksum for {{ %s }}" % name)
+            what = "the app has no artifact" if name == ARTIFACT_VARIABLE else "the release carries no checksum"
+            raise InvalidValue("%s for {{ %s }}" % (what, name))
         return value
 
 

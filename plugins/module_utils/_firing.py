@@ -26,6 +26,13 @@ How one release is started (``fire``):
    and the release record in one last transaction: the run's plan is complete before any
    record names the run, and the plan in force never changes. Earlier runs' plans are
    deleted after that;
+
+   An app whose targets advertise an artifact (``AppAdvert.artifact``, the same path template
+   on every one) is released with its file: the leader renders the template for the version,
+   creates the torrent metadata of its own file (``_swarm.create_metadata``), writes it under
+   the new run's ID (``<app>/artifact/<run_id>``) with the plan, and records its name, size
+   and info-hash in the release record with the file's checksum (computed when not given;
+   a checksum given must be the file's). The targets fetch it from the swarm;
 3. the user event ``FIREAP:TASK`` carrying ``{"app", "version"}`` is fired with the
    release's node filter only (Consul would match a service filter against service IDs, not
    the names the targets were chosen by). The event is only a wake-up: nodes read
@@ -46,6 +53,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
+from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_checksum
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
     NODE_FAILED,
@@ -58,6 +66,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     LockRecord,
     NodeAdvert,
     NodeState,
+    ReleaseArtifact,
     ReleaseFilters,
     ReleaseRecord,
     RunSummary,
@@ -79,8 +88,10 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     target_status,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release, schedule_order
+from ansible_collections.fireap.consul.plugins.module_utils._swarm import Metadata, create_metadata
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     STAGE_MAX,
+    artifact_path,
     check_checksum,
     check_fanout,
     check_int,
@@ -369,6 +380,7 @@ class Targets:
     unreachable: list[str]  # targets whose serfHealth is critical: they catch up when their agent is back
     without_app: list[str]  # do not advertise the app
     not_accepting: list[str]  # advertise it, but its service/tag filters match none of their services
+    artifact: str | None = None  # the artifact path template the targets advertise, None: no artifact
 
 
 def choose_targets(
@@ -401,7 +413,23 @@ def choose_targets(
                if name in adverts and app in adverts[name].apps]
     down = set(critical)
     return Targets(ordered, min(fanouts, default=None), [name for name in ordered if name in down],
-                   sorted(without_app), sorted(not_accepting))
+                   sorted(without_app), sorted(not_accepting), _artifact_template(app, ordered, adverts))
+
+
+def _artifact_template(app: str, targets: list[str], adverts: Mapping[str, NodeAdvert]) -> str | None:
+    """The artifact path template the ``targets`` that advertise ``app`` agree on (None: no
+    artifact); ReleaseError when they differ, since every node fetches the same file."""
+    templates: dict[str | None, list[str]] = {}
+    for name in targets:
+        app_advert = adverts[name].apps.get(app) if name in adverts else None
+        if app_advert is not None:
+            templates.setdefault(app_advert.artifact, []).append(name)
+    if len(templates) > 1:
+        shown = "; ".join(f"{'no artifact' if template is None else repr(template)} on {_listed(names)}"
+                          for template, names in sorted(templates.items(), key=lambda item: item[0] or ""))
+        raise ReleaseError(f"the targets of app {app!r} do not agree on its artifact ({shown}): give the app the "
+                           "same artifact.path on every node (the fireap_node role's fireap_node_apps) and apply the role")
+    return next(iter(templates), None)
 
 
 def read_adverts(client, schema: Schema) -> tuple[dict[str, NodeAdvert], list[str]]:
@@ -541,8 +569,10 @@ def _chunks(ops: list[dict]) -> list[list[dict]]:
     return [ops[start:start + TXN_MAX_OPS] for start in range(0, len(ops), TXN_MAX_OPS)]
 
 
-def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, release_entry, history) -> None:
-    """Write the plan under the new run's ID, then switch the release record to the run.
+def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, release_entry, history,
+                metadata: Metadata | None) -> None:
+    """Write the plan (and the artifact's ``metadata``, in a transaction of its own: it may take
+    most of one) under the new run's ID, then switch the release record to the run.
 
     The plan may take several transactions (Consul takes 64 operations in one before 1.14); a
     fire interrupted between them leaves a partial plan under a run ID no record names, and
@@ -552,6 +582,8 @@ def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, r
     concurrent writer is noticed.
     """
     run_id = record.run_id
+    if metadata is not None:
+        _txn(client, txn_set_batches([(schema.artifact(app, run_id), metadata.info)]))
     _txn(client, txn_set_batches([(schema.plan(app, run_id, name), entry.to_json()) for name, entry in plan.items()]))
     key = schema.release(app)
     if release_entry is None:
@@ -576,16 +608,17 @@ def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, r
         raise
 
 
-def _stale_plans(client, schema: Schema, app: str, run_id: str) -> list[str]:
-    """The plan keys of every other run (and of no run: keys not under a run's folder)."""
-    keys = client.kv.get(schema.plans_prefix(app), keys=True)[1] or []
-    current = schema.plan_prefix(app, run_id)
-    return sorted(key for key in keys if not key.startswith(current))
+def _stale(client, prefix: str, current: str) -> list[str]:
+    """The keys under ``prefix`` other than the current run's: its folder ``current`` (ending
+    in ``/``: the plans) or its one key ``current`` (the artifact's metadata)."""
+    keys = client.kv.get(prefix, keys=True)[1] or []
+    if current.endswith("/"):
+        return sorted(key for key in keys if not key.startswith(current))
+    return sorted(key for key in keys if key != current)
 
 
-def _deletes(schema: Schema, app: str, stale: list[str]) -> list[dict]:
-    """Txn ops deleting ``stale``: each run's folder at once, any other key alone."""
-    base = schema.plans_prefix(app)
+def _deletes(base: str, stale: list[str]) -> list[dict]:
+    """Txn ops deleting ``stale`` (keys under ``base``): each run's folder at once, any other key alone."""
     folders, keys = set(), []
     for key in stale:
         run, slash, _node = key[len(base):].partition("/")
@@ -741,12 +774,17 @@ def fire(
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
     _check_event_size(payload, filters)
+    metadata, checksum = _artifact_of(app, version, chosen.artifact, checksum)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)
     run_id = uuid.uuid4().hex
     addresses = {node["Node"]: node["Address"] for node in catalog or () if node.get("Address")}
     plan = plan_release(targets, leader, fanout, run_id, addresses)
-    stale = _stale_plans(client, schema, app, run_id)
+    stale = _stale(client, schema.plans_prefix(app), schema.plan_prefix(app, run_id))
+    # Only a run with an artifact, or after one, has metadata to replace: other apps' fires
+    # make the requests they always made.
+    stale_artifacts = (_stale(client, schema.artifacts_prefix(app), schema.artifact(app, run_id))
+                       if metadata is not None or (previous is not None and previous.artifact is not None) else [])
 
     now = time.time()
     holder = holder or default_holder()
@@ -766,6 +804,8 @@ def fire(
         status=RELEASE_RUNNING,
         pause_after_stage=pause_after_stage,
         checksum=checksum,
+        artifact=None if metadata is None else ReleaseArtifact(name=metadata.name, length=metadata.length,
+                                                               info_hash=metadata.info_hash),
     )
     result = {
         "run_id": run_id,
@@ -795,12 +835,13 @@ def fire(
     lock = LockRecord(run_id=run_id, holder=holder, since=now)
     session = _take_lock(client, schema, app, held_entry, lock)
     try:
-        _record_run(client, schema, app, plan, record, release_entry, history)
+        _record_run(client, schema, app, plan, record, release_entry, history, metadata)
     except Exception:
         client.session.destroy(session)
         raise
     # Once no record names them: a node reading them now finds a release of another run.
-    _txn(client, _chunks(_deletes(schema, app, stale)))
+    _txn(client, _chunks(_deletes(schema.plans_prefix(app), stale)
+                         + _deletes(schema.artifacts_prefix(app), stale_artifacts)))
     try:
         # No service or tag filter: Consul matches an event's service filter against the IDs of
         # each agent's services, the targets were chosen by service name. The node filter
@@ -813,6 +854,21 @@ def fire(
         ) from err
     result["event_id"] = event["ID"]
     return result
+
+
+def _artifact_of(app: str, version: str, template: str | None,
+                 checksum: str | None) -> tuple[Metadata | None, str | None]:
+    """The metadata of the leader's artifact of ``app`` at ``version`` (None: the app has none)
+    and the release's checksum: the file's, which ``checksum``, when given, must be."""
+    if template is None:
+        return None, checksum
+    path = artifact_path(template, app, version)
+    metadata = create_metadata(path)
+    actual = file_checksum(path)
+    if checksum is not None and checksum != actual:
+        raise ReleaseError(f"the artifact {path} of app {app!r} version {version} has the checksum {actual}, not "
+                           f"{checksum} as given; nothing was fired")
+    return metadata, actual
 
 
 def _running_release(client, schema: Schema, app: str, version: str | None, what: str, hint: str):

@@ -9,7 +9,8 @@ recorded ``failed``, so no puller ever takes it as a source.
 
 A release and an app's settings must agree (``verification_problem``): a checksum that no
 verification checks, or a verification with no checksum to check, fails the node before
-any of the app's commands run, so a build never goes unverified silently.
+any of the app's commands run, so a build never goes unverified silently. An app with an
+artifact checks the checksum on the whole file it fetched (``_swarm``), before any command.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def verification_problem(app_config, checksum: str | None) -> str | None:
     carrying ``checksum`` (None: none), or None when they agree."""
     verifies = app_config.verify_file is not None or bool(app_config.verify_commands)
     app = app_config.name
-    if checksum is not None and not verifies:
+    if checksum is not None and not verifies and app_config.artifact is None:
         return (f"the release carries the checksum {checksum}, but app {app} configures no verification on "
                 f"this node: set verify_file or verify_commands under apps.{app} (or defaults) in the task "
                 "config; nothing was run")

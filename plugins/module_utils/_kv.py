@@ -7,6 +7,7 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
     <p><app>/plan/<node>           PlanEntry       the node's preferred source (and its address), written by the leader
     <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
     <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
+    <p><app>/artifact/<run_id>     torrent info    the bencoded info dict of the run's artifact (apps with one), by the leader
     <p>.apps/<node>                NodeAdvert      the apps of the node's task config, written by its handler
 
 ``.apps`` starts with a dot, which no app name does, so no app's keys can collide with it.
@@ -41,8 +42,12 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     STAGE_MAX,
     TARGETS_MAX,
     check_address,
+    check_artifact_length,
+    check_artifact_name,
+    check_artifact_path,
     check_checksum,
     check_fanout,
+    check_info_hash,
     check_int,
     check_name,
     check_run_id,
@@ -135,6 +140,15 @@ class Schema:
 
     def plan(self, app: str, run_id: str, node: str) -> str:
         return self.plan_prefix(app, run_id) + check_name(node, "node")
+
+    def artifacts_prefix(self, app: str) -> str:
+        """``<p><app>/artifact/``: the artifact metadata of the app's runs, one key per run ID."""
+        return self.app_prefix(app) + "artifact/"
+
+    def artifact(self, app: str, run_id: str) -> str:
+        """``<p><app>/artifact/<run_id>``: the run's torrent metadata (a bencoded info dict). Derived
+        from the run, never named by a record, so no record can send a node to another key."""
+        return self.artifacts_prefix(app) + check_run_id(run_id)
 
     def history(self, app: str) -> str:
         """``<p><app>/history``: the app's last runs (see History)."""
@@ -266,6 +280,8 @@ class _Record:
     """JSON (de)serialisation shared by the records below (each a dataclass with a reader)."""
 
     __dataclass_fields__: ClassVar[dict[str, Any]]
+    #: Fields left out when None: a record without them is written as before they existed.
+    OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Field name -> value, nested records as dicts. The fields hold JSON scalars only, so
@@ -273,6 +289,8 @@ class _Record:
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if value is None and name in self.OPTIONAL_FIELDS:
+                continue
             out[name] = value.to_dict() if isinstance(value, _Record) else value
         return out
 
@@ -317,12 +335,41 @@ class ReleaseFilters(_Record):
 
 
 @dataclass(frozen=True)
+class ReleaseArtifact(_Record):
+    """The artifact of a release: the file ``name`` (the basename of the app's artifact path at
+    the release's version), its ``length`` in bytes and the ``info_hash`` (v1, hex) of its torrent
+    metadata, which lives at ``Schema.artifact(app, run_id)``."""
+
+    name: str
+    length: int
+    info_hash: str
+
+    def __post_init__(self) -> None:
+        _revalidate(ReleaseArtifact, self)
+
+    @classmethod
+    def from_dict(cls, obj: Any, key: str | None = None) -> ReleaseArtifact:
+        if not isinstance(obj, dict):
+            raise KVRecordError(key, f"field 'artifact' must be an object, got {show(obj)}")
+        record = object.__new__(cls)
+        for name, value in (
+            ("name", _checked(obj, "name", key, check_artifact_name)),
+            ("length", _checked(obj, "length", key, check_artifact_length)),
+            ("info_hash", _checked(obj, "info_hash", key, check_info_hash)),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
 class ReleaseRecord(_Record):
     """``<app>/release``: the authoritative description of the current run of an app.
 
     ``target_count`` counts every node in the run, the leader included. ``pause_after_stage``:
     the canary gate: no target of a later plan stage starts until ``resumed_at`` is set.
     ``checksum``: the build's digest, which targets verify before their after_commands.
+    ``artifact``: the file the swarm delivers (apps with an artifact), which requires the checksum:
+    every target checks the whole file against it before any command runs.
     """
 
     app: str
@@ -338,10 +385,15 @@ class ReleaseRecord(_Record):
     pause_after_stage: int | None = None
     resumed_at: float | None = None
     checksum: str | None = None
+    artifact: ReleaseArtifact | None = None
+
+    OPTIONAL_FIELDS = ("artifact",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.filters, ReleaseFilters):
             raise KVRecordError(None, f"filters must be a ReleaseFilters, got {self.filters!r}")
+        if self.artifact is not None and not isinstance(self.artifact, ReleaseArtifact):
+            raise KVRecordError(None, f"artifact must be a ReleaseArtifact, got {self.artifact!r}")
         _revalidate(ReleaseRecord, self)
 
     @property
@@ -375,7 +427,10 @@ class ReleaseRecord(_Record):
                                        lambda value: check_int(value, "pause_after_stage", 1, STAGE_MAX), optional=True),
             resumed_at=_time(obj, "resumed_at", key, optional=True),
             checksum=_checked(obj, "checksum", key, check_checksum, optional=True),
+            artifact=None if obj.get("artifact") is None else ReleaseArtifact.from_dict(obj["artifact"], key),
         )
+        if values["artifact"] is not None and values["checksum"] is None:
+            raise KVRecordError(key, "field 'artifact' requires a 'checksum'")
         for name, value in values.items():
             object.__setattr__(record, name, value)
         return record
@@ -631,12 +686,17 @@ class AppAdvert(_Record):
 
     ``service_filter`` and ``tag_filter`` are regular expressions (an exact name of the task
     config is ``^name$``); ``accepts`` is the one rule that applies them, on the leader to the
-    catalog's services of the node and on the node to its agent's own.
+    catalog's services of the node and on the node to its agent's own. ``artifact``: the path
+    template of the app's artifact (see ``_validation.check_artifact_path``), which the leader
+    publishes to the swarm with each release of the app.
     """
 
     max_semaphores: int
     service_filter: str | None = None
     tag_filter: str | None = None
+    artifact: str | None = None
+
+    OPTIONAL_FIELDS = ("artifact",)
 
     def __post_init__(self) -> None:
         _revalidate(AppAdvert, self)
@@ -665,6 +725,7 @@ class AppAdvert(_Record):
             ("max_semaphores", _int(obj, "max_semaphores", key, FANOUT_MIN, FANOUT_MAX)),
             ("service_filter", service_filter),
             ("tag_filter", tag_filter),
+            ("artifact", _checked(obj, "artifact", key, check_artifact_path, optional=True)),
         ):
             object.__setattr__(record, name, value)
         return record

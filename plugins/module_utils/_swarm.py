@@ -33,18 +33,21 @@ from typing import Any, Iterable
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch
-from ansible_collections.fireap.consul.plugins.module_utils._validation import check_int, check_run_id, show
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    ARTIFACT_MAX,
+    PIECE_MAX,
+    PIECE_MIN,
+    PIECES_MAX,
+    check_artifact_length,
+    check_artifact_name,
+    check_info_hash,
+    check_int,
+    check_run_id,
+    show,
+)
 
-#: Smallest and largest piece size: pieces are a power of two in this range.
-PIECE_MIN = 64 * 1024
-PIECE_MAX = 16 * 1024 * 1024
-#: Most pieces of one artifact: the info dict holds 20 bytes per piece, so it stays near 80 KB.
-PIECES_MAX = 4096
-#: Largest artifact: PIECES_MAX pieces of PIECE_MAX bytes (64 GiB).
-ARTIFACT_MAX = PIECES_MAX * PIECE_MAX
-#: Consul's limit on one KV value.
-KV_VALUE_MAX = 512 * 1024
-#: Largest info dict accepted from KV: the pieces plus room for the name and the numbers.
+#: Largest info dict accepted from KV: the pieces plus room for the name and the numbers (about
+#: 86 KB, a sixth of Consul's 512 KB limit on one value, also base64-encoded in a transaction).
 METADATA_MAX = PIECES_MAX * 20 + 4096
 #: The keys of the info dict of one file (v1): any other key (``files``: several files) is refused.
 INFO_KEYS = (b"length", b"name", b"piece length", b"pieces")
@@ -52,8 +55,6 @@ INFO_KEYS = (b"length", b"name", b"piece length", b"pieces")
 STAGING_FOLDER = ".fireap-swarm"
 #: Seconds between two re-connections to the known peers, and the longest single wait for an alert.
 POLL_SECONDS = 0.5
-
-INFO_HASH_LENGTH = 40
 
 
 class SwarmError(FireapError):
@@ -79,34 +80,12 @@ def piece_size(length: int) -> int:
     return size
 
 
-def check_artifact_length(value: Any) -> int:
-    """Return ``value`` if it is an artifact's size in bytes: 1..ARTIFACT_MAX."""
-    return check_int(value, "artifact size", 1, ARTIFACT_MAX)
-
-
-def check_info_hash(value: Any) -> str:
-    """Return ``value`` if it is a v1 info-hash: 40 lowercase hex digits."""
-    if not isinstance(value, str) or len(value) != INFO_HASH_LENGTH or value.strip("0123456789abcdef"):
-        raise SwarmError(f"info-hash {show(value)} must be 40 lowercase hex digits")
-    return value
-
-
 def check_port(value: Any) -> int:
     """Return ``value`` if it is a TCP port a node's swarm listens on: 1..65535."""
     try:
         return check_int(value, "swarm port", 1, 65535)
     except ValueError as exc:
         raise SwarmError(str(exc)) from None
-
-
-def check_artifact_name(value: Any) -> str:
-    """Return ``value`` if it can name the artifact's file inside its directory: one path
-    component, printable, not ``.`` or ``..``, so no path built from it leaves the directory."""
-    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value
-            or not value.isprintable() or len(value.encode("utf-8")) > 255):
-        raise SwarmError(f"artifact name {show(value)} must be one path component (no '/', not '.' or '..', "
-                         "printable, at most 255 bytes)")
-    return value
 
 
 @dataclass(frozen=True)
@@ -202,10 +181,9 @@ def check_metadata(data: Any, *, name: str, length: int, info_hash: str) -> Meta
         raise SwarmError(f"artifact metadata must hold exactly the keys {', '.join(k.decode() for k in INFO_KEYS)}, "
                          f"got {', '.join(show(k) for k in sorted(info))}")
     try:
-        got_name = info[b"name"].decode("utf-8") if isinstance(info[b"name"], bytes) else None
-    except UnicodeDecodeError:
-        got_name = None
-    check_artifact_name(got_name)
+        got_name = check_artifact_name(info[b"name"].decode("utf-8") if isinstance(info[b"name"], bytes) else None)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SwarmError(f"artifact metadata names no file of its own directory: {exc}") from None
     if got_name != name:
         raise SwarmError(f"artifact metadata names the file {show(got_name)}, the release {show(name)}")
     if info[b"length"] != length:

@@ -27,6 +27,8 @@ role variables; the node's fireap-reap handler and the controller modules read i
       verify_file: null     # path template of the build's file: its SHA-256 must be the
                             # release's checksum
       verify_commands: []   # commands that verify the build, given {{ checksum }}
+      artifact: null        # {path: /srv/builds/{{ app }}-{{ version }}.tar.gz, seed_seconds: 60}:
+                            # one file the swarm delivers before the commands run
       service: null         # target filters, see below
       service_regexp: null
       tag: null
@@ -54,6 +56,12 @@ Rules:
 - Commands are templates with ``{{ app }}``, ``{{ version }}``, ``{{ node }}``,
   ``{{ remote.name }}`` and ``{{ remote.address }}`` (see ``_commands``). Values are
   inserted already shell-quoted: never put quotes around a variable.
+- Artifact: an app may declare one file (``artifact.path``, an absolute path whose file name
+  may hold ``{{ app }}`` and ``{{ version }}``; ``_validation.check_artifact_path``) that the
+  leader publishes with each release and every target fetches from the swarm (``_swarm``)
+  and verifies against the release's checksum before its commands run; they name it
+  ``{{ artifact }}`` and, with no single source, never ``{{ remote.* }}``. A node serves it
+  until every target is over, then for ``seed_seconds`` at most (0..SEED_SECONDS_MAX).
 - Filters decide which nodes take an app: a node takes it only when one of its services
   has a matching name (``service``: exactly this name; ``service_regexp``: a regexp
   searched unanchored in the name) and, with a tag filter, that same service has a
@@ -92,8 +100,10 @@ else:
     _SafeLoader = yaml.SafeLoader
 
 from ansible_collections.fireap.consul.plugins.module_utils._commands import (
+    ARTIFACT_VARIABLE,
     ON_FAILURE_CHOICES,
     PHASES,
+    SOURCE_VARIABLES,
     VARIABLES,
     VERIFY_PHASE,
     VERIFY_VARIABLES,
@@ -111,6 +121,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     FANOUT_MAX,
     FANOUT_MIN,
+    check_artifact_path,
     check_name,
 )
 
@@ -123,6 +134,9 @@ DEFAULT_LOG_LEVEL = "info"
 APP_NAME_MAX_LENGTH = 48
 #: Longest service or tag filter as written: its exact-name regexp still fits an advert.
 FILTER_MAX_LENGTH = 256
+#: How long a node serves an artifact, at most, once every target of the run is over.
+DEFAULT_SEED_SECONDS = 60
+SEED_SECONDS_MAX = 3600
 
 _FILTER_PAIRS = (("service", "service_regexp"), ("tag", "tag_regexp"))
 
@@ -135,6 +149,14 @@ class ConfigError(FireapError):
             problems = [problems]
         self.problems = tuple(problems)
         super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class ArtifactConfig:
+    """An app's artifact: the path template of the file and how long a node serves it after the run."""
+
+    path: str
+    seed_seconds: int = DEFAULT_SEED_SECONDS
 
 
 @dataclass(frozen=True)
@@ -153,11 +175,12 @@ class AppConfig:
     tag_filter: Optional[str]       # regexp on the tags of that service, or None
     verify_file: Optional[str] = None   # path template of the file whose SHA-256 is checked
     verify_commands: Tuple[str, ...] = ()
+    artifact: Optional[ArtifactConfig] = None
 
     def advert(self) -> AppAdvert:
         """What the node tells the leader about this app (no commands)."""
         return AppAdvert(max_semaphores=self.max_semaphores, service_filter=self.service_filter,
-                         tag_filter=self.tag_filter)
+                         tag_filter=self.tag_filter, artifact=self.artifact.path if self.artifact else None)
 
     def listing(self) -> Dict[str, Any]:
         """The app's merged settings as ``fireap-reap --list`` shows them: commands as
@@ -168,6 +191,8 @@ class AppConfig:
             "command_timeout": self.command_timeout,
             "on_command_failure": self.on_command_failure,
             "verify_file": self.verify_file,
+            **({"artifact": {"path": self.artifact.path, "seed_seconds": self.artifact.seed_seconds}}
+               if self.artifact else {}),
             **{phase: list(getattr(self, phase)) for phase in PHASES},
             "service_filter": self.service_filter,
             "tag_filter": self.tag_filter,
@@ -293,6 +318,31 @@ def _verify_file(value: Any) -> Optional[str]:
     return value
 
 
+_ARTIFACT_KEYS = ("path", "seed_seconds")
+
+
+def _artifact(value: Any) -> Optional[ArtifactConfig]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid("must be a mapping with the keys %s, or null, got %s" % (", ".join(_ARTIFACT_KEYS), _show(value)))
+    for key in value:
+        if key not in _ARTIFACT_KEYS:
+            raise _Invalid(_unknown_key(key, list(_ARTIFACT_KEYS)), ".%s" % key)
+    if "path" not in value:
+        raise _Invalid("needs a path", ".path")
+    try:
+        path = check_artifact_path(value["path"])
+    except ValueError as exc:
+        raise _Invalid(str(exc), ".path") from None
+    seconds = value.get("seed_seconds", DEFAULT_SEED_SECONDS)
+    try:
+        _integer(0, SEED_SECONDS_MAX)(seconds)
+    except _Invalid as exc:
+        raise _Invalid(exc.message, ".seed_seconds") from None
+    return ArtifactConfig(path=path, seed_seconds=seconds)
+
+
 def _filter_text(value: str) -> None:
     """The rules every filter string follows, so that its regexp fits an advert."""
     if not value.isprintable():
@@ -390,6 +440,7 @@ _SETTINGS: Dict[str, Callable[[Any], Any]] = {
     "verify_commands": _command_list(VERIFY_VARIABLES),
     "after_commands": _command_list(VARIABLES),
     "verify_file": _verify_file,
+    "artifact": _artifact,
     "service": _filter_name,
     "service_regexp": _filter_regexp,
     "tag": _filter_name,
@@ -406,6 +457,7 @@ BUILTIN_DEFAULTS: Mapping[str, Any] = types.MappingProxyType({
     "verify_commands": (),
     "after_commands": (),
     "verify_file": None,
+    "artifact": None,
     "service": None,
     "service_regexp": None,
     "tag": None,
@@ -472,6 +524,26 @@ def _event_filter(settings: Mapping[str, Any], name_key: str, regexp_key: str) -
     return settings[regexp_key]
 
 
+def _artifact_commands_fit(path: str, settings: Mapping[str, Any], problems: _Problems) -> bool:
+    """Whether the app's commands name only what it has: ``{{ artifact }}`` needs an artifact,
+    and an app with one fetches it from the swarm, from no single source (no ``{{ remote.* }}``)."""
+    fits = True
+    for phase in PHASES:
+        for index, command in enumerate(settings[phase]):
+            used = set(template_variables(command, VERIFY_VARIABLES))
+            if settings["artifact"] is None and ARTIFACT_VARIABLE in used:
+                problems.add("%s.%s[%d]" % (path, phase, index),
+                             "uses {{ artifact }}, but the app has no artifact: set artifact.path")
+                fits = False
+            wrong = sorted(used & set(SOURCE_VARIABLES)) if settings["artifact"] is not None else []
+            if wrong:
+                problems.add("%s.%s[%d]" % (path, phase, index),
+                             "uses %s, but the app has an artifact, which comes from the swarm, not one source: "
+                             "use {{ artifact }}" % ", ".join("{{ %s }}" % name for name in wrong))
+                fits = False
+    return fits
+
+
 def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
            problems: _Problems) -> Optional[AppConfig]:
     path = "apps.%s" % name
@@ -485,6 +557,8 @@ def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
     if not any(settings[phase] for phase in PHASES if phase != VERIFY_PHASE):
         problems.add(path, "has no commands: set exec_commands (or before_commands, "
                            "after_commands) here or under defaults")
+        return None
+    if not _artifact_commands_fit(path, settings, problems):
         return None
     service_filter = _event_filter(settings, *_FILTER_PAIRS[0])
     tag_filter = _event_filter(settings, *_FILTER_PAIRS[1])
@@ -508,6 +582,7 @@ def _merge(name: str, defaults: Mapping[str, Any], own: Mapping[str, Any],
         tag_filter=tag_filter,
         verify_file=settings["verify_file"],
         verify_commands=settings["verify_commands"],
+        artifact=settings["artifact"],
     )
 
 

@@ -113,12 +113,17 @@ def check_version(value: Any) -> str:
 CHECKSUM_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 
 
+def _matching(value: Any, what: str, pattern: re.Pattern[str], rule: str) -> str:
+    """Return ``value`` if it is a string that ``pattern`` matches whole; else ``what`` must be ``rule``."""
+    _text(value, what)
+    if not pattern.fullmatch(value):
+        raise InvalidValue(f"{what} {show(value)} must be {rule}")
+    return value
+
+
 def check_checksum(value: Any) -> str:
     """Return ``value`` if it is ``sha256:`` and 64 lowercase hex digits (safe in any command)."""
-    _text(value, "checksum")
-    if not CHECKSUM_PATTERN.fullmatch(value):
-        raise InvalidValue(f"checksum {show(value)} must be 'sha256:' followed by 64 lowercase hex digits")
-    return value
+    return _matching(value, "checksum", CHECKSUM_PATTERN, "'sha256:' followed by 64 lowercase hex digits")
 
 
 def check_run_id(value: Any) -> str:
@@ -193,3 +198,69 @@ def check_text(value: Any, what: str, limit: int, *, lines: bool = False) -> str
     if _CONTROL.search(allowed):
         raise InvalidValue(f"{what} {show(value)} must not contain control characters")
     return value
+
+
+# --- an app's artifact: one file that the swarm delivers (see _swarm) ---
+
+#: Smallest and largest piece of an artifact's torrent: a power of two in this range.
+PIECE_MIN = 64 * 1024
+PIECE_MAX = 16 * 1024 * 1024
+#: Most pieces of one artifact: its metadata holds 20 bytes per piece (about 80 KB at most).
+PIECES_MAX = 4096
+#: Largest artifact: PIECES_MAX pieces of PIECE_MAX bytes (64 GiB).
+ARTIFACT_MAX = PIECES_MAX * PIECE_MAX
+#: Longest artifact path template.
+ARTIFACT_PATH_MAX_LENGTH = 1024
+INFO_HASH_PATTERN = re.compile(r"[0-9a-f]{40}")
+_ARTIFACT_PLACEHOLDER = re.compile(r"\{\{\s*(app|version)\s*\}\}")
+
+
+def check_artifact_length(value: Any) -> int:
+    """Return ``value`` if it is an artifact's size in bytes: 1..ARTIFACT_MAX."""
+    return check_int(value, "artifact size", 1, ARTIFACT_MAX)
+
+
+def check_info_hash(value: Any) -> str:
+    """Return ``value`` if it is a v1 torrent info-hash: 40 lowercase hex digits."""
+    return _matching(value, "info-hash", INFO_HASH_PATTERN, "40 lowercase hex digits")
+
+
+def check_artifact_name(value: Any) -> str:
+    """Return ``value`` if it can name an artifact's file in its directory: one path component
+    (no ``/``, not ``.`` or ``..``), printable, at most 255 bytes; no path built from it leaves
+    the directory."""
+    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value
+            or not value.isprintable() or len(value.encode("utf-8")) > 255):
+        raise InvalidValue(f"artifact name {show(value)} must be one path component (no '/', not '.' or '..', "
+                           "printable, at most 255 bytes)")
+    return value
+
+
+def check_artifact_path(value: Any) -> str:
+    """Return ``value`` if it is an artifact's path template: absolute, printable, without ``.``
+    or ``..`` components, ``{{ app }}`` and ``{{ version }}`` in the file name only (every node
+    renders the same directory, whatever the release says) and no other placeholder."""
+    _text(value, "artifact path")
+    if len(value) > ARTIFACT_PATH_MAX_LENGTH or not value.startswith("/") or not value.isprintable():
+        raise InvalidValue(f"artifact path {show(value)} must be an absolute path of at most "
+                           f"{ARTIFACT_PATH_MAX_LENGTH} printable characters")
+    directory, _slash, name = value.rpartition("/")
+    if any(part in (".", "..") for part in value.split("/")) or "//" in value:
+        raise InvalidValue(f"artifact path {show(value)} must not have empty, '.' or '..' components")
+    if "{" in directory or "}" in directory:
+        raise InvalidValue(f"artifact path {show(value)}: placeholders may stand in the file name only")
+    literal = _ARTIFACT_PLACEHOLDER.sub("", name)
+    if "{" in literal or "}" in literal:
+        raise InvalidValue(f"artifact path {show(value)}: the file name may use only {{{{ app }}}} and "
+                           "{{ version }}")
+    check_artifact_name(_ARTIFACT_PLACEHOLDER.sub("x", name))
+    return value
+
+
+def artifact_path(template: str, app: str, version: str) -> str:
+    """The artifact's path for ``app`` at ``version``: names and versions hold no ``/`` and do not
+    start with ``.``, so the file stays in the template's directory."""
+    values = {"app": check_name(app, "app"), "version": check_version(version)}
+    path = _ARTIFACT_PLACEHOLDER.sub(lambda match: values[match.group(1)], check_artifact_path(template))
+    check_artifact_name(path.rpartition("/")[2])
+    return path

@@ -24,7 +24,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._commands import (
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import parse_config
 
 VARIABLES = CommandVariables(app="myapp", version="1.0", node="node-1",
-                             remote_name="node-0", remote_address="10.0.0.1")
+                             remote_name="node-0", remote_address="10.0.0.1",
+                             artifact="/srv/builds/myapp-1.0.tar.gz")
 
 HOSTILE = [
     "1.0;rm -rf /",
@@ -51,7 +52,7 @@ FIELDS = ("app", "version", "node", "remote_name", "remote_address")
 
 def variables(**values):
     fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0",
-                  remote_address="10.0.0.1")
+                  remote_address="10.0.0.1", artifact="/srv/builds/myapp-1.0.tar.gz")
     fields.update(values)
     return CommandVariables(**fields)
 
@@ -60,7 +61,7 @@ def unchecked_variables(**values):
     """CommandVariables holding ``values`` without the checks: what the quoting layer alone
     would make of a value that got past them."""
     fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0",
-                  remote_address="10.0.0.1")
+                  remote_address="10.0.0.1", artifact="/srv/builds/myapp-1.0.tar.gz")
     fields.update(values)
     unchecked = object.__new__(CommandVariables)
     for name, value in fields.items():
@@ -71,7 +72,7 @@ def unchecked_variables(**values):
 def fill(template, **values):
     """fill_template with every placeholder's value (``remote_name`` for ``remote.name``)."""
     fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0",
-                  remote_address="10.0.0.1")
+                  remote_address="10.0.0.1", artifact="/srv/builds/myapp-1.0.tar.gz")
     fields.update(values)
     return fill_template(template, {name: fields[name.replace(".", "_")] for name in NAMES})
 
@@ -174,7 +175,7 @@ def test_hostile_value_through_runner(tmp_path, monkeypatch):
     ("echo {{ remote.host }}",
      "unknown variable 'remote.host' in '{{ remote.host }}'; did you mean 'remote.address'?"),
     ("echo {{ build_id }}", "unknown variable 'build_id' in '{{ build_id }}' (variables: "
-                            "app, version, node, remote.name, remote.address)"),
+                            "app, version, node, remote.name, remote.address, artifact)"),
     ("echo {{ remote }}", "unknown variable 'remote'"),
     ("echo {{ app | upper }}", "filters are not supported in '{{ app | upper }}'"),
     ("echo {{ app ~ version }}", "only a variable name may stand in '{{ app ~ version }}'"),

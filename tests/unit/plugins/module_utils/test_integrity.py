@@ -82,7 +82,11 @@ def test_verification_without_a_checksum_fails_saying_how_to_fire(settings):
     assert "fire it with checksum or checksum_file (release.yml: fireap_checksum or fireap_checksum_file)" in problem
 
 
-@pytest.mark.parametrize("settings, checksum", [({}, None), ({"verify_file": "/srv/build.tar"}, GOOD)])
+@pytest.mark.parametrize("settings, checksum", [
+    ({}, None),
+    ({"verify_file": "/srv/build.tar"}, GOOD),
+    ({"artifact": {"path": "/srv/builds/{{ app }}-{{ version }}.tar.gz"}}, GOOD),  # the swarm checks the file
+])
 def test_a_release_and_an_app_that_agree_have_no_problem(settings, checksum):
     assert verification_problem(app(**settings), checksum) is None
 

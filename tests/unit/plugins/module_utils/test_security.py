@@ -203,7 +203,8 @@ def private_umask():
 
 
 def variables(**values) -> CommandVariables:
-    fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0", remote_address="10.0.0.1")
+    fields = dict(app="myapp", version="1.0", node="node-1", remote_name="node-0", remote_address="10.0.0.1",
+                  artifact="/srv/builds/myapp-1.0.tar.gz")
     fields.update(values)
     return CommandVariables(**fields)
 

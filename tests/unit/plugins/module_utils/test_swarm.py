@@ -11,9 +11,6 @@ import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils import _swarm
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
-    PIECE_MAX,
-    PIECE_MIN,
-    PIECES_MAX,
     Swarm,
     SwarmError,
     check_metadata,
@@ -23,6 +20,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
     piece_size,
     staging_dir,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._validation import PIECE_MAX, PIECE_MIN, PIECES_MAX
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -68,6 +66,13 @@ def test_metadata_round_trip(artifact):
     assert again == metadata
 
 
+def test_the_largest_metadata_fits_one_kv_value_even_base64_encoded():
+    name = "a" * 255
+    data, info_hash = info_dict(name=name.encode(), length=PIECE_MAX * PIECES_MAX, piece=PIECE_MAX)
+    assert check_metadata(data, name=name, length=PIECE_MAX * PIECES_MAX, info_hash=info_hash).pieces == PIECES_MAX
+    assert len(data) <= _swarm.METADATA_MAX and _swarm.METADATA_MAX * 4 // 3 + 4 < 512 * 1024
+
+
 def test_metadata_of_a_missing_or_empty_file_is_refused(tmp_path):
     with pytest.raises(SwarmError, match="cannot read the artifact"):
         create_metadata(str(tmp_path / "missing"))
@@ -78,10 +83,10 @@ def test_metadata_of_a_missing_or_empty_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("fields, expected", [
     ({"name": b"other.tar.gz"}, "names the file 'other.tar.gz'"),
-    ({"name": b"../app-1.0.tar.gz"}, "must be one path component"),
-    ({"name": b"/etc/app-1.0.tar.gz"}, "must be one path component"),
-    ({"name": b".."}, "must be one path component"),
-    ({"name": b"\xff"}, "must be one path component"),
+    ({"name": b"../app-1.0.tar.gz"}, "names no file of its own directory"),
+    ({"name": b"/etc/app-1.0.tar.gz"}, "names no file of its own directory"),
+    ({"name": b".."}, "names no file of its own directory"),
+    ({"name": b"\xff"}, "names no file of its own directory"),
     ({"length": 300_001}, "gives the length 300001"),
     ({"piece": 100_000}, "must be a power of two"),
     ({"piece": 2 * PIECE_MAX}, "must be a power of two"),
@@ -125,11 +130,11 @@ def test_metadata_that_is_not_one_bounded_canonical_dict_is_refused(data, expect
 
 def test_the_releases_own_values_are_checked_too():
     data, info_hash = info_dict()
-    with pytest.raises(SwarmError, match="40 lowercase hex digits"):
+    with pytest.raises(ValueError, match="40 lowercase hex digits"):
         check_metadata(data, name="app-1.0.tar.gz", length=300_000, info_hash=info_hash.upper())
     with pytest.raises(ValueError, match="artifact size"):
         check_metadata(data, name="app-1.0.tar.gz", length=0, info_hash=info_hash)
-    with pytest.raises(SwarmError, match="one path component"):
+    with pytest.raises(ValueError, match="one path component"):
         check_metadata(data, name="a/b", length=300_000, info_hash=info_hash)
 
 

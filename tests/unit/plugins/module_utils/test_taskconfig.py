@@ -549,3 +549,54 @@ def test_all_problems_reported_at_once():
 
 def test_config_error_is_a_fireap_error():
     assert issubclass(ConfigError, FireapError)
+
+
+ARTIFACT = "/srv/builds/{{ app }}-{{ version }}.tar.gz"
+
+
+def test_an_artifact_is_a_path_template_with_a_bounded_seed_time():
+    config = parse_config(app_config(artifact={"path": ARTIFACT}, exec_commands=["tar -xzf {{ artifact }}"]))
+    app = config.app("myapp")
+    assert app.artifact == _taskconfig.ArtifactConfig(path=ARTIFACT, seed_seconds=60)
+    assert app.advert().artifact == ARTIFACT
+    assert app.listing()["artifact"] == {"path": ARTIFACT, "seed_seconds": 60}
+    again = parse_config(app_config(artifact={"path": ARTIFACT, "seed_seconds": 0}, exec_commands=["true"]))
+    assert again.app("myapp").artifact.seed_seconds == 0
+
+
+def test_an_app_without_an_artifact_advertises_and_lists_none():
+    app = parse_config(app_config()).app("myapp")
+    assert app.artifact is None and app.advert().artifact is None
+    assert "artifact" not in app.advert().to_dict() and "artifact" not in app.listing()
+
+
+def test_an_app_artifact_replaces_the_defaults_one():
+    other = "/srv/other/{{ app }}.tar.gz"
+    config = parse_config({"defaults": {"artifact": {"path": ARTIFACT, "seed_seconds": 5},
+                                        "exec_commands": ["tar -xzf {{ artifact }}"]},
+                           "apps": {"a": None, "b": {"artifact": {"path": other}}}})
+    assert config.app("a").artifact == _taskconfig.ArtifactConfig(ARTIFACT, 5)
+    assert config.app("b").artifact == _taskconfig.ArtifactConfig(other, 60)
+
+
+@pytest.mark.parametrize("artifact, message", [
+    ("/srv/x.tar.gz", r"apps\.myapp\.artifact: must be a mapping with the keys path, seed_seconds"),
+    ({}, r"apps\.myapp\.artifact\.path: needs a path"),
+    ({"path": "/srv/{{ app }}/x.tar.gz"}, r"apps\.myapp\.artifact\.path: .*in the file name only"),
+    ({"path": "/srv/../x"}, r"apps\.myapp\.artifact\.path: .*'\.\.' components"),
+    ({"path": "/srv/{{ node }}.tgz"}, r"apps\.myapp\.artifact\.path: .*only \{\{ app \}\} and"),
+    ({"path": ARTIFACT, "seed_seconds": 3601}, r"apps\.myapp\.artifact\.seed_seconds: must be an integer from 0"),
+    ({"path": ARTIFACT, "seed_seconds": True}, r"apps\.myapp\.artifact\.seed_seconds: must be an integer"),
+    ({"path": ARTIFACT, "seed_secs": 1}, r"apps\.myapp\.artifact\.seed_secs: unknown key; did you mean 'seed_seconds'"),
+])
+def test_an_invalid_artifact_is_refused_naming_its_key(artifact, message):
+    assert re.search(message, error_of(app_config(artifact=artifact, exec_commands=["true"])))
+
+
+def test_artifact_commands_name_the_artifact_and_never_one_source():
+    without = error_of(app_config(exec_commands=["tar -xzf {{ artifact }}"]))
+    assert "apps.myapp.exec_commands[0]: uses {{ artifact }}, but the app has no artifact" in without
+    with_source = error_of(app_config(artifact={"path": ARTIFACT},
+                                      after_commands=["true", "scp {{ remote.address }}:x {{ artifact }}"]))
+    assert ("apps.myapp.after_commands[1]: uses {{ remote.address }}, but the app has an artifact, which comes "
+            "from the swarm, not one source") in with_source

@@ -355,3 +355,42 @@ def test_every_time_check_time_accepts_can_be_shown_as_a_date():
     """The report and the monitor format record times without guarding: the bound is the
     last second a date can show."""
     assert time.strftime("%Y", time.gmtime(check_time(253402300799, "started"))) == "9999"
+
+
+@pytest.mark.parametrize("template, app, version, expected", [
+    ("/srv/builds/{{ app }}-{{ version }}.tar.gz", "web", "1.4.2", "/srv/builds/web-1.4.2.tar.gz"),
+    ("/srv/builds/{{app}}_{{version}}", "web", "v7", "/srv/builds/web_v7"),
+    ("/srv/builds/fixed.tar.gz", "web", "1", "/srv/builds/fixed.tar.gz"),
+])
+def test_an_artifact_path_template_is_rendered_in_its_file_name(template, app, version, expected):
+    assert _validation.artifact_path(template, app, version) == expected
+
+
+@pytest.mark.parametrize("template, message", [
+    ("builds/{{ app }}.tar.gz", "must be an absolute path"),
+    ("/srv/{{ app }}/build.tar.gz", "in the file name only"),
+    ("/srv/../etc/{{ app }}", r"'\.\.' components"),
+    ("/srv/./{{ app }}", r"'\.\.' components"),
+    ("/srv//{{ app }}", r"'\.\.' components"),
+    ("/srv/{{ node }}.tar.gz", r"only \{\{ app \}\} and \{\{ version \}\}"),
+    ("/srv/{{ app | upper }}", r"only \{\{ app \}\} and \{\{ version \}\}"),
+    ("/srv/builds/", "one path component"),
+    ("/srv/\nx", "printable"),
+    ("/" + "a" * 1024, "at most 1024"),
+])
+def test_an_artifact_path_template_that_could_leave_its_directory_is_refused(template, message):
+    with pytest.raises(ValueError, match=message):
+        _validation.check_artifact_path(template)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "a\nb", "a" * 256, 7])
+def test_an_artifact_name_is_one_path_component(name):
+    with pytest.raises(ValueError, match="one path component"):
+        _validation.check_artifact_name(name)
+
+
+def test_an_info_hash_is_40_lowercase_hex_digits():
+    assert _validation.check_info_hash("0123456789abcdef0123456789abcdef01234567")
+    for value in ("0123456789ABCDEF0123456789abcdef01234567", "0" * 39, "0" * 41, "", None, "g" * 40):
+        with pytest.raises(ValueError):
+            _validation.check_info_hash(value)

@@ -1,0 +1,110 @@
+"""Firing a release of an app with an artifact, against the Consul double: the leader's file's
+torrent metadata goes into KV under the run, the release record names the file, its size,
+info-hash and checksum; targets that disagree on the artifact, a checksum that is not the
+file's and a missing file are refused before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
+from ansible_collections.fireap.consul.plugins.module_utils._kv import History, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError
+from ansible_collections.fireap.consul.plugins.module_utils._swarm import SwarmError, check_metadata
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
+
+@pytest.fixture
+def client(consul_target):
+    return consul_target.client(0)
+
+
+@pytest.fixture
+def schema(client, kv_prefix):
+    """The test's own prefix (deleted by kv_prefix); the fire locks' sessions are destroyed."""
+    schema = Schema(kv_prefix)
+    yield schema
+    _index, entries = client.kv.get(schema.prefix, recurse=True)
+    for entry in entries or ():
+        if entry.get("Session"):
+            client.session.destroy(entry["Session"])
+
+
+@pytest.fixture
+def builds(tmp_path):
+    """The leader's build directory, with the builds of web 1 and 2 (200 KB each)."""
+    for version in ("1", "2"):
+        (tmp_path / f"web-{version}.tar.gz").write_bytes(os.urandom(200_000))
+    return tmp_path
+
+
+def template(builds):
+    return str(builds / "{{ app }}-{{ version }}.tar.gz")
+
+
+def sha256(path):
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_release_carries_its_artifact_and_the_metadata_goes_under_the_run(client, schema, builds):
+    advertise(client, schema, ["web"], artifact=template(builds))
+    result = fire(client, schema, "web", "1")
+
+    release = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
+    build = builds / "web-1.tar.gz"
+    assert release.checksum == sha256(build)
+    assert (release.artifact.name, release.artifact.length) == ("web-1.tar.gz", 200_000)
+    assert result["release"]["artifact"] == release.artifact.to_dict()
+    metadata = client.kv.get(schema.artifact("web", result["run_id"]))[1]["Value"]
+    checked = check_metadata(metadata, name="web-1.tar.gz", length=200_000, info_hash=release.artifact.info_hash)
+    assert checked.pieces == 4
+    history = History.from_json(client.kv.get(schema.history("web"))[1]["Value"])
+    assert history.runs[0].checksum == release.checksum
+
+
+def test_the_next_run_replaces_the_metadata_of_the_last(client, schema, builds):
+    advertise(client, schema, ["web"], artifact=template(builds))
+    first = fire(client, schema, "web", "1")
+    second = fire(client, schema, "web", "2", force=True, checksum=sha256(builds / "web-2.tar.gz"))
+    assert client.kv.get(schema.artifacts_prefix("web"), keys=True)[1] == [schema.artifact("web", second["run_id"])]
+    assert first["release"]["artifact"]["info_hash"] != second["release"]["artifact"]["info_hash"]
+
+
+def test_an_app_without_an_artifact_is_released_as_before(client, schema):
+    advertise(client, schema, ["web"])
+    result = fire(client, schema, "web", "1")
+    assert "artifact" not in result["release"]
+    assert client.kv.get(schema.artifacts_prefix("web"), keys=True)[1] is None
+
+
+def test_a_checksum_that_is_not_the_files_fires_nothing(client, schema, builds):
+    advertise(client, schema, ["web"], artifact=template(builds))
+    with pytest.raises(ReleaseError, match=r"web-1\.tar\.gz of app 'web' version 1 has the checksum sha256:"):
+        fire(client, schema, "web", "1", checksum="sha256:" + "0" * 64)
+    assert client.kv.get(schema.release("web"))[1] is None
+
+
+def test_a_version_without_a_file_on_the_leader_fires_nothing(client, schema, builds):
+    advertise(client, schema, ["web"], artifact=template(builds))
+    with pytest.raises(SwarmError, match=r"cannot read the artifact .*web-3\.tar\.gz"):
+        fire(client, schema, "web", "3")
+    assert client.kv.get(schema.release("web"))[1] is None
+
+
+def test_targets_that_disagree_on_the_artifact_fire_nothing(multi_agent_target, client, schema, builds):
+    names = multi_agent_target.node_names
+    advertise(client, schema, ["web"], nodes=names[:2], artifact=template(builds))
+    advertise(client, schema, ["web"], nodes=names[2:])
+    with pytest.raises(ReleaseError, match=r"do not agree on its artifact \(no artifact on .*; '.*' on "):
+        fire(client, schema, "web", "1")
+    assert client.kv.get(schema.release("web"))[1] is None
+
+
+def test_a_run_without_an_artifact_after_one_with_deletes_its_metadata(client, schema, builds):
+    advertise(client, schema, ["web"], artifact=template(builds))
+    fire(client, schema, "web", "1")
+    advertise(client, schema, ["web"])
+    fire(client, schema, "web", "2", force=True)
+    assert client.kv.get(schema.artifacts_prefix("web"), keys=True)[1] is None
