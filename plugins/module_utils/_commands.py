@@ -132,8 +132,8 @@ class CommandVariables:
     app: str
     version: str
     node: str
-    remote_name: str
-    remote_address: str
+    remote_name: Optional[str] = None  # the source's; None for an app with an artifact (no one source)
+    remote_address: Optional[str] = None
     checksum: Optional[str] = None  # the release's, None when it carries none
     artifact: Optional[str] = None  # the artifact's local path, None for an app without one
 
@@ -141,8 +141,9 @@ class CommandVariables:
         check_name(self.app, "app")
         check_version(self.version)
         check_name(self.node, "node")
-        check_name(self.remote_name, "source node")
-        check_address(self.remote_address, "source address")
+        if self.remote_name is not None or self.remote_address is not None:
+            check_name(self.remote_name, "source node")
+            check_address(self.remote_address, "source address")
         if self.checksum is not None:
             check_checksum(self.checksum)
         if self.artifact is not None:
@@ -154,8 +155,8 @@ class CommandVariables:
             raise KeyError(name)
         value = getattr(self, name.replace(".", "_"))
         if value is None:
-            what = "the app has no artifact" if name == ARTIFACT_VARIABLE else "the release carries no checksum"
-            raise InvalidValue("%s for {{ %s }}" % (what, name))
+            what = {ARTIFACT_VARIABLE: "the app has no artifact", CHECKSUM_VARIABLE: "the release carries no checksum"}
+            raise InvalidValue("%s for {{ %s }}" % (what.get(name, "the app has no single source"), name))
         return value
 
 

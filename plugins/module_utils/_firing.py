@@ -783,8 +783,9 @@ def fire(
     stale = _stale(client, schema.plans_prefix(app), schema.plan_prefix(app, run_id))
     # Only a run with an artifact, or after one, has metadata to replace: other apps' fires
     # make the requests they always made.
-    stale_artifacts = (_stale(client, schema.artifacts_prefix(app), schema.artifact(app, run_id))
-                       if metadata is not None or (previous is not None and previous.artifact is not None) else [])
+    swarmed = metadata is not None or (previous is not None and previous.artifact is not None)
+    stale_artifacts = _stale(client, schema.artifacts_prefix(app), schema.artifact(app, run_id)) if swarmed else []
+    stale_peers = _stale(client, schema.swarms_prefix(app), schema.swarm_prefix(app, run_id)) if swarmed else []
 
     now = time.time()
     holder = holder or default_holder()
@@ -841,7 +842,8 @@ def fire(
         raise
     # Once no record names them: a node reading them now finds a release of another run.
     _txn(client, _chunks(_deletes(schema.plans_prefix(app), stale)
-                         + _deletes(schema.artifacts_prefix(app), stale_artifacts)))
+                         + _deletes(schema.artifacts_prefix(app), stale_artifacts)
+                         + _deletes(schema.swarms_prefix(app), stale_peers)))
     try:
         # No service or tag filter: Consul matches an event's service filter against the IDs of
         # each agent's services, the targets were chosen by service name. The node filter

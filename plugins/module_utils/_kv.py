@@ -8,6 +8,7 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
     <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
     <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
     <p><app>/artifact/<run_id>     torrent info    the bencoded info dict of the run's artifact (apps with one), by the leader
+    <p><app>/swarm/<run_id>/<node> SwarmPeer       the port the node's swarm listens on for the run (its catalog address)
     <p>.apps/<node>                NodeAdvert      the apps of the node's task config, written by its handler
 
 ``.apps`` starts with a dot, which no app name does, so no app's keys can collide with it.
@@ -149,6 +150,17 @@ class Schema:
         """``<p><app>/artifact/<run_id>``: the run's torrent metadata (a bencoded info dict). Derived
         from the run, never named by a record, so no record can send a node to another key."""
         return self.artifacts_prefix(app) + check_run_id(run_id)
+
+    def swarms_prefix(self, app: str) -> str:
+        """``<p><app>/swarm/``: the swarm peers of the app's runs, one folder per run ID."""
+        return self.app_prefix(app) + "swarm/"
+
+    def swarm_prefix(self, app: str, run_id: str) -> str:
+        """``<p><app>/swarm/<run_id>/``: the nodes serving the run's artifact (see SwarmPeer)."""
+        return self.swarms_prefix(app) + check_run_id(run_id) + "/"
+
+    def swarm_peer(self, app: str, run_id: str, node: str) -> str:
+        return self.swarm_prefix(app, run_id) + check_name(node, "node")
 
     def history(self, app: str) -> str:
         """``<p><app>/history``: the app's last runs (see History)."""
@@ -661,6 +673,24 @@ class NodeState(_Record):
             ("error", error),
         ):
             object.__setattr__(record, name, value)
+        return record
+
+
+@dataclass(frozen=True)
+class SwarmPeer(_Record):
+    """``<app>/swarm/<run_id>/<node>``: the port on which the node serves the run's artifact.
+    Only the port: the address is the node's in the catalog, so that no KV writer can point a
+    swarm at a host outside the cluster."""
+
+    port: int
+
+    def __post_init__(self) -> None:
+        _revalidate(SwarmPeer, self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> SwarmPeer:
+        record = object.__new__(cls)
+        object.__setattr__(record, "port", _int(obj, "port", key, 1, 65535))
         return record
 
 

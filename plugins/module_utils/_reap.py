@@ -37,7 +37,10 @@ watch start, or a terminal when run by hand) and:
    re-advertises), and at any call once the config differs from the advert last written
    (kept in ``<state_dir>/advert.json``).
 
-A worker pulls one app (``_worker.pull``) with the app's commands as the task; an app
+A worker of a release with an artifact takes part in its swarm instead (``_swarm_worker.serve``):
+a target fetches the file, verifies it and runs the app's commands with ``{{ artifact }}``; the
+run's leader, which has the file, serves it while the run is not over (its handler starts a
+worker for that). A worker pulls one app (``_worker.pull``) with the app's commands as the task; an app
 with service/tag filters runs them only when the filters match one of the services of the
 node's own agent (``AppAdvert.accepts``, the rule the leader targets by), else the node
 records the run ``failed`` saying so. When the release carries a checksum the task verifies
@@ -153,7 +156,14 @@ from ansible_collections.fireap.consul.plugins.module_utils._task_event import (
     newest_per_app,
     parse_events,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._validation import check_name, clip, escape_controls, show
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    artifact_path,
+    check_name,
+    clip,
+    escape_controls,
+    show,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._swarm_worker import serve
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
 EXIT_OK = 0
@@ -282,6 +292,8 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
             plan_value = reader.value(plan_key)
     release, plan, problem = read_run(release_key, release_value, plan_key, plan_value)
     start, reason = decide(node, release, plan, own, problem)
+    if release is not None and release.artifact is not None and release.leader == node and not release.aborted:
+        start, reason = True, f"leader of run {release.run_id}: serving its artifact {release.artifact.name}"
     return AppCheck(app, start, reason, release, problem)
 
 
@@ -616,11 +628,14 @@ class _Handler:
         if problem is not None:
             self.out.write(f"  the pull would fail: {problem}\n")
             return
+        artifact = app_config.artifact
         try:
             variables = CommandVariables(
                 app=result.app, version=result.release.version, node=self.node,
-                remote_name=DRY_RUN_SOURCE.name, remote_address=DRY_RUN_SOURCE.address,
+                remote_name=None if artifact else DRY_RUN_SOURCE.name,
+                remote_address=None if artifact else DRY_RUN_SOURCE.address,
                 checksum=result.release.checksum,
+                artifact=artifact_path(artifact.path, result.app, result.release.version) if artifact else None,
             )
             commands = render_phases(app_config, variables)
         except (FireapError, ValueError) as err:
@@ -782,8 +797,42 @@ class _AppWorker:
         outcome = run_phases(self.app_config, variables, log=_context(self.app, state.version))
         return outcome.ok, outcome.error
 
+    def run_artifact(self, release: ReleaseRecord, path: str) -> tuple[bool, str | None]:
+        """The task of an app with an artifact: its commands with ``{{ artifact }}`` = ``path``
+        (fetched and verified already), if this node takes the app."""
+        refusal = self.refusal()
+        if refusal is not None:
+            return False, refusal
+        variables = CommandVariables(app=self.app, version=release.version, node=self.node,
+                                     checksum=release.checksum, artifact=path)
+        outcome = run_phases(self.app_config, variables, log=_context(self.app, release.version))
+        return outcome.ok, outcome.error
+
+    def run_swarm(self, release: ReleaseRecord) -> str:
+        """Take part in the swarm of the checked release once (``_swarm_worker.serve``)."""
+        log = _context(self.app, release.version)
+        artifact = self.app_config.artifact
+        log.info("joining the swarm of run %s", release.run_id)
+        try:
+            ok, reason = serve(self.client, release, self.node, artifact.path if artifact else None,
+                               functools.partial(self.run_artifact, release), schema=self.schema,
+                               seed_seconds=artifact.seed_seconds if artifact else 0,
+                               timeout=self.app_config.watch_timeout, upload_slots=self.app_config.max_semaphores,
+                               log=log.info)
+        except FireapError as err:
+            log.error("the swarm stopped: %s", err)
+            return _Outcome.FAILED
+        if not ok:
+            log.error("failed: %s", reason)
+            return _Outcome.FAILED
+        log.info("%s", reason)
+        return _Outcome.PULLED
+
     def run_pull(self, check: AppCheck) -> str:
         """Pull the checked release once; what it came to (an _Outcome)."""
+        release = check.release
+        if release is not None and (release.artifact is not None or self.app_config.artifact is not None):
+            return self.run_swarm(release)
         log = _context(self.app, check.version)
         if check.release is not None:
             log.info("pulling run %s (fan-out %d)", check.release.run_id, check.release.fanout)

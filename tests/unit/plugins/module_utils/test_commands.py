@@ -21,6 +21,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._commands import (
     run_phases,
     template_variables,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import parse_config
 
 VARIABLES = CommandVariables(app="myapp", version="1.0", node="node-1",
@@ -437,3 +438,12 @@ def test_run_logs_commands_and_failures(caplog):
     assert messages[3].startswith("exec_commands[1]: exit status 5 (ran ")
     assert messages[3].endswith("; output tail:\noops\n")
     assert caplog.records[3].levelno == logging.ERROR
+
+
+def test_an_app_with_an_artifact_has_no_source_to_render():
+    variables = CommandVariables(app="myapp", version="1.0", node="node-1", artifact="/srv/builds/myapp-1.0.tar.gz")
+    assert render_command("tar -xzf {{ artifact }}", variables) == "tar -xzf /srv/builds/myapp-1.0.tar.gz"
+    with pytest.raises(InvalidValue, match=r"the app has no single source for \{\{ remote.address \}\}"):
+        render_command("rsync {{ remote.address }}::x /x", variables)
+    with pytest.raises(ValueError, match="source node"):
+        CommandVariables(app="myapp", version="1.0", node="node-1", remote_address="10.0.0.1")

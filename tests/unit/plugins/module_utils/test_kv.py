@@ -13,9 +13,11 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     LockRecord,
     NodeState,
     PlanEntry,
+    ReleaseArtifact,
     ReleaseFilters,
     ReleaseRecord,
     Schema,
+    SwarmPeer,
     check_name,
     check_prefix,
     txn_set_batches,
@@ -236,3 +238,25 @@ def test_txn_batches_split_sets_and_encode_values():
 def test_txn_batches_refuse_bad_input(items, max_ops, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         txn_set_batches(items, max_ops)
+
+
+def test_a_swarm_peer_is_a_port_under_the_run_and_the_node():
+    schema = Schema("fireap/")
+    assert schema.swarm_peer("web", "run-1", "node-1") == "fireap/web/swarm/run-1/node-1"
+    assert schema.artifact("web", "run-1") == "fireap/web/artifact/run-1"
+    assert SwarmPeer.from_json('{"port": 6881}').port == 6881
+    for value in ('{"port": 0}', '{"port": 65536}', '{"port": "6881"}', '{"port": true}', '{}'):
+        with pytest.raises(KVRecordError, match="port"):
+            SwarmPeer.from_json(value, "fireap/web/swarm/run-1/node-1")
+
+
+def test_a_release_with_an_artifact_needs_its_checksum():
+    artifact = {"name": "web-1.tar.gz", "length": 10, "info_hash": "0" * 40}
+    base = {"app": "web", "version": "1", "run_id": "run-1", "fanout": 2, "leader": "node-0", "target_count": 2,
+            "fired_at": 1.0, "status": "running", "artifact": artifact}
+    with pytest.raises(KVRecordError, match="field 'artifact' requires a 'checksum'"):
+        ReleaseRecord.from_dict(base)
+    record = ReleaseRecord.from_dict({**base, "checksum": "sha256:" + "0" * 64})
+    assert record.artifact == ReleaseArtifact(**artifact) and record.to_dict()["artifact"] == artifact
+    with pytest.raises(KVRecordError, match="field 'name'"):
+        ReleaseRecord.from_dict({**base, "checksum": "sha256:" + "0" * 64, "artifact": {**artifact, "name": "../x"}})
