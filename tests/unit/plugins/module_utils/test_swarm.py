@@ -236,3 +236,23 @@ def test_a_file_already_in_place_with_the_checksum_is_served_without_a_download(
     target = tmp_path / "node" / "app-1.0.tar.gz"
     leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
     assert target.read_bytes() == build
+
+
+def test_a_swarm_admits_only_the_peers_it_was_given(artifact, tmp_path):
+    """The seed on 127.0.0.1 refuses a node on 127.0.0.2 until that node is one of its peers."""
+    metadata = create_metadata(artifact)
+    with open(artifact, "rb") as stream:
+        build = stream.read()
+    seed, outsider = Swarm("127.0.0.1", 0, 2), Swarm("127.0.0.2", 0, 2)
+    try:
+        seed.seed(metadata, artifact)
+        outsider.connect([("127.0.0.1", seed.port)])
+        target = tmp_path / "outsider" / "app-1.0.tar.gz"
+        with pytest.raises(SwarmError, match="did not arrive"):
+            outsider.fetch(metadata, str(target), digest(build), RUN_ID, timeout=3)
+        seed.connect([("127.0.0.2", outsider.port)])
+        outsider.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
+        assert target.read_bytes() == build
+    finally:
+        seed.close()
+        outsider.close()
