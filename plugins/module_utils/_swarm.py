@@ -367,14 +367,16 @@ class Swarm:
             if isinstance(alert, (self._lt.torrent_error_alert, self._lt.file_error_alert)):
                 raise SwarmError(f"the swarm failed: {alert.message()}")
 
-    def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float) -> None:
+    def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float,
+              ended: threading.Event | None = None) -> None:
         """Download the artifact into ``final_path``, then seed it from there.
 
         The download goes into ``staging_dir``; the whole file's SHA-256 must be ``checksum``
         before it is renamed onto ``final_path``, so bad data never lands there (libtorrent
         checked each piece against the metadata already). A file already at ``final_path`` that
         has the checksum is seeded as it is. SwarmError when the download does not finish
-        within ``timeout`` seconds or fails; the staging file is removed then.
+        within ``timeout`` seconds, ``ended`` is set meanwhile (the run is over), or it fails;
+        the staging file is removed then.
         """
         if os.path.basename(final_path) != metadata.name:
             raise SwarmError(f"the artifact path {final_path} is not named {metadata.name}")
@@ -385,7 +387,7 @@ class Swarm:
         os.makedirs(staging, mode=0o700, exist_ok=True)
         staged = os.path.join(staging, metadata.name)
         try:
-            self._download(metadata, staging, timeout)
+            self._download(metadata, staging, timeout, ended)
             mismatch = file_mismatch(staged, checksum)
             if mismatch is not None:
                 raise SwarmError(f"the artifact from the swarm is not the release's: {mismatch}")
@@ -396,7 +398,7 @@ class Swarm:
             os.rmdir(staging)
         self.seed(metadata, final_path)
 
-    def _download(self, metadata: Metadata, staging: str, timeout: float) -> None:
+    def _download(self, metadata: Metadata, staging: str, timeout: float, ended: threading.Event | None) -> None:
         """Download into ``staging``, then take the torrent out of the session (its file closed)."""
         deadline = time.monotonic() + timeout
         self._add(metadata, staging, seed=False)
@@ -405,6 +407,8 @@ class Swarm:
                 if time.monotonic() >= deadline:
                     raise SwarmError(f"the artifact did not arrive from the swarm within {timeout:g} s "
                                      f"({self._handle.status().progress:.0%} of {metadata.length} bytes)")
+                if ended is not None and ended.is_set():
+                    raise SwarmError("the run ended before the artifact arrived")
                 self._raise_errors()
                 self._session.wait_for_alert(int(POLL_SECONDS * 1000))
                 self._reconnect()

@@ -13,7 +13,8 @@ checks it against the release's checksum, and only then runs the app's commands 
 every target of the run is done or failed, and then for the app's ``seed_seconds`` at most.
 
 The leader serves its own file, the one the metadata was made from, the same way. Every wait is
-bounded by the app's ``watch_timeout``; a release replaced or aborted meanwhile ends the serving.
+bounded by the app's ``watch_timeout``; a release replaced or aborted meanwhile ends the download
+(within MAX_WAIT s; the node records the run failed) and the serving.
 
 The session, the blocking reads and the record writes are the pull worker's (``_worker``).
 """
@@ -47,7 +48,11 @@ from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
     check_metadata,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._validation import artifact_path, clip, show
-from ansible_collections.fireap.consul.plugins.module_utils._worker import DEFAULT_SESSION_TTL, _PullDriver
+from ansible_collections.fireap.consul.plugins.module_utils._worker import (
+    DEFAULT_SESSION_TTL,
+    _PullDriver,
+    _ReleaseMalformed,
+)
 
 #: Longest blocking read of the run's peers or node records.
 MAX_WAIT = 10.0
@@ -59,15 +64,20 @@ RunArtifactTask = Callable[[str], "tuple[bool, str | None]"]
 
 
 class _Peers(threading.Thread):
-    """Connects the swarm to every node that publishes a port under the run, as they come."""
+    """Connects the swarm to every node that publishes a port under the run, as they come, and
+    sets ``ended`` once the run is no longer the current one (checked at every wake-up, at
+    least every MAX_WAIT s)."""
 
-    def __init__(self, driver: _PullDriver, swarm: Swarm, prefix: str, deadline: float) -> None:
+    def __init__(self, driver: _PullDriver, swarm: Swarm, prefix: str, deadline: float,
+                 current: Callable[[], bool]) -> None:
         super().__init__(name="fireap-swarm-peers", daemon=True)
         self.driver = driver
         self.swarm = swarm
         self.prefix = prefix
         self.deadline = deadline
+        self.current = current
         self.stopped = threading.Event()
+        self.ended = threading.Event()
         self.addresses: dict[str, str] = {}
 
     def run(self) -> None:
@@ -75,6 +85,9 @@ class _Peers(threading.Thread):
         while not self.stopped.is_set() and time.monotonic() < self.deadline:
             try:
                 index, entries = self.driver.read(self.prefix, index, MAX_WAIT, recurse=True)
+                if not self.current():
+                    self.ended.set()
+                    return
                 if not self.stopped.is_set():
                     self.swarm.connect(self.peers(entries or ()))
             except FireapError as err:
@@ -181,7 +194,11 @@ class _Serving:
         self.driver.log(f"stopped serving after {self.timeout:g} s (watch_timeout): some targets have not finished")
 
     def current(self) -> bool:
-        release = self.driver.read_release()
+        """Whether the release record still names this run, running."""
+        try:
+            release = self.driver.read_release()
+        except _ReleaseMalformed:  # it names no run to serve
+            return False
         return release is not None and release.run_id == self.release.run_id and not release.aborted
 
 
@@ -225,7 +242,8 @@ def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, ru
         swarm = serving.open_swarm()
     except (FireapError, ValueError) as err:
         return (False, f"cannot serve the artifact: {err}") if leader else _failed(driver, release, str(err), serving)
-    peers = _Peers(driver, swarm, driver.schema.swarm_prefix(release.app, release.run_id), serving.deadline)
+    peers = _Peers(driver, swarm, driver.schema.swarm_prefix(release.app, release.run_id), serving.deadline,
+                   serving.current)
     peers.start()
     try:
         if leader:
@@ -235,7 +253,7 @@ def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, ru
             swarm.seed(metadata, serving.path)
             outcome = (True, f"served {serving.path}")
         else:
-            outcome = _fetch_and_run(driver, serving, swarm, metadata, run_task)
+            outcome = _fetch_and_run(driver, serving, swarm, metadata, run_task, peers.ended)
             if not outcome[0] and not os.path.isfile(serving.path):
                 return outcome
         serving.serve_until_over()
@@ -246,10 +264,11 @@ def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, ru
 
 
 def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadata: Metadata,
-                   run_task: RunArtifactTask | None) -> tuple[bool, str]:
+                   run_task: RunArtifactTask | None, ended: threading.Event) -> tuple[bool, str]:
     release = serving.release
     try:
-        swarm.fetch(metadata, serving.path, release.checksum, release.run_id, serving.deadline - time.monotonic())
+        swarm.fetch(metadata, serving.path, release.checksum, release.run_id, serving.deadline - time.monotonic(),
+                    ended)
     except (FireapError, OSError) as err:
         return _failed(driver, release, f"the artifact could not be fetched: {err}", serving)
     driver.log(f"fetched and verified {serving.path}")

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from devcluster.polling import wait_until
 
+from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._connection import client_options
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema, SwarmPeer
@@ -180,3 +182,19 @@ def test_dry_run_renders_the_commands_with_the_artifacts_path(released, target_c
     out = io.StringIO()
     assert main(["--config", str(target_config), "--dry-run"], spawn=Spawns(), out=out) == 0
     assert f"  exec_commands[0]: cp {dirs[1] / 'web-1.tar.gz'} {target_config.parent}/copied" in out.getvalue()
+
+
+def test_a_run_aborted_during_the_download_ends_it_and_fails_the_target(cluster, schema, released):
+    release, dirs, _build = released
+    client = cluster.client(0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # The leader serves nothing: the download waits until the abort.
+        waiting = pool.submit(serve, cluster.client(1), release, cluster.node_names[1], str(dirs[1] / TEMPLATE),
+                              lambda path: (True, None), schema=schema, seed_seconds=0, timeout=60, upload_slots=2)
+        wait_until(lambda: client.kv.get(schema.swarm_peer("web", release.run_id, cluster.node_names[1]))[1], 20,
+                   "the target's swarm port")
+        clear(client, schema, "web", lift_lock=False, abort=True, reason="bad build")
+        ok, reason = waiting.result(timeout=30)
+    assert not ok and reason == "the artifact could not be fetched: the run ended before the artifact arrived"
+    assert state_of(cluster, schema, cluster.node_names[1]).status == "failed"
+    assert not (dirs[1] / "web-1.tar.gz").exists()
