@@ -202,7 +202,7 @@ class _Serving:
         return release is not None and release.run_id == self.release.run_id and not release.aborted
 
 
-def serve(client, release: ReleaseRecord, node: str, template: str | None, run_task: RunArtifactTask | None, *,
+def serve(client, release: ReleaseRecord, node: str, template: str | None, run_task: RunArtifactTask, *,
           seed_seconds: float, timeout: float, upload_slots: int, schema: Schema = Schema(),
           log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
           sleep: Callable[[float], None] = time.sleep, session_ttl: int = DEFAULT_SESSION_TTL,
@@ -219,14 +219,15 @@ def serve(client, release: ReleaseRecord, node: str, template: str | None, run_t
         driver.end_session()
 
 
-def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, run_task: RunArtifactTask | None,
+def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, run_task: RunArtifactTask,
            seed_seconds: float, timeout: float, upload_slots: int) -> tuple[bool, str]:
     leader = driver.node == release.leader
     if template is None:
         if leader:
             return False, f"run {release.run_id} carries an artifact, which this leader's task config does not declare"
         return _failed(driver, release, f"run {release.run_id} carries the artifact {release.artifact.name}, but "
-                                        "the app has no artifact on this node: set its artifact.path and apply the role")
+                                        "the app has no artifact on this node: set its artifact.path and apply "
+                                        "the role")
     serving = _Serving(driver, release, template, seed_seconds, timeout, upload_slots)
     if leader and serving.over()[1]:
         return True, f"run {release.run_id} is over: nothing to serve"
@@ -264,7 +265,7 @@ def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, ru
 
 
 def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadata: Metadata,
-                   run_task: RunArtifactTask | None, ended: threading.Event) -> tuple[bool, str]:
+                   run_task: RunArtifactTask, ended: threading.Event) -> tuple[bool, str]:
     release = serving.release
     try:
         swarm.fetch(metadata, serving.path, release.checksum, release.run_id, serving.deadline - time.monotonic(),
@@ -273,7 +274,7 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
         return _failed(driver, release, f"the artifact could not be fetched: {err}", serving)
     driver.log(f"fetched and verified {serving.path}")
     try:
-        ok, error = run_task(serving.path) if run_task is not None else (True, None)
+        ok, error = run_task(serving.path)
     except Exception as err:  # a task runner bug must still leave a failed record
         ok, error = False, f"task runner raised {type(err).__name__}: {err}"
     if not ok:
@@ -283,7 +284,8 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
     return True, f"done at version {release.version}"
 
 
-def _failed(driver: _PullDriver, release: ReleaseRecord, error: str, serving: _Serving | None = None) -> tuple[bool, str]:
+def _failed(driver: _PullDriver, release: ReleaseRecord, error: str,
+            serving: _Serving | None = None) -> tuple[bool, str]:
     """Record the run failed on this node with ``error``."""
     started = serving.started if serving is not None else driver.clock()
     state = NodeState(version=release.version, run_id=release.run_id, status=NODE_FAILED, started=started,

@@ -143,8 +143,8 @@ def test_the_leaders_handler_serves_the_artifact_while_the_run_is_not_over(clust
         done = NodeState(version="1", run_id=release.run_id, status="done", started=1.0, finished=2.0,
                          source=release.leader, depth=1)
         client.kv.put(schema.node("web", name), done.to_json())
-    outcome = serve(client, release, release.leader, str(dirs[0] / TEMPLATE), None, schema=schema, seed_seconds=30,
-                    timeout=60, upload_slots=2)
+    outcome = serve(client, release, release.leader, str(dirs[0] / TEMPLATE), pytest.fail, schema=schema,
+                    seed_seconds=30, timeout=60, upload_slots=2)
     assert outcome == (True, f"run {release.run_id} is over: nothing to serve")
     assert client.kv.get(schema.swarm_prefix("web", release.run_id), keys=True)[1] is None
 
