@@ -32,7 +32,11 @@ How one release is started (``fire``):
    creates the torrent metadata of its own file (``_swarm.create_metadata``), writes it under
    the new run's ID (``<app>/artifact/<run_id>``) with the plan, and records its name, size
    and info-hash in the release record with the file's checksum (computed when not given;
-   a checksum given must be the file's). The targets fetch it from the swarm;
+   a checksum given must be the file's). Each target's plan entry lists its swarm neighbours
+   (``_propagation.swarm_neighbours``: at most 8, at their catalog IP and advertised
+   ``artifact_port``), and ``<app>/swarm/<run_id>`` (``SwarmRun``) holds the leader's, a key
+   that exists so that the run's nodes can block on it until the leader says the run is
+   over. The targets fetch the file from the swarm;
 3. the user event ``FIREAP:TASK`` carrying ``{"app", "version"}`` is fired with the
    release's node filter only (Consul would match a service filter against service IDs, not
    the names the targets were chosen by). The event is only a wake-up: nodes read
@@ -50,6 +54,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
@@ -66,12 +71,14 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     LockRecord,
     NodeAdvert,
     NodeState,
+    PlanEntry,
     ReleaseArtifact,
     ReleaseFilters,
     ReleaseRecord,
     RunSummary,
     Schema,
     Service,
+    SwarmRun,
     txn_set_batches,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
@@ -87,12 +94,18 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     summarise,
     target_status,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release, schedule_order
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
+    plan_release,
+    schedule_order,
+    swarm_neighbours,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import Metadata, create_metadata
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     STAGE_MAX,
     artifact_path,
     check_checksum,
+    check_ip,
+    endpoint,
     check_fanout,
     check_int,
     check_name,
@@ -381,6 +394,7 @@ class Targets:
     without_app: list[str]  # do not advertise the app
     not_accepting: list[str]  # advertise it, but its service/tag filters match none of their services
     artifact: str | None = None  # the artifact path template the targets advertise, None: no artifact
+    artifact_ports: Mapping[str, int] = dataclasses.field(default_factory=dict)  # node -> its swarm's port
 
 
 def choose_targets(
@@ -412,8 +426,10 @@ def choose_targets(
     fanouts = [adverts[name].apps[app].max_semaphores for name in ordered
                if name in adverts and app in adverts[name].apps]
     down = set(critical)
+    ports = {name: adverts[name].apps[app].artifact_port for name in ordered
+             if name in adverts and app in adverts[name].apps and adverts[name].apps[app].artifact_port is not None}
     return Targets(ordered, min(fanouts, default=None), [name for name in ordered if name in down],
-                   sorted(without_app), sorted(not_accepting), _artifact_template(app, ordered, adverts))
+                   sorted(without_app), sorted(not_accepting), _artifact_template(app, ordered, adverts), ports)
 
 
 def _artifact_template(app: str, targets: list[str], adverts: Mapping[str, NodeAdvert]) -> str | None:
@@ -570,9 +586,10 @@ def _chunks(ops: list[dict]) -> list[list[dict]]:
 
 
 def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, release_entry, history,
-                metadata: Metadata | None) -> None:
-    """Write the plan (and the artifact's ``metadata``, in a transaction of its own: it may take
-    most of one) under the new run's ID, then switch the release record to the run.
+                metadata: Metadata | None, swarm: SwarmRun | None) -> None:
+    """Write the plan (and the artifact's ``metadata`` with the run's ``swarm`` record, in a
+    transaction of their own: the metadata may take most of one) under the new run's ID, then
+    switch the release record to the run.
 
     The plan may take several transactions (Consul takes 64 operations in one before 1.14); a
     fire interrupted between them leaves a partial plan under a run ID no record names, and
@@ -582,8 +599,9 @@ def _record_run(client, schema: Schema, app: str, plan, record: ReleaseRecord, r
     concurrent writer is noticed.
     """
     run_id = record.run_id
-    if metadata is not None:
-        _txn(client, txn_set_batches([(schema.artifact(app, run_id), metadata.info)]))
+    if metadata is not None and swarm is not None:
+        _txn(client, txn_set_batches([(schema.artifact(app, run_id), metadata.info),
+                                      (schema.swarm_run(app, run_id), swarm.to_json())]))
     _txn(client, txn_set_batches([(schema.plan(app, run_id, name), entry.to_json()) for name, entry in plan.items()]))
     key = schema.release(app)
     if release_entry is None:
@@ -780,12 +798,15 @@ def fire(
     run_id = uuid.uuid4().hex
     addresses = {node["Node"]: node["Address"] for node in catalog or () if node.get("Address")}
     plan = plan_release(targets, leader, fanout, run_id, addresses)
+    swarm = None
+    if metadata is not None:
+        plan, swarm = _with_swarm_peers(app, plan, targets, leader, run_id, addresses, chosen.artifact_ports)
     stale = _stale(client, schema.plans_prefix(app), schema.plan_prefix(app, run_id))
     # Only a run with an artifact, or after one, has metadata to replace: other apps' fires
     # make the requests they always made.
     swarmed = metadata is not None or (previous is not None and previous.artifact is not None)
     stale_artifacts = _stale(client, schema.artifacts_prefix(app), schema.artifact(app, run_id)) if swarmed else []
-    stale_peers = _stale(client, schema.swarms_prefix(app), schema.swarm_prefix(app, run_id)) if swarmed else []
+    stale_swarms = _stale(client, schema.swarms_prefix(app), schema.swarm_run(app, run_id)) if swarmed else []
 
     now = time.time()
     holder = holder or default_holder()
@@ -836,14 +857,14 @@ def fire(
     lock = LockRecord(run_id=run_id, holder=holder, since=now)
     session = _take_lock(client, schema, app, held_entry, lock)
     try:
-        _record_run(client, schema, app, plan, record, release_entry, history, metadata)
+        _record_run(client, schema, app, plan, record, release_entry, history, metadata, swarm)
     except Exception:
         client.session.destroy(session)
         raise
     # Once no record names them: a node reading them now finds a release of another run.
     _txn(client, _chunks(_deletes(schema.plans_prefix(app), stale)
                          + _deletes(schema.artifacts_prefix(app), stale_artifacts)
-                         + _deletes(schema.swarms_prefix(app), stale_peers)))
+                         + _deletes(schema.swarms_prefix(app), stale_swarms)))
     try:
         # No service or tag filter: Consul matches an event's service filter against the IDs of
         # each agent's services, the targets were chosen by service name. The node filter
@@ -856,6 +877,33 @@ def fire(
         ) from err
     result["event_id"] = event["ID"]
     return result
+
+
+def _with_swarm_peers(app: str, plan: Mapping[str, PlanEntry], targets: list[str], leader: str, run_id: str,
+                      addresses: Mapping[str, str], ports: Mapping[str, int]) -> tuple[dict[str, PlanEntry], SwarmRun]:
+    """The plan with each target's swarm neighbours (``swarm_neighbours``) as ``ADDRESS:PORT``,
+    and the run's swarm record with the leader's: ReleaseError when a node's catalog address is
+    not an IP literal, it advertises no swarm port, or two nodes would serve at one endpoint."""
+    neighbours = swarm_neighbours(targets, leader, run_id)
+    endpoints = {}
+    for name in neighbours:
+        if name not in ports:
+            raise ReleaseError(f"node {name} advertises no swarm port for app {app!r}: apply the fireap_node role "
+                               "there; nothing was fired")
+        try:
+            endpoints[name] = endpoint(check_ip(addresses.get(name)), ports[name])
+        except InvalidValue as exc:
+            raise ReleaseError(f"node {name} cannot join the swarm of app {app!r}: its catalog {exc}; nothing was "
+                               "fired") from None
+    shared: dict[str, str] = {}
+    for name, where in endpoints.items():
+        if where in shared:
+            raise ReleaseError(f"nodes {shared[where]} and {name} would both serve app {app!r} at {where}: give "
+                               "nodes that share an address different artifact ports; nothing was fired")
+        shared[where] = name
+    peers = {name: tuple(endpoints[other] for other in near) for name, near in neighbours.items()}
+    with_peers = {name: dataclasses.replace(entry, peers=peers[name]) for name, entry in plan.items()}
+    return with_peers, SwarmRun(leader_peers=peers[leader])
 
 
 def _artifact_of(app: str, version: str, template: str | None,

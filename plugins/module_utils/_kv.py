@@ -8,7 +8,7 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
     <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
     <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
     <p><app>/artifact/<run_id>     torrent info    the bencoded info dict of the run's artifact (apps with one), by the leader
-    <p><app>/swarm/<run_id>/<node> SwarmPeer       the port the node's swarm listens on for the run (its catalog address)
+    <p><app>/swarm/<run_id>        SwarmRun        the run's swarm: the leader's neighbours, then when it finished (by the leader)
     <p>.apps/<node>                NodeAdvert      the apps of the node's task config, written by its handler
 
 ``.apps`` starts with a dot, which no app name does, so no app's keys can collide with it.
@@ -36,6 +36,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    ARTIFACT_MAX,
     ERROR_MAX_LENGTH,
     FANOUT_MAX,
     FANOUT_MIN,
@@ -51,7 +52,9 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     check_info_hash,
     check_int,
     check_name,
+    check_peers,
     check_run_id,
+    check_swarm_port,
     check_text,
     check_time,
     check_version,
@@ -155,12 +158,10 @@ class Schema:
         """``<p><app>/swarm/``: the swarm peers of the app's runs, one folder per run ID."""
         return self.app_prefix(app) + "swarm/"
 
-    def swarm_prefix(self, app: str, run_id: str) -> str:
-        """``<p><app>/swarm/<run_id>/``: the nodes serving the run's artifact (see SwarmPeer)."""
-        return self.swarms_prefix(app) + check_run_id(run_id) + "/"
-
-    def swarm_peer(self, app: str, run_id: str, node: str) -> str:
-        return self.swarm_prefix(app, run_id) + check_name(node, "node")
+    def swarm_run(self, app: str, run_id: str) -> str:
+        """``<p><app>/swarm/<run_id>``: the run's swarm (see SwarmRun), written by the fire so
+        that it exists (a blocking read of a missing key wakes on every KV write)."""
+        return self.swarms_prefix(app) + check_run_id(run_id)
 
     def history(self, app: str) -> str:
         """``<p><app>/history``: the app's last runs (see History)."""
@@ -573,7 +574,9 @@ class PlanEntry(_Record):
     holds the same source slot one stage earlier (None in the source's first stage):
     waiting for it keeps later stages from jumping the queue on a shared slot.
     ``source_address`` is the source's catalog address when the plan was made, so that a
-    puller need not look it up (None: look it up).
+    puller need not look it up (None: look it up). ``peers`` (a run with an artifact only): the
+    node's swarm neighbours as ``ADDRESS:PORT``, at most SWARM_PEERS_MAX (see
+    ``_propagation.swarm_neighbours``): catalog IP literals and the ports the nodes advertise.
     """
 
     run_id: str
@@ -582,6 +585,9 @@ class PlanEntry(_Record):
     slot: int
     after: str | None = None
     source_address: str | None = None
+    peers: tuple[str, ...] | None = None
+
+    OPTIONAL_FIELDS = ("peers",)
 
     def __post_init__(self) -> None:
         _revalidate(PlanEntry, self)
@@ -596,9 +602,14 @@ class PlanEntry(_Record):
             ("slot", _int(obj, "slot", key, 0, FANOUT_MAX - 1)),
             ("after", _name(obj, "after", key, optional=True)),
             ("source_address", _checked(obj, "source_address", key, check_address, optional=True)),
+            ("peers", _checked(obj, "peers", key, check_peers, optional=True)),
         ):
             object.__setattr__(record, name, value)
         return record
+
+
+#: Highest download rate a record may give, in bytes per second (a terabit link).
+RATE_MAX = 125_000_000_000
 
 
 @dataclass(frozen=True)
@@ -609,6 +620,10 @@ class NodeState(_Record):
     failed or is still waiting before it claimed a source; its depth is then None too).
     ``depth`` is the source's depth + 1. ``started`` is when the worker began this run,
     ``finished`` when it reached done/failed; ``error`` explains a failure.
+
+    A node fetching a run's artifact from the swarm adds ``downloaded`` (bytes it holds) and
+    ``rate`` (bytes per second) at coarse steps while ``pulling``, and ``fetched`` (when the
+    download ended) from then on, so the download shows apart from the commands.
     """
 
     version: str
@@ -619,6 +634,11 @@ class NodeState(_Record):
     depth: int | None = None
     finished: float | None = None
     error: str | None = None
+    downloaded: int | None = None
+    rate: int | None = None
+    fetched: float | None = None
+
+    OPTIONAL_FIELDS = ("downloaded", "rate", "fetched")
 
     def __post_init__(self) -> None:
         _revalidate(NodeState, self)
@@ -661,6 +681,12 @@ class NodeState(_Record):
             raise KVRecordError(key, f"status {status!r} must not have 'finished'")
         if status == NODE_FAILED and not error:
             raise KVRecordError(key, "status 'failed' requires an 'error'")
+        downloaded = _checked(obj, "downloaded", key, lambda value: check_int(value, "downloaded", 0, ARTIFACT_MAX),
+                              optional=True)
+        rate = _checked(obj, "rate", key, lambda value: check_int(value, "rate", 0, RATE_MAX), optional=True)
+        fetched = _time(obj, "fetched", key, optional=True)
+        if fetched is not None and started is not None and fetched < started:
+            raise KVRecordError(key, f"field 'fetched' ({fetched}) is before 'started' ({started})")
         record = object.__new__(cls)
         for name, value in (
             ("version", version),
@@ -671,26 +697,45 @@ class NodeState(_Record):
             ("depth", depth),
             ("finished", finished),
             ("error", error),
+            ("downloaded", downloaded),
+            ("rate", rate),
+            ("fetched", fetched),
         ):
             object.__setattr__(record, name, value)
         return record
 
 
 @dataclass(frozen=True)
-class SwarmPeer(_Record):
-    """``<app>/swarm/<run_id>/<node>``: the port on which the node serves the run's artifact.
-    Only the port: the address is the node's in the catalog, so that no KV writer can point a
-    swarm at a host outside the cluster."""
+class SwarmRun(_Record):
+    """``<app>/swarm/<run_id>``: one run's swarm, the one key every node of the run blocks on.
 
-    port: int
+    The fire writes it with ``leader_peers``, the leader's neighbours (the leader has no plan
+    entry). The leader's worker sets ``finished`` (when every target was done, failed or
+    crashed) or ``refused`` (why it cannot serve its file: the targets fail with it at once).
+    """
+
+    leader_peers: tuple[str, ...]
+    finished: float | None = None
+    refused: str | None = None
 
     def __post_init__(self) -> None:
-        _revalidate(SwarmPeer, self)
+        _revalidate(SwarmRun, self)
+
+    @property
+    def over(self) -> bool:
+        return self.finished is not None or self.refused is not None
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> SwarmPeer:
+    def from_dict(cls, obj: dict[str, Any], key: str | None = None) -> SwarmRun:
         record = object.__new__(cls)
-        object.__setattr__(record, "port", _int(obj, "port", key, 1, 65535))
+        for name, value in (
+            ("leader_peers", _checked(obj, "leader_peers", key, check_peers)),
+            ("finished", _time(obj, "finished", key, optional=True)),
+            ("refused", _checked(obj, "refused", key,
+                                 lambda value: check_text(value, "refused", ERROR_MAX_LENGTH, lines=True),
+                                 optional=True)),
+        ):
+            object.__setattr__(record, name, value)
         return record
 
 
@@ -718,15 +763,17 @@ class AppAdvert(_Record):
     config is ``^name$``); ``accepts`` is the one rule that applies them, on the leader to the
     catalog's services of the node and on the node to its agent's own. ``artifact``: the path
     template of the app's artifact (see ``_validation.check_artifact_path``), which the leader
-    publishes to the swarm with each release of the app.
+    publishes to the swarm with each release of the app, and ``artifact_port`` (required with
+    it) the port the node's swarm listens on, which the leader gives the node's neighbours.
     """
 
     max_semaphores: int
     service_filter: str | None = None
     tag_filter: str | None = None
     artifact: str | None = None
+    artifact_port: int | None = None
 
-    OPTIONAL_FIELDS = ("artifact",)
+    OPTIONAL_FIELDS = ("artifact", "artifact_port")
 
     def __post_init__(self) -> None:
         _revalidate(AppAdvert, self)
@@ -756,8 +803,11 @@ class AppAdvert(_Record):
             ("service_filter", service_filter),
             ("tag_filter", tag_filter),
             ("artifact", _checked(obj, "artifact", key, check_artifact_path, optional=True)),
+            ("artifact_port", _checked(obj, "artifact_port", key, check_swarm_port, optional=True)),
         ):
             object.__setattr__(record, name, value)
+        if (record.artifact is None) != (record.artifact_port is None):
+            raise KVRecordError(key, "fields 'artifact' and 'artifact_port' go together")
         return record
 
 

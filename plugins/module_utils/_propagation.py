@@ -69,6 +69,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import random
 import zlib
 from dataclasses import dataclass, replace
 from collections.abc import Callable, Mapping, Sequence
@@ -86,7 +87,13 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     ReleaseRecord,
     run_of,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout, check_name, clip
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    SWARM_PEERS_MAX,
+    check_fanout,
+    check_name,
+    check_run_id,
+    clip,
+)
 
 # --- the doubling schedule -------------------------------------------------------------
 
@@ -163,6 +170,34 @@ def plan_release(
             source_address=addresses.get(source) or None,
         )
     return plan
+
+
+def swarm_neighbours(targets: Sequence[str], leader: str, run_id: str) -> dict[str, list[str]]:
+    """The swarm neighbours of every node of a run with an artifact (the leader included).
+
+    The nodes stand on a ring: the leader at 0, the other targets after it in an order drawn
+    from ``run_id`` (a new graph each run, so no node is always the leader's neighbour). With N
+    nodes and s the smallest integer >= 2 with s**4 >= N, node i's neighbours are i +- 1, s,
+    s**2, s**3 (mod N): at most SWARM_PEERS_MAX = 8, each listed by both ends (the graph is
+    undirected, so the nodes that connect to a node are the ones it lists), connected by the
+    +-1 steps, and few hops apart (from the leader at most 4 at N = 100, 8 at N = 1000: about
+    2 N**(1/4)). Up to 9 nodes all see each other; the leader is a neighbour of up to 8 nodes.
+    """
+    check_run_id(run_id)
+    order = schedule_order(targets, leader)
+    rest = order[1:]
+    random.Random(run_id).shuffle(rest)
+    ring = [order[0]] + rest
+    count = len(ring)
+    step = 2
+    while step ** 4 < count:
+        step += 1
+    offsets = set(range(1, count)) if count <= SWARM_PEERS_MAX + 1 else {step ** power for power in range(4)}
+    neighbours: dict[str, list[str]] = {}
+    for index, name in enumerate(ring):
+        near = {(index + sign * offset) % count for offset in offsets for sign in (1, -1)} - {index}
+        neighbours[name] = [ring[other] for other in sorted(near)]
+    return neighbours
 
 
 def spread_key(puller: str, candidate: str) -> int:

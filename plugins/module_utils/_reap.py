@@ -814,11 +814,9 @@ class _AppWorker:
         artifact = self.app_config.artifact
         log.info("joining the swarm of run %s", release.run_id)
         try:
-            ok, reason = serve(self.client, release, self.node, artifact.path if artifact else None,
-                               functools.partial(self.run_artifact, release), schema=self.schema,
-                               seed_seconds=artifact.seed_seconds if artifact else 0,
-                               timeout=self.app_config.watch_timeout, upload_slots=self.app_config.max_semaphores,
-                               log=log.info)
+            ok, reason = serve(self.client, release, self.node, artifact, functools.partial(self.run_artifact, release),
+                               schema=self.schema, timeout=self.app_config.watch_timeout,
+                               upload_slots=self.app_config.max_semaphores, log=log.info)
         except FireapError as err:
             log.error("the swarm stopped: %s", err)
             return _Outcome.FAILED

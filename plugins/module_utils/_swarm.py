@@ -4,16 +4,16 @@
 An app may declare one artifact file. The leader publishes the file's torrent metadata (the
 bencoded v1 info dict of that one file) with the release; each target downloads the file from
 the nodes that already have it, verifies it, and only then runs the app's commands. Consul
-takes a tracker's place: the metadata and its info-hash live in KV, and each node publishes
-the port of its swarm under the run, the address of that port being the node's catalog
-address. Nothing else finds peers: DHT, local peer discovery, peer exchange, UPnP, NAT-PMP
+takes a tracker's place: the metadata and its info-hash live in KV, and the leader gives each
+node its neighbours in the node's plan entry, each at its catalog address and the swarm port
+its node advertises. Nothing else finds peers: DHT, local peer discovery, peer exchange, UPnP, NAT-PMP
 and trackers are off, the session listens only on the node's own cluster address, and an IP
-filter admits only the addresses of the run's nodes.
+filter admits only the addresses of the node's neighbours (which are the nodes that list it).
 
 Everything read from KV is checked by the rules of ``_validation`` before libtorrent sees it:
 the metadata's size is bounded before it is decoded, it must describe exactly the one file
 the release names (its basename, length, piece size and piece count) and hash to the release's
-info-hash; a peer is a catalog IP literal and a port, never a host name a KV writer chose.
+info-hash; a peer is an IP literal and a port (``_validation.check_endpoint``), never a host name.
 
 libtorrent (``libtorrent==2.1.1``, installed by the fireap_node role) is imported only when a
 swarm is used, so the rest of the node path runs without it. The checks of metadata and peers
@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch
@@ -40,9 +40,12 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     PIECES_MAX,
     check_artifact_length,
     check_artifact_name,
+    check_endpoint,
     check_info_hash,
     check_int,
+    check_ip,
     check_run_id,
+    endpoint,
     show,
 )
 
@@ -53,6 +56,8 @@ METADATA_MAX = PIECES_MAX * 20 + 4096
 INFO_KEYS = (b"length", b"name", b"piece length", b"pieces")
 #: The folder under the artifact's directory where a node downloads before it verifies.
 STAGING_FOLDER = ".fireap-swarm"
+#: ``progress(bytes, rate)``: how much of the artifact a download holds, and its bytes per second.
+Progress = Callable[[int, int], None]
 #: Seconds between two re-connections to the known peers, and the longest single wait for an alert.
 POLL_SECONDS = 0.5
 
@@ -78,14 +83,6 @@ def piece_size(length: int) -> int:
     while math.ceil(length / size) > PIECES_MAX:
         size *= 2
     return size
-
-
-def check_port(value: Any) -> int:
-    """Return ``value`` if it is a TCP port a node's swarm listens on: 1..65535."""
-    try:
-        return check_int(value, "swarm port", 1, 65535)
-    except ValueError as exc:
-        raise SwarmError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -225,29 +222,7 @@ def create_metadata(path: str) -> Metadata:
     return check_metadata(info, name=name, length=length, info_hash=hashlib.sha1(info).hexdigest())
 
 
-# --- peers ---
-
-
-def check_ip(value: Any) -> str:
-    """Return ``value`` if it is an IPv4 or IPv6 literal without a zone: a catalog address
-    a node's swarm may connect to (never a host name, which a resolver could send anywhere)."""
-    if not isinstance(value, str) or "%" in value:
-        raise SwarmError(f"peer address {show(value)} must be an IP address")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise SwarmError(f"peer address {show(value)} must be an IP address") from None
-
-
-def peer(address: Any, port: Any) -> tuple[str, int]:
-    """A peer to connect to: the node's catalog ``address`` (an IP literal) and the ``port``
-    it published under the run."""
-    return check_ip(address), check_port(port)
-
-
-def _endpoint(address: str, port: int) -> str:
-    """``ADDR:PORT`` as libtorrent's listen_interfaces takes it (IPv6 in brackets)."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+# --- the session ---
 
 
 def staging_dir(final_path: str, run_id: str) -> str:
@@ -258,9 +233,9 @@ def staging_dir(final_path: str, run_id: str) -> str:
 
 class Swarm:
     """One node's libtorrent session for one artifact: it listens only on the node's cluster
-    ``address`` (``port`` 0: any free port, see ``port``), unchokes at most ``upload_slots``
+    ``address`` at ``port`` (0: any free port, see ``port``), unchokes at most ``upload_slots``
     peers at once (the app's ``max_semaphores``), and talks only to the peers given to
-    ``connect``. Thread-safe: a thread may add peers while another waits for the download."""
+    ``connect``, in both directions. Thread-safe: a thread may add peers while another waits for the download."""
 
     def __init__(self, address: str, port: int, upload_slots: int) -> None:
         lt = _libtorrent()
@@ -269,7 +244,7 @@ class Swarm:
         port = check_int(port, "swarm port", 0, 65535)
         categories = lt.alert.category_t
         settings = {
-            "listen_interfaces": _endpoint(self.address, port),
+            "listen_interfaces": endpoint(self.address, port),
             "outgoing_interfaces": self.address,
             "enable_dht": False,
             "enable_lsd": False,
@@ -289,25 +264,25 @@ class Swarm:
         self._peers: set[tuple[str, int]] = set()
         self._handle: Any = None
         self._apply_filter()
-        self._await_listening(_endpoint(self.address, port))
+        self._await_listening(endpoint(self.address, port))
 
-    def _await_listening(self, endpoint: str) -> None:
+    def _await_listening(self, where: str) -> None:
         """Return once the session listens on TCP (bounded), so the port it reports is in use."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for alert in self._session.pop_alerts():
                 if isinstance(alert, self._lt.listen_failed_alert):
-                    raise SwarmError(f"the swarm cannot listen on {endpoint}: {alert.message()}")
+                    raise SwarmError(f"the swarm cannot listen on {where}: {alert.message()}")
                 if (isinstance(alert, self._lt.listen_succeeded_alert)
                         and alert.socket_type == self._lt.socket_type_t.tcp):
                     return
             self._session.wait_for_alert(int(POLL_SECONDS * 1000))
-        raise SwarmError(f"the swarm did not start listening on {endpoint} within 10 s")
+        raise SwarmError(f"the swarm did not start listening on {where} within 10 s")
 
     @property
     def port(self) -> int:
         """The port the session listens on (the one the OS chose for port 0)."""
-        return check_port(self._session.listen_port())
+        return check_int(self._session.listen_port(), "swarm port", 1, 65535)
 
     def _apply_filter(self) -> None:
         """Block every address but this node's and its peers', in both directions."""
@@ -318,11 +293,12 @@ class Swarm:
             rules.add_rule(address, address, 0)
         self._session.set_ip_filter(rules)
 
-    def connect(self, peers: Iterable[tuple[str, int]]) -> None:
-        """Connect to ``peers`` (from ``peer``), now and again at every poll; the node's own
+    def connect(self, peers: Iterable[str]) -> None:
+        """Admit ``peers`` (``ADDRESS:PORT``, checked by ``check_endpoint``) and connect to them,
+        now and again at every poll of a download (a peer may not listen yet); the node's own
         endpoint is skipped."""
         with self._lock:
-            fresh = {peer(address, port) for address, port in peers} - self._peers
+            fresh = {check_endpoint(item) for item in peers} - self._peers
             fresh.discard((self.address, self.port))
             if not fresh:
                 return
@@ -332,15 +308,15 @@ class Swarm:
                 self._apply_filter()
             handle = self._handle
         if handle is not None:
-            for endpoint in fresh:
-                handle.connect_peer(endpoint)
+            for address_port in fresh:
+                handle.connect_peer(address_port)
 
     def _reconnect(self) -> None:
         with self._lock:
             peers, handle = set(self._peers), self._handle
         if handle is not None:
-            for endpoint in peers:
-                handle.connect_peer(endpoint)
+            for address_port in peers:
+                handle.connect_peer(address_port)
 
     def _add(self, metadata: Metadata, save_path: str, seed: bool) -> None:
         lt = self._lt
@@ -368,7 +344,7 @@ class Swarm:
                 raise SwarmError(f"the swarm failed: {alert.message()}")
 
     def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float,
-              ended: threading.Event | None = None) -> None:
+              ended: threading.Event | None = None, progress: Progress | None = None) -> None:
         """Download the artifact into ``final_path``, then seed it from there.
 
         The download goes into ``staging_dir``; the whole file's SHA-256 must be ``checksum``
@@ -376,7 +352,7 @@ class Swarm:
         checked each piece against the metadata already). A file already at ``final_path`` that
         has the checksum is seeded as it is. SwarmError when the download does not finish
         within ``timeout`` seconds, ``ended`` is set meanwhile (the run is over), or it fails;
-        the staging file is removed then.
+        the staging file is removed then. ``progress(bytes, rate)`` is called at every poll.
         """
         if os.path.basename(final_path) != metadata.name:
             raise SwarmError(f"the artifact path {final_path} is not named {metadata.name}")
@@ -387,7 +363,7 @@ class Swarm:
         os.makedirs(staging, mode=0o700, exist_ok=True)
         staged = os.path.join(staging, metadata.name)
         try:
-            self._download(metadata, staging, timeout, ended)
+            self._download(metadata, staging, timeout, ended, progress)
             mismatch = file_mismatch(staged, checksum)
             if mismatch is not None:
                 raise SwarmError(f"the artifact from the swarm is not the release's: {mismatch}")
@@ -398,15 +374,21 @@ class Swarm:
             os.rmdir(staging)
         self.seed(metadata, final_path)
 
-    def _download(self, metadata: Metadata, staging: str, timeout: float, ended: threading.Event | None) -> None:
+    def _download(self, metadata: Metadata, staging: str, timeout: float, ended: threading.Event | None,
+                  progress: Progress | None) -> None:
         """Download into ``staging``, then take the torrent out of the session (its file closed)."""
         deadline = time.monotonic() + timeout
         self._add(metadata, staging, seed=False)
         try:
-            while not self._handle.status().is_seeding:
+            while True:
+                status = self._handle.status()
+                if progress is not None:
+                    progress(status.total_wanted_done, status.download_payload_rate)
+                if status.is_seeding:
+                    return
                 if time.monotonic() >= deadline:
                     raise SwarmError(f"the artifact did not arrive from the swarm within {timeout:g} s "
-                                     f"({self._handle.status().progress:.0%} of {metadata.length} bytes)")
+                                     f"({status.progress:.0%} of {metadata.length} bytes)")
                 if ended is not None and ended.is_set():
                     raise SwarmError("the run ended before the artifact arrived")
                 self._raise_errors()

@@ -5,22 +5,30 @@ A target (``serve``, not the leader) records itself ``pulling`` (held by its ses
 crash shows as today; the source it names is the run's leader, the artifact's origin, at depth
 1), reads and checks the run's torrent metadata (``<app>/artifact/<run_id>``, by
 ``_swarm.check_metadata`` against the release's name, size and info-hash), opens a swarm on its
-catalog address, publishes the port under ``<app>/swarm/<run_id>/<node>``, connects to every
-peer published there as they appear (a blocking read of that folder in a thread of its own; a
-peer's address is its node's catalog address), downloads the file into its own artifact path,
-checks it against the release's checksum, and only then runs the app's commands with
-``{{ artifact }}``. It records ``done`` or ``failed`` as a pull does, then keeps serving until
-every target of the run is done or failed, and then for the app's ``seed_seconds`` at most.
+catalog address at its app's ``artifact.port``, connects to the neighbours its plan entry lists
+(``ADDRESS:PORT``, checked again; the nodes that connect to it are the ones that list it),
+downloads the file into its own artifact path, checks it against the release's checksum, and
+only then runs the app's commands with ``{{ artifact }}``. While it downloads it adds its
+progress to its record at each quarter of the file, at most every PROGRESS_SECONDS (at most 3
+writes), and its final record keeps when the download ended (``fetched``). It records ``done``
+or ``failed`` as a pull does.
 
-The leader serves its own file, the one the metadata was made from, the same way. Every wait is
-bounded by the app's ``watch_timeout``; a release replaced or aborted meanwhile ends the download
-(within MAX_WAIT s; the node records the run failed) and the serving.
+The run ends on one key, ``<app>/swarm/<run_id>`` (``SwarmRun``, created by the fire): the
+leader's worker reads the run's node records (one recursive read, at its own node only, at
+most every SCAN_SECONDS, blocking while nothing changes) and once every target is done, failed
+or crashed (unfinished and no longer held by a session) it writes there when the run finished;
+when it cannot serve its file (changed since the fire, say) it writes why instead and the
+targets fail with that at once. Every other node blocks on that key (and re-reads the release
+after each wake-up, at least every MAX_WAIT s, so an abort or a new run ends its part) and
+stops serving ``seed_seconds`` after the run finished, or after ``watch_timeout``. So a target
+makes O(1) requests whatever the number of nodes; only the leader reads O(N) bytes, throttled.
 
 The session, the blocking reads and the record writes are the pull worker's (``_worker``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -33,86 +41,100 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
     NODE_FAILED,
     NODE_PULLING,
-    KVRecordError,
     NodeState,
+    PlanEntry,
     ReleaseRecord,
     Schema,
-    SwarmPeer,
+    SwarmRun,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import PullTimings
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
     Metadata,
     Swarm,
     SwarmError,
-    check_ip,
     check_metadata,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._validation import artifact_path, clip, show
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import ArtifactConfig
+from ansible_collections.fireap.consul.plugins.module_utils._validation import artifact_path, check_ip, clip
 from ansible_collections.fireap.consul.plugins.module_utils._worker import (
     DEFAULT_SESSION_TTL,
     _PullDriver,
     _ReleaseMalformed,
 )
 
-#: Longest blocking read of the run's peers or node records.
+#: Longest blocking read of the run's swarm record or node records: an abort is seen within it.
 MAX_WAIT = 10.0
-#: Pause after a failed read of the peers before the next one.
+#: The leader reads the run's node records at most once per SCAN_SECONDS.
+SCAN_SECONDS = 3.0
+#: Pause after a failed read before the next one.
 RETRY_PAUSE = 1.0
+#: A target writes its download progress at most once per PROGRESS_SECONDS and per quarter.
+PROGRESS_SECONDS = 2.0
 
 #: ``run_task(path) -> (ok, error)``: the app's commands with ``{{ artifact }}`` = ``path``.
 RunArtifactTask = Callable[[str], "tuple[bool, str | None]"]
 
 
-class _Peers(threading.Thread):
-    """Connects the swarm to every node that publishes a port under the run, as they come, and
-    sets ``ended`` once the run is no longer the current one (checked at every wake-up, at
-    least every MAX_WAIT s)."""
+class _RunWatch(threading.Thread):
+    """Blocks on the run's swarm record and sets ``ended`` once the leader wrote that the run
+    finished or that it cannot serve (``record``), or the run is no longer the current one
+    (the release is re-read after every wake-up, at least every MAX_WAIT s)."""
 
-    def __init__(self, driver: _PullDriver, swarm: Swarm, prefix: str, deadline: float,
-                 current: Callable[[], bool]) -> None:
-        super().__init__(name="fireap-swarm-peers", daemon=True)
-        self.driver = driver
-        self.swarm = swarm
-        self.prefix = prefix
-        self.deadline = deadline
-        self.current = current
+    def __init__(self, serving: _Serving) -> None:
+        super().__init__(name="fireap-swarm-run", daemon=True)
+        self.serving = serving
         self.stopped = threading.Event()
         self.ended = threading.Event()
-        self.addresses: dict[str, str] = {}
+        self.record: SwarmRun | None = None
 
     def run(self) -> None:
+        driver, key = self.serving.driver, self.serving.run_key
         index = 0
-        while not self.stopped.is_set() and time.monotonic() < self.deadline:
+        while not self.stopped.is_set() and time.monotonic() < self.serving.deadline:
             try:
-                index, entries = self.driver.read(self.prefix, index, MAX_WAIT, recurse=True)
-                if not self.current():
+                index, entry = driver.read(key, index, min(MAX_WAIT, max(0.0, self.serving.deadline - time.monotonic())))
+                record = driver.parse(SwarmRun, key, entry)
+                if record is not None and record.over:
+                    self.record = record
                     self.ended.set()
                     return
-                if not self.stopped.is_set():
-                    self.swarm.connect(self.peers(entries or ()))
+                if not self.serving.current():
+                    self.ended.set()
+                    return
             except FireapError as err:
-                self.driver.log(f"cannot read the swarm's peers: {err}")
+                driver.log(f"cannot read {key}: {err}")
                 index = 0
                 self.stopped.wait(RETRY_PAUSE)
 
-    def peers(self, entries) -> list[tuple[str, int]]:
-        """The published peers, each at its node's catalog address (read once per new node)."""
-        found = []
-        for entry in entries:
-            node = entry["Key"][len(self.prefix):]
-            try:
-                port = SwarmPeer.from_json(entry.get("Value"), entry["Key"]).port
-                if node not in self.addresses:
-                    self.addresses[node] = catalog_address(self.driver, node)
-            except (KVRecordError, FireapError, ValueError) as err:
-                self.driver.log(f"ignoring the swarm peer {show(node)}: {err}")
-                continue
-            found.append((self.addresses[node], port))
-        return found
+    def why_ended(self) -> str:
+        """Why the download stopped early, for the target's failed record."""
+        if self.record is not None and self.record.refused is not None:
+            return f"the leader cannot serve the artifact: {self.record.refused}"
+        if self.record is not None:
+            return "the leader recorded the run over before the artifact arrived"
+        return "the run ended before the artifact arrived"
+
+
+def end_run(driver: _PullDriver, release: ReleaseRecord, refused: str | None = None) -> None:
+    """The leader's last word on the run in its swarm record: when it finished, or why the
+    leader cannot serve (``refused``). Written by check-and-set; a record already over stays."""
+    key = driver.schema.swarm_run(release.app, release.run_id)
+    for _attempt in range(3):
+        _index, entry = driver.read(key)
+        record = driver.parse(SwarmRun, key, entry)
+        if record is None or record.over:
+            return
+        if refused is None:
+            update = dataclasses.replace(record, finished=driver.clock())
+        else:
+            update = dataclasses.replace(record, refused=clip(refused))
+        if driver.call(f"writing {key}", driver.client.kv.put, key, update.to_json(), cas=entry["ModifyIndex"]):
+            return
+    driver.log(f"could not write {key}: it kept changing")
 
 
 def catalog_address(driver: _PullDriver, node: str) -> str:
-    """The catalog address of ``node``, if it is an IP literal (SwarmError otherwise)."""
+    """The catalog address of ``node``, if it is an IP literal (InvalidValue otherwise)."""
     _index, info = driver.call(f"looking up node {node}", driver.client.catalog.node, node)
     return check_ip(((info or {}).get("Node") or {}).get("Address"))
 
@@ -120,24 +142,40 @@ def catalog_address(driver: _PullDriver, node: str) -> str:
 class _Serving:
     """What one node does for one run of an artifact (see the module docstring)."""
 
-    def __init__(self, driver: _PullDriver, release: ReleaseRecord, template: str, seed_seconds: float,
-                 timeout: float, upload_slots: int) -> None:
+    def __init__(self, driver: _PullDriver, release: ReleaseRecord, app: ArtifactConfig, timeout: float,
+                 upload_slots: int) -> None:
         self.driver = driver
         self.release = release
         self.schema = driver.schema
-        self.path = artifact_path(template, release.app, release.version)
-        self.seed_seconds = seed_seconds
+        self.path = artifact_path(app.path, release.app, release.version)
+        self.seed_seconds = app.seed_seconds
+        self.port = app.port
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.upload_slots = upload_slots
         self.started = driver.clock()
-        self.targets: set[str] | None = None
+        self.run_key = self.schema.swarm_run(release.app, release.run_id)
+        self.fetched: float | None = None
+        self.progress_step = 0
+        self.progress_at = time.monotonic()
 
-    def state(self, status: str, error: str | None = None) -> NodeState:
+    def state(self, status: str, error: str | None = None, downloaded: int | None = None,
+              rate: int | None = None) -> NodeState:
         finished = None if status == NODE_PULLING else self.driver.clock()
         return NodeState(version=self.release.version, run_id=self.release.run_id, status=status,
                          started=self.started, source=self.release.leader, depth=1, finished=finished,
-                         error=None if error is None else clip(error))
+                         error=None if error is None else clip(error), downloaded=downloaded, rate=rate,
+                         fetched=self.fetched)
+
+    def progress(self, downloaded: int, rate: int) -> None:
+        """Add the download's progress to the node's record at each quarter of the file it
+        passes (the last one is the done record), at most every PROGRESS_SECONDS."""
+        step = downloaded * 4 // self.release.artifact.length
+        if step <= self.progress_step or step >= 4 or time.monotonic() - self.progress_at < PROGRESS_SECONDS:
+            return
+        self.progress_step, self.progress_at = step, time.monotonic()
+        if not self.driver.write_state(self.state(NODE_PULLING, downloaded=downloaded, rate=rate)):
+            self.driver.log("could not record the download's progress: the node's record changed meanwhile")
 
     def metadata(self) -> Metadata:
         artifact = self.release.artifact
@@ -154,44 +192,74 @@ class _Serving:
         return check_metadata(entry.get("Value"), name=artifact.name, length=artifact.length,
                               info_hash=artifact.info_hash)
 
+    def neighbours(self) -> tuple[str, ...]:
+        """This node's swarm neighbours: the leader's from the run's swarm record, a target's
+        from its plan entry (both checked when read: IP literals, ports, at most 8)."""
+        if self.driver.node == self.release.leader:
+            _index, entry = self.driver.read(self.run_key)
+            record = self.driver.parse(SwarmRun, self.run_key, entry)
+            if record is None:
+                raise SwarmError(f"the run's swarm record {self.run_key} is missing or malformed")
+            return record.leader_peers
+        key = self.schema.plan(self.release.app, self.release.run_id, self.driver.node)
+        _index, entry = self.driver.read(key)
+        plan = self.driver.parse(PlanEntry, key, entry)
+        if plan is None or plan.peers is None:
+            raise SwarmError(f"the run's plan gives this node no swarm neighbours ({key})")
+        return plan.peers
+
     def open_swarm(self) -> Swarm:
-        """A swarm on this node's catalog address, its port published under the run."""
-        swarm = Swarm(catalog_address(self.driver, self.driver.node), 0, self.upload_slots)
-        key = self.schema.swarm_peer(self.release.app, self.release.run_id, self.driver.node)
-        self.driver.ensure_session()
-        self.driver.call(f"writing {key}", self.driver.client.kv.put, key, SwarmPeer(swarm.port).to_json(),
-                         acquire=self.driver.session_id)
+        """A swarm on this node's catalog address and the app's port, joined to its neighbours."""
+        swarm = Swarm(catalog_address(self.driver, self.driver.node), self.port, self.upload_slots)
+        try:
+            swarm.connect(self.neighbours())
+        except BaseException:
+            swarm.close()
+            raise
         return swarm
 
-    def over(self, index: int = 0) -> tuple[int, bool]:
-        """``(index, whether every target of the run is done or failed)``, from a read of the
-        run's node records that blocks while their index is ``index`` (0: at once)."""
-        app, run_id = self.release.app, self.release.run_id
-        if self.targets is None:
-            _index, keys = self.driver.read(self.schema.plan_prefix(app, run_id), keys=True)
-            self.targets = {key.rpartition("/")[2] for key in keys or ()}
-        prefix = self.schema.nodes_prefix(app)
-        index, entries = self.driver.read(prefix, index, min(MAX_WAIT, max(0.0, self.deadline - time.monotonic())),
-                                          recurse=True)
-        finished = set()
+    def finished_targets(self, entries) -> int:
+        """How many records among ``entries`` (the app's node records) are the run's and done,
+        failed or left by a crashed worker (the leader's own is done)."""
+        count = 0
         for entry in entries or ():
             state = self.driver.parse(NodeState, entry["Key"], entry)
-            if state is not None and state.run_id == run_id and state.terminal:
-                finished.add(entry["Key"][len(prefix):])
-        return index, self.targets <= finished
+            if state is not None and (state.run_id == self.release.run_id
+                                      and (state.terminal or state.crashed(self.release.run_id,
+                                                                           bool(entry.get("Session"))))):
+                count += 1
+        return count
 
-    def serve_until_over(self) -> None:
-        """Return once every target of the run is done or failed, then ``seed_seconds`` later,
-        or once the run is no longer the current one."""
+    def lead_until_over(self) -> bool:
+        """The leader: wait until every target of the run is done, failed or crashed, reading
+        their records at most every SCAN_SECONDS, then record the run finished. False when the
+        run stopped being the current one or watch_timeout passed first."""
+        prefix = self.schema.nodes_prefix(self.release.app)
         index = 0
         while time.monotonic() < self.deadline:
-            index, over = self.over(index)
+            began = time.monotonic()
+            index, entries = self.driver.read(prefix, index, min(MAX_WAIT, max(0.0, self.deadline - began)),
+                                              recurse=True)
             if not self.current():
-                return
-            if over:
-                self.driver.sleep(max(0.0, min(self.seed_seconds, self.deadline - time.monotonic())))
-                return
+                return False
+            if self.finished_targets(entries) >= self.release.target_count:
+                end_run(self.driver, self.release)
+                return True
+            self.driver.sleep(max(0.0, min(began + SCAN_SECONDS, self.deadline) - time.monotonic()))
         self.driver.log(f"stopped serving after {self.timeout:g} s (watch_timeout): some targets have not finished")
+        return False
+
+    def follow_until_over(self, watch: _RunWatch) -> bool:
+        """Another node: wait until the leader recorded the run finished (True) or the run ended
+        otherwise (False)."""
+        if not watch.ended.wait(max(0.0, self.deadline - time.monotonic())):
+            self.driver.log(f"stopped serving after {self.timeout:g} s (watch_timeout): the run was not over")
+            return False
+        return watch.record is not None and watch.record.finished is not None
+
+    def seed_on(self) -> None:
+        """Serve ``seed_seconds`` more (no longer than watch_timeout allows)."""
+        self.driver.sleep(max(0.0, min(self.seed_seconds, self.deadline - time.monotonic())))
 
     def current(self) -> bool:
         """Whether the release record still names this run, running."""
@@ -202,76 +270,97 @@ class _Serving:
         return release is not None and release.run_id == self.release.run_id and not release.aborted
 
 
-def serve(client, release: ReleaseRecord, node: str, template: str | None, run_task: RunArtifactTask, *,
-          seed_seconds: float, timeout: float, upload_slots: int, schema: Schema = Schema(),
+def serve(client, release: ReleaseRecord, node: str, artifact: ArtifactConfig | None, run_task: RunArtifactTask, *,
+          timeout: float, upload_slots: int, schema: Schema = Schema(),
           log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
           sleep: Callable[[float], None] = time.sleep, session_ttl: int = DEFAULT_SESSION_TTL,
           retry_window: float = DEFAULT_RETRY_WINDOW) -> tuple[bool, str]:
-    """Take part in ``release`` (a run of an app whose ``template`` is its artifact path, None:
-    the app has none here) as ``node``: the leader serves its file, a target fetches it,
-    runs ``run_task(path)`` and records the outcome; both serve until the run is over.
+    """Take part in ``release`` (a run of an app whose ``artifact`` is as given, None: the app
+    has none here) as ``node``: the leader serves its file, a target fetches it, runs
+    ``run_task(path)`` and records the outcome; both serve until the run is over.
     ``(ok, what happened)``; FireapConsulError when Consul stays unreachable."""
     driver = _PullDriver(client, schema, release.app, node, None, PullTimings(), log or (lambda _msg: None),
                          clock, sleep, session_ttl, retry_window)
     try:
-        return _serve(driver, release, template, run_task, seed_seconds, timeout, upload_slots)
+        return _serve(driver, release, artifact, run_task, timeout, upload_slots)
     finally:
         driver.end_session()
 
 
-def _serve(driver: _PullDriver, release: ReleaseRecord, template: str | None, run_task: RunArtifactTask,
-           seed_seconds: float, timeout: float, upload_slots: int) -> tuple[bool, str]:
-    leader = driver.node == release.leader
-    if template is None:
-        if leader:
-            return False, f"run {release.run_id} carries an artifact, which this leader's task config does not declare"
+def _serve(driver: _PullDriver, release: ReleaseRecord, artifact: ArtifactConfig | None, run_task: RunArtifactTask,
+           timeout: float, upload_slots: int) -> tuple[bool, str]:
+    if driver.node == release.leader:
+        return _lead(driver, release, artifact, timeout, upload_slots)
+    if artifact is None:
         return _failed(driver, release, f"run {release.run_id} carries the artifact {release.artifact.name}, but "
                                         "the app has no artifact on this node: set its artifact.path and apply "
                                         "the role")
-    serving = _Serving(driver, release, template, seed_seconds, timeout, upload_slots)
-    if leader and serving.over()[1]:
-        return True, f"run {release.run_id} is over: nothing to serve"
+    serving = _Serving(driver, release, artifact, timeout, upload_slots)
     own_key = driver.schema.node(release.app, driver.node)
     _index, own = driver.read(own_key)
     driver.written = None if own is None else own.get("Value")
-    if not leader:
-        driver.ensure_session()
-        if not driver.write_state(serving.state(NODE_PULLING)):
-            return False, f"{own_key} changed meanwhile: another worker of this node is at it"
+    driver.ensure_session()
+    if not driver.write_state(serving.state(NODE_PULLING)):
+        return False, f"{own_key} changed meanwhile: another worker of this node is at it"
     try:
         metadata = serving.metadata()
         swarm = serving.open_swarm()
     except (FireapError, ValueError) as err:
-        return (False, f"cannot serve the artifact: {err}") if leader else _failed(driver, release, str(err), serving)
-    peers = _Peers(driver, swarm, driver.schema.swarm_prefix(release.app, release.run_id), serving.deadline,
-                   serving.current)
-    peers.start()
+        return _failed(driver, release, str(err), serving)
+    watch = _RunWatch(serving)
+    watch.start()
     try:
-        if leader:
-            mismatch = file_mismatch(serving.path, release.checksum)
-            if mismatch is not None:
-                return False, f"cannot serve the artifact: {mismatch}"
-            swarm.seed(metadata, serving.path)
-            outcome = (True, f"served {serving.path}")
-        else:
-            outcome = _fetch_and_run(driver, serving, swarm, metadata, run_task, peers.ended)
-            if not outcome[0] and not os.path.isfile(serving.path):
-                return outcome
-        serving.serve_until_over()
+        outcome = _fetch_and_run(driver, serving, swarm, metadata, run_task, watch)
+        if (outcome[0] or os.path.isfile(serving.path)) and serving.follow_until_over(watch):
+            serving.seed_on()
         return outcome
     finally:
-        peers.stopped.set()
+        watch.stopped.set()
+        swarm.close()
+
+
+def _lead(driver: _PullDriver, release: ReleaseRecord, artifact: ArtifactConfig | None, timeout: float,
+          upload_slots: int) -> tuple[bool, str]:
+    """The leader serves its own file until the run is over, then ``seed_seconds`` more; when
+    it cannot, it says why in the run's swarm record, so that the targets fail at once."""
+    if artifact is None:
+        reason = f"run {release.run_id} carries an artifact, which this leader's task config does not declare"
+        end_run(driver, release, reason)
+        return False, reason
+    serving = _Serving(driver, release, artifact, timeout, upload_slots)
+    _index, entry = driver.read(serving.run_key)
+    record = driver.parse(SwarmRun, serving.run_key, entry)
+    if record is not None and record.over:
+        return True, f"run {release.run_id} is over: nothing to serve"
+    try:
+        metadata = serving.metadata()
+        mismatch = file_mismatch(serving.path, release.checksum)
+        if mismatch is not None:
+            raise SwarmError(mismatch)
+        swarm = serving.open_swarm()
+    except (FireapError, ValueError) as err:
+        reason = f"cannot serve the artifact: {err}"
+        end_run(driver, release, reason)
+        return False, reason
+    try:
+        swarm.seed(metadata, serving.path)
+        if serving.lead_until_over():
+            serving.seed_on()
+        return True, f"served {serving.path}"
+    finally:
         swarm.close()
 
 
 def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadata: Metadata,
-                   run_task: RunArtifactTask, ended: threading.Event) -> tuple[bool, str]:
+                   run_task: RunArtifactTask, watch: _RunWatch) -> tuple[bool, str]:
     release = serving.release
     try:
         swarm.fetch(metadata, serving.path, release.checksum, release.run_id, serving.deadline - time.monotonic(),
-                    ended)
+                    watch.ended, serving.progress)
     except (FireapError, OSError) as err:
-        return _failed(driver, release, f"the artifact could not be fetched: {err}", serving)
+        reason = watch.why_ended() if watch.ended.is_set() else f"the artifact could not be fetched: {err}"
+        return _failed(driver, release, reason, serving)
+    serving.fetched = driver.clock()
     driver.log(f"fetched and verified {serving.path}")
     try:
         ok, error = run_task(serving.path)
@@ -289,7 +378,7 @@ def _failed(driver: _PullDriver, release: ReleaseRecord, error: str,
     """Record the run failed on this node with ``error``."""
     started = serving.started if serving is not None else driver.clock()
     state = NodeState(version=release.version, run_id=release.run_id, status=NODE_FAILED, started=started,
-                      finished=driver.clock(), error=clip(error))
+                      finished=driver.clock(), error=clip(error), fetched=serving.fetched if serving else None)
     if driver.session_id is None and driver.written is None:
         _index, own = driver.read(driver.schema.node(release.app, driver.node))
         driver.written = None if own is None else own.get("Value")

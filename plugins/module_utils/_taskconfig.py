@@ -27,8 +27,8 @@ role variables; the node's fireap-reap handler and the controller modules read i
       verify_file: null     # path template of the build's file: its SHA-256 must be the
                             # release's checksum
       verify_commands: []   # commands that verify the build, given {{ checksum }}
-      artifact: null        # {path: /srv/builds/{{ app }}-{{ version }}.tar.gz, seed_seconds: 60}:
-                            # one file the swarm delivers before the commands run
+      artifact: null        # {path: /srv/builds/{{ app }}-{{ version }}.tar.gz, seed_seconds: 60,
+                            # port: 6881}: one file the swarm delivers before the commands run
       service: null         # target filters, see below
       service_regexp: null
       tag: null
@@ -61,7 +61,9 @@ Rules:
   leader publishes with each release and every target fetches from the swarm (``_swarm``)
   and verifies against the release's checksum before its commands run; they name it
   ``{{ artifact }}`` and, with no single source, never ``{{ remote.* }}``. A node serves it
-  until every target is over, then for ``seed_seconds`` at most (0..SEED_SECONDS_MAX).
+  until every target is over, then for ``seed_seconds`` at most (0..SEED_SECONDS_MAX), on its
+  cluster address at ``port`` (DEFAULT_SWARM_PORT, within SWARM_PORT_MIN..65535; two apps
+  with an artifact need two ports), which its advert tells the leader.
 - Filters decide which nodes take an app: a node takes it only when one of its services
   has a matching name (``service``: exactly this name; ``service_regexp``: a regexp
   searched unanchored in the name) and, with a tag filter, that same service has a
@@ -121,6 +123,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     FANOUT_MAX,
     FANOUT_MIN,
+    DEFAULT_SWARM_PORT,
+    SWARM_PORT_MIN,
     check_artifact_path,
     check_name,
 )
@@ -157,6 +161,7 @@ class ArtifactConfig:
 
     path: str
     seed_seconds: int = DEFAULT_SEED_SECONDS
+    port: int = DEFAULT_SWARM_PORT
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,8 @@ class AppConfig:
     def advert(self) -> AppAdvert:
         """What the node tells the leader about this app (no commands)."""
         return AppAdvert(max_semaphores=self.max_semaphores, service_filter=self.service_filter,
-                         tag_filter=self.tag_filter, artifact=self.artifact.path if self.artifact else None)
+                         tag_filter=self.tag_filter, artifact=self.artifact.path if self.artifact else None,
+                         artifact_port=self.artifact.port if self.artifact else None)
 
     def listing(self) -> Dict[str, Any]:
         """The app's merged settings as ``fireap-reap --list`` shows them: commands as
@@ -191,7 +197,8 @@ class AppConfig:
             "command_timeout": self.command_timeout,
             "on_command_failure": self.on_command_failure,
             "verify_file": self.verify_file,
-            **({"artifact": {"path": self.artifact.path, "seed_seconds": self.artifact.seed_seconds}}
+            **({"artifact": {"path": self.artifact.path, "seed_seconds": self.artifact.seed_seconds,
+                             "port": self.artifact.port}}
                if self.artifact else {}),
             **{phase: list(getattr(self, phase)) for phase in PHASES},
             "service_filter": self.service_filter,
@@ -318,7 +325,7 @@ def _verify_file(value: Any) -> Optional[str]:
     return value
 
 
-_ARTIFACT_KEYS = ("path", "seed_seconds")
+_ARTIFACT_KEYS = ("path", "seed_seconds", "port")
 
 
 def _artifact(value: Any) -> Optional[ArtifactConfig]:
@@ -336,11 +343,13 @@ def _artifact(value: Any) -> Optional[ArtifactConfig]:
     except ValueError as exc:
         raise _Invalid(str(exc), ".path") from None
     seconds = value.get("seed_seconds", DEFAULT_SEED_SECONDS)
-    try:
-        _integer(0, SEED_SECONDS_MAX)(seconds)
-    except _Invalid as exc:
-        raise _Invalid(exc.message, ".seed_seconds") from None
-    return ArtifactConfig(path=path, seed_seconds=seconds)
+    port = value.get("port", DEFAULT_SWARM_PORT)
+    for key, number, low, high in (("seed_seconds", seconds, 0, SEED_SECONDS_MAX), ("port", port, SWARM_PORT_MIN, 65535)):
+        try:
+            _integer(low, high)(number)
+        except _Invalid as exc:
+            raise _Invalid(exc.message, "." + key) from None
+    return ArtifactConfig(path=path, seed_seconds=seconds, port=port)
 
 
 def _filter_text(value: str) -> None:
@@ -622,6 +631,20 @@ def _kv_prefix(value: Any) -> str:
         raise _Invalid(str(exc)) from None
 
 
+def _distinct_ports(apps: Mapping[str, Optional[AppConfig]], problems: _Problems) -> None:
+    """Two apps of a node serve their artifacts at the same time: on two ports."""
+    first: Dict[int, str] = {}
+    for name in sorted(apps):
+        artifact = apps[name].artifact if apps[name] is not None else None
+        if artifact is None:
+            continue
+        if artifact.port in first:
+            problems.add("apps.%s.artifact.port" % name,
+                         "is %d, as app %s's: give each app with an artifact a port of its own"
+                         % (artifact.port, first[artifact.port]))
+        first.setdefault(artifact.port, name)
+
+
 def parse_config(data: Any, source: str = "<config>") -> TaskConfig:
     """Validate a loaded config document; ConfigError lists every problem found."""
     problems = _Problems(source)
@@ -662,6 +685,7 @@ def parse_config(data: Any, source: str = "<config>") -> TaskConfig:
         raise ConfigError(problems.items)
 
     apps = {name: _merge(name, defaults, own, problems) for name, own in own_settings.items()}
+    _distinct_ports(apps, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return TaskConfig(

@@ -264,3 +264,60 @@ def artifact_path(template: str, app: str, version: str) -> str:
     path = _ARTIFACT_PLACEHOLDER.sub(lambda match: values[match.group(1)], check_artifact_path(template))
     check_artifact_name(path.rpartition("/")[2])
     return path
+
+
+# --- the swarm's peers: catalog IP literals and the ports the nodes advertise ---
+
+#: Most neighbours of one node in a run's swarm (see ``_propagation.swarm_neighbours``).
+SWARM_PEERS_MAX = 8
+#: The port a node's swarm listens on when the app's artifact names none, and the range of ports
+#: an app's ``artifact.port`` may name (no privileged port: the handler does not run as root).
+DEFAULT_SWARM_PORT = 6881
+SWARM_PORT_MIN = 1024
+
+
+def check_ip(value: Any) -> str:
+    """Return ``value`` normalised if it is an IPv4 or IPv6 literal without a zone: a catalog
+    address a node's swarm may connect to (never a host name, which a resolver could send anywhere)."""
+    if not isinstance(value, str) or "%" in value:
+        raise InvalidValue(f"peer address {show(value)} must be an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidValue(f"peer address {show(value)} must be an IP address") from None
+
+
+def check_swarm_port(value: Any) -> int:
+    """Return ``value`` if it is a port a node's swarm may listen on: SWARM_PORT_MIN..65535."""
+    return check_int(value, "swarm port", SWARM_PORT_MIN, 65535)
+
+
+def endpoint(address: str, port: int) -> str:
+    """``ADDR:PORT`` (IPv6 in brackets), as a plan entry lists a neighbour and libtorrent listens."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def check_endpoint(value: Any) -> tuple[str, int]:
+    """``(ip, port)`` of ``value`` if it is exactly ``endpoint(ip, port)`` of a normalised IP
+    literal and a swarm port (so one peer has one spelling)."""
+    _text(value, "swarm peer")
+    address, _colon, port = value.rpartition(":")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if not port.isdigit() or len(port) > 5:
+        raise InvalidValue(f"swarm peer {show(value)} must be ADDRESS:PORT")
+    parsed = check_ip(address), check_swarm_port(int(port))
+    if endpoint(*parsed) != value:
+        raise InvalidValue(f"swarm peer {show(value)} must be written {endpoint(*parsed)}")
+    return parsed
+
+
+def check_peers(value: Any) -> tuple[str, ...]:
+    """Return ``value`` as a tuple if it lists at most SWARM_PEERS_MAX distinct endpoints."""
+    if not isinstance(value, (list, tuple)) or len(value) > SWARM_PEERS_MAX:
+        raise InvalidValue(f"swarm peers must be a list of at most {SWARM_PEERS_MAX} ADDRESS:PORT, got {show(value)}")
+    for item in value:
+        check_endpoint(item)
+    if len(set(value)) != len(value):
+        raise InvalidValue(f"swarm peers {show(value)} must not repeat")
+    return tuple(value)

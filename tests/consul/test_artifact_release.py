@@ -1,6 +1,7 @@
 """Firing a release of an app with an artifact, against the Consul double: the leader's file's
 torrent metadata goes into KV under the run, the release record names the file, its size,
-info-hash and checksum; targets that disagree on the artifact, a checksum that is not the
+info-hash and checksum, each plan entry lists the node's swarm neighbours and the run's swarm
+record the leader's; targets that disagree on the artifact, a checksum that is not the
 file's and a missing file are refused before anything is written."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
-from ansible_collections.fireap.consul.plugins.module_utils._kv import History, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._kv import History, PlanEntry, ReleaseRecord, Schema, SwarmRun
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import SwarmError, check_metadata
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
@@ -48,8 +49,16 @@ def sha256(path):
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def advertise_ports(client, schema, builds):
+    """Each node of the double (all on 127.0.0.1) advertises a swarm port of its own; node -> endpoint."""
+    names = [node["Node"] for node in client.catalog.nodes()[1]]
+    for index, name in enumerate(names):
+        advertise(client, schema, ["web"], [name], artifact=template(builds), artifact_port=7000 + index)
+    return {name: f"127.0.0.1:{7000 + index}" for index, name in enumerate(names)}
+
+
 def test_a_release_carries_its_artifact_and_the_metadata_goes_under_the_run(client, schema, builds):
-    advertise(client, schema, ["web"], artifact=template(builds))
+    endpoints = advertise_ports(client, schema, builds)
     result = fire(client, schema, "web", "1")
 
     release = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
@@ -62,13 +71,31 @@ def test_a_release_carries_its_artifact_and_the_metadata_goes_under_the_run(clie
     assert checked.pieces == 4
     history = History.from_json(client.kv.get(schema.history("web"))[1]["Value"])
     assert history.runs[0].checksum == release.checksum
+    # Each node's port as advertised, at its catalog address; each node lists all others (few nodes).
+    _index, entries = client.kv.get(schema.plan_prefix("web", result["run_id"]), recurse=True)
+    assert len(entries) == len(endpoints) - 1
+    for entry in entries:
+        node = entry["Key"].rpartition("/")[2]
+        assert sorted(PlanEntry.from_json(entry["Value"]).peers) == sorted(
+            where for name, where in endpoints.items() if name != node)
+    swarm = SwarmRun.from_json(client.kv.get(schema.swarm_run("web", result["run_id"]))[1]["Value"])
+    assert sorted(swarm.leader_peers) == sorted(where for name, where in endpoints.items() if name != release.leader)
+    assert not swarm.over
+
+
+def test_nodes_that_would_serve_at_one_endpoint_fire_nothing(multi_agent_target, client, schema, builds):
+    advertise(client, schema, ["web"], artifact=template(builds), artifact_port=6881)
+    with pytest.raises(ReleaseError, match=r"nodes .* and .* would both serve app 'web' at 127\.0\.0\.1:6881"):
+        fire(client, schema, "web", "1")
+    assert client.kv.get(schema.release("web"))[1] is None
 
 
 def test_the_next_run_replaces_the_metadata_of_the_last(client, schema, builds):
-    advertise(client, schema, ["web"], artifact=template(builds))
+    advertise_ports(client, schema, builds)
     first = fire(client, schema, "web", "1")
     second = fire(client, schema, "web", "2", force=True, checksum=sha256(builds / "web-2.tar.gz"))
     assert client.kv.get(schema.artifacts_prefix("web"), keys=True)[1] == [schema.artifact("web", second["run_id"])]
+    assert client.kv.get(schema.swarms_prefix("web"), keys=True)[1] == [schema.swarm_run("web", second["run_id"])]
     assert first["release"]["artifact"]["info_hash"] != second["release"]["artifact"]["info_hash"]
 
 
@@ -80,14 +107,14 @@ def test_an_app_without_an_artifact_is_released_as_before(client, schema):
 
 
 def test_a_checksum_that_is_not_the_files_fires_nothing(client, schema, builds):
-    advertise(client, schema, ["web"], artifact=template(builds))
+    advertise(client, schema, ["web"], artifact=template(builds), artifact_port=6881)
     with pytest.raises(ReleaseError, match=r"web-1\.tar\.gz of app 'web' version 1 has the checksum sha256:"):
         fire(client, schema, "web", "1", checksum="sha256:" + "0" * 64)
     assert client.kv.get(schema.release("web"))[1] is None
 
 
 def test_a_version_without_a_file_on_the_leader_fires_nothing(client, schema, builds):
-    advertise(client, schema, ["web"], artifact=template(builds))
+    advertise(client, schema, ["web"], artifact=template(builds), artifact_port=6881)
     with pytest.raises(SwarmError, match=r"cannot read the artifact .*web-3\.tar\.gz"):
         fire(client, schema, "web", "3")
     assert client.kv.get(schema.release("web"))[1] is None
@@ -95,7 +122,7 @@ def test_a_version_without_a_file_on_the_leader_fires_nothing(client, schema, bu
 
 def test_targets_that_disagree_on_the_artifact_fire_nothing(multi_agent_target, client, schema, builds):
     names = multi_agent_target.node_names
-    advertise(client, schema, ["web"], nodes=names[:2], artifact=template(builds))
+    advertise(client, schema, ["web"], nodes=names[:2], artifact=template(builds), artifact_port=6881)
     advertise(client, schema, ["web"], nodes=names[2:])
     with pytest.raises(ReleaseError, match=r"do not agree on its artifact \(no artifact on .*; '.*' on "):
         fire(client, schema, "web", "1")
@@ -103,8 +130,9 @@ def test_targets_that_disagree_on_the_artifact_fire_nothing(multi_agent_target, 
 
 
 def test_a_run_without_an_artifact_after_one_with_deletes_its_metadata(client, schema, builds):
-    advertise(client, schema, ["web"], artifact=template(builds))
+    advertise_ports(client, schema, builds)
     fire(client, schema, "web", "1")
     advertise(client, schema, ["web"])
     fire(client, schema, "web", "2", force=True)
     assert client.kv.get(schema.artifacts_prefix("web"), keys=True)[1] is None
+    assert client.kv.get(schema.swarms_prefix("web"), keys=True)[1] is None

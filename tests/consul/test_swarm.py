@@ -1,7 +1,9 @@
 """A release of an app with an artifact against the Consul double: the leader serves its file,
-each target fetches it from the swarm (real libtorrent on 127.0.0.1, peers from KV and the
-catalog), verifies it, runs its task with the local path and records done; a target refuses
-metadata that is not the release's and an app without the artifact, before running anything."""
+each target fetches it from the swarm (real libtorrent on 127.0.0.1, its neighbours from its
+plan entry), verifies it, runs its task with the local path and records done; a target refuses
+metadata that is not the release's and an app without the artifact, before running anything;
+the run ends on the leader's word in the run's swarm record, and requests per node do not grow
+with the number of nodes."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import concurrent.futures
 import io
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,10 +22,17 @@ from devcluster.polling import wait_until
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._connection import client_options
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
-from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema, SwarmPeer
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NodeState,
+    PlanEntry,
+    ReleaseRecord,
+    Schema,
+    SwarmRun,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._progress import info
 from ansible_collections.fireap.consul.plugins.module_utils._reap import check_app, main
-from ansible_collections.fireap.consul.plugins.module_utils._swarm_worker import serve
+from ansible_collections.fireap.consul.plugins.module_utils._swarm_worker import SCAN_SECONDS, serve
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import ArtifactConfig
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import (
     Spawns,
     advertise,
@@ -41,11 +52,7 @@ def cluster(make_double):
         yield target
 
 
-@pytest.fixture
-def schema(cluster, kv_prefix):
-    """The test's own prefix; the fire lock's session is destroyed afterwards."""
-    schema = Schema(kv_prefix)
-    yield schema
+def destroy_sessions(cluster, schema):
     client = cluster.client(0)
     _index, entries = client.kv.get(schema.prefix, recurse=True)
     for entry in entries or ():
@@ -54,26 +61,58 @@ def schema(cluster, kv_prefix):
 
 
 @pytest.fixture
-def released(cluster, schema, tmp_path):
-    """Web 1 fired with its artifact: 600 KB on the leader; each node has a directory of its own."""
-    dirs = [tmp_path / name for name in cluster.node_names]
+def schema(cluster, kv_prefix):
+    """The test's own prefix; the fire lock's session is destroyed afterwards."""
+    schema = Schema(kv_prefix)
+    yield schema
+    destroy_sessions(cluster, schema)
+
+
+def free_ports(count):
+    """``count`` ports free on 127.0.0.1 now: the nodes of a double share that address."""
+    sockets = [socket.socket() for _index in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def release_with_artifact(cluster, schema, tmp_path, nodes):
+    """Web 1 fired to ``nodes`` (the leader first) with a 600 KB artifact on the leader; each node
+    has a directory of its own and advertises a port of its own. The release, the nodes' artifact
+    configs (seed_seconds 0) and the build."""
+    dirs = [tmp_path / name for name in nodes]
     for directory in dirs:
-        directory.mkdir()
+        directory.mkdir(parents=True)
     build = os.urandom(600_000)
     (dirs[0] / "web-1.tar.gz").write_bytes(build)
     client = cluster.client(0)
-    advertise(client, schema, ["web"], artifact=str(dirs[0] / TEMPLATE))
+    configs = [ArtifactConfig(path=str(directory / TEMPLATE), seed_seconds=0, port=port)
+               for directory, port in zip(dirs, free_ports(len(nodes)))]
+    for name, config in zip(nodes, configs):  # the leader's template: the fire renders it for its own file
+        advertise(client, schema, ["web"], [name], artifact=configs[0].path, artifact_port=config.port)
     fire(client, schema, "web", "1")
     release = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
-    return release, dirs, build
+    return release, configs, build
 
 
-def run_nodes(cluster, schema, release, templates, task):
-    """``serve`` on every node at once (None: the node's app has no artifact); their outcomes."""
-    with concurrent.futures.ThreadPoolExecutor(len(templates)) as pool:
-        futures = [pool.submit(serve, cluster.client(index), release, name, templates[index], task, schema=schema,
-                               seed_seconds=0.5, timeout=60, upload_slots=2)
-                   for index, name in enumerate(cluster.node_names)]
+@pytest.fixture
+def released(cluster, schema, tmp_path):
+    """Web 1 fired with its artifact to every node."""
+    release, configs, build = release_with_artifact(cluster, schema, tmp_path, cluster.node_names)
+    return release, [Path(config.path).parent for config in configs], build, configs
+
+
+def run_nodes(cluster, schema, release, configs, task, indexes=None):
+    """``serve`` at once on the nodes at ``indexes`` (default: all), each with its config (None:
+    the node's app has no artifact); their outcomes."""
+    indexes = list(range(len(configs))) if indexes is None else indexes
+    with concurrent.futures.ThreadPoolExecutor(len(indexes)) as pool:
+        futures = [pool.submit(serve, cluster.client(index), release, cluster.node_names[index], configs[index], task,
+                               schema=schema, timeout=60, upload_slots=2) for index in indexes]
         return [future.result(timeout=90) for future in futures]
 
 
@@ -81,51 +120,62 @@ def state_of(cluster, schema, node):
     return NodeState.from_json(cluster.client(0).kv.get(schema.node("web", node))[1]["Value"])
 
 
+def swarm_run(cluster, schema, release):
+    return SwarmRun.from_json(cluster.client(0).kv.get(schema.swarm_run("web", release.run_id))[1]["Value"])
+
+
 def test_every_target_fetches_the_leaders_artifact_from_the_swarm_then_runs_its_task(cluster, schema, released):
-    release, dirs, build = released
+    release, dirs, build, configs = released
     seen = []
 
     def task(path):
         seen.append((path, Path(path).read_bytes() == build))
         return True, None
 
-    outcomes = run_nodes(cluster, schema, release, [str(directory / TEMPLATE) for directory in dirs], task)
+    outcomes = run_nodes(cluster, schema, release, configs, task)
 
     assert [ok for ok, _reason in outcomes] == [True] * NODES, outcomes
     assert sorted(seen) == sorted((str(directory / "web-1.tar.gz"), True) for directory in dirs[1:])
     for name, directory in zip(cluster.node_names[1:], dirs[1:]):
         state = state_of(cluster, schema, name)
         assert (state.status, state.source, state.depth, state.run_id) == ("done", release.leader, 1, release.run_id)
+        assert state.started <= state.fetched <= state.finished
         assert os.listdir(directory / ".fireap-swarm") == []
     client = cluster.client(0)
-    _index, peers = client.kv.get(schema.swarm_prefix("web", release.run_id), recurse=True)
-    assert sorted(entry["Key"].rpartition("/")[2] for entry in peers) == cluster.node_names
-    assert all(SwarmPeer.from_json(entry["Value"]).port > 0 for entry in peers)
+    # Each node's neighbours are the three others (up to 9 nodes all see each other), at their ports.
+    endpoints = {name: f"127.0.0.1:{config.port}" for name, config in zip(cluster.node_names, configs)}
+    for name in cluster.node_names[1:]:
+        plan = PlanEntry.from_json(client.kv.get(schema.plan("web", release.run_id, name))[1]["Value"])
+        assert sorted(plan.peers) == sorted(endpoint for other, endpoint in endpoints.items() if other != name)
+    record = swarm_run(cluster, schema, release)
+    assert sorted(record.leader_peers) == sorted(endpoints[name] for name in cluster.node_names[1:])
+    assert record.refused is None and record.finished >= max(state_of(cluster, schema, name).finished
+                                                             for name in cluster.node_names[1:])
+    assert client.kv.get(schema.swarms_prefix("web"), keys=True)[1] == [schema.swarm_run("web", release.run_id)]
     assert info(client, schema, "web")["counts"]["done"] == NODES
 
 
 def test_metadata_that_is_not_the_releases_fails_the_targets_before_anything_runs(cluster, schema, released):
-    release, dirs, _build = released
+    release, dirs, _build, configs = released
     client = cluster.client(0)
     key = schema.artifact("web", release.run_id)
     forged = client.kv.get(key)[1]["Value"].replace(b"web-1.tar.gz", b"web-1.tar.gx")
     client.kv.put(key, forged)
     ran = []
-    outcomes = run_nodes(cluster, schema, release, [str(directory / TEMPLATE) for directory in dirs],
-                         lambda path: ran.append(path) or (True, None))
+    outcomes = run_nodes(cluster, schema, release, configs, lambda path: ran.append(path) or (True, None))
 
     assert not ran and not any(ok for ok, _reason in outcomes)
     for name, directory in zip(cluster.node_names[1:], dirs[1:]):
         state = state_of(cluster, schema, name)
         assert state.status == "failed" and "names the file 'web-1.tar.gx', the release 'web-1.tar.gz'" in state.error
         assert not (directory / "web-1.tar.gz").exists()
+    assert "names the file 'web-1.tar.gx'" in swarm_run(cluster, schema, release).refused
 
 
 def test_a_target_whose_app_has_no_artifact_fails_saying_so(cluster, schema, released):
-    release, dirs, _build = released
-    templates = [str(directory / TEMPLATE) for directory in dirs]
-    templates[1] = None
-    outcomes = run_nodes(cluster, schema, release, templates, lambda path: (True, None))
+    release, _dirs, _build, configs = released
+    configs[1] = None
+    outcomes = run_nodes(cluster, schema, release, configs, lambda path: (True, None))
 
     assert [ok for ok, _reason in outcomes] == [True, False, True, True], outcomes
     error = state_of(cluster, schema, cluster.node_names[1]).error
@@ -133,9 +183,41 @@ def test_a_target_whose_app_has_no_artifact_fails_saying_so(cluster, schema, rel
                             "this node")
 
 
+def test_the_leader_refusing_to_serve_fails_the_targets_at_once_with_its_reason(cluster, schema, released):
+    release, dirs, _build, configs = released
+    (dirs[0] / "web-1.tar.gz").write_bytes(b"changed since the fire")
+    began = time.monotonic()
+    outcomes = run_nodes(cluster, schema, release, configs, pytest.fail)
 
-def test_the_leaders_handler_serves_the_artifact_while_the_run_is_not_over(cluster, schema, released):
-    release, dirs, _build = released
+    assert time.monotonic() - began < 20  # not the watch_timeout of 60 s
+    assert not any(ok for ok, _reason in outcomes)
+    refused = swarm_run(cluster, schema, release).refused
+    assert refused.startswith("cannot serve the artifact:") and "sha256:" in refused
+    for name in cluster.node_names[1:]:
+        state = state_of(cluster, schema, name)
+        assert state.status == "failed" and state.error == f"the leader cannot serve the artifact: {refused}"
+
+
+def test_a_crashed_target_counts_as_finished_for_the_end_of_the_run(cluster, schema, released):
+    release, _dirs, _build, configs = released
+    client = cluster.client(0)
+    crashed = cluster.node_names[3]
+    # Its worker recorded pulling with a session, then died: the record is no longer held.
+    session = client.session.create(node=crashed, lock_delay=0, behavior="release")
+    pulling = NodeState(version="1", run_id=release.run_id, status="pulling", started=time.time(),
+                        source=release.leader, depth=1)
+    assert client.kv.put(schema.node("web", crashed), pulling.to_json(), acquire=session)
+    client.session.destroy(session)
+
+    outcomes = run_nodes(cluster, schema, release, configs, lambda path: (True, None), indexes=[0, 1, 2])
+
+    assert [ok for ok, _reason in outcomes] == [True] * 3, outcomes
+    assert swarm_run(cluster, schema, release).finished is not None
+    assert state_of(cluster, schema, crashed).status == "pulling"
+
+
+def test_the_leaders_handler_serves_the_artifact_until_every_target_is_over(cluster, schema, released):
+    release, _dirs, _build, configs = released
     client = cluster.client(0)
     check = check_app(client, client_options(client), schema, "web", release.leader)
     assert check.start and check.reason == f"leader of run {release.run_id}: serving its artifact web-1.tar.gz"
@@ -143,10 +225,12 @@ def test_the_leaders_handler_serves_the_artifact_while_the_run_is_not_over(clust
         done = NodeState(version="1", run_id=release.run_id, status="done", started=1.0, finished=2.0,
                          source=release.leader, depth=1)
         client.kv.put(schema.node("web", name), done.to_json())
-    outcome = serve(client, release, release.leader, str(dirs[0] / TEMPLATE), pytest.fail, schema=schema,
-                    seed_seconds=30, timeout=60, upload_slots=2)
-    assert outcome == (True, f"run {release.run_id} is over: nothing to serve")
-    assert client.kv.get(schema.swarm_prefix("web", release.run_id), keys=True)[1] is None
+    leader = configs[0]
+    assert serve(client, release, release.leader, leader, pytest.fail, schema=schema, timeout=60,
+                 upload_slots=2) == (True, f"served {Path(leader.path).parent / 'web-1.tar.gz'}")
+    assert swarm_run(cluster, schema, release).finished is not None
+    assert serve(client, release, release.leader, leader, pytest.fail, schema=schema, timeout=60,
+                 upload_slots=2) == (True, f"run {release.run_id} is over: nothing to serve")
 
 
 @pytest.fixture
@@ -154,9 +238,9 @@ def target_config(cluster, schema, released, tmp_path, monkeypatch):
     """The task config of the first target: its artifact in its own directory, copied by exec_commands."""
     for var in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)
-    _release, dirs, _build = released
+    _release, _dirs, _build, configs = released
     endpoint = cluster.agents[1]
-    app = {"artifact": {"path": str(dirs[1] / TEMPLATE), "seed_seconds": 0},
+    app = {"artifact": {"path": configs[1].path, "seed_seconds": 0, "port": configs[1].port},
            "exec_commands": [f"cp {{{{ artifact }}}} {tmp_path}/copied"]}
     return write_config(tmp_path / "config.yml", {"host": endpoint.host, "port": endpoint.port}, schema.prefix,
                         {"web": app})
@@ -164,12 +248,12 @@ def target_config(cluster, schema, released, tmp_path, monkeypatch):
 
 def test_a_targets_worker_fetches_the_artifact_then_runs_its_commands_with_its_path(cluster, schema, released,
                                                                                       target_config, tmp_path):
-    release, dirs, build = released
+    release, _dirs, build, configs = released
     others = [index for index in range(NODES) if index != 1]
     with concurrent.futures.ThreadPoolExecutor(len(others)) as pool:
-        futures = [pool.submit(serve, cluster.client(index), release, cluster.node_names[index],
-                               str(dirs[index] / TEMPLATE), lambda path: (True, None), schema=schema,
-                               seed_seconds=0.5, timeout=60, upload_slots=2) for index in others]
+        futures = [pool.submit(serve, cluster.client(index), release, cluster.node_names[index], configs[index],
+                               lambda path: (True, None), schema=schema, timeout=60, upload_slots=2)
+                   for index in others]
         assert main(["--config", str(target_config), "--worker", "web"]) == 0
         assert all(future.result(timeout=90)[0] for future in futures)
     assert (tmp_path / "copied").read_bytes() == build
@@ -177,7 +261,7 @@ def test_a_targets_worker_fetches_the_artifact_then_runs_its_commands_with_its_p
 
 
 def test_dry_run_renders_the_commands_with_the_artifacts_path(released, target_config, monkeypatch):
-    _release, dirs, _build = released
+    _release, dirs, _build, _configs = released
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps([event("ev-1", 3, app="web", version="1")])))
     out = io.StringIO()
     assert main(["--config", str(target_config), "--dry-run"], spawn=Spawns(), out=out) == 0
@@ -185,16 +269,40 @@ def test_dry_run_renders_the_commands_with_the_artifacts_path(released, target_c
 
 
 def test_a_run_aborted_during_the_download_ends_it_and_fails_the_target(cluster, schema, released):
-    release, dirs, _build = released
+    release, dirs, _build, configs = released
     client = cluster.client(0)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # The leader serves nothing: the download waits until the abort.
-        waiting = pool.submit(serve, cluster.client(1), release, cluster.node_names[1], str(dirs[1] / TEMPLATE),
-                              lambda path: (True, None), schema=schema, seed_seconds=0, timeout=60, upload_slots=2)
-        wait_until(lambda: client.kv.get(schema.swarm_peer("web", release.run_id, cluster.node_names[1]))[1], 20,
-                   "the target's swarm port")
+        waiting = pool.submit(serve, cluster.client(1), release, cluster.node_names[1], configs[1],
+                              lambda path: (True, None), schema=schema, timeout=60, upload_slots=2)
+        wait_until(lambda: client.kv.get(schema.node("web", cluster.node_names[1]))[1], 20, "the target's record")
         clear(client, schema, "web", lift_lock=False, abort=True, reason="bad build")
         ok, reason = waiting.result(timeout=30)
-    assert not ok and reason == "the artifact could not be fetched: the run ended before the artifact arrived"
+    assert not ok and reason == "the run ended before the artifact arrived"
     assert state_of(cluster, schema, cluster.node_names[1]).status == "failed"
     assert not (dirs[1] / "web-1.tar.gz").exists()
+
+
+def test_requests_per_node_do_not_grow_with_the_number_of_nodes(make_double, kv_prefix, tmp_path):
+    """The same release to 4 and to 12 nodes of one double: each target makes the same requests
+    (its own record, session, metadata, plan entry, its catalog address, the run's one swarm
+    key and the release), and the leader's recursive reads of the node records follow the time
+    the run takes (one per SCAN_SECONDS at most), not the nodes."""
+    with make_double(nodes=12, name="swarm-cost") as big:
+        per_count = {}
+        for count in (4, 12):
+            schema = Schema(f"{kv_prefix}{count}/")
+            release, configs, _build = release_with_artifact(big, schema, tmp_path / str(count),
+                                                             big.node_names[:count])
+            big.http("DELETE", "/_devcluster/stats", 0)
+            began = time.monotonic()
+            outcomes = run_nodes(big, schema, release, configs, lambda path: (True, None))
+            elapsed = time.monotonic() - began
+            assert all(ok for ok, _reason in outcomes), outcomes
+            stats = big.http("GET", "/_devcluster/stats", 0).json()["agents"]
+            per_count[count] = {name: stats[name]["requests"] for name in big.node_names[1:count]}
+            leader = stats[release.leader]["routes"]
+            assert leader.get("GET /v1/kv/ (blocking)", 0) <= elapsed / SCAN_SECONDS + 2, leader
+            destroy_sessions(big, schema)
+        # 11 each, both times; a session renewal or a second wake-up of the swarm key may add one.
+        assert max(per_count[12].values()) <= max(per_count[4].values()) + 1 <= 13, per_count

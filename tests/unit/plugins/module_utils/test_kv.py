@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    AppAdvert,
     DEFAULT_PREFIX,
     KVRecordError,
     LockRecord,
@@ -17,11 +18,12 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     ReleaseFilters,
     ReleaseRecord,
     Schema,
-    SwarmPeer,
+    SwarmRun,
     check_name,
     check_prefix,
     txn_set_batches,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._validation import ERROR_MAX_LENGTH
 
 RELEASE = ReleaseRecord(
     app="web",
@@ -240,14 +242,19 @@ def test_txn_batches_refuse_bad_input(items, max_ops, message):
         txn_set_batches(items, max_ops)
 
 
-def test_a_swarm_peer_is_a_port_under_the_run_and_the_node():
+def test_a_runs_swarm_record_holds_the_leaders_neighbours_and_how_the_run_ended():
     schema = Schema("fireap/")
-    assert schema.swarm_peer("web", "run-1", "node-1") == "fireap/web/swarm/run-1/node-1"
+    assert schema.swarm_run("web", "run-1") == "fireap/web/swarm/run-1"
     assert schema.artifact("web", "run-1") == "fireap/web/artifact/run-1"
-    assert SwarmPeer.from_json('{"port": 6881}').port == 6881
-    for value in ('{"port": 0}', '{"port": 65536}', '{"port": "6881"}', '{"port": true}', '{}'):
-        with pytest.raises(KVRecordError, match="port"):
-            SwarmPeer.from_json(value, "fireap/web/swarm/run-1/node-1")
+    record = SwarmRun.from_json('{"leader_peers": ["10.0.0.2:6881", "[fd00::2]:6882"]}')
+    assert record.leader_peers == ("10.0.0.2:6881", "[fd00::2]:6882") and not record.over
+    assert SwarmRun.from_json('{"leader_peers": [], "finished": 5.0}').over
+    assert SwarmRun.from_json('{"leader_peers": [], "refused": "changed"}').over
+    for value, field in (('{}', "leader_peers"), ('{"leader_peers": ["node-1:6881"]}', "leader_peers"),
+                         ('{"leader_peers": [], "finished": -1}', "finished"),
+                         ('{"leader_peers": [], "refused": "' + "x" * (ERROR_MAX_LENGTH + 1) + '"}', "refused")):
+        with pytest.raises(KVRecordError, match=field):
+            SwarmRun.from_json(value, "fireap/web/swarm/run-1")
 
 
 def test_a_release_with_an_artifact_needs_its_checksum():
@@ -260,3 +267,19 @@ def test_a_release_with_an_artifact_needs_its_checksum():
     assert record.artifact == ReleaseArtifact(**artifact) and record.to_dict()["artifact"] == artifact
     with pytest.raises(KVRecordError, match="field 'name'"):
         ReleaseRecord.from_dict({**base, "checksum": "sha256:" + "0" * 64, "artifact": {**artifact, "name": "../x"}})
+
+
+def test_an_advert_gives_the_swarm_port_with_the_artifact_and_only_with_it():
+    artifact = "/srv/builds/{{ app }}-{{ version }}.tar.gz"
+    advert = AppAdvert.from_json(json.dumps({"max_semaphores": 2, "artifact": artifact, "artifact_port": 7000}))
+    assert (advert.artifact, advert.artifact_port) == (artifact, 7000)
+    for value in ({"max_semaphores": 2, "artifact": artifact}, {"max_semaphores": 2, "artifact_port": 7000}):
+        with pytest.raises(KVRecordError, match="'artifact' and 'artifact_port' go together"):
+            AppAdvert.from_json(json.dumps(value), "fireap/.apps/node-1")
+
+
+def test_a_plan_entry_lists_the_swarm_peers_only_for_a_run_with_an_artifact():
+    base = {"run_id": "run-1", "source": "lead", "stage": 1, "slot": 0}
+    assert "peers" not in PlanEntry.from_dict(base).to_dict()
+    entry = PlanEntry.from_dict({**base, "peers": ["10.0.0.1:6881"]})
+    assert entry.peers == ("10.0.0.1:6881",) and json.loads(entry.to_json())["peers"] == ["10.0.0.1:6881"]

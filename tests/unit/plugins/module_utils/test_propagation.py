@@ -31,6 +31,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     WriteState,
     plan_release,
     schedule_order,
+    swarm_neighbours,
     schedule_position,
     slot_order,
     spread_key,
@@ -868,3 +869,46 @@ def test_the_canary_gate_holds_later_stages_until_resumed_without_writing_or_cla
         assert action.reason == f"held by the canary gate of run r2: stage {stage} starts once stage 1 is resumed"
     else:
         assert not isinstance(action, PullResult), action
+
+
+# --- the swarm's neighbours ---------------------------------------------------------------------
+
+RUN = "0123456789abcdef0123456789abcdef"
+
+
+def hops_from(graph, start):
+    """Each node's distance from ``start`` (breadth first): the nodes it reaches."""
+    distance = {start: 0}
+    queue = [start]
+    for name in queue:
+        for other in graph[name]:
+            if other not in distance:
+                distance[other] = distance[name] + 1
+                queue.append(other)
+    return distance
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 9, 10, 17, 82, 100, 1000])
+def test_swarm_neighbours_are_bounded_mutual_and_connected_with_the_leader_near(count):
+    names = [f"node-{index:04d}" for index in range(count)]
+    graph = swarm_neighbours(names[1:], names[0], RUN)
+    assert sorted(graph) == names
+    assert all(len(near) <= 8 and name not in near and len(set(near)) == len(near) for name, near in graph.items())
+    assert all(name in graph[other] for name, near in graph.items() for other in near)
+    distance = hops_from(graph, names[0])
+    assert len(distance) == count
+    step = next(step for step in range(2, 100) if step ** 4 >= count)
+    assert max(distance.values()) <= (1 if count <= 9 else 2 * step)
+    if count <= 9:
+        assert all(len(near) == count - 1 for near in graph.values())
+    else:
+        assert len(graph[names[0]]) >= 4
+
+
+def test_swarm_neighbours_change_with_the_run_and_only_with_it():
+    names = [f"node-{index:03d}" for index in range(40)]
+    first = swarm_neighbours(names, names[0], RUN)
+    assert swarm_neighbours(list(reversed(names)), names[0], RUN) == first
+    assert swarm_neighbours(names, names[0], "f" * 32) != first
+    with pytest.raises(ValueError, match="run id"):
+        swarm_neighbours(names, names[0], "../x")

@@ -32,6 +32,7 @@ from ansible_collections.fireap.consul.plugins.module_utils import (
 from ansible_collections.fireap.consul.plugins.module_utils._commands import CommandVariables, TemplateError
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     HISTORY_MAX,
+    AppAdvert,
     History,
     KVRecordError,
     LockRecord,
@@ -40,6 +41,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     ReleaseRecord,
     RunSummary,
     Schema,
+    SwarmRun,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
     ClaimOutcome,
@@ -67,6 +69,13 @@ RELEASE = {
     "fired_at": T0, "filters": {"node": "^web", "service": "nginx", "tag": "blue"}, "status": "running",
 }
 PLAN = {"run_id": "run-1", "source": "lead", "stage": 2, "slot": 1, "after": "prev", "source_address": "10.0.0.1"}
+SWARM_PLAN = {**PLAN, "peers": ["10.0.0.1:6881", "[fd00::2]:6881"]}
+SWARM_RUN = {"leader_peers": ["10.0.0.2:6881"], "finished": T0 + 9}
+SWARM_KEY = SCHEMA.swarm_run(APP, "run-1")
+PULLING = {"version": "1.0", "run_id": "run-1", "status": "pulling", "started": T0, "source": "lead", "depth": 1,
+           "downloaded": 1000, "rate": 500}
+ADVERT = {"max_semaphores": 2, "artifact": "/srv/builds/{{ app }}-{{ version }}.tar.gz", "artifact_port": 6881}
+ADVERT_KEY = SCHEMA.advert(ME)
 STATE = {"version": "1.0", "run_id": "run-1", "status": "done", "started": T0, "source": "lead", "depth": 1,
          "finished": T0 + 1}
 FAILED_STATE = {"version": "1.0", "run_id": "run-1", "status": "failed", "started": T0, "finished": T0 + 1,
@@ -140,6 +149,23 @@ HOSTILE_LINES = {
     "list": ["r"],
 }
 HOSTILE_CHOICES = {"unknown": "finished", "newline": "done\n", "case": "DONE", "empty": "", "int": 1, "bool": True}
+#: Hostile values of a list of swarm peers (``ADDRESS:PORT``, connected to by libtorrent).
+HOSTILE_PEERS = {
+    "host name": ["node-1.example.com:6881"],
+    "option": [PROXY_COMMAND + ":6881"],
+    "zone": ["[fe80::1%eth0]:6881"],
+    "unbracketed IPv6": ["fd00::1:6881"],
+    "privileged port": ["10.0.0.1:22"],
+    "port past 65535": ["10.0.0.1:70000"],
+    "huge port": ["10.0.0.1:" + "9" * 5000],
+    "newline": ["10.0.0.1:6881\nFORGED"],
+    "nine peers": [f"10.0.0.{index}:6881" for index in range(9)],
+    "repeated": ["10.0.0.1:6881"] * 2,
+    "huge list": ["10.0.0.1:6881"] * 100_000,
+    "string": "10.0.0.1:6881",
+    "object": {},
+    "int": [6881],
+}
 
 
 def dumps(obj) -> bytes:
@@ -573,6 +599,14 @@ RECORD_FIELDS = [
     *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_TIMES) for field in ("fired_at", "finished_at")],
     *[(RunSummary, HISTORY_KEY, RUN, field, HOSTILE_LINES) for field in ("fired_by", "abort_reason")],
     (RunSummary, HISTORY_KEY, RUN, "checksum", {**HOSTILE_WORDS, "short": "sha256:" + "a" * 63}),
+    # The swarm: neighbours given by the plan and the run's record, progress, the advertised port.
+    (PlanEntry, PLAN_KEY, SWARM_PLAN, "peers", HOSTILE_PEERS),
+    (SwarmRun, SWARM_KEY, SWARM_RUN, "leader_peers", HOSTILE_PEERS),
+    (SwarmRun, SWARM_KEY, SWARM_RUN, "finished", HOSTILE_TIMES),
+    (SwarmRun, SWARM_KEY, SWARM_RUN, "refused", {name: value for name, value in HOSTILE_LINES.items() if name != "newline"}),
+    *[(NodeState, OWN_KEY, PULLING, field, HOSTILE_INTS) for field in ("downloaded", "rate")],
+    (NodeState, OWN_KEY, STATE, "fetched", {**HOSTILE_TIMES, "before started": T0 - 1}),
+    (AppAdvert, ADVERT_KEY, ADVERT, "artifact_port", {**HOSTILE_INTS, "privileged": 80, "past 65535": 65536}),
 ]
 RECORD_CASES = [
     pytest.param(cls, key, base, field, value, id=f"{cls.__name__}.{field}-{name}")
@@ -583,6 +617,11 @@ RECORD_CASES = [
 
 def test_every_valid_baseline_record_is_accepted():
     assert ReleaseRecord.from_json(dumps(RELEASE)).fanout == 2
+    assert PlanEntry.from_json(dumps(SWARM_PLAN)).peers == ("10.0.0.1:6881", "[fd00::2]:6881")
+    assert SwarmRun.from_json(dumps(SWARM_RUN)).over
+    assert NodeState.from_json(dumps(PULLING)).downloaded == 1000
+    assert NodeState.from_json(dumps({**STATE, "fetched": T0 + 0.5})).fetched == T0 + 0.5
+    assert AppAdvert.from_json(dumps(ADVERT)).artifact_port == 6881
     assert ReleaseRecord.from_json(dumps({**RELEASE, "status": "aborted", "aborted_reason": "r"})).aborted
     assert PlanEntry.from_json(dumps(PLAN)).source_address == "10.0.0.1"
     assert NodeState.from_json(dumps(STATE)).has("1.0")

@@ -1,5 +1,6 @@
-"""The swarm of an artifact: its metadata and the checks of metadata read from KV, peers, and
-real libtorrent sessions on 127.0.0.1 (one seed, two leechers, peers connected explicitly)."""
+"""The swarm of an artifact: its metadata and the checks of metadata read from KV, peers,
+real libtorrent sessions on 127.0.0.1 (one seed, two leechers, peers connected explicitly),
+and how often a download writes its progress."""
 
 from __future__ import annotations
 
@@ -9,18 +10,29 @@ import threading
 
 import pytest
 
-from ansible_collections.fireap.consul.plugins.module_utils import _swarm
+from ansible_collections.fireap.consul.plugins.module_utils import _swarm, _swarm_worker
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    ReleaseArtifact,
+    ReleaseFilters,
+    ReleaseRecord,
+    Schema,
+)
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import ArtifactConfig
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
     Swarm,
     SwarmError,
     check_metadata,
-    check_port,
     create_metadata,
-    peer,
     piece_size,
     staging_dir,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._validation import PIECE_MAX, PIECE_MIN, PIECES_MAX
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    PIECE_MAX,
+    PIECE_MIN,
+    PIECES_MAX,
+    check_endpoint,
+    check_peers,
+)
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -138,15 +150,23 @@ def test_the_releases_own_values_are_checked_too():
         check_metadata(data, name="a/b", length=300_000, info_hash=info_hash)
 
 
-def test_peers_are_ip_literals_and_ports():
-    assert peer("10.0.0.7", 6881) == ("10.0.0.7", 6881)
-    assert peer("fd00::0:1", 1) == ("fd00::1", 1)
-    for address in ("node-1.example.com", "10.0.0.7%eth0", "fe80::1%eth0", "", None, "10.0.0.256"):
-        with pytest.raises(SwarmError, match="must be an IP address"):
-            peer(address, 6881)
-    for port in (0, 65536, -1, True, "6881", 6881.0):
-        with pytest.raises(SwarmError, match="swarm port"):
-            check_port(port)
+def test_peers_are_ip_literals_and_swarm_ports_written_one_way():
+    assert check_endpoint("10.0.0.7:6881") == ("10.0.0.7", 6881)
+    assert check_endpoint("[fd00::1]:1024") == ("fd00::1", 1024)
+    for value in ("node-1.example.com:6881", "10.0.0.7%eth0:6881", "[fe80::1%eth0]:6881", ":6881", None,
+                  "10.0.0.256:6881"):
+        with pytest.raises(ValueError, match="must be|non-empty string"):
+            check_endpoint(value)
+    for value in ("10.0.0.7:1023", "10.0.0.7:65536", "10.0.0.7:", "10.0.0.7", "10.0.0.7:+6881", "10.0.0.7:0006881"):
+        with pytest.raises(ValueError, match="swarm port|ADDRESS:PORT"):
+            check_endpoint(value)
+    for value in ("[fd00::0:1]:6881", "fd00::1:6881", "010.0.0.7:6881"):
+        with pytest.raises(ValueError, match="must be written|must be an IP address"):
+            check_endpoint(value)
+    assert check_peers(["10.0.0.7:6881"] * 1) == ("10.0.0.7:6881",)
+    for value in ([f"10.0.0.{index}:6881" for index in range(9)], ["10.0.0.7:6881"] * 2, "10.0.0.7:6881", {}):
+        with pytest.raises(ValueError, match="swarm peers"):
+            check_peers(value)
 
 
 def test_the_staging_dir_is_under_the_artifacts_dir_and_named_by_a_valid_run_id():
@@ -180,7 +200,7 @@ def test_two_leechers_fetch_the_artifact_from_one_seed_and_each_other(artifact, 
         build = stream.read()
     seed, *leechers = swarms
     seed.seed(metadata, artifact)
-    endpoints = [("127.0.0.1", swarm.port) for swarm in swarms]
+    endpoints = [f"127.0.0.1:{swarm.port}" for swarm in swarms]
     for swarm in swarms:
         swarm.connect(endpoints)
     targets = [str(tmp_path / f"node-{index}" / "app-1.0.tar.gz") for index in range(2)]
@@ -208,7 +228,7 @@ def test_a_download_whose_checksum_is_not_the_releases_never_lands(artifact, tmp
     metadata = create_metadata(artifact)
     seed, leecher = swarms[:2]
     seed.seed(metadata, artifact)
-    leecher.connect([("127.0.0.1", seed.port)])
+    leecher.connect([f"127.0.0.1:{seed.port}"])
     target = tmp_path / "node" / "app-1.0.tar.gz"
     with pytest.raises(SwarmError, match="not the release's: checksum mismatch"):
         leecher.fetch(metadata, str(target), digest(b"another build"), RUN_ID, timeout=60)
@@ -232,10 +252,15 @@ def test_a_file_already_in_place_with_the_checksum_is_served_without_a_download(
     holder, leecher = swarms[1:]
     holder.fetch(metadata, artifact, digest(build), RUN_ID, timeout=1)
     assert not os.path.exists(os.path.join(os.path.dirname(artifact), ".fireap-swarm"))
-    leecher.connect([("127.0.0.1", holder.port)])
+    leecher.connect([f"127.0.0.1:{holder.port}"])
     target = tmp_path / "node" / "app-1.0.tar.gz"
-    leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
+    seen = []
+    leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60,
+                  progress=lambda done, rate: seen.append((done, rate)))
     assert target.read_bytes() == build
+    # The download reports what it holds at each poll, up to the whole file.
+    assert [done for done, _rate in seen] == sorted(done for done, _rate in seen)
+    assert seen[-1][0] == len(build) and all(rate >= 0 for _done, rate in seen)
 
 
 def test_a_swarm_admits_only_the_peers_it_was_given(artifact, tmp_path):
@@ -246,13 +271,53 @@ def test_a_swarm_admits_only_the_peers_it_was_given(artifact, tmp_path):
     seed, outsider = Swarm("127.0.0.1", 0, 2), Swarm("127.0.0.2", 0, 2)
     try:
         seed.seed(metadata, artifact)
-        outsider.connect([("127.0.0.1", seed.port)])
+        outsider.connect([f"127.0.0.1:{seed.port}"])
         target = tmp_path / "outsider" / "app-1.0.tar.gz"
         with pytest.raises(SwarmError, match="did not arrive"):
             outsider.fetch(metadata, str(target), digest(build), RUN_ID, timeout=3)
-        seed.connect([("127.0.0.2", outsider.port)])
+        seed.connect([f"127.0.0.2:{outsider.port}"])
         outsider.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
         assert target.read_bytes() == build
     finally:
         seed.close()
         outsider.close()
+
+
+class Recorder:
+    """What ``_Serving`` needs of a worker's driver: the records it writes, none refused."""
+
+    def __init__(self):
+        self.schema = Schema()
+        self.node = "node-1"
+        self.written = []
+
+    def clock(self):
+        return 1_700_000_000.0
+
+    def write_state(self, state):
+        self.written.append(state)
+        return True
+
+
+def test_a_download_writes_its_progress_at_most_once_a_quarter_and_never_more_often_than_its_period(monkeypatch):
+    release = ReleaseRecord(app="web", version="1", run_id=RUN_ID, fanout=2, filters=ReleaseFilters(),
+                            target_count=3, leader="node-0", fired_at=1.0, status="running",
+                            checksum="sha256:" + "0" * 64,
+                            artifact=ReleaseArtifact(name="web-1.tar.gz", length=1000, info_hash="0" * 40))
+    now = [100.0]
+    monkeypatch.setattr(_swarm_worker.time, "monotonic", lambda: now[0])
+    driver = Recorder()
+    serving = _swarm_worker._Serving(driver, release, ArtifactConfig(path="/srv/{{ app }}-{{ version }}.tar.gz"),
+                                     timeout=60, upload_slots=2)
+    for step in range(1001):  # one poll per byte, 10 ms apart: 10 s of download
+        now[0] += 0.01
+        serving.progress(step, 100)
+    assert [state.downloaded for state in driver.written] == [250, 500, 750]
+    assert all(state.status == "pulling" and state.rate == 100 and state.fetched is None for state in driver.written)
+    driver.written.clear()
+    fast = _swarm_worker._Serving(driver, release, ArtifactConfig(path="/srv/{{ app }}-{{ version }}.tar.gz"),
+                                  timeout=60, upload_slots=2)
+    for step in range(1001):  # the same in 1 s, less than the period: the done record says it all
+        now[0] += 0.001
+        fast.progress(step, 1000)
+    assert driver.written == []

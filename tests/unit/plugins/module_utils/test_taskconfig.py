@@ -557,36 +557,47 @@ ARTIFACT = "/srv/builds/{{ app }}-{{ version }}.tar.gz"
 def test_an_artifact_is_a_path_template_with_a_bounded_seed_time():
     config = parse_config(app_config(artifact={"path": ARTIFACT}, exec_commands=["tar -xzf {{ artifact }}"]))
     app = config.app("myapp")
-    assert app.artifact == _taskconfig.ArtifactConfig(path=ARTIFACT, seed_seconds=60)
-    assert app.advert().artifact == ARTIFACT
-    assert app.listing()["artifact"] == {"path": ARTIFACT, "seed_seconds": 60}
-    again = parse_config(app_config(artifact={"path": ARTIFACT, "seed_seconds": 0}, exec_commands=["true"]))
-    assert again.app("myapp").artifact.seed_seconds == 0
+    assert app.artifact == _taskconfig.ArtifactConfig(path=ARTIFACT, seed_seconds=60, port=6881)
+    assert (app.advert().artifact, app.advert().artifact_port) == (ARTIFACT, 6881)
+    assert app.listing()["artifact"] == {"path": ARTIFACT, "seed_seconds": 60, "port": 6881}
+    again = parse_config(app_config(artifact={"path": ARTIFACT, "seed_seconds": 0, "port": 1024},
+                                    exec_commands=["true"]))
+    assert again.app("myapp").artifact.seed_seconds == 0 and again.app("myapp").advert().artifact_port == 1024
 
 
 def test_an_app_without_an_artifact_advertises_and_lists_none():
     app = parse_config(app_config()).app("myapp")
-    assert app.artifact is None and app.advert().artifact is None
-    assert "artifact" not in app.advert().to_dict() and "artifact" not in app.listing()
+    assert app.artifact is None and app.advert().artifact is None and app.advert().artifact_port is None
+    assert "artifact" not in app.advert().to_dict() and "artifact_port" not in app.advert().to_dict()
+    assert "artifact" not in app.listing()
 
 
 def test_an_app_artifact_replaces_the_defaults_one():
     other = "/srv/other/{{ app }}.tar.gz"
     config = parse_config({"defaults": {"artifact": {"path": ARTIFACT, "seed_seconds": 5},
                                         "exec_commands": ["tar -xzf {{ artifact }}"]},
-                           "apps": {"a": None, "b": {"artifact": {"path": other}}}})
-    assert config.app("a").artifact == _taskconfig.ArtifactConfig(ARTIFACT, 5)
-    assert config.app("b").artifact == _taskconfig.ArtifactConfig(other, 60)
+                           "apps": {"a": None, "b": {"artifact": {"path": other, "port": 6882}}}})
+    assert config.app("a").artifact == _taskconfig.ArtifactConfig(ARTIFACT, 5, 6881)
+    assert config.app("b").artifact == _taskconfig.ArtifactConfig(other, 60, 6882)
+
+
+def test_two_apps_with_an_artifact_on_one_port_are_refused():
+    error = error_of({"defaults": {"artifact": {"path": ARTIFACT}, "exec_commands": ["tar -xzf {{ artifact }}"]},
+                      "apps": {"a": None, "b": None, "c": {"artifact": {"path": ARTIFACT, "port": 7000}}}})
+    assert "apps.b.artifact.port: is 6881, as app a's: give each app with an artifact a port of its own" in error
+    assert "apps.c" not in error
 
 
 @pytest.mark.parametrize("artifact, message", [
-    ("/srv/x.tar.gz", r"apps\.myapp\.artifact: must be a mapping with the keys path, seed_seconds"),
+    ("/srv/x.tar.gz", r"apps\.myapp\.artifact: must be a mapping with the keys path, seed_seconds, port"),
     ({}, r"apps\.myapp\.artifact\.path: needs a path"),
     ({"path": "/srv/{{ app }}/x.tar.gz"}, r"apps\.myapp\.artifact\.path: .*in the file name only"),
     ({"path": "/srv/../x"}, r"apps\.myapp\.artifact\.path: .*'\.\.' components"),
     ({"path": "/srv/{{ node }}.tgz"}, r"apps\.myapp\.artifact\.path: .*only \{\{ app \}\} and"),
     ({"path": ARTIFACT, "seed_seconds": 3601}, r"apps\.myapp\.artifact\.seed_seconds: must be an integer from 0"),
     ({"path": ARTIFACT, "seed_seconds": True}, r"apps\.myapp\.artifact\.seed_seconds: must be an integer"),
+    ({"path": ARTIFACT, "port": 1023}, r"apps\.myapp\.artifact\.port: must be an integer from 1024 to 65535"),
+    ({"path": ARTIFACT, "port": "6881"}, r"apps\.myapp\.artifact\.port: must be an integer"),
     ({"path": ARTIFACT, "seed_secs": 1}, r"apps\.myapp\.artifact\.seed_secs: unknown key; did you mean 'seed_seconds'"),
 ])
 def test_an_invalid_artifact_is_refused_naming_its_key(artifact, message):
