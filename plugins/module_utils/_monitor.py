@@ -46,6 +46,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     run_over,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._report import (
+    download_text,
     format_seconds,
     format_time,
     render_report,
@@ -126,7 +127,9 @@ def node_cells(row: dict, info: dict) -> tuple[str, ...]:
     """One table row: what a node has or is getting, from where, how deep, when and how long.
 
     A node's version is the run's when it is done or has a record of this run; a node
-    without one (pending) shows ``-``: info() reads nothing else of it.
+    without one (pending) shows ``-``: info() reads nothing else of it. With an artifact, a
+    pulling node's status shows how much it has and at what rate, a finished one's TOOK how
+    long the download took.
     """
     fired = info["timings"].get("fired_at")
     this_run = row.get("this_run")
@@ -138,11 +141,17 @@ def node_cells(row: dict, info: dict) -> tuple[str, ...]:
     else:
         at = "-"
     took = format_seconds(row.get("duration")) if this_run and row.get("depth") != 0 else "-"
+    download = download_text(row)
+    status = row["status"]
+    if download is not None and row.get("download_seconds") is not None:
+        took += f" ({download})"
+    elif download is not None and status == "pulling":
+        status += f" {download}"
     depth = row.get("depth")
     return (
         row["node"],
         info["version"] if this_run or row["status"] == "done" else "-",
-        row["status"],
+        status,
         row.get("source") or "-",
         "-" if depth is None else str(depth),
         at,

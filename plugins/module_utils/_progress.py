@@ -233,7 +233,7 @@ def target_status(state: NodeState | None, release: ReleaseRecord) -> str:
 
 #: The times of a node row and of ``timings``, given as epoch seconds and, under ``<key>_iso``, as
 #: ISO 8601 in UTC: the epoch for arithmetic, the ISO text for people and date parsers.
-ROW_TIMES = ("started", "finished")
+ROW_TIMES = ("started", "finished", "fetched")
 TIMING_TIMES = ("fired_at", "first_finished", "last_finished")
 
 
@@ -302,7 +302,28 @@ def _node_row(name: str, release: ReleaseRecord, plan: PlanEntry | None, state: 
         "finished": shown.finished if shown else None,
         "duration": duration,
         "error": shown.error if shown else None,
+        **_download(release, shown if this_run else None),
     }, *ROW_TIMES)
+
+
+def _download(release: ReleaseRecord, state: NodeState | None) -> dict:
+    """How far a node of this run got with the release's artifact: ``downloaded`` (bytes) and
+    ``rate`` (bytes/s) as its record last gave them, ``download_percent`` of the file,
+    ``fetched`` (when the download ended) and ``download_seconds`` (from the worker's start)."""
+    downloaded = None if state is None else state.downloaded
+    fetched = None if state is None else state.fetched
+    if fetched is not None and release.artifact is not None:
+        downloaded = release.artifact.length
+    percent = None
+    if downloaded is not None and release.artifact is not None:
+        percent = round(100.0 * min(downloaded, release.artifact.length) / release.artifact.length, 1)
+    return {
+        "downloaded": downloaded,
+        "download_percent": percent,
+        "rate": None if state is None or fetched is not None else state.rate,
+        "fetched": fetched,
+        "download_seconds": None if fetched is None or state is None else max(0.0, fetched - state.started),
+    }
 
 
 def _build_info(app: str, release: ReleaseRecord, targets, plans, states, lock, warnings, now: float) -> dict:

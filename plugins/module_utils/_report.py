@@ -4,7 +4,7 @@
 fireap_wait action returns and gives one HTML page without external resources: a summary,
 the failed nodes with their error text, the propagation tree as nested lists, and a
 timeline as inline SVG with one bar per node from its claim to its finish, coloured by its
-depth in the tree. Every text that comes from Consul (names, versions, errors, reasons) is
+depth in the tree (for an app with an artifact, the download part lighter than the commands'). Every text that comes from Consul (names, versions, errors, reasons) is
 escaped. Pure functions, standard library only: fireap-monitor runs this on nodes.
 
 A node record holds when its worker started and when it finished, not when it claimed its
@@ -63,6 +63,7 @@ ul.tree { border-left: none; padding-left: 0; }
 svg text { font: 11px ui-monospace, monospace; fill: #333; }
 svg .axis line { stroke: #ccc; } svg .bar.failed { stroke: #c62828; stroke-width: 2; }
 svg .bar.running { fill-opacity: .45; }
+svg .download { fill: #fff; fill-opacity: .55; }
 """
 
 
@@ -80,6 +81,7 @@ class Bar:
     status: str
     start: float
     end: float
+    fetched: float | None = None  # when the download of the artifact ended, for an app with one
 
     @property
     def running(self) -> bool:
@@ -121,6 +123,27 @@ def format_seconds(seconds: float | None) -> str:
         return f"{minutes}m {secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+def format_rate(rate: float | None) -> str:
+    """Bytes per second as ``850.0 kB/s``, ``12.3 MB/s``; ``-`` for None."""
+    if rate is None:
+        return "-"
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if rate >= size:
+            return f"{rate / size:.1f} {unit}"
+    return f"{rate:.0f} B/s"
+
+
+def download_text(row: dict) -> str | None:
+    """A node's download of the artifact in words: ``45% at 12.3 MB/s`` while it downloads,
+    ``downloaded in 2.1s`` once it has the file; None for a node (or an app) without one."""
+    if row.get("download_seconds") is not None:
+        return f"downloaded in {format_seconds(row['download_seconds'])}"
+    if row.get("download_percent") is None:
+        return None
+    rate = f" at {format_rate(row['rate'])}" if row.get("rate") is not None else ""
+    return f"{row['download_percent']:g}%{rate}"
 
 
 def format_time(epoch: float | None) -> str:
@@ -173,7 +196,8 @@ def claim_times(info: dict) -> dict[str, float]:
 
 def timeline_bars(info: dict) -> list[Bar]:
     """One bar per node that started in this run, from its claim to its finish (or to now if
-    it is still pulling), in seconds since the fire, ordered by start."""
+    it is still pulling), in seconds since the fire, ordered by start; with an artifact, the
+    time its download ended splits the bar into the download and the commands."""
     fired = info["timings"].get("fired_at")
     if fired is None:
         return []
@@ -184,14 +208,18 @@ def timeline_bars(info: dict) -> list[Bar]:
         if row["node"] not in claims:
             continue
         end = row.get("finished")
+        start = max(0.0, claims[row["node"]] - fired)
+        stop = max(0.0, (end if end is not None else max(now, claims[row["node"]])) - fired)
+        fetched = row.get("fetched")
         bars.append(
             Bar(
                 node=row["node"],
                 depth=row.get("depth"),
                 source=row.get("source"),
                 status=row["status"],
-                start=max(0.0, claims[row["node"]] - fired),
-                end=max(0.0, (end if end is not None else max(now, claims[row["node"]])) - fired),
+                start=start,
+                end=stop,
+                fetched=None if fetched is None else min(stop, max(start, fetched - fired)),
             )
         )
     bars.sort(key=lambda entry: (entry.start, entry.end, entry.node))
@@ -246,6 +274,13 @@ def render_timeline(bars: list[Bar]) -> str:
         f'<rect class="swatch failed" x="{x}" y="6" width="12" height="12" fill="#fff" stroke="#c62828" '
         f'stroke-width="2"/><text x="{x + 16}" y="16">failed</text>'
     )
+    if any(entry.fetched is not None for entry in bars):
+        x += 16 + len("failed") * _LABEL_CHAR_WIDTH + 14
+        parts.append(
+            f'<rect class="swatch" x="{x}" y="6" width="12" height="12" fill="{depth_colour(depths[0])}"/>'
+            f'<rect class="download" x="{x}" y="6" width="12" height="12"/>'
+            f'<text x="{x + 16}" y="16">download, then commands</text>'
+        )
     parts.append("</g>")
     parts.append('<g class="axis">')
     ticks = int(round(span / step))
@@ -271,6 +306,8 @@ def render_timeline(bars: list[Bar]) -> str:
         source = f", from {entry.source}" if entry.source else ""
         depth = "no depth" if entry.depth is None else f"depth {entry.depth}"
         tip = f"{entry.node}: {entry.status}, {depth}{source}, +{entry.start:.2f}s to +{entry.end:.2f}s"
+        if entry.fetched is not None:
+            tip += f", downloaded by +{entry.fetched:.2f}s"
         if show_labels:
             parts.append(
                 f'<text class="label" x="{label_width - 6}" y="{y + bar_height - 1}" '
@@ -281,6 +318,12 @@ def render_timeline(bars: list[Bar]) -> str:
             f'width="{bar_width:.1f}" height="{bar_height}" fill="{depth_colour(entry.depth)}">'
             f"<title>{escape(tip)}</title></rect>"
         )
+        if entry.fetched is not None:
+            parts.append(
+                f'<rect class="download" data-node="{escape(entry.node)}" x="{bar_x:.1f}" y="{y}" '
+                f'width="{(entry.fetched - entry.start) * scale:.1f}" height="{bar_height}">'
+                f"<title>{escape(tip)}</title></rect>"
+            )
     parts.append("</g></svg>")
     return "".join(parts)
 
@@ -294,6 +337,9 @@ def _node_line(row: dict, leader: str | None) -> str:
         details.append(f"depth {row['depth']}")
     if row.get("duration") is not None and row["node"] != leader:
         details.append(format_seconds(row["duration"]))
+    download = download_text(row)
+    if download is not None:
+        details.append(escape(download))
     if status == "done" and not row.get("this_run"):
         details.append("done in an earlier run")
     return f'<span class="node">{escape(row["node"])}</span> <span class="meta">{", ".join(details)}</span>'

@@ -270,6 +270,24 @@ nodes:
     duration:
       description: finished - started, in seconds.
       type: float
+    downloaded:
+      description: For an app with an artifact, the bytes of it the node had when it last wrote its record (null without one).
+      type: int
+    download_percent:
+      description: RV(nodes[].downloaded) as a share of the artifact, in percent, one decimal.
+      type: float
+    rate:
+      description: The node's download rate in bytes per second when it last wrote its record, while it downloads.
+      type: int
+    download_seconds:
+      description: How long the node's download of the artifact took, RV(nodes[].fetched) - RV(nodes[].started), in seconds.
+      type: float
+    fetched:
+      description: When the node's download of the artifact ended (epoch seconds); its commands ran after.
+      type: float
+    fetched_iso:
+      description: RV(nodes[].fetched) as ISO 8601 in UTC.
+      type: str
     error:
       description: Why it failed.
       type: str

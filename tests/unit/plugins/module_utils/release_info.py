@@ -9,10 +9,11 @@ COUNT_KEYS = ("done", "pulling", "waiting", "failed", "pending")
 
 
 def row(node, status, *, source=None, depth=None, started=None, finished=None, error=None, this_run=True,
-        planned_source=None, stage=1, slot=0):
-    """One node row; times are seconds after FIRED."""
+        planned_source=None, stage=1, slot=0, downloaded=None, percent=None, rate=None, fetched=None):
+    """One node row; times are seconds after FIRED (``fetched``: when an artifact's download ended)."""
     started_at = None if started is None else FIRED + started
     finished_at = None if finished is None else FIRED + finished
+    fetched_at = None if fetched is None else FIRED + fetched
     return {
         "node": node,
         "status": status,
@@ -28,6 +29,12 @@ def row(node, status, *, source=None, depth=None, started=None, finished=None, e
         "finished_iso": iso_utc(finished_at),
         "duration": None if finished is None or started is None else finished - started,
         "error": error,
+        "downloaded": downloaded,
+        "download_percent": percent,
+        "rate": rate,
+        "fetched": fetched_at,
+        "fetched_iso": iso_utc(fetched_at),
+        "download_seconds": None if fetched is None or started is None else fetched - started,
     }
 
 

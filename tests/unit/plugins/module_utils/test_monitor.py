@@ -292,3 +292,20 @@ def test_a_paused_run_says_so_and_exits_0_unless_a_canary_failed():
     assert _monitor.exit_code(paused) == 1  # node-004 failed
     paused["counts"] = dict(paused["counts"], failed=0)
     assert _monitor.exit_code(paused) == 0
+
+
+def swarm_release():
+    """Three nodes of an app with an artifact: one fetched it and ran its commands, one fetches it."""
+    return info_of([
+        row("node-000", "done", depth=0, started=0.0, finished=0.0, stage=0, slot=None),
+        row("node-001", "done", source="node-000", depth=1, started=0.1, finished=3.0, downloaded=4000, percent=100.0,
+            fetched=2.1),
+        row("node-002", "pulling", source="node-000", depth=1, started=0.1, downloaded=2000, percent=50.0,
+            rate=12_300_000),
+    ], elapsed=3.0)
+
+
+def test_the_frame_shows_a_download_while_it_runs_and_how_long_it_took():
+    lines = _monitor.render_frame(swarm_release())
+    assert "node-001  1.4.3    done                      node-000  1      +3.0s     2.9s (downloaded in 2.0s)" in lines
+    assert "node-002  1.4.3    pulling 50% at 12.3 MB/s  node-000  1      -         -" in lines

@@ -15,7 +15,13 @@ from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.release_i
 
 from ansible_collections.fireap.consul.plugins.module_utils import _progress
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
-from ansible_collections.fireap.consul.plugins.module_utils._kv import LockRecord, NodeState, ReleaseRecord, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    LockRecord,
+    NodeState,
+    ReleaseArtifact,
+    ReleaseRecord,
+    Schema,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._progress import (
     MAX_NAMED,
     PrefixChanges,
@@ -374,3 +380,25 @@ def test_a_paused_run_with_a_failed_canary_is_a_problem():
     assert paused["status"] == "paused"
     assert _progress.outcome_problem(paused).startswith(
         "run run-1 of app 'web' (version 2) is paused at its canary gate with failed canaries: 2 done, 1 failed")
+
+
+def test_info_shows_a_nodes_download_of_the_artifact_apart_from_its_commands():
+    schema = Schema("fireap/")
+    entries = recorded_run(schema, ["n0", "n1", "n2"])
+    release = ReleaseRecord(app="web", version="2", run_id="run-1", fanout=2, leader="n0", target_count=3,
+                            fired_at=EPOCH, checksum="sha256:" + "0" * 64,
+                            artifact=ReleaseArtifact(name="web-2.tar.gz", length=4000, info_hash="0" * 40))
+    entries[schema.release("web")] = (release.to_json(), None)
+    pulling = NodeState(version="2", run_id="run-1", status="pulling", started=EPOCH + 1, source="n0", depth=1,
+                        downloaded=1000, rate=250)
+    done = NodeState(version="2", run_id="run-1", status="done", started=EPOCH + 1, finished=EPOCH + 5, source="n0",
+                     depth=1, fetched=EPOCH + 4)
+    entries[schema.node("web", "n1")] = (pulling.to_json(), "session-1")
+    entries[schema.node("web", "n2")] = (done.to_json(), None)
+    rows = {row["node"]: row for row in _progress.info(FakeClient(FakeKV(entries)), schema, "web")["nodes"]}
+    assert {key: rows["n1"][key] for key in ("downloaded", "download_percent", "rate", "fetched", "download_seconds")} \
+        == {"downloaded": 1000, "download_percent": 25.0, "rate": 250, "fetched": None, "download_seconds": None}
+    assert {key: rows["n2"][key] for key in ("downloaded", "download_percent", "rate", "fetched", "download_seconds")} \
+        == {"downloaded": 4000, "download_percent": 100.0, "rate": None, "fetched": EPOCH + 4, "download_seconds": 3.0}
+    assert rows["n2"]["fetched_iso"] == "2023-11-14T22:13:24.000Z"
+    assert rows["n0"]["download_percent"] is None and rows["n0"]["download_seconds"] is None

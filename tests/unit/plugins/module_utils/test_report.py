@@ -228,3 +228,23 @@ def test_format_seconds(seconds, text):
 def test_bad_input_says_what_is_wrong(data, message):
     with pytest.raises(ReportError, match=message.replace("(", r"\(").replace(")", r"\)")):
         render_report(data)
+
+
+def test_the_timeline_shows_a_nodes_download_apart_from_its_commands():
+    info = info_of([
+        row("node-000", "done", depth=0, started=0.0, finished=0.0, stage=0, slot=None),
+        row("node-001", "done", source="node-000", depth=1, started=0.5, finished=3.0, percent=100.0, fetched=2.5),
+        row("node-002", "pulling", source="node-000", depth=1, started=0.5, percent=40.0, rate=2_000_000),
+    ], elapsed=4.0)
+    bars = {entry.node: entry for entry in timeline_bars(info)}
+    assert (bars["node-001"].start, bars["node-001"].fetched, bars["node-001"].end) == pytest.approx((0.5, 2.5, 3.0))
+    assert bars["node-002"].fetched is None and bars["node-000"].fetched is None
+    page = Page(render_report(info))
+    downloads = [attrs for tag, attrs, _parents in page.elements
+                 if tag == "rect" and attrs.get("class") == "download" and "data-node" in attrs]
+    bar = {entry["data-node"]: entry for entry in page.bars()}["node-001"]
+    assert [entry["data-node"] for entry in downloads] == ["node-001"]
+    assert downloads[0]["x"] == bar["x"] and float(downloads[0]["width"]) < float(bar["width"])
+    text = "".join(page.text)
+    assert "download, then commands" in text
+    assert "downloaded in 2.0s" in text and "40% at 2.0 MB/s" in text
