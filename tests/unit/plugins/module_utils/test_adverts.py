@@ -1,9 +1,10 @@
 """The nodes' adverts of their apps and the choice of a run's targets, without Consul: the record
 and its checks, the one filter rule (AppAdvert.accepts), whole-name node filters, choose_targets,
-and the documented example of docs/configuration.md."""
+the documented example of docs/configuration.md, and the swarm neighbours a fire plans."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ansible_collections.fireap.consul.plugins.module_utils import _firing
 from ansible_collections.fireap.consul.plugins.module_utils._firing import (
     choose_targets,
     event_node_filter,
@@ -22,6 +24,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NodeAdvert,
     Schema,
 )
+from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError
+from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release, swarm_neighbours
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import ConfigError, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
@@ -194,3 +198,48 @@ def test_the_documented_filters_pick_the_nodes_the_docs_say():
     assert web.accepts([("nginx", ["blue"])]) and not web.accepts([("nginx-exporter", [])])
     assert canary.accepts([("nginx", ["canary-2"])]) and not canary.accepts([("nginx", ["blue"])])
     assert not canary.accepts([("haproxy", ["canary"])])
+
+
+# --- the swarm's neighbours at fire time ---------------------------------------------------------
+
+ARTIFACT = "/srv/builds/{{ app }}-{{ version }}.tar.gz"
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def swarm_adverts(ports):
+    return {name: NodeAdvert({"web": AppAdvert(max_semaphores=2, artifact=ARTIFACT, artifact_port=port)})
+            for name, port in ports.items()}
+
+
+def test_the_targets_carry_the_swarm_ports_they_advertise():
+    ports = {"node-0": 6881, "node-1": 6882, "node-2": 7000}
+    targets = choose_targets("web", "node-0", list(ports), swarm_adverts(ports), {})
+    assert (targets.artifact, dict(targets.artifact_ports)) == (ARTIFACT, ports)
+
+
+@pytest.mark.parametrize("addresses, ports, message", [
+    ({"node-0": "10.0.0.1", "node-1": "node-1.example.com", "node-2": "10.0.0.3"},
+     {"node-0": 6881, "node-1": 6881, "node-2": 6881},
+     r"node node-1 cannot join the swarm of app 'web': its catalog peer address 'node-1\.example\.com' must be an IP"),
+    ({"node-0": "10.0.0.1", "node-2": "10.0.0.3"}, {"node-0": 6881, "node-1": 6881, "node-2": 6881},
+     r"node node-1 cannot join the swarm of app 'web': its catalog peer address None must be an IP"),
+    ({"node-0": "10.0.0.1", "node-1": "10.0.0.2", "node-2": "10.0.0.3"}, {"node-0": 6881, "node-2": 6881},
+     r"node node-1 advertises no swarm port for app 'web'"),
+])
+def test_a_node_the_swarm_cannot_reach_fires_nothing(addresses, ports, message):
+    plan = plan_release(["node-0", "node-1", "node-2"], "node-0", 2, RUN_ID)
+    with pytest.raises(ReleaseError, match=message):
+        _firing._with_swarm_peers("web", plan, ["node-0", "node-1", "node-2"], "node-0", RUN_ID, addresses, ports)
+
+
+def test_each_plan_entry_lists_its_neighbours_at_their_catalog_ip_and_advertised_port():
+    names = [f"node-{index:02d}" for index in range(20)]
+    addresses = {name: f"10.0.0.{index + 1}" for index, name in enumerate(names)}
+    ports = {name: 6881 for name in names}
+    plan = plan_release(names, names[0], 2, RUN_ID)
+    with_peers, swarm = _firing._with_swarm_peers("web", plan, names, names[0], RUN_ID, addresses, ports)
+    graph = swarm_neighbours(names, names[0], RUN_ID)
+    assert all(entry.peers == tuple(f"{addresses[other]}:6881" for other in graph[name])
+               for name, entry in with_peers.items())
+    assert swarm.leader_peers == tuple(f"{addresses[other]}:6881" for other in graph[names[0]])
+    assert {name: dataclasses.replace(entry, peers=None) for name, entry in with_peers.items()} == plan
