@@ -219,7 +219,8 @@ def frame_rows_budget(height: int, info: dict) -> int:
 
 
 def change_lines(before: dict | None, info: dict) -> list[str]:
-    """Plain lines for what changed since ``before``: one per node whose state changed, then the counts."""
+    """Plain lines for what changed since ``before``: one per node whose state (or download's
+    progress) changed, then the counts."""
     if info["run_id"] is None:
         return [] if before is not None and before["run_id"] is None else [header_line(info)]
     lines = []
@@ -229,7 +230,8 @@ def change_lines(before: dict | None, info: dict) -> list[str]:
     old = {} if new_run else {row["node"]: row for row in before["nodes"]}
     for row in info["nodes"]:
         previous = old.get(row["node"])
-        if previous is not None and (previous["status"], previous.get("source")) == (row["status"], row.get("source")):
+        if previous is not None and ((previous["status"], previous.get("source"), previous.get("download_percent"))
+                                     == (row["status"], row.get("source"), row.get("download_percent"))):
             continue
         if new_run and row["status"] == "pending":
             continue
@@ -253,11 +255,14 @@ def node_change(row: dict, info: dict) -> str:
         return f"{node} done (the leader)"
     if status == "done":
         took = f" in {format_seconds(row['duration'])}" if row.get("duration") is not None and row.get("depth") else ""
+        if row.get("download_seconds") is not None:
+            took += f" ({download_text(row)})"
         return f"{node} done{source}{depth}{took}"
     if status == "failed":
         error = (row.get("error") or "no error recorded").splitlines() or [""]
         return f"{node} failed{source}: {error[0]}"
-    return f"{node} {status}{source}{depth}"
+    download = f" {download_text(row)}" if status == "pulling" and download_text(row) is not None else ""
+    return f"{node} {status}{source}{depth}{download}"
 
 
 def exit_code(info: dict) -> int:

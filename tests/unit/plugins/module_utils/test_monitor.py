@@ -309,3 +309,15 @@ def test_the_frame_shows_a_download_while_it_runs_and_how_long_it_took():
     lines = _monitor.render_frame(swarm_release())
     assert "node-001  1.4.3    done                      node-000  1      +3.0s     2.9s (downloaded in 2.0s)" in lines
     assert "node-002  1.4.3    pulling 50% at 12.3 MB/s  node-000  1      -         -" in lines
+
+
+def test_change_lines_follow_a_download_and_say_how_long_it_took():
+    before = swarm_release()
+    later = swarm_release()
+    later["nodes"][2] = row("node-002", "pulling", source="node-000", depth=1, started=0.1, downloaded=3000,
+                            percent=75.0, rate=9_000_000)
+    assert _monitor.change_lines(before, later)[:1] == ["node-002 pulling from node-000 (depth 1) 75% at 9.0 MB/s"]
+    assert _monitor.change_lines(later, later) == []
+    first = _monitor.change_lines(None, before)
+    assert "node-001 done from node-000 (depth 1) in 2.9s (downloaded in 2.0s)" in first
+    assert "node-002 pulling from node-000 (depth 1) 50% at 12.3 MB/s" in first
