@@ -27,9 +27,10 @@ How one release is started (``fire``):
    record names the run, and the plan in force never changes. Earlier runs' plans are
    deleted after that;
 
-   An app whose targets advertise an artifact (``AppAdvert.artifact``, the same path template
-   on every one) is released with its file: the leader renders the template for the version,
-   creates the torrent metadata of its own file (``_swarm.create_metadata``), writes it under
+   An app whose targets advertise an artifact (``AppAdvert.artifact``: each node's own path
+   template, whose file name must render the same on every target for the version, as the
+   metadata names only that; the directories may differ) is released with its file: the
+   leader renders its own template for the version, creates the torrent metadata of its own file (``_swarm.create_metadata``), writes it under
    the new run's ID (``<app>/artifact/<run_id>``) with the plan, and records its name, size
    and info-hash in the release record with the file's checksum (computed when not given;
    a checksum given must be the file's). Each target's plan entry lists its swarm neighbours
@@ -393,7 +394,7 @@ class Targets:
     unreachable: list[str]  # targets whose serfHealth is critical: they catch up when their agent is back
     without_app: list[str]  # do not advertise the app
     not_accepting: list[str]  # advertise it, but its service/tag filters match none of their services
-    artifact: str | None = None  # the artifact path template the targets advertise, None: no artifact
+    artifacts: Mapping[str, str] = dataclasses.field(default_factory=dict)  # node -> its artifact path template
     artifact_ports: Mapping[str, int] = dataclasses.field(default_factory=dict)  # node -> its swarm's port
 
 
@@ -429,23 +430,47 @@ def choose_targets(
     ports = {name: adverts[name].apps[app].artifact_port for name in ordered
              if name in adverts and app in adverts[name].apps and adverts[name].apps[app].artifact_port is not None}
     return Targets(ordered, min(fanouts, default=None), [name for name in ordered if name in down],
-                   sorted(without_app), sorted(not_accepting), _artifact_template(app, ordered, adverts), ports)
+                   sorted(without_app), sorted(not_accepting), _artifact_templates(app, ordered, adverts), ports)
 
 
-def _artifact_template(app: str, targets: list[str], adverts: Mapping[str, NodeAdvert]) -> str | None:
-    """The artifact path template the ``targets`` that advertise ``app`` agree on (None: no
-    artifact); ReleaseError when they differ, since every node fetches the same file."""
-    templates: dict[str | None, list[str]] = {}
+def _artifact_templates(app: str, targets: list[str], adverts: Mapping[str, NodeAdvert]) -> dict[str, str]:
+    """Node -> the artifact path template it advertises for ``app``, for the ``targets`` that
+    advertise the app (empty: the app has no artifact); ReleaseError when some of them declare
+    an artifact and others none, since every target of a run fetches the file."""
+    templates: dict[str, str] = {}
+    without: list[str] = []
     for name in targets:
         app_advert = adverts[name].apps.get(app) if name in adverts else None
-        if app_advert is not None:
-            templates.setdefault(app_advert.artifact, []).append(name)
-    if len(templates) > 1:
-        shown = "; ".join(f"{'no artifact' if template is None else repr(template)} on {_listed(names)}"
-                          for template, names in sorted(templates.items(), key=lambda item: item[0] or ""))
-        raise ReleaseError(f"the targets of app {app!r} do not agree on its artifact ({shown}): give the app the "
-                           "same artifact.path on every node (the fireap_node role's fireap_node_apps) and apply the role")
-    return next(iter(templates), None)
+        if app_advert is not None and app_advert.artifact is not None:
+            templates[name] = app_advert.artifact
+        elif app_advert is not None:
+            without.append(name)
+    if templates and without:
+        raise ReleaseError(f"the targets of app {app!r} do not agree on its artifact (no artifact on "
+                           f"{_listed(without)}; an artifact on {_listed(list(templates))}): give the app an "
+                           "artifact.path on every node or on none (the fireap_node role's fireap_node_apps) and apply "
+                           "the role")
+    return templates
+
+
+def artifact_file(app: str, version: str, leader: str, templates: Mapping[str, str], fired: Iterable[str]) -> str:
+    """The path of the leader's artifact of ``app`` at ``version``, from the leader's own
+    template. The metadata names only the file, so each of the ``fired`` targets' templates
+    must render the same file name (in a directory of the node's own); ReleaseError otherwise."""
+    if leader not in templates:
+        raise ReleaseError(f"the targets of app {app!r} declare an artifact, but the leader {leader} does not "
+                           "(it serves the file from its own artifact.path): give the app the artifact on the leader "
+                           "too; nothing was fired")
+    names: dict[str, list[str]] = {}
+    for name in dict.fromkeys([leader, *fired]):
+        if name in templates:
+            names.setdefault(artifact_path(templates[name], app, version).rpartition("/")[2], []).append(name)
+    if len(names) > 1:
+        shown = "; ".join(f"{rendered!r} on {_listed(nodes)}" for rendered, nodes in sorted(names.items()))
+        raise ReleaseError(f"the targets of app {app!r} name its artifact of version {version} differently "
+                           f"({shown}): each node may keep it in a directory of its own, but the file name its "
+                           "artifact.path renders must be the same on every node; nothing was fired")
+    return artifact_path(templates[leader], app, version)
 
 
 def read_adverts(client, schema: Schema) -> tuple[dict[str, NodeAdvert], list[str]]:
@@ -792,7 +817,8 @@ def fire(
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
     _check_event_size(payload, filters)
-    metadata, checksum = _artifact_of(app, version, chosen.artifact, checksum)
+    metadata, checksum = _artifact_of(app, version, artifact_file(app, version, leader, chosen.artifacts, targets)
+                                      if chosen.artifacts else None, checksum)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)
     run_id = uuid.uuid4().hex
@@ -906,13 +932,13 @@ def _with_swarm_peers(app: str, plan: Mapping[str, PlanEntry], targets: list[str
     return with_peers, SwarmRun(leader_peers=peers[leader])
 
 
-def _artifact_of(app: str, version: str, template: str | None,
+def _artifact_of(app: str, version: str, path: str | None,
                  checksum: str | None) -> tuple[Metadata | None, str | None]:
-    """The metadata of the leader's artifact of ``app`` at ``version`` (None: the app has none)
-    and the release's checksum: the file's, which ``checksum``, when given, must be."""
-    if template is None:
+    """The metadata of the leader's artifact of ``app`` at ``version``, the file at ``path``
+    (None: the app has none), and the release's checksum: the file's, which ``checksum``, when
+    given, must be."""
+    if path is None:
         return None, checksum
-    path = artifact_path(template, app, version)
     metadata = create_metadata(path)
     actual = file_checksum(path)
     if checksum is not None and checksum != actual:

@@ -623,7 +623,8 @@ class NodeState(_Record):
 
     A node fetching a run's artifact from the swarm adds ``downloaded`` (bytes it holds) and
     ``rate`` (bytes per second) at coarse steps while ``pulling``, and ``fetched`` (when the
-    download ended) from then on, so the download shows apart from the commands.
+    download ended) from then on, so the download shows apart from the commands; its ``done``
+    record's ``downloaded`` is the bytes that came from the swarm (0: the file was there already).
     """
 
     version: str

@@ -344,8 +344,9 @@ class Swarm:
                 raise SwarmError(f"the swarm failed: {alert.message()}")
 
     def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float,
-              ended: threading.Event | None = None, progress: Progress | None = None) -> None:
-        """Download the artifact into ``final_path``, then seed it from there.
+              ended: threading.Event | None = None, progress: Progress | None = None) -> int:
+        """Download the artifact into ``final_path``, then seed it from there; the bytes that
+        came from the swarm (0 when the file was there already).
 
         The download goes into ``staging_dir``; the whole file's SHA-256 must be ``checksum``
         before it is renamed onto ``final_path``, so bad data never lands there (libtorrent
@@ -358,7 +359,7 @@ class Swarm:
             raise SwarmError(f"the artifact path {final_path} is not named {metadata.name}")
         if os.path.isfile(final_path) and file_mismatch(final_path, checksum) is None:
             self.seed(metadata, final_path)
-            return
+            return 0
         staging = staging_dir(final_path, run_id)
         os.makedirs(staging, mode=0o700, exist_ok=True)
         staged = os.path.join(staging, metadata.name)
@@ -373,6 +374,7 @@ class Swarm:
                 os.unlink(staged)
             os.rmdir(staging)
         self.seed(metadata, final_path)
+        return metadata.length
 
     def _download(self, metadata: Metadata, staging: str, timeout: float, ended: threading.Event | None,
                   progress: Progress | None) -> None:

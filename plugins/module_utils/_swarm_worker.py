@@ -184,7 +184,7 @@ class _Serving:
                              "its targets did not all advertise the artifact when it was fired; fire it again")
         if os.path.basename(self.path) != artifact.name:
             raise SwarmError(f"this node's artifact path {self.path} is not named {artifact.name} as the release's: "
-                             "give the app the same artifact.path on every node")
+                             "its artifact.path must render the same file name on every node")
         key = self.schema.artifact(self.release.app, self.release.run_id)
         _index, entry = self.driver.read(key)
         if entry is None:
@@ -355,8 +355,8 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
                    run_task: RunArtifactTask, watch: _RunWatch) -> tuple[bool, str]:
     release = serving.release
     try:
-        swarm.fetch(metadata, serving.path, release.checksum, release.run_id, serving.deadline - time.monotonic(),
-                    watch.ended, serving.progress)
+        downloaded = swarm.fetch(metadata, serving.path, release.checksum, release.run_id,
+                                 serving.deadline - time.monotonic(), watch.ended, serving.progress)
     except (FireapError, OSError) as err:
         reason = watch.why_ended() if watch.ended.is_set() else f"the artifact could not be fetched: {err}"
         return _failed(driver, release, reason, serving)
@@ -368,7 +368,7 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
         ok, error = False, f"task runner raised {type(err).__name__}: {err}"
     if not ok:
         return _failed(driver, release, error or "the app's commands failed", serving)
-    if not driver.write_state(serving.state(NODE_DONE)):
+    if not driver.write_state(serving.state(NODE_DONE, downloaded=downloaded)):
         return False, "could not record done: the node's record changed meanwhile"
     return True, f"done at version {release.version}"
 

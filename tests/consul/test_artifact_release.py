@@ -1,8 +1,8 @@
 """Firing a release of an app with an artifact, against the Consul double: the leader's file's
 torrent metadata goes into KV under the run, the release record names the file, its size,
 info-hash and checksum, each plan entry lists the node's swarm neighbours and the run's swarm
-record the leader's; targets that disagree on the artifact, a checksum that is not the
-file's and a missing file are refused before anything is written."""
+record the leader's; targets that disagree on having an artifact or on its file name, a
+checksum that is not the file's and a missing file are refused before anything is written."""
 
 from __future__ import annotations
 
@@ -124,7 +124,18 @@ def test_targets_that_disagree_on_the_artifact_fire_nothing(multi_agent_target, 
     names = multi_agent_target.node_names
     advertise(client, schema, ["web"], nodes=names[:2], artifact=template(builds), artifact_port=6881)
     advertise(client, schema, ["web"], nodes=names[2:])
-    with pytest.raises(ReleaseError, match=r"do not agree on its artifact \(no artifact on .*; '.*' on "):
+    with pytest.raises(ReleaseError, match=r"do not agree on its artifact \(no artifact on .*; an artifact on "):
+        fire(client, schema, "web", "1")
+    assert client.kv.get(schema.release("web"))[1] is None
+
+
+def test_targets_whose_artifact_file_names_differ_fire_nothing(multi_agent_target, client, schema, builds):
+    names = multi_agent_target.node_names
+    for index, name in enumerate(names):  # each its own directory; the last names the file otherwise
+        directory = builds / name
+        file_name = "{{ version }}.tar.gz" if name == names[-1] else "{{ app }}-{{ version }}.tar.gz"
+        advertise(client, schema, ["web"], [name], artifact=str(directory / file_name), artifact_port=7000 + index)
+    with pytest.raises(ReleaseError, match=rf"name its artifact of version 1 differently \('1\.tar\.gz' on {names[-1]}; "):
         fire(client, schema, "web", "1")
     assert client.kv.get(schema.release("web"))[1] is None
 

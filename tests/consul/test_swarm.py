@@ -1,6 +1,6 @@
 """A release of an app with an artifact against the Consul double: the leader serves its file,
-each target fetches it from the swarm (real libtorrent on 127.0.0.1, its neighbours from its
-plan entry), verifies it, runs its task with the local path and records done; a target refuses
+each target fetches it from the swarm into its own directory (real libtorrent on 127.0.0.1,
+its neighbours from its plan entry), verifies it, runs its task with the local path and records done; a target refuses
 metadata that is not the release's and an app without the artifact, before running anything;
 the run ends on the leader's word in the run's swarm record, and requests per node do not grow
 with the number of nodes."""
@@ -82,7 +82,7 @@ def free_ports(count):
 
 def release_with_artifact(cluster, schema, tmp_path, nodes):
     """Web 1 fired to ``nodes`` (the leader first) with a 600 KB artifact on the leader; each node
-    has a directory of its own and advertises a port of its own. The release, the nodes' artifact
+    has a directory of its own (its advertised artifact path) and advertises a port of its own. The release, the nodes' artifact
     configs (seed_seconds 0) and the build."""
     dirs = [tmp_path / name for name in nodes]
     for directory in dirs:
@@ -92,8 +92,8 @@ def release_with_artifact(cluster, schema, tmp_path, nodes):
     client = cluster.client(0)
     configs = [ArtifactConfig(path=str(directory / TEMPLATE), seed_seconds=0, port=port)
                for directory, port in zip(dirs, free_ports(len(nodes)))]
-    for name, config in zip(nodes, configs):  # the leader's template: the fire renders it for its own file
-        advertise(client, schema, ["web"], [name], artifact=configs[0].path, artifact_port=config.port)
+    for name, config in zip(nodes, configs):  # each node its own directory, as its handler advertises it
+        advertise(client, schema, ["web"], [name], artifact=config.path, artifact_port=config.port)
     fire(client, schema, "web", "1")
     release = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
     return release, configs, build
@@ -124,7 +124,7 @@ def swarm_run(cluster, schema, release):
     return SwarmRun.from_json(cluster.client(0).kv.get(schema.swarm_run("web", release.run_id))[1]["Value"])
 
 
-def test_every_target_fetches_the_leaders_artifact_from_the_swarm_then_runs_its_task(cluster, schema, released):
+def test_every_target_fetches_the_artifact_from_the_swarm_into_its_own_directory_then_runs_its_task(cluster, schema, released):
     release, dirs, build, configs = released
     seen = []
 
@@ -140,6 +140,8 @@ def test_every_target_fetches_the_leaders_artifact_from_the_swarm_then_runs_its_
         state = state_of(cluster, schema, name)
         assert (state.status, state.source, state.depth, state.run_id) == ("done", release.leader, 1, release.run_id)
         assert state.started <= state.fetched <= state.finished
+        assert state.downloaded == len(build)  # from the swarm, into the node's own directory
+        assert (directory / "web-1.tar.gz").read_bytes() == build
         assert os.listdir(directory / ".fireap-swarm") == []
     client = cluster.client(0)
     # Each node's neighbours are the three others (up to 9 nodes all see each other), at their ports.
