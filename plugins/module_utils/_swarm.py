@@ -234,15 +234,17 @@ def staging_dir(final_path: str, run_id: str) -> str:
 class Swarm:
     """One node's libtorrent session for one artifact: it listens only on the node's cluster
     ``address`` at ``port`` (0: any free port, see ``port``), unchokes at most ``upload_slots``
-    peers at once (the app's ``max_semaphores``), and talks only to the peers given to
+    peers at once (the app's ``max_semaphores``), sends and receives at most ``rate_limit``
+    bytes per second each way (None: no cap), and talks only to the peers given to
     ``connect``, in both directions. Thread-safe: a thread may add peers while another waits for the download."""
 
-    def __init__(self, address: str, port: int, upload_slots: int) -> None:
+    def __init__(self, address: str, port: int, upload_slots: int, rate_limit: int | None = None) -> None:
         lt = _libtorrent()
         self._lt = lt
         self.address = check_ip(address)
         port = check_int(port, "swarm port", 0, 65535)
         categories = lt.alert.category_t
+        cap = 0 if rate_limit is None else check_int(rate_limit, "rate limit", 1, 2**31 - 1)  # 0: none
         settings = {
             "listen_interfaces": endpoint(self.address, port),
             "outgoing_interfaces": self.address,
@@ -252,6 +254,9 @@ class Swarm:
             "enable_natpmp": False,
             "dht_bootstrap_nodes": "",
             "unchoke_slots_limit": check_int(upload_slots, "upload slots", 1, 64),
+            # The cap holds for every peer (see _apply_peer_classes).
+            "upload_rate_limit": cap,
+            "download_rate_limit": cap,
             # Nodes of a dev cluster share one address; real nodes have one each.
             "allow_multiple_connections_per_ip": True,
             "alert_mask": (categories.error_notification | categories.status_notification
@@ -264,6 +269,7 @@ class Swarm:
         self._peers: set[tuple[str, int]] = set()
         self._handle: Any = None
         self._apply_filter()
+        self._apply_peer_classes()
         self._await_listening(endpoint(self.address, port))
 
     def _await_listening(self, where: str) -> None:
@@ -292,6 +298,15 @@ class Swarm:
         for address in self._allowed:
             rules.add_rule(address, address, 0)
         self._session.set_ip_filter(rules)
+
+    def _apply_peer_classes(self) -> None:
+        """Put every peer in the global peer class, which the rate limits apply to: by default
+        libtorrent exempts peers on private and loopback networks, which cluster nodes are."""
+        classes = self._lt.ip_filter()
+        everyone = 1 << self._lt.session.global_peer_class_id
+        classes.add_rule("0.0.0.0", "255.255.255.255", everyone)
+        classes.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", everyone)
+        self._session.set_peer_class_filter(classes)
 
     def connect(self, peers: Iterable[str]) -> None:
         """Admit ``peers`` (``ADDRESS:PORT``, checked by ``check_endpoint``) and connect to them,

@@ -150,6 +150,7 @@ class _Serving:
         self.path = artifact_path(app.path, release.app, release.version)
         self.seed_seconds = app.seed_seconds
         self.port = app.port
+        self.rate_limit = app.rate_limit
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.upload_slots = upload_slots
@@ -210,7 +211,7 @@ class _Serving:
 
     def open_swarm(self) -> Swarm:
         """A swarm on this node's catalog address and the app's port, joined to its neighbours."""
-        swarm = Swarm(catalog_address(self.driver, self.driver.node), self.port, self.upload_slots)
+        swarm = Swarm(catalog_address(self.driver, self.driver.node), self.port, self.upload_slots, self.rate_limit)
         try:
             swarm.connect(self.neighbours())
         except BaseException:

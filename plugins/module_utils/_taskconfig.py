@@ -28,7 +28,8 @@ role variables; the node's fireap-reap handler and the controller modules read i
                             # release's checksum
       verify_commands: []   # commands that verify the build, given {{ checksum }}
       artifact: null        # {path: /srv/builds/{{ app }}-{{ version }}.tar.gz, seed_seconds: 60,
-                            # port: 6881}: one file the swarm delivers before the commands run
+                            # port: 6881, rate_limit: null}: one file the swarm delivers
+                            # before the commands run
       service: null         # target filters, see below
       service_regexp: null
       tag: null
@@ -63,7 +64,9 @@ Rules:
   ``{{ artifact }}`` and, with no single source, never ``{{ remote.* }}``. A node serves it
   until every target is over, then for ``seed_seconds`` at most (0..SEED_SECONDS_MAX), on its
   cluster address at ``port`` (DEFAULT_SWARM_PORT, within SWARM_PORT_MIN..65535; two apps
-  with an artifact need two ports), which its advert tells the leader.
+  with an artifact need two ports), which its advert tells the leader. ``rate_limit`` caps
+  the node's swarm at that many bytes per second each way (RATE_LIMIT_MIN..RATE_LIMIT_MAX;
+  null, the default: no cap), so that a release leaves room on production links.
 - Filters decide which nodes take an app: a node takes it only when one of its services
   has a matching name (``service``: exactly this name; ``service_regexp``: a regexp
   searched unanchored in the name) and, with a tag filter, that same service has a
@@ -141,6 +144,10 @@ FILTER_MAX_LENGTH = 256
 #: How long a node serves an artifact, at most, once every target of the run is over.
 DEFAULT_SEED_SECONDS = 60
 SEED_SECONDS_MAX = 3600
+#: The bounds of an artifact's ``rate_limit`` (bytes/s each way): one 16 KiB block per second at
+#: least; at most what libtorrent's rate settings (32-bit) hold.
+RATE_LIMIT_MIN = 16 * 1024
+RATE_LIMIT_MAX = 2**31 - 1
 
 _FILTER_PAIRS = (("service", "service_regexp"), ("tag", "tag_regexp"))
 
@@ -157,11 +164,13 @@ class ConfigError(FireapError):
 
 @dataclass(frozen=True)
 class ArtifactConfig:
-    """An app's artifact: the path template of the file and how long a node serves it after the run."""
+    """An app's artifact: the path template of the file, how long a node serves it after the
+    run, the swarm's port, and its cap in bytes per second each way (None: none)."""
 
     path: str
     seed_seconds: int = DEFAULT_SEED_SECONDS
     port: int = DEFAULT_SWARM_PORT
+    rate_limit: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +207,7 @@ class AppConfig:
             "on_command_failure": self.on_command_failure,
             "verify_file": self.verify_file,
             **({"artifact": {"path": self.artifact.path, "seed_seconds": self.artifact.seed_seconds,
-                             "port": self.artifact.port}}
+                             "port": self.artifact.port, "rate_limit": self.artifact.rate_limit}}
                if self.artifact else {}),
             **{phase: list(getattr(self, phase)) for phase in PHASES},
             "service_filter": self.service_filter,
@@ -325,7 +334,7 @@ def _verify_file(value: Any) -> Optional[str]:
     return value
 
 
-_ARTIFACT_KEYS = ("path", "seed_seconds", "port")
+_ARTIFACT_KEYS = ("path", "seed_seconds", "port", "rate_limit")
 
 
 def _artifact(value: Any) -> Optional[ArtifactConfig]:
@@ -344,12 +353,16 @@ def _artifact(value: Any) -> Optional[ArtifactConfig]:
         raise _Invalid(str(exc), ".path") from None
     seconds = value.get("seed_seconds", DEFAULT_SEED_SECONDS)
     port = value.get("port", DEFAULT_SWARM_PORT)
-    for key, number, low, high in (("seed_seconds", seconds, 0, SEED_SECONDS_MAX), ("port", port, SWARM_PORT_MIN, 65535)):
+    rate_limit = value.get("rate_limit")
+    bounded = [("seed_seconds", seconds, 0, SEED_SECONDS_MAX), ("port", port, SWARM_PORT_MIN, 65535)]
+    if rate_limit is not None:
+        bounded.append(("rate_limit", rate_limit, RATE_LIMIT_MIN, RATE_LIMIT_MAX))
+    for key, number, low, high in bounded:
         try:
             _integer(low, high)(number)
         except _Invalid as exc:
             raise _Invalid(exc.message, "." + key) from None
-    return ArtifactConfig(path=path, seed_seconds=seconds, port=port)
+    return ArtifactConfig(path=path, seed_seconds=seconds, port=port, rate_limit=rate_limit)
 
 
 def _filter_text(value: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -250,17 +251,35 @@ def test_a_file_already_in_place_with_the_checksum_is_served_without_a_download(
     with open(artifact, "rb") as stream:
         build = stream.read()
     holder, leecher = swarms[1:]
-    holder.fetch(metadata, artifact, digest(build), RUN_ID, timeout=1)
+    assert holder.fetch(metadata, artifact, digest(build), RUN_ID, timeout=1) == 0
     assert not os.path.exists(os.path.join(os.path.dirname(artifact), ".fireap-swarm"))
     leecher.connect([f"127.0.0.1:{holder.port}"])
     target = tmp_path / "node" / "app-1.0.tar.gz"
     seen = []
-    leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60,
-                  progress=lambda done, rate: seen.append((done, rate)))
+    assert leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60,
+                         progress=lambda done, rate: seen.append((done, rate))) == len(build)
     assert target.read_bytes() == build
     # The download reports what it holds at each poll, up to the whole file.
     assert [done for done, _rate in seen] == sorted(done for done, _rate in seen)
     assert seen[-1][0] == len(build) and all(rate >= 0 for _done, rate in seen)
+
+
+def test_a_rate_limit_caps_the_swarm_even_between_peers_on_one_machine(artifact, tmp_path):
+    """Loopback peers count as local, which libtorrent exempts from its limits unless told:
+    300,000 bytes at 64 KiB/s take more than 3 s (they take well under 1 s uncapped)."""
+    metadata = create_metadata(artifact)
+    with open(artifact, "rb") as stream:
+        build = stream.read()
+    seed, leecher = Swarm("127.0.0.1", 0, 2, rate_limit=65536), Swarm("127.0.0.1", 0, 2)
+    try:
+        seed.seed(metadata, artifact)
+        leecher.connect([f"127.0.0.1:{seed.port}"])
+        began = time.monotonic()
+        leecher.fetch(metadata, str(tmp_path / "node" / "app-1.0.tar.gz"), digest(build), RUN_ID, timeout=60)
+        assert time.monotonic() - began > 3
+    finally:
+        seed.close()
+        leecher.close()
 
 
 def test_a_swarm_admits_only_the_peers_it_was_given(artifact, tmp_path):

@@ -1,5 +1,6 @@
 """Task config: schema, defaults merge, filters and every validation error."""
 
+import json
 import re
 import textwrap
 
@@ -559,10 +560,17 @@ def test_an_artifact_is_a_path_template_with_a_bounded_seed_time():
     app = config.app("myapp")
     assert app.artifact == _taskconfig.ArtifactConfig(path=ARTIFACT, seed_seconds=60, port=6881)
     assert (app.advert().artifact, app.advert().artifact_port) == (ARTIFACT, 6881)
-    assert app.listing()["artifact"] == {"path": ARTIFACT, "seed_seconds": 60, "port": 6881}
+    assert app.listing()["artifact"] == {"path": ARTIFACT, "seed_seconds": 60, "port": 6881, "rate_limit": None}
     again = parse_config(app_config(artifact={"path": ARTIFACT, "seed_seconds": 0, "port": 1024},
                                     exec_commands=["true"]))
     assert again.app("myapp").artifact.seed_seconds == 0 and again.app("myapp").advert().artifact_port == 1024
+
+
+def test_an_artifact_may_cap_the_nodes_swarm_in_bytes_per_second_which_it_does_not_advertise():
+    app = parse_config(app_config(artifact={"path": ARTIFACT, "rate_limit": 1_250_000},
+                                  exec_commands=["true"])).app("myapp")
+    assert app.artifact.rate_limit == 1_250_000 and app.listing()["artifact"]["rate_limit"] == 1_250_000
+    assert "rate_limit" not in json.dumps(app.advert().to_dict())
 
 
 def test_an_app_without_an_artifact_advertises_and_lists_none():
@@ -589,7 +597,7 @@ def test_two_apps_with_an_artifact_on_one_port_are_refused():
 
 
 @pytest.mark.parametrize("artifact, message", [
-    ("/srv/x.tar.gz", r"apps\.myapp\.artifact: must be a mapping with the keys path, seed_seconds, port"),
+    ("/srv/x.tar.gz", r"apps\.myapp\.artifact: must be a mapping with the keys path, seed_seconds, port, rate_limit"),
     ({}, r"apps\.myapp\.artifact\.path: needs a path"),
     ({"path": "/srv/{{ app }}/x.tar.gz"}, r"apps\.myapp\.artifact\.path: .*in the file name only"),
     ({"path": "/srv/../x"}, r"apps\.myapp\.artifact\.path: .*'\.\.' components"),
@@ -598,6 +606,9 @@ def test_two_apps_with_an_artifact_on_one_port_are_refused():
     ({"path": ARTIFACT, "seed_seconds": True}, r"apps\.myapp\.artifact\.seed_seconds: must be an integer"),
     ({"path": ARTIFACT, "port": 1023}, r"apps\.myapp\.artifact\.port: must be an integer from 1024 to 65535"),
     ({"path": ARTIFACT, "port": "6881"}, r"apps\.myapp\.artifact\.port: must be an integer"),
+    ({"path": ARTIFACT, "rate_limit": 16383}, r"apps\.myapp\.artifact\.rate_limit: must be an integer from 16384 to 2147483647"),
+    ({"path": ARTIFACT, "rate_limit": 2**31}, r"apps\.myapp\.artifact\.rate_limit: must be an integer from 16384"),
+    ({"path": ARTIFACT, "rate_limit": "1M"}, r"apps\.myapp\.artifact\.rate_limit: must be an integer"),
     ({"path": ARTIFACT, "seed_secs": 1}, r"apps\.myapp\.artifact\.seed_secs: unknown key; did you mean 'seed_seconds'"),
 ])
 def test_an_invalid_artifact_is_refused_naming_its_key(artifact, message):
