@@ -35,6 +35,7 @@ processes.py   the node side's processes: finding fireap-reap workers, kill -9 o
 harness.py     ChaosCluster: the double (ACLs, data dir) with fireap installed on every node
 probe.py       Outcome (one scenario's figures) and Probe (what a scenario reads from KV and logs)
 scenarios.py   the scenarios, and run_scenario
+swarm_scenarios.py  the scenarios of apps with an artifact, and how their files are judged
 cli.py         the report table and the command line
 """
 

@@ -1,7 +1,12 @@
 """The apps every node of the chaos suite runs, as the fireap_node role's ``fireap_node_apps``.
 
 Every app command ends by appending ``<version> <source>`` to ``runs-<app>.log`` in the node's
-directory (run_log), so that a command run twice for one version on one node is counted.
+directory (run_log), so that a command run twice for one version on one node is counted (an app
+with an artifact has no single source: its line says ``swarm``).
+
+The swarm scenarios' apps (swarm_apps) run on the first SWARM_NODES nodes only, each node with
+an artifact directory and a swarm port of its own, capped at SWARM_RATE_LIMIT so that one
+transfer of a SWARM_ARTIFACT_BYTES file lasts seconds even on the loopback.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ def _in_node(nodes_dir: Path, command: str) -> str:
     return f"cd {shlex.quote(str(nodes_dir))}/{{{{ node }}}} && {command}"
 
 
-def _record() -> str:
-    return "printf '%s %s\\n' {{ version }} {{ remote.name }} >> runs-{{ app }}.log"
+def _record(source: str = "{{ remote.name }}") -> str:
+    return f"printf '%s %s\\n' {{{{ version }}}} {source} >> runs-{{{{ app }}}}.log"
 
 
 def pull_command(nodes_dir: Path, seconds: float) -> str:
@@ -84,3 +89,35 @@ def chaos_apps(nodes_dir: Path) -> dict[str, dict[str, Any]]:
                  "command_timeout": HANG_TIMEOUT},
         "budget": {"exec_commands": [injected_failure_command(nodes_dir), pull_command(nodes_dir, 2)]},
     }
+
+
+#: The apps of the swarm scenarios, one each.
+SWARM_APPS = ("swarm-crash", "swarm-late", "swarm-corrupt", "swarm-leader")
+#: How many nodes (the first of the cluster, the leader among them) take the swarm apps: a
+#: cluster of any size runs the swarm scenarios at this N.
+SWARM_NODES = 8
+#: The artifact's size and every node's cap (bytes/s each way): 8 s for one node's download.
+SWARM_ARTIFACT_BYTES = 2 * 1024 * 1024
+SWARM_RATE_LIMIT = 256 * 1024
+#: How long a node serves on once the run is over.
+SWARM_SEED_SECONDS = 2
+
+
+def artifact_dir(nodes_dir: Path, node: str) -> Path:
+    """Where ``node`` keeps its artifacts: a directory of its own."""
+    return nodes_dir / node / "builds"
+
+
+def artifact_file(nodes_dir: Path, node: str, app: str, version: str) -> Path:
+    """The file ``node``'s artifact path names for ``app`` at ``version``."""
+    return artifact_dir(nodes_dir, node) / f"{app}-{version}.bin"
+
+
+def swarm_apps(nodes_dir: Path, node: str, ports: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The swarm apps of ``node``, each on its port in ``ports``: the command logs its run once
+    the artifact is in place (verified by then)."""
+    return {app: {"artifact": {"path": str(artifact_dir(nodes_dir, node) / "{{ app }}-{{ version }}.bin"),
+                               "seed_seconds": SWARM_SEED_SECONDS, "port": ports[app],
+                               "rate_limit": SWARM_RATE_LIMIT},
+                  "exec_commands": [_in_node(nodes_dir, f"test -s {{{{ artifact }}}} && {_record('swarm')}")]}
+            for app in SWARM_APPS}

@@ -6,7 +6,8 @@ Consul (``Realism()``: late, reordered and lossy gossip, failure detection after
 suspicion timeout, missing keys that block, 1.22's transaction limit) unless told otherwise. Every node gets
 what the ``fireap_node`` role installs, written directly from the inventory's role variables
 (the role's own run takes minutes at this size): the task config with the Consul token (0600),
-and the agent's watch on the FIREAP:TASK event running this tree's ``fireap-reap``.
+and the agent's watch on the FIREAP:TASK event running this tree's ``fireap-reap``. The first
+SWARM_NODES nodes also take the swarm apps, each node on swarm ports of its own.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from ansible_collections.fireap.consul.plugins.module_utils._processed_events im
 from ansible_collections.fireap.consul.plugins.module_utils._reap import handler_command
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 
-from ..consul import INVENTORY_FILE, Gossip, NodeInfo, Realism, ServeError, ServeProcess
+from ..consul import INVENTORY_FILE, Gossip, NodeInfo, Realism, ServeError, ServeProcess, find_free_port_range
 from ..consul.workdir import fresh_workdir
 from ..polling import wait_until
-from .apps import chaos_apps
+from .apps import SWARM_APPS, SWARM_NODES, chaos_apps, swarm_apps
 from .processes import kill_tree, worker_pids
 
 MARKER = ".fireap-chaos"
@@ -92,6 +93,11 @@ class ChaosCluster:
         inventory = yaml.safe_load((self.workdir / INVENTORY_FILE).read_text())["all"]
         common = inventory["vars"]
         apps = chaos_apps(self.nodes_dir)
+        # The swarm apps' nodes share 127.0.0.1: each node's swarm of each app has a port of its own.
+        swarm_nodes = self.names[:SWARM_NODES]
+        base = find_free_port_range(len(swarm_nodes) * len(SWARM_APPS))
+        ports = {name: {app: base + index * len(SWARM_APPS) + offset for offset, app in enumerate(SWARM_APPS)}
+                 for index, name in enumerate(swarm_nodes)}
         for name, host in inventory["children"]["fireap_nodes"]["hosts"].items():
             config_path = self.config_path(name)
             config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,7 @@ class ChaosCluster:
                 "state_dir": host["fireap_node_state_dir"],
                 "log_file": f"{host['fireap_node_log_dir']}/reap.log",
                 "defaults": {"max_semaphores": self.fanout, "watch_timeout": RELEASE_TIMEOUT, "command_timeout": 60},
-                "apps": apps,
+                "apps": {**apps, **(swarm_apps(self.nodes_dir, name, ports[name]) if name in ports else {})},
             }
             write_atomic(str(config_path), yaml.safe_dump(config, sort_keys=False, width=4096).encode(), 0o600)
             load_config(str(config_path))

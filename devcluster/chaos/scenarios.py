@@ -45,6 +45,7 @@ from .apps import HANG_TIMEOUT, run_log, started_marker
 from .harness import HTTP_TIMEOUT, ChaosCluster, ChaosError
 from .probe import Outcome, Probe, View
 from .processes import hung_commands, kill_tree, worker_pids
+from .swarm_scenarios import swarm_corrupt_peer, swarm_late_join, swarm_leader_gone, swarm_peer_crash
 
 #: Seconds the double stays down in the outage scenario (the issue asks for 5 to 10).
 OUTAGE_SECONDS = 6.0
@@ -908,6 +909,10 @@ SCENARIOS: dict[str, Callable[[ChaosCluster, Probe], Outcome]] = {
     "abort_missing_record": abort_missing_record,
     "service_ids": service_ids,
     "txn_limit_1_13": txn_limit_1_13,
+    "swarm_peer_crash": swarm_peer_crash,
+    "swarm_late_join": swarm_late_join,
+    "swarm_corrupt_peer": swarm_corrupt_peer,
+    "swarm_leader_gone": swarm_leader_gone,
 }
 
 
