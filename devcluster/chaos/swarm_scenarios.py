@@ -84,12 +84,12 @@ def _done(probe: Probe, app: str, name: str, version: str) -> bool:
     return view is not None and view.state is not None and view.state.has(version)
 
 
-def _downloading(probe: Probe, app: str, run_id: str, names: list[str]) -> list[str]:
-    """Those of ``names`` whose worker holds its record of ``run_id`` pulling, part of the file in."""
+def _downloading(probe: Probe, app: str, run_id: str, names: list[str], least: int = 1) -> list[str]:
+    """Those of ``names`` whose worker holds its record of ``run_id`` pulling, ``least`` bytes in."""
     views = probe.views(app)
     return [name for name in names if name in views and views[name].held and views[name].state is not None
             and views[name].state.run_id == run_id and views[name].state.status == NODE_PULLING
-            and views[name].state.downloaded]
+            and (views[name].state.downloaded or 0) >= least]
 
 
 def swarm_peer_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
@@ -164,15 +164,30 @@ def swarm_corrupt_peer(cluster: ChaosCluster, probe: Probe) -> Outcome:
     outcome = Outcome("swarm_corrupt_peer", len(targets), 1,
                       "a serving target's verified file overwritten with garbage mid-swarm")
     probe.wait(f"{spoiler} serving the file it had", lambda: _done(probe, app, spoiler, version))
-    probe.wait("a target part-way through its download",
-               lambda: _downloading(probe, app, run_id, [name for name in targets[1:] if name != spoiler]))
+    # Half-way, the spoiler has sent most pieces once: libtorrent checks a piece in seed mode
+    # when it first sends it, not again, so from now on it sends garbage unchecked.
+    probe.wait("a target half-way through its download",
+               lambda: _downloading(probe, app, run_id, [name for name in targets[1:] if name != spoiler],
+                                    SWARM_ARTIFACT_BYTES // 2))
     with open(artifact_file(cluster.nodes_dir, spoiler, app, version), "r+b") as stream:
         stream.write(os.urandom(SWARM_ARTIFACT_BYTES))  # in place: the file it serves from
     probe.snapshot(cluster.schema.app_prefix(app))
     probe.wait("every other target to finish", probe.finished(app, targets, version))
     probe.settled([app])
     probe.snapshot(cluster.schema.app_prefix(app))
+    # What the receivers' workers logged of the pieces that failed their check, and of bans.
+    outcome.facts["rejected"] = {name: line for name in targets[1:] if name != spoiler
+                                 for line in _log_lines(cluster, name, app, "failed their hash check")}
     return _judge(cluster, probe, outcome, app, version, targets, build, {spoiler}, spoiled=spoiler)
+
+
+def _log_lines(cluster: ChaosCluster, name: str, app: str, needle: str) -> list[str]:
+    """The lines of ``name``'s reap.log about ``app`` that hold ``needle``, without their prefix."""
+    try:
+        text = cluster.reap_log(name).read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [line.split(": ", 1)[-1][:300] for line in text.splitlines() if f"app={app} " in line and needle in line]
 
 
 def swarm_leader_gone(cluster: ChaosCluster, probe: Probe) -> Outcome:

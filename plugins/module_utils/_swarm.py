@@ -260,7 +260,7 @@ class Swarm:
             # Nodes of a dev cluster share one address; real nodes have one each.
             "allow_multiple_connections_per_ip": True,
             "alert_mask": (categories.error_notification | categories.status_notification
-                           | categories.storage_notification),
+                           | categories.storage_notification | categories.peer_notification),
         }
         # flags 0: none of the default extensions, peer exchange among them (peers only from Consul).
         self._session = lt.session(settings, 0)
@@ -268,6 +268,10 @@ class Swarm:
         self._allowed: set[str] = {self.address}
         self._peers: set[tuple[str, int]] = set()
         self._handle: Any = None
+        #: Pieces of a download that failed their hash check (bad data from a peer, fetched
+        #: again), and the addresses of the peers banned for sending them.
+        self.hash_failures = 0
+        self.banned: set[str] = set()
         self._apply_filter()
         self._apply_peer_classes()
         self._await_listening(endpoint(self.address, port))
@@ -353,10 +357,16 @@ class Swarm:
             raise SwarmError(f"the file {path} is not named {metadata.name}")
         self._add(metadata, os.path.dirname(path), seed=True)
 
-    def _raise_errors(self) -> None:
+    def _read_alerts(self) -> None:
+        """Raise the swarm's errors; count the pieces that failed their hash check and the
+        peers banned for them."""
         for alert in self._session.pop_alerts():
             if isinstance(alert, (self._lt.torrent_error_alert, self._lt.file_error_alert)):
                 raise SwarmError(f"the swarm failed: {alert.message()}")
+            if isinstance(alert, self._lt.hash_failed_alert):
+                self.hash_failures += 1
+            elif isinstance(alert, self._lt.peer_ban_alert):
+                self.banned.add(endpoint(*alert.endpoint))
 
     def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float,
               ended: threading.Event | None = None, progress: Progress | None = None) -> int:
@@ -408,7 +418,7 @@ class Swarm:
                                      f"({status.progress:.0%} of {metadata.length} bytes)")
                 if ended is not None and ended.is_set():
                     raise SwarmError("the run ended before the artifact arrived")
-                self._raise_errors()
+                self._read_alerts()
                 self._session.wait_for_alert(int(POLL_SECONDS * 1000))
                 self._reconnect()
         finally:

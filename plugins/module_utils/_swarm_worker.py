@@ -362,7 +362,11 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
         reason = watch.why_ended() if watch.ended.is_set() else f"the artifact could not be fetched: {err}"
         return _failed(driver, release, reason, serving)
     serving.fetched = driver.clock()
-    driver.log(f"fetched and verified {serving.path}")
+    rejected = ""
+    if swarm.hash_failures:
+        rejected = (f"; {swarm.hash_failures} pieces failed their hash check and were fetched again"
+                    + (f" (peers banned for them: {', '.join(sorted(swarm.banned))})" if swarm.banned else ""))
+    driver.log(f"fetched and verified {serving.path}{rejected}")
     try:
         ok, error = run_task(serving.path)
     except Exception as err:  # a task runner bug must still leave a failed record
