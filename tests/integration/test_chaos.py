@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from devcluster.chaos.apps import HANG_TIMEOUT
+from devcluster.chaos.apps import HANG_TIMEOUT, SWARM_ARTIFACT_BYTES, SWARM_NODES
 from devcluster.chaos.harness import ChaosCluster
 from devcluster.chaos.probe import Outcome
 from devcluster.chaos.scenarios import OUTAGE_SECONDS, run_scenario
@@ -196,3 +196,19 @@ def test_a_release_to_every_node_fits_consul_1_13_s_64_operation_transactions(cl
     assert outcome.facts["consul_version"] == "1.13.0" and outcome.facts["txn_max_ops"] == 64
     assert outcome.facts["txn_of_65"].startswith("413 ")
     assert_nothing_lost(outcome)
+
+
+@pytest.mark.parametrize("scenario", ["swarm_peer_crash", "swarm_late_join", "swarm_corrupt_peer",
+                                      "swarm_leader_gone"])
+def test_the_swarm_delivers_a_byte_equal_artifact_to_every_survivor_despite_its_faults(cluster, scenario):
+    """On the first SWARM_NODES nodes; every file judged is the leader's build (a killed or
+    late target's too, once caught up), and each target but a holder fetched it from the swarm."""
+    outcome = run_scenario(cluster, scenario)
+    assert_nothing_lost(outcome)
+    assert outcome.nodes == SWARM_NODES
+    assert set(outcome.facts["artifacts"].values()) == {"equal"}, outcome.facts
+    assert SWARM_ARTIFACT_BYTES in outcome.facts["downloaded_from_swarm"].values()
+    if scenario == "swarm_peer_crash":
+        assert 0 < outcome.facts["killed_at_bytes"] < SWARM_ARTIFACT_BYTES
+    if scenario == "swarm_late_join":
+        assert outcome.facts["late_while_down"] == "no record"
