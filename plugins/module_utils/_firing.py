@@ -817,8 +817,8 @@ def fire(
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
     _check_event_size(payload, filters)
-    metadata, checksum = _artifact_of(app, version, artifact_file(app, version, leader, chosen.artifacts, targets)
-                                      if chosen.artifacts else None, checksum)
+    path = artifact_file(app, version, leader, chosen.artifacts, targets) if chosen.artifacts else None
+    metadata, checksum = _artifact_of(app, version, path, checksum)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)
     run_id = uuid.uuid4().hex

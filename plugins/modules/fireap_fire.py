@@ -23,11 +23,13 @@ description:
   - Every target's C(fireap-reap) watch handler then pulls the version from a node that already has it;
     finished nodes serve up to O(fanout) further nodes each, so the run takes about
     ceil(log_(fanout+1) N) task durations for N nodes.
-  - When the targets advertise an artifact for the app (the task config's C(artifact.path), the same on
-    every target), the leader's file for the version is published with the run. The module creates the
-    file's torrent metadata and records it with its size, info-hash and checksum (computed from the file
-    when O(checksum) is not given, and refused when O(checksum) is not the file's). The targets fetch the
-    file from the swarm and check it before running the app's commands.
+  - When the targets advertise an artifact for the app (the task config's C(artifact.path), each node's
+    own; the directories may differ, the file name rendered for the version must be the same on every
+    target, else nothing is fired), the leader's file for the version is published with the run. The
+    module creates the file's torrent metadata and records it with its size, info-hash and checksum
+    (computed from the file when O(checksum) is not given, and refused when O(checksum) is not the
+    file's). The targets fetch the file from the swarm into their own directories and check it before
+    running the app's commands.
   - The fire lock stays held by the run after the module returns. A lock held by a run that has finished
     (every target done or failed) or was aborted is taken over by the next fire; a lock held by a run in
     progress makes the module fail with the run id, version, holder and time, unless O(force=true).
