@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from ansible_collections.fireap.consul.plugins.module_utils._firing import event_payload, fire, retry_stragglers
@@ -37,7 +38,7 @@ def artifact_states(files: dict[str, Path], build: bytes) -> dict[str, str]:
     return states
 
 
-def artifact_problems(states: dict[str, str], may_lack: set[str] = frozenset()) -> list[str]:
+def artifact_problems(states: dict[str, str], may_lack: Collection[str] = ()) -> list[str]:
     """What is wrong with the nodes' files (``artifact_states``): a file that differs from the
     build, anywhere; a missing one, but on the nodes of ``may_lack``."""
     problems = [f"{name} holds an artifact that differs from the leader's build"
