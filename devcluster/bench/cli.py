@@ -80,6 +80,8 @@ class Config:
     artifact_mb: int = 32
     link_mbit: float = 50.0
     latency_ms: float = 0.0
+    #: netns: the concurrencies each push tries in the first run (empty: push_concurrencies).
+    push_jobs: tuple[int, ...] = ()
 
     def describe(self) -> str:
         if self.mode == NETNS:
@@ -129,7 +131,8 @@ def run_netns(config: Config, workdir: Path) -> dict:
                 net.record_pid(double.proc.pid)
                 routes = [(node.name, net.node(node.name).namespace, node.port) for node in double.nodes]
                 with AgentRelay(routes, CONSUL_PORT) as relay:
-                    bench = NetnsBench(double, leader, net, relay, config.artifact_mb * 1024 * 1024)
+                    bench = NetnsBench(double, leader, net, relay, config.artifact_mb * 1024 * 1024,
+                                       config.push_jobs)
                     with bench.servers():
                         bench.install()
                         lower = lower_bound_seconds(bench.total_bytes, shape.bytes_per_second, shape.round_trip_seconds)
@@ -307,6 +310,14 @@ def _baselines(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _push_jobs(text: str) -> tuple[int, ...]:
+    parse = _int_at_least(1)
+    jobs = tuple(sorted({parse(word.strip()) for word in text.split(",") if word.strip()}))
+    if not jobs:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of concurrencies")
+    return jobs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m devcluster bench",
@@ -333,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--link-latency-ms", type=_positive_float(10_000, zero=True), default=0.0,
         help="netns: one-way delay on every uplink (needs the kernel's netem; default 0)",
+    )
+    parser.add_argument(
+        "--push-jobs", type=_push_jobs, default=(),
+        help="netns: the concurrencies J each push tries in the first run, comma-separated, each at most N-1 "
+        "(default: 1, 5 and N-1)",
     )
     parser.add_argument(
         "--baseline", type=_baselines, default=(), help="comma-separated push baselines: ansible, parallel"
@@ -378,8 +394,12 @@ def configs_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.mode == NETNS:
         if args.task_seconds is not None or args.baseline:
             parser.error("--mode netns moves a real build and runs every baseline: drop --task-seconds and --baseline")
+        if any(jobs > args.nodes - 1 for jobs in args.push_jobs):
+            parser.error(f"--push-jobs: a push reaches {args.nodes - 1} nodes; no concurrency above that")
         return [Config(args.nodes, args.fanout, 0.0, NETNS, (), args.repeat, args.artifact_mb, args.link_mbit,
-                       args.link_latency_ms)]
+                       args.link_latency_ms, args.push_jobs)]
+    if args.push_jobs:
+        parser.error("--push-jobs is for --mode netns")
     task_seconds = args.task_seconds if args.task_seconds is not None else DEFAULT_TASK_SECONDS[args.mode]
     baselines = args.baseline
     if args.mode == PROCESS and PARALLEL not in baselines:

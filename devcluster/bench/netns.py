@@ -13,7 +13,7 @@ One run measures, every node but the leader starting without the build each time
 * the operator's view at the best k: ``ansible-playbook release.yml``, start to exit;
 * push from the leader: GNU parallel -j J and ansible-playbook -f J running the same rsync
   into every node's ``push`` module, inside the leader's namespace, each at every J of
-  :func:`push_concurrencies` in the first run and at its fastest J in the later ones;
+  :func:`push_concurrencies` (or ``--push-jobs``) in the first run and at its fastest J in the later ones;
 * every node pulling one tar of the build from the leader over HTTP, all at once.
 
 Every node's copy is compared with the leader's, file by file, after every transfer.
@@ -143,7 +143,9 @@ def _wrapper_text(namespace: str) -> str:
 class NetnsBench:
     """The double's nodes in their namespaces with fireap installed; run() measures one repeat."""
 
-    def __init__(self, double: Double, leader_client, net: NetnsCluster, relay: AgentRelay, artifact_bytes: int) -> None:
+    def __init__(self, double: Double, leader_client, net: NetnsCluster, relay: AgentRelay, artifact_bytes: int,
+                 push_jobs: Sequence[int] = ()) -> None:
+        """``push_jobs``: the concurrencies each push tries in the first run (default push_concurrencies)."""
         self.double = double
         self.client = leader_client
         self.net = net
@@ -152,6 +154,7 @@ class NetnsBench:
         self.leader = double.leader.name
         self.nodes_dir, self.roots = node_roots(double)
         self.pushed = [name for name in self.roots if name != self.leader]
+        self.push_jobs = tuple(push_jobs) or push_concurrencies(len(self.pushed))
         self.work = double.workdir / NETNS
         self.total_bytes = 0
         self.best_push: dict[str, int] = {}
@@ -404,7 +407,7 @@ class NetnsBench:
 
         candidates: dict[str, float] = {}
         for tool in ("parallel", "ansible"):
-            tried = (self.best_push[tool],) if tool in self.best_push else push_concurrencies(len(self.pushed))
+            tried = (self.best_push[tool],) if tool in self.best_push else self.push_jobs
             for jobs in tried:
                 seconds, problems = self.push(next(versions), tool, jobs)
                 failures.update(problems)

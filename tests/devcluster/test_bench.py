@@ -329,6 +329,13 @@ def test_cli_process_mode_always_compares_with_parallel():
     assert config.baselines == ("parallel",) and config.task_seconds == 2.0
 
 
+def test_cli_netns_push_concurrencies():
+    (config,) = _configs("--nodes", "60", "--mode", "netns", "--push-jobs", "59,5,5")
+    assert (config.mode, config.push_jobs) == (NETNS, (5, 59))
+    (config,) = _configs("--nodes", "60", "--mode", "netns")
+    assert config.push_jobs == ()
+
+
 def test_cli_standard_set():
     assert [c for c in _configs("--standard") if c.mode != NETNS] == [c for c in bench.STANDARD if c.mode != NETNS]
 
@@ -343,6 +350,10 @@ def test_cli_standard_set():
         (["--nodes", "10", "--repeat", "0"], "must be at least 1"),
         (["--standard", "--nodes", "10"], "--standard runs its own set"),
         ([], "give --nodes"),
+        (["--nodes", "10", "--mode", "netns", "--push-jobs", "10"], "no concurrency above that"),
+        (["--nodes", "10", "--mode", "netns", "--push-jobs", "0"], "must be at least 1"),
+        (["--nodes", "10", "--mode", "netns", "--push-jobs", ","], "give a comma-separated list"),
+        (["--nodes", "10", "--push-jobs", "5"], "--push-jobs is for --mode netns"),
     ],
 )
 def test_cli_refuses_bad_input(argv, message, capsys):
