@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import ssl
@@ -120,6 +121,9 @@ class Cluster:
         self._reaper: asyncio.Task[None] | None = None
         # Crashed agents whose failure gossip has not detected yet: name -> the pending detection.
         self._detections: dict[str, asyncio.TimerHandle] = {}
+        #: Each node's address in the catalog (the agent's advertise address): the host it
+        #: listens on unless set_address() gave another.
+        self.addresses: dict[str, str] = {node.name: node.host for node in self.nodes}
 
     # --------------------------------------------------------------- lifecycle
 
@@ -177,7 +181,7 @@ class Cluster:
         for extra in sorted(set(self.state.nodes) - names):
             self.state.deregister_node(extra)
         for node in self.nodes:
-            self.state.register_node(node.name, node.host)
+            self.state.register_node(node.name, self.addresses[node.name])
             self.state.set_node_health(node.name, True)
         self.state.register_service(
             Service(
@@ -241,9 +245,22 @@ class Cluster:
             return
         self._cancel_detection(name)
         await self._listen(agent)
-        self.state.register_node(name, self.nodes[agent.index].host)
+        self.state.register_node(name, self.addresses[name])
         self.state.set_node_health(name, True)
         agent.start()
+
+    def set_address(self, name: str, address: str) -> None:
+        """The node's catalog address from now on (its agent's advertise address): a node whose
+        processes run behind an address of their own (a network namespace) is found there."""
+        try:
+            if not isinstance(address, str):
+                raise ValueError(address)
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ClusterError(f"the address of {name} must be an IP address, got {address!r}") from None
+        self.addresses[name] = address
+        if name in self.state.nodes:
+            self.state.register_node(name, address)
 
     async def _close(self, agent: Agent) -> None:
         site = self._sites.pop(agent.name)

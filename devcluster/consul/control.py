@@ -6,6 +6,8 @@
     PUT    /_devcluster/agents/<name>/leave  the agent leaves: stopped, its node deregistered at once
     PUT    /_devcluster/agents/<name>/start  start it again (empty event ring, watches fire)
     PUT    /_devcluster/agents/<name>/gossip how events reach it from now on (JSON body: Gossip fields)
+    PUT    /_devcluster/agents/<name>/address its node's catalog address from now on (JSON body:
+                                             {"address": IP}), as an agent's advertise address
     GET    /_devcluster/stats                per-agent HTTP requests (also by route) and bytes in/out
     DELETE /_devcluster/stats                reset those counters
 
@@ -53,13 +55,19 @@ class Control:
         if parts == ["agents"]:
             self._method(method, "GET")
             return [self._agent(a) for a in self.cluster.agents]
-        if len(parts) == 3 and parts[0] == "agents" and parts[2] in ("stop", "leave", "start", "gossip"):
+        if len(parts) == 3 and parts[0] == "agents" and parts[2] in ("stop", "leave", "start", "gossip", "address"):
             self._method(method, "PUT")
             agent = self.cluster.agent_by_name.get(parts[1])
             if agent is None:
                 raise ControlError(404, f"unknown agent {parts[1]!r}")
             if parts[2] == "gossip":
                 agent.set_gossip(await self._gossip(request))
+                return self._agent(agent)
+            if parts[2] == "address":
+                try:
+                    self.cluster.set_address(agent.name, (await self._object(request, "the address"))["address"])
+                except (KeyError, ValueError) as err:
+                    raise ControlError(400, f"give the address as {{\"address\": IP}}: {err}") from None
                 return self._agent(agent)
             # Shielded: a client hanging up must not leave an agent half stopped or started.
             if parts[2] in ("stop", "leave"):
@@ -83,16 +91,21 @@ class Control:
     @staticmethod
     def _agent(agent: Agent) -> dict[str, Any]:
         return {"name": agent.name, "http_port": agent.http_port, "running": agent.running,
-                "gossip": asdict(agent.gossip.gossip)}
+                "address": agent.cluster.addresses[agent.name], "gossip": asdict(agent.gossip.gossip)}
 
     @staticmethod
-    async def _gossip(request: web.BaseRequest) -> Gossip:
+    async def _object(request: web.BaseRequest, what: str) -> dict[str, Any]:
         try:
             body = json.loads(await request.read() or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ControlError(400, f"the gossip settings must be a JSON object: {err}") from None
+            raise ControlError(400, f"{what} must be a JSON object: {err}") from None
         if not isinstance(body, dict):
-            raise ControlError(400, f"the gossip settings must be a JSON object, got {body!r}")
+            raise ControlError(400, f"{what} must be a JSON object, got {body!r}")
+        return body
+
+    @classmethod
+    async def _gossip(cls, request: web.BaseRequest) -> Gossip:
+        body = await cls._object(request, "the gossip settings")
         try:
             return Gossip.from_dict(body)
         except (RealismError, TypeError) as err:

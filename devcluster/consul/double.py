@@ -9,6 +9,7 @@ everything else (the demo, the benchmark, the chaos suite, the tests' harness) u
         node = double.nodes[3]                    # NodeInfo(name, host, port, scheme, config_dir, root, log_path)
         double.stop_agent("node-003")             # or an index; start_agent(), is_running()
         double.leave_agent("node-004")            # a clean leave: deregistered at once
+        double.set_address("node-005", "10.0.0.6")  # its catalog address (an advertise address)
         double.stats()                            # per-agent HTTP counters; reset_stats()
 
 It is as unkind as Consul by default (realism.py); ``realism=Realism.kind()`` gives the double's
@@ -113,6 +114,11 @@ class Double:
 
     def set_gossip(self, node: str | int, gossip: Gossip) -> None:
         """How user events reach this node's agent from now on."""
+        raise NotImplementedError
+
+    def set_address(self, node: str | int, address: str) -> None:
+        """The node's catalog address from now on (its agent's advertise address), kept when
+        its agent starts again; ClusterError or ServeError for what is not an IP address."""
         raise NotImplementedError
 
     def start_agent(self, node: str | int) -> None:

@@ -110,6 +110,10 @@ class DevCluster(Double):
         name = self.node(node).name
         self._call(lambda cluster: cluster.agent_by_name[name].set_gossip(gossip))
 
+    def set_address(self, node: str | int, address: str) -> None:
+        name = self.node(node).name
+        self._call(lambda cluster: cluster.set_address(name, address))
+
     def start_agent(self, node: str | int) -> None:
         name = self.node(node).name
         self._await(lambda cluster: cluster.start_agent(name))

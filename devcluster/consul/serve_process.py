@@ -56,8 +56,8 @@ class ServeProcess(Double):
     the state it had); ``options`` are Double's. ``new_session`` keeps the terminal's Ctrl-C
     from it, so that its owner stops it last.
 
-    The /_devcluster/ calls (stop_agent, start_agent, is_running, stats, reset_stats) go over
-    HTTP(S) to the leader's agent, or to the next running one when the leader's is stopped or
+    The /_devcluster/ calls (stop_agent, start_agent, set_address, is_running, stats,
+    reset_stats) go over HTTP(S) to the leader's agent, or to the next running one when the leader's is stopped or
     is the one the call is about."""
 
     kind = SUBPROCESS
@@ -154,6 +154,10 @@ class ServeProcess(Double):
     def set_gossip(self, node: str | int, gossip: Gossip) -> None:
         name = self.node(node).name
         self._control("PUT", f"agents/{name}/gossip", body=asdict(gossip))
+
+    def set_address(self, node: str | int, address: str) -> None:
+        name = self.node(node).name
+        self._control("PUT", f"agents/{name}/address", body={"address": address})
 
     def start_agent(self, node: str | int) -> None:
         name = self.node(node).name

@@ -22,6 +22,7 @@ from devcluster.consul import (
     ServeProcess,
     find_free_port_range,
 )
+from devcluster.consul.cluster import ClusterError
 
 TIMEOUT = 10
 
@@ -119,3 +120,11 @@ def test_both_ways_of_running_the_double_answer_the_same_calls(tmp_path, kind):
         assert not double.is_running("node-000") and double.is_running(1)
         double.start_agent(0)
         assert double.is_running(0)
+        # A node's catalog address, as its agent advertises it, kept when the agent starts again.
+        double.set_address(1, "10.213.0.2")
+        double.stop_agent(1)
+        double.start_agent(1)
+        nodes = requests.get(f"{double.leader.base_url}/v1/catalog/nodes", timeout=TIMEOUT).json()
+        assert {node["Node"]: node["Address"] for node in nodes} == {"node-000": "127.0.0.1", "node-001": "10.213.0.2"}
+        with pytest.raises((ClusterError, ServeError), match="must be an IP address"):
+            double.set_address(1, "node-001")
