@@ -2,7 +2,7 @@
 
     python -m devcluster bench --nodes N --fanout K [--task-seconds T] [--mode inproc|process]
         [--baseline ansible,parallel] [--repeat R] [--json FILE] [--double subprocess|embedded] [--processes P]
-    python -m devcluster bench --mode netns --nodes N [--artifact-mb M] [--link-mbit B] [--link-latency-ms L]
+    python -m devcluster bench --mode netns --nodes N[,N...] [--artifact-mb M] [--link-mbit B] [--link-latency-ms L]
         [--repeat R] [--json FILE]
     python -m devcluster bench --standard [--json FILE]
 
@@ -12,8 +12,9 @@ sleeping t (inproc.py): the coordination overhead, no link has a bandwidth. ``pr
 installs the real node side with Ansible and pulls a real tree with rsync, beside a GNU
 parallel push of the same tree (process.py). ``netns`` (root only) puts every node in a
 network namespace with a shaped link and moves a real build over it, fireap at k = 1, 2 and 5
-beside release.yml, push at its best and an HTTP artifact server (netns.py). With
-``--repeat`` the figures are medians. ``--json`` writes the records and, next to them, a
+and the build as one artifact over the swarm beside release.yml, push at its best and an HTTP
+artifact server (netns.py); ``--nodes 10,30,60`` measures each N in turn, each on a cluster of
+its own. With ``--repeat`` the figures are medians. ``--json`` writes the records and, next to them, a
 plot (PNG and SVG). ``--standard`` runs the set `make bench` uses (its netns configuration
 only as root).
 """
@@ -51,7 +52,14 @@ from .core import (
 )
 from .double import DOUBLE_KINDS, BenchError, leader_client, running_double
 from .inproc import run_inproc
-from .netns import STAGE_FANOUTS, NetnsBench, lower_bound_seconds, netns_record, stage_model_seconds
+from .netns import (
+    NETNS_TIMEOUT,
+    STAGE_FANOUTS,
+    NetnsBench,
+    lower_bound_seconds,
+    netns_record,
+    stage_model_seconds,
+)
 from .plot import write_plot
 from .process import ProcessBench
 
@@ -63,8 +71,6 @@ TIMEOUT_BASE = 120.0
 TIMEOUT_FACTOR = 20.0
 #: Process mode serves the double in its own process: its agents run the nodes' handlers.
 PROCESS_DOUBLE = SUBPROCESS
-#: Seconds a netns release may take before the benchmark gives up on it.
-NETNS_TIMEOUT = 900.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ def run_netns(config: Config, workdir: Path) -> dict:
     return netns_record(runs, {
         "nodes": config.nodes,
         "artifact_bytes": bench.total_bytes,
+        "swarm_artifact_bytes": bench.swarm_bytes,
         "tree_files": len(list((double.leader.root / "app").rglob("part*.bin"))),
         "link_mbit": config.link_mbit,
         "link_latency_ms": config.latency_ms,
@@ -166,12 +173,17 @@ def netns_summary(record: dict) -> str:
         f"stages {stages}",
         f"fireap {record['fireap_seconds']:.1f}s (k={record['best_k']}, "
         f"{record['ratio_to_lower_bound']['fireap']:.2f}x the bound)",
+        f"swarm {record['swarm_seconds']:.1f}s ({record['ratio_to_lower_bound']['swarm']:.2f}x the bound, "
+        f"best k/swarm {record['fireap_seconds'] / record['swarm_seconds']:.2f}, "
+        f"push/swarm {record['push_best_seconds'] / record['swarm_seconds']:.2f})",
         f"release.yml {record['operator_seconds']:.1f}s",
         f"push best {record['push_best_seconds']:.1f}s ({record['push_best_method']})",
         f"HTTP pull {record['http_pull_seconds']:.1f}s",
         f"push/fireap {record['push_best_seconds'] / record['fireap_seconds']:.2f}",
         f"agent requests/node {record['agent_requests_per_node']['mean']:.1f}",
         f"bytes/node {record['agent_bytes_per_node']['mean'] / 1024:.1f} KiB",
+        f"swarm requests/node {record['swarm_costs']['agent_requests_per_node']['mean']:.1f} "
+        f"(leader {record['swarm_leader_costs']['agent_requests_per_node']['mean']:.0f})",
         f"failures {failures if isinstance(failures, int) else len(failures)}",
     ])
 
@@ -276,6 +288,15 @@ def _int_at_least(minimum: int, maximum: int | None = None):
     return parse
 
 
+def _node_counts(text: str) -> tuple[int, ...]:
+    """N, or N,N,... (netns: each measured in turn), each at least 2."""
+    parse = _int_at_least(2)
+    counts = tuple(parse(word.strip()) for word in text.split(","))
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: each N once")
+    return counts
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -324,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time a fireap release across a local dev cluster against the ideal "
         "ceil(log_(k+1) N) * t and push baselines.",
     )
-    parser.add_argument("--nodes", type=_int_at_least(2), help="nodes N, the leader included")
+    parser.add_argument(
+        "--nodes", type=_node_counts, help="nodes N, the leader included (netns: a comma-separated list, each in turn)"
+    )
     parser.add_argument("--fanout", type=_int_at_least(FANOUT_MIN, FANOUT_MAX), default=5, help="fan-out k (default 5)")
     parser.add_argument(
         "--task-seconds",
@@ -394,17 +417,21 @@ def configs_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.mode == NETNS:
         if args.task_seconds is not None or args.baseline:
             parser.error("--mode netns moves a real build and runs every baseline: drop --task-seconds and --baseline")
-        if any(jobs > args.nodes - 1 for jobs in args.push_jobs):
-            parser.error(f"--push-jobs: a push reaches {args.nodes - 1} nodes; no concurrency above that")
-        return [Config(args.nodes, args.fanout, 0.0, NETNS, (), args.repeat, args.artifact_mb, args.link_mbit,
-                       args.link_latency_ms, args.push_jobs)]
+        fewest = min(args.nodes)
+        if any(jobs > fewest - 1 for jobs in args.push_jobs):
+            parser.error(f"--push-jobs: a push reaches {fewest - 1} nodes; no concurrency above that")
+        return [Config(nodes, args.fanout, 0.0, NETNS, (), args.repeat, args.artifact_mb, args.link_mbit,
+                       args.link_latency_ms, args.push_jobs) for nodes in args.nodes]
+    if len(args.nodes) > 1:
+        parser.error("a list of N is for --mode netns: give one N")
+    (nodes,) = args.nodes
     if args.push_jobs:
         parser.error("--push-jobs is for --mode netns")
     task_seconds = args.task_seconds if args.task_seconds is not None else DEFAULT_TASK_SECONDS[args.mode]
     baselines = args.baseline
     if args.mode == PROCESS and PARALLEL not in baselines:
         baselines = (*baselines, PARALLEL)  # the process mode always compares with the parallel push
-    return [Config(args.nodes, args.fanout, task_seconds, args.mode, baselines, args.repeat)]
+    return [Config(nodes, args.fanout, task_seconds, args.mode, baselines, args.repeat)]
 
 
 def main(argv: list[str] | None = None) -> int:

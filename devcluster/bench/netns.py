@@ -10,13 +10,20 @@ One run measures, every node but the leader starting without the build each time
 
 * the stage model at each k of :data:`STAGE_FANOUTS`: ``fire`` (the library call) to the last
   done record, every node pulling with rsync from its source over the links;
+* the swarm: the same build as one tar, the artifact of app :data:`SWARM_APP`, ``fire`` (which
+  hashes the leader's file) to the last done record, every node downloading it from its swarm
+  neighbours over the links into an artifact directory of its own, its swarm on its own
+  namespace address (its catalog address), then unpacking it;
 * the operator's view at the best k: ``ansible-playbook release.yml``, start to exit;
 * push from the leader: GNU parallel -j J and ansible-playbook -f J running the same rsync
   into every node's ``push`` module, inside the leader's namespace, each at every J of
   :func:`push_concurrencies` (or ``--push-jobs``) in the first run and at its fastest J in the later ones;
 * every node pulling one tar of the build from the leader over HTTP, all at once.
 
-Every node's copy is compared with the leader's, file by file, after every transfer.
+Every node's copy is compared with the leader's, file by file, after every transfer; a swarm
+node's artifact byte for byte as well. Every figure is compared with one lower bound, the
+build's bytes (tarball and tree) over one link: the swarm's tar holds those bytes and its
+headers, so its ratio to the bound is if anything a little high.
 """
 
 from __future__ import annotations
@@ -35,13 +42,33 @@ import yaml
 
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, retry_stragglers
-from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, KVRecordError, NodeState, Schema
+from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_checksum
+from ansible_collections.fireap.consul.plugins.module_utils._kv import (
+    NODE_DONE,
+    KVRecordError,
+    NodeState,
+    Schema,
+    SwarmRun,
+)
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, wait
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release, stage_count
+from ansible_collections.fireap.consul.plugins.module_utils._validation import (
+    DEFAULT_SWARM_PORT,
+    SWARM_PEERS_MAX,
+    artifact_path,
+)
 
 from ..consul import Double
 from ..demo import builds
-from ..demo.playbooks import RELEASE_PLAYBOOK, SETUP_PLAYBOOK, DemoError, run_playbook, vars_file_text
+from ..demo.playbooks import (
+    RELEASE_PLAYBOOK,
+    SETUP_PLAYBOOK,
+    DemoError,
+    Unsafe,
+    dump_yaml,
+    run_playbook,
+    vars_file_text,
+)
 from ..netns import CONSUL_PORT, AgentRelay, NetnsCluster
 from .baselines import run_ansible, run_parallel
 from .core import NETNS, TaskTiming
@@ -61,6 +88,21 @@ TARBALL_MEMBERS = 8
 BUILD_SEED = 20130
 HTTP_PORT = 8080
 HTTP_TAR = "build.tar"
+#: The app whose release the swarm delivers: the build as one tar (its artifact), which each
+#: node keeps in its own SWARM_DIR and unpacks into its SWARM_UNPACKED.
+SWARM_APP = "bench-swarm"
+SWARM_DIR = "swarm"
+SWARM_UNPACKED = "swarm-app"
+#: The inventory variable holding each node's artifact path (its own directory).
+SWARM_ARTIFACT_VAR = "bench_swarm_artifact"
+#: Upload slots per node (the app's max_semaphores): as many as a node has swarm neighbours.
+SWARM_UPLOAD_SLOTS = SWARM_PEERS_MAX
+#: Seconds the benchmark waits, after the last node is done, for the leader to record the swarm
+#: run over (it reads the records every few seconds), so that no node serves into the next figure.
+SWARM_OVER_SECONDS = 30.0
+#: Seconds a netns release may take before the benchmark gives up on it (and the swarm app's
+#: watch_timeout: how long a node serves at most).
+NETNS_TIMEOUT = 900.0
 WAIT_POLL_SECONDS = 0.5
 #: Seconds after which the event goes again to targets that never started, as release.yml does
 #: (fireap_wait's straggler_retry_after): Consul's gossip may lose an event for an agent.
@@ -126,6 +168,32 @@ def write_version(app_dir: Path, version: str) -> None:
     (app_dir / "VERSION").write_text(version + "\n")
 
 
+def write_tar(app_dir: Path, path: Path) -> int:
+    """The whole build in ``app_dir`` as one tar at ``path`` (what the HTTP pull and the swarm
+    move); its bytes."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.add(app_dir, arcname=".")
+    return path.stat().st_size
+
+
+def swarm_artifact_template(nodes_dir: Path, node: str) -> str:
+    """``node``'s artifact path: a directory of its own, the file name every node shares."""
+    return f"{nodes_dir}/{node}/{SWARM_DIR}/{{{{ app }}}}-{{{{ version }}}}.tar"
+
+
+def swarm_app(nodes_dir: Path) -> dict:
+    """The swarm's app: each node's artifact path from its inventory variable, its swarm on the
+    default port of its own address, no rate cap (the links are the limit), no serving once the
+    run is over; its command unpacks the verified artifact."""
+    unpacked = f"{nodes_dir}/{{{{ node }}}}/{SWARM_UNPACKED}"
+    return {
+        "max_semaphores": SWARM_UPLOAD_SLOTS,
+        "watch_timeout": NETNS_TIMEOUT,
+        "artifact": {"path": f"{{{{ {SWARM_ARTIFACT_VAR} }}}}", "seed_seconds": 0, "port": DEFAULT_SWARM_PORT},
+        "exec_commands": [f"rm -rf {unpacked} && mkdir {unpacked} && tar -xf {{{{ artifact }}}} -C {unpacked}"],
+    }
+
+
 def push_concurrencies(pushed: int) -> tuple[int, ...]:
     """The concurrencies a push tries: one at a time, 5 (Ansible's default forks), all at once."""
     return tuple(sorted({1, min(5, pushed), pushed}))
@@ -157,6 +225,7 @@ class NetnsBench:
         self.push_jobs = tuple(push_jobs) or push_concurrencies(len(self.pushed))
         self.work = double.workdir / NETNS
         self.total_bytes = 0
+        self.swarm_bytes = 0
         self.best_push: dict[str, int] = {}
         self._servers: list[subprocess.Popen] = []
 
@@ -175,8 +244,9 @@ class NetnsBench:
             variables.update(
                 ansible_python_interpreter=str(wrapper), fireap_node_python=str(wrapper), fireap_node_consul_port=CONSUL_PORT
             )
+            variables[SWARM_ARTIFACT_VAR] = Unsafe(swarm_artifact_template(self.nodes_dir, name))
         path = self.work / "inventory.yml"
-        path.write_text(yaml.safe_dump(inventory, sort_keys=False))
+        path.write_text(dump_yaml(inventory))
         return path
 
     def _push_inventory(self) -> Path:
@@ -235,8 +305,11 @@ class NetnsBench:
                                               stderr=subprocess.DEVNULL))
 
     def install(self) -> None:
-        """The build on the leader; the fireap_node role on every node, its app pulling from the source's daemon."""
+        """The build on the leader; each node's catalog address its namespace's; the fireap_node
+        role on every node, its app pulling from the source's daemon and the swarm's app."""
         self.work.mkdir(parents=True, exist_ok=True)
+        for name in self.roots:
+            self.double.set_address(name, self.net.node(name).address)
         self.total_bytes = write_build(self.roots[self.leader] / APP_DIR, self.artifact_bytes)
         base = f"{self.nodes_dir}/"
         app = {
@@ -245,7 +318,7 @@ class NetnsBench:
             "exec_commands": [f"rsync -a --delete rsync://{{{{ remote.name }}}}/{APP_DIR}/ {base}{{{{ node }}}}/{APP_DIR}/"],
         }
         vars_path = self.work / "vars.yml"
-        vars_path.write_text(vars_file_text({APP: app}))
+        vars_path.write_text(vars_file_text({APP: app, SWARM_APP: swarm_app(self.nodes_dir)}))
         self.inventory = self._inventory()
         self.push_inventory = self._push_inventory()
         log_path = self.work / "install.log"
@@ -278,12 +351,12 @@ class NetnsBench:
                 problems[f"{name} ({what})"] = f"differs from the leader's build: {difference}"
         return problems
 
-    def _states(self, schema: Schema) -> dict[str, NodeState]:
-        _index, entries = self.client.kv.get(schema.nodes_prefix(APP), recurse=True)
+    def _states(self, schema: Schema, app: str = APP) -> dict[str, NodeState]:
+        _index, entries = self.client.kv.get(schema.nodes_prefix(app), recurse=True)
         states = {}
         for entry in entries or ():
             try:
-                states[schema.node_name(APP, entry["Key"])] = NodeState.from_json(entry["Value"], entry["Key"])
+                states[schema.node_name(app, entry["Key"])] = NodeState.from_json(entry["Value"], entry["Key"])
             except (KVRecordError, ValueError) as err:
                 raise BenchError(f"unreadable node record: {err}") from err
         return states
@@ -330,20 +403,84 @@ class NetnsBench:
                       "worst_transition": worst_transition(transitions)},
         }
 
-    def _wait(self, schema: Schema, run_id: str, version: str, timeout: float) -> int:
+    def _wait(self, schema: Schema, run_id: str, version: str, timeout: float, app: str = APP) -> int:
         """Wait for the run, the event fired again to its stragglers every STRAGGLER_RETRY_SECONDS; how many were."""
         deadline = time.monotonic() + timeout
         refired = 0
         while True:
             left = deadline - time.monotonic()
             try:
-                wait(self.client, schema, APP, run_id, max(0.0, min(STRAGGLER_RETRY_SECONDS, left)), poll=WAIT_POLL_SECONDS)
+                wait(self.client, schema, app, run_id, max(0.0, min(STRAGGLER_RETRY_SECONDS, left)), poll=WAIT_POLL_SECONDS)
                 return refired
             except ReleaseWaitTimeout:
                 if left <= STRAGGLER_RETRY_SECONDS:
-                    clear(self.client, schema, APP, abort=True, reason=f"the benchmark gave up after {timeout:g}s")
+                    clear(self.client, schema, app, abort=True, reason=f"the benchmark gave up after {timeout:g}s")
                     return refired
-                refired += len(retry_stragglers(self.client, schema, APP, version)["stragglers"])
+                refired += len(retry_stragglers(self.client, schema, app, version)["stragglers"])
+
+    def swarm_release(self, version: str, timeout: float) -> dict:
+        """One release of the swarm's app: the build as one tar on the leader, every other node
+        downloading it from the swarm and unpacking it; its seconds, failures and Consul costs."""
+        expected = self._fresh_nodes(SWARM_UNPACKED, version)
+        for root in self.roots.values():
+            subprocess.run(["rm", "-rf", str(root / SWARM_DIR)], check=True)
+            (root / SWARM_DIR).mkdir()
+        artifact = Path(artifact_path(swarm_artifact_template(self.nodes_dir, self.leader), SWARM_APP, version))
+        self.swarm_bytes = write_tar(self.roots[self.leader] / APP_DIR, artifact)
+        schema = Schema()
+        self.relay.reset()
+        fired = time.time()
+        outcome = fire(self.client, schema, SWARM_APP, version=version)
+        refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)
+        states = self._states(schema, SWARM_APP)
+        over = self._swarm_over(schema, outcome["run_id"])
+        time.sleep(1.0)  # the nodes' last requests once the run is over (session destroys)
+        records, answered = self.relay.snapshot()
+        failures = self._not_done(states, version, "swarm")
+        failures.update(self._check(expected, SWARM_UNPACKED, "swarm"))
+        failures.update(self._check_artifacts(artifact, states, "swarm"))
+        if not over:
+            failures["swarm run"] = f"the leader did not record the run over within {SWARM_OVER_SECONDS:g}s"
+        finished = [states[name].finished for name in self.pushed if name in states and states[name].finished]
+        fetched = [states[name].fetched for name in self.pushed if name in states and states[name].fetched]
+        for name in self.pushed:
+            subprocess.run(["rm", "-rf", str(self.roots[name] / SWARM_DIR), str(self.roots[name] / SWARM_UNPACKED)],
+                           check=True)
+        return {
+            "seconds": max(finished, default=time.time()) - fired,
+            "fetched_seconds": max(fetched, default=time.time()) - fired,
+            "failures": failures,
+            "refired": refired,
+            "costs": node_costs(records, answered, self.pushed),
+            "leader_costs": node_costs(records, answered, [self.leader]),
+        }
+
+    def _swarm_over(self, schema: Schema, run_id: str) -> bool:
+        """Wait (at most SWARM_OVER_SECONDS) until the leader recorded the swarm run over."""
+        key = schema.swarm_run(SWARM_APP, run_id)
+        deadline = time.monotonic() + SWARM_OVER_SECONDS
+        while time.monotonic() < deadline:
+            _index, entry = self.client.kv.get(key)
+            if entry is not None and SwarmRun.from_json(entry["Value"], key).over:
+                return True
+            time.sleep(WAIT_POLL_SECONDS)
+        return False
+
+    def _check_artifacts(self, leaders: Path, states: Mapping[str, NodeState], what: str) -> dict[str, str]:
+        """Every other node's artifact byte for byte the leader's, all of it from the swarm."""
+        expected = file_checksum(str(leaders))
+        size = leaders.stat().st_size
+        problems = {}
+        for name in self.pushed:
+            path = self.roots[name] / SWARM_DIR / leaders.name
+            if not path.is_file():
+                problems[f"{name} ({what})"] = f"no artifact at {path}"
+            elif file_checksum(str(path)) != expected:
+                problems[f"{name} ({what})"] = f"its artifact {path} differs from the leader's"
+            elif name in states and states[name].downloaded != size:
+                problems[f"{name} ({what})"] = (f"{states[name].downloaded} of the artifact's {size} bytes came from "
+                                                "the swarm")
+        return problems
 
     def operator(self, version: str, fanout: int, timeout: float) -> tuple[float, dict[str, str]]:
         """``ansible-playbook release.yml`` at ``fanout``, start to exit, as an operator runs it."""
@@ -375,8 +512,7 @@ class NetnsBench:
     def http_pull(self, version: str) -> tuple[float, dict[str, str]]:
         """Every node but the leader fetching one tar of the build from the leader over HTTP, all at once."""
         expected = self._fresh_nodes(PUSH_DIR, version)
-        with tarfile.open(self.work / "http" / HTTP_TAR, "w", format=tarfile.USTAR_FORMAT) as tar:
-            tar.add(self.roots[self.leader] / APP_DIR, arcname=".")
+        write_tar(self.roots[self.leader] / APP_DIR, self.work / "http" / HTTP_TAR)
         url = f"http://{self.leader}:{HTTP_PORT}/{HTTP_TAR}"
         began = time.monotonic()
         procs = [
@@ -402,6 +538,8 @@ class NetnsBench:
             stages[k] = self.release(next(versions), k, timeout)
             failures.update(stages[k]["failures"])
         best_k = min(STAGE_FANOUTS, key=lambda k: stages[k]["seconds"])
+        swarm = self.swarm_release(next(versions), timeout)
+        failures.update(swarm["failures"])
         operator_seconds, problems = self.operator(next(versions), best_k, timeout)
         failures.update(problems)
 
@@ -422,6 +560,7 @@ class NetnsBench:
             "fireap_seconds": stages[best_k]["seconds"],
             "operator_seconds": operator_seconds,
             **{f"stage_k{k}_seconds": stages[k]["seconds"] for k in STAGE_FANOUTS},
+            "swarm_seconds": swarm["seconds"],
             "parallel_best_seconds": candidates[push_method("parallel", self.best_push["parallel"])],
             "ansible_best_seconds": candidates[push_method("ansible", self.best_push["ansible"])],
             "http_pull_seconds": http_seconds,
@@ -439,6 +578,11 @@ class NetnsBench:
             "ansible_best_method": push_method("ansible", self.best_push["ansible"]),
             "push_tried_seconds": candidates,
             "http_pull_seconds": http_seconds,
+            "swarm_seconds": swarm["seconds"],
+            "swarm_fetched_seconds": swarm["fetched_seconds"],
+            "swarm_refired": swarm["refired"],
+            "swarm_costs": swarm["costs"],
+            "swarm_leader_costs": swarm["leader_costs"],
             "ratio_to_lower_bound": {name[: -len("_seconds")]: value / lower_bound for name, value in figures.items()},
             "max_depth": best["max_depth"],
             "refired": {str(k): stages[k]["refired"] for k in STAGE_FANOUTS},
@@ -462,7 +606,9 @@ def _median_of(values: Sequence):
 
 def netns_record(runs: Sequence[dict], config: Mapping) -> dict:
     """The record of ``runs`` repeats: every figure the median over the runs (key by key);
-    ``best_k`` and the push methods the most frequent; failures all named."""
+    ``best_k`` and the push methods the most frequent; failures all named. The swarm's
+    comparisons are ratios of medians: ``swarm_vs_best_stage`` the best stage model's seconds
+    over the swarm's, ``push_best_over_swarm`` push's at its best over the swarm's."""
     failures: dict[str, str] = {}
     for run in runs:
         failures.update(run["failures"])
@@ -480,6 +626,10 @@ def netns_record(runs: Sequence[dict], config: Mapping) -> dict:
     record["fireap_runs"] = [run["fireap_seconds"] for run in runs]
     record["push_best_over_fireap"] = record["push_best_seconds"] / record["fireap_seconds"]
     record["fireap_over_lower_bound_seconds"] = record["fireap_seconds"] - record["lower_bound_seconds"]
+    record["swarm_runs"] = [run["swarm_seconds"] for run in runs]
+    record["swarm_over_lower_bound_seconds"] = record["swarm_seconds"] - record["lower_bound_seconds"]
+    record["swarm_vs_best_stage"] = record["fireap_seconds"] / record["swarm_seconds"]
+    record["push_best_over_swarm"] = record["push_best_seconds"] / record["swarm_seconds"]
     record["failures"] = len(failures)
     record["failed_nodes"] = dict(sorted(failures.items()))
     return record

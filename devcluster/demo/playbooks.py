@@ -29,26 +29,46 @@ class DemoError(Exception):
     """The demo cannot go on; the message says why."""
 
 
+class Unsafe(str):
+    """A string Ansible must not template (YAML ``!unsafe``): its ``{{ }}`` are the node's."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
+
+
+def dump_yaml(document) -> str:
+    """``document`` as YAML for Ansible (an inventory, an extra-vars file), Unsafe strings tagged."""
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=4096)
+
+
 def vars_file_text(apps: dict[str, dict]) -> str:
     """An extra-vars YAML file with ``apps`` as fireap_node_apps (the inventory has the rest).
 
     Commands are tagged ``!unsafe`` so that Ansible leaves their ``{{ }}`` placeholders to
     the node.
     """
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    class Unsafe(str):
-        pass
-
-    Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
     phases = ("before_commands", "exec_commands", "after_commands")
     tagged = {
         name: {key: [Unsafe(c) for c in value] if key in phases else value for key, value in settings.items()}
         for name, settings in apps.items()
     }
-    return yaml.dump({"fireap_node_apps": tagged}, Dumper=Dumper, sort_keys=False, width=4096)
+    return dump_yaml({"fireap_node_apps": tagged})
+
+
+def with_host_vars(inventory: Path, host_vars: dict[str, dict], path: Path) -> Path:
+    """``inventory`` with ``host_vars[host]`` added to each of its fireap_nodes hosts, written
+    to ``path``: per-node settings (an artifact directory of each node's own) that an
+    extra-vars file, the same for every host, cannot give."""
+    document = yaml.safe_load(inventory.read_text())
+    hosts = document["all"]["children"]["fireap_nodes"]["hosts"]
+    for name, variables in host_vars.items():
+        hosts[name] = {**(hosts[name] or {}), **variables}
+    path.write_text(dump_yaml(document))
+    return path
 
 
 def ansible_env() -> dict[str, str]:

@@ -1,26 +1,39 @@
 """The netns benchmark's own logic: the build, the bound and models, the costs per node and per
-stage transition, the record of medians and the command line (no cluster, no timing)."""
+stage transition, the swarm's app and artifact paths, the record of medians, its picture and
+the command line (no cluster, no timing)."""
 
 from __future__ import annotations
 
+import json
 import os
+import tarfile
 
+import matplotlib
 import pytest
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import PlanEntry
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import parse_config
+from ansible_collections.fireap.consul.plugins.module_utils._validation import artifact_path
 from devcluster.bench import cli as bench
 from devcluster.bench.core import NETNS, TaskTiming
 from devcluster.bench.costs import TAIL_SECONDS, node_costs, transition_costs, worst_transition
 from devcluster.bench.netns import (
+    SWARM_APP,
+    SWARM_ARTIFACT_VAR,
     TREE_FILES,
     build_bytes,
     lower_bound_seconds,
     netns_record,
     push_concurrencies,
     stage_model_seconds,
+    swarm_app,
+    swarm_artifact_template,
     write_build,
+    write_tar,
 )
+from devcluster.bench.plot import write_plot
 from devcluster.demo.builds import tree_manifest
+from devcluster.demo.playbooks import Unsafe, dump_yaml, vars_file_text
 from devcluster.netns.relay import BLOCKING_READ, READ, RENEWAL, WRITE, RequestRecord
 
 RUN_ID = "20260101T000000-0123abcd"
@@ -34,6 +47,31 @@ def test_the_build_is_the_same_bytes_every_time(tmp_path):
     members, files = build_bytes(64 * 1024)
     assert sum(members) == 64 * 1024 and len(files) == TREE_FILES
     assert len(list((tmp_path / "a").rglob("part*.bin"))) == TREE_FILES
+
+
+def test_the_swarm_moves_the_whole_build_as_one_tar(tmp_path):
+    files = write_build(tmp_path / "build", 64 * 1024)
+    size = write_tar(tmp_path / "build", tmp_path / "build.tar")
+    assert size == (tmp_path / "build.tar").stat().st_size and size > files
+    with tarfile.open(tmp_path / "build.tar") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert tree_manifest(tmp_path / "unpacked") == tree_manifest(tmp_path / "build")
+
+
+def test_the_swarm_app_gives_each_node_its_own_artifact_directory(tmp_path):
+    """The task config takes the app (validated as a node reads it); Ansible renders the path from
+    each node's inventory variable, which it must not template: the node renders it per release."""
+    settings = swarm_app(tmp_path)
+    assert settings["artifact"]["path"] == f"{{{{ {SWARM_ARTIFACT_VAR} }}}}"  # Ansible renders it per node
+    settings["artifact"]["path"] = swarm_artifact_template(tmp_path, "a")
+    app = parse_config({"apps": {SWARM_APP: settings}}).apps[SWARM_APP]
+    assert app.artifact.seed_seconds == 0 and app.artifact.rate_limit is None
+    paths = {node: artifact_path(swarm_artifact_template(tmp_path, node), SWARM_APP, "1.2") for node in ("a", "b")}
+    assert paths == {node: f"{tmp_path}/{node}/swarm/bench-swarm-1.2.tar" for node in ("a", "b")}
+    inventory = dump_yaml({"hosts": {"a": {SWARM_ARTIFACT_VAR: Unsafe(swarm_artifact_template(tmp_path, "a"))}}})
+    assert f"{SWARM_ARTIFACT_VAR}: !unsafe '{tmp_path}/a/swarm/{{{{ app }}}}-{{{{ version }}}}.tar'" in inventory
+    extra_vars = vars_file_text({SWARM_APP: swarm_app(tmp_path)})
+    assert f"path: '{{{{ {SWARM_ARTIFACT_VAR} }}}}'" in extra_vars and "- !unsafe 'rm -rf" in extra_vars
 
 
 def test_bound_and_models():
@@ -83,7 +121,11 @@ def test_transitions_run_from_a_stage_ending_to_the_next_starting():
     assert worst_transition(transitions)["transition"] == "1->2"
 
 
-def _run(fireap, push, k=1):
+def _costs(requests):
+    return {"agent_requests_per_node": {"mean": requests, "max": requests + 2}}
+
+
+def _run(fireap, push, k=1, swarm=10.0):
     return {
         "lower_bound_seconds": 6.0,
         "stage_seconds": {"1": fireap, "2": fireap * 2, "5": fireap * 3},
@@ -92,6 +134,8 @@ def _run(fireap, push, k=1):
         "push_best_seconds": push,
         "push_best_method": "parallel -j 1",
         "push_tried_seconds": {"parallel -j 1": push},
+        "swarm_seconds": swarm,
+        "swarm_costs": _costs(swarm),
         "failures": {},
     }
 
@@ -107,9 +151,45 @@ def test_the_record_holds_medians_and_the_run_count():
     assert record["failures"] == 0
 
 
+def test_the_record_compares_the_swarm_by_its_medians():
+    record = netns_record([_run(30, 180, swarm=9), _run(32, 170, swarm=12), _run(31, 175, swarm=10)], {"nodes": 30})
+    assert record["swarm_seconds"] == 10 and record["swarm_runs"] == [9, 12, 10]
+    assert record["swarm_costs"]["agent_requests_per_node"] == {"mean": 10, "max": 12}
+    assert record["swarm_over_lower_bound_seconds"] == 4
+    assert record["swarm_vs_best_stage"] == pytest.approx(3.1)
+    assert record["push_best_over_swarm"] == pytest.approx(17.5)
+
+
 def _configs(*argv):
     parser = bench.build_parser()
     return bench.configs_from_args(parser, parser.parse_args(list(argv)))
+
+
+def test_cli_measures_each_n_of_a_list_in_netns_mode():
+    configs = _configs("--mode", "netns", "--nodes", "10,30,60", "--repeat", "3")
+    assert [(config.nodes, config.repeat, config.mode) for config in configs] == [(10, 3, NETNS), (30, 3, NETNS),
+                                                                                 (60, 3, NETNS)]
+
+
+def _netns_record(nodes, swarm, stage, push):
+    return {"mode": NETNS, "nodes": nodes, "artifact_bytes": 36 * 2**20, "link_mbit": 50.0, "link_latency_ms": 0.0,
+            "lower_bound_seconds": 6.0, "swarm_seconds": swarm, "push_best_seconds": push,
+            "stage_seconds": {"1": stage, "2": stage * 1.5, "5": stage * 2},
+            "swarm_costs": _costs(12), "swarm_leader_costs": _costs(40), **_costs(9)}
+
+
+def test_the_netns_picture_is_written_next_to_the_json(tmp_path):
+    document = {"records": [_netns_record(30, 11.0, 35.0, 300.0), _netns_record(10, 9.0, 25.0, 90.0)]}
+    (tmp_path / "bench.json").write_text(json.dumps(document))
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # labels as text
+        paths = write_plot(records, tmp_path / "bench")
+    assert paths == [tmp_path / "bench-netns.png", tmp_path / "bench-netns.svg"]
+    assert paths[0].read_bytes().startswith(b"\x89PNG")
+    svg = paths[1].read_text()
+    for label in ("swarm", "stage model k=1", "stage model k=5", "push at its best", "lower bound", "swarm's leader"):
+        assert label in svg
+    assert write_plot([], tmp_path / "none") == []
 
 
 def test_cli_builds_a_netns_configuration():
@@ -125,6 +205,11 @@ def test_cli_builds_a_netns_configuration():
         (["--mode", "netns", "--nodes", "10", "--link-mbit", "0"], "must be > 0"),
         (["--mode", "netns", "--nodes", "10", "--link-latency-ms", "-1"], "must be >= 0"),
         (["--mode", "netns", "--nodes", "10", "--artifact-mb", "0"], "from 1 to 4096"),
+        (["--mode", "netns", "--nodes", "10,1"], "at least 2"),
+        (["--mode", "netns", "--nodes", "10,10"], "each N once"),
+        (["--mode", "netns", "--nodes", "10,x"], "is not an integer"),
+        (["--mode", "netns", "--nodes", "10,30", "--push-jobs", "9,10"], "reaches 9 nodes"),
+        (["--nodes", "10,30"], "a list of N is for --mode netns"),
     ],
 )
 def test_cli_refuses_bad_netns_input(argv, message, capsys):
