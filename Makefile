@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NODES ?= 20
 FANOUT ?= 5
+# `make demo SWARM=1`: the build as an artifact, delivered by the swarm (see README's demo).
+SWARM ?=
 DEBIAN_TOOLS := rsync parallel shellcheck chromium logrotate
 COLLECTION_LINK := build/ansible_collections/fireap/consul
 
@@ -83,7 +85,7 @@ molecule: setup
 	HOME="$(CURDIR)/build/molecule/home" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/molecule test
 
 demo: setup
-	$(PY) -m devcluster demo --nodes $(NODES) --fanout $(FANOUT) --workdir build/demo
+	$(PY) -m devcluster demo --nodes $(NODES) --fanout $(FANOUT) --workdir build/demo $(if $(SWARM),--swarm)
 
 # The standard benchmark set; figures and plots go to build/bench/. As root it includes the
 # netns configurations (namespaces, links shaped with tc); otherwise it says it leaves them out.

@@ -168,14 +168,6 @@ def write_version(app_dir: Path, version: str) -> None:
     (app_dir / "VERSION").write_text(version + "\n")
 
 
-def write_tar(app_dir: Path, path: Path) -> int:
-    """The whole build in ``app_dir`` as one tar at ``path`` (what the HTTP pull and the swarm
-    move); its bytes."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        tar.add(app_dir, arcname=".")
-    return path.stat().st_size
-
-
 def swarm_artifact_template(nodes_dir: Path, node: str) -> str:
     """``node``'s artifact path: a directory of its own, the file name every node shares."""
     return f"{nodes_dir}/{node}/{SWARM_DIR}/{{{{ app }}}}-{{{{ version }}}}.tar"
@@ -426,7 +418,7 @@ class NetnsBench:
             subprocess.run(["rm", "-rf", str(root / SWARM_DIR)], check=True)
             (root / SWARM_DIR).mkdir()
         artifact = Path(artifact_path(swarm_artifact_template(self.nodes_dir, self.leader), SWARM_APP, version))
-        self.swarm_bytes = write_tar(self.roots[self.leader] / APP_DIR, artifact)
+        self.swarm_bytes = builds.write_tar(self.roots[self.leader] / APP_DIR, artifact)
         schema = Schema()
         self.relay.reset()
         fired = time.time()
@@ -512,7 +504,7 @@ class NetnsBench:
     def http_pull(self, version: str) -> tuple[float, dict[str, str]]:
         """Every node but the leader fetching one tar of the build from the leader over HTTP, all at once."""
         expected = self._fresh_nodes(PUSH_DIR, version)
-        write_tar(self.roots[self.leader] / APP_DIR, self.work / "http" / HTTP_TAR)
+        builds.write_tar(self.roots[self.leader] / APP_DIR, self.work / "http" / HTTP_TAR)
         url = f"http://{self.leader}:{HTTP_PORT}/{HTTP_TAR}"
         began = time.monotonic()
         procs = [

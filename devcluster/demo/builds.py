@@ -7,6 +7,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import tarfile
 from pathlib import Path
 
 APP_DIR = "app"
@@ -20,6 +21,13 @@ def rsync_command(nodes_dir: Path) -> str:
     """The command template that copies the source node's app tree over this node's."""
     base = shlex.quote(f"{nodes_dir}/")
     return f"rsync -a --delete {base}{{{{ remote.name }}}}/{APP_DIR}/ {base}{{{{ node }}}}/{APP_DIR}/"
+
+
+def write_tar(app_dir: Path, path: Path) -> int:
+    """The whole build in ``app_dir`` as one tar at ``path`` (an artifact, a download); its bytes."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.add(app_dir, arcname=".")
+    return path.stat().st_size
 
 
 def tree_manifest(root: Path) -> dict[str, str]:

@@ -9,12 +9,21 @@ installed ``fireap-monitor`` (the playbook's output goes to ``<workdir>/release.
 playbook writes the run's JSON and HTML reports to ``<workdir>/report.json`` and
 ``<workdir>/report.html``. The cluster is stopped at the end, also after a failure or Ctrl-C.
 Exit status 0 only when every node has the new build.
+
+With ``--swarm`` (``make demo SWARM=1``) the app has an artifact instead: the build as one tar
+in the leader's ``<root>/builds/``, which every node downloads from the swarm into its own
+``<root>/builds/`` (each node's directory and swarm port its own, from its inventory
+variables: the nodes share 127.0.0.1), verifies, and unpacks into its app directory. Each
+node's swarm is capped at SWARM_RATE_LIMIT so that the monitor shows the downloads' progress;
+at the end every node's artifact is compared byte for byte with the leader's, and its app
+tree file by file.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import filecmp
 import json
 import shlex
 import signal
@@ -27,11 +36,20 @@ import yaml
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout
 
 from .. import REPO_ROOT
-from ..consul import ServeError, ServeProcess
+from ..consul import ServeError, ServeProcess, find_free_port_range
 from ..consul.serve_process import stop_process
 from ..consul.workdir import fresh_workdir
-from .builds import APP_DIR, rsync_command, tree_difference, tree_manifest, write_build
-from .playbooks import RELEASE_PLAYBOOK, SETUP_PLAYBOOK, DemoError, announce, run_playbook, vars_file_text
+from .builds import APP_DIR, rsync_command, tree_difference, tree_manifest, write_build, write_tar
+from .playbooks import (
+    RELEASE_PLAYBOOK,
+    SETUP_PLAYBOOK,
+    DemoError,
+    Unsafe,
+    announce,
+    run_playbook,
+    vars_file_text,
+    with_host_vars,
+)
 
 APP = "demo"
 #: Marks a workdir as the demo's own, so that a rerun may empty it.
@@ -45,6 +63,14 @@ RELEASE_LOG = "release.log"
 MONITOR_GRACE = 15.0
 #: Lines of the release playbook's log shown when it failed.
 LOG_TAIL_LINES = 40
+#: --swarm: each node's artifact directory under its root, the inventory variable holding its
+#: artifact settings, its cap (bytes/s each way: a download of the few-MB build takes seconds,
+#: long enough to watch) and how long it serves once the run is over.
+SWARM_DIR = "builds"
+SWARM_VAR = "demo_swarm_artifact"
+SWARM_RATE_LIMIT = 512 * 1024
+SWARM_SEED_SECONDS = 5
+SWARM_INVENTORY = "swarm-inventory.yml"
 
 
 def depth_bound(nodes: int, fanout: int) -> int:
@@ -100,6 +126,34 @@ def release_with_monitor(args: list[str], what: str, monitor: list[str], log_pat
     return status, seconds
 
 
+def swarm_artifact_name(version: str) -> str:
+    """The artifact's file name on every node (what its path template renders)."""
+    return f"{APP}-{version}.tar"
+
+
+def swarm_host_vars(nodes_dir: Path, names: list[str], first_port: int) -> dict[str, dict]:
+    """Each node's artifact settings: a directory and a swarm port of its own (the dev
+    cluster's nodes share one address), the path left to the node to render per release."""
+    return {
+        name: {SWARM_VAR: {"path": Unsafe(f"{nodes_dir}/{name}/{SWARM_DIR}/{{{{ app }}}}-{{{{ version }}}}.tar"),
+                           "port": first_port + index, "rate_limit": SWARM_RATE_LIMIT,
+                           "seed_seconds": SWARM_SEED_SECONDS}}
+        for index, name in enumerate(names)
+    }
+
+
+def demo_app(nodes_dir: Path, swarm: bool) -> dict:
+    """The demo's app: rsync from the source node, or (``swarm``) unpack the artifact the swarm
+    delivered into the node's app directory, its settings from the node's inventory variable."""
+    if not swarm:
+        return {"exec_commands": [rsync_command(nodes_dir)]}
+    app_dir = f"{shlex.quote(str(nodes_dir))}/{{{{ node }}}}/{APP_DIR}"
+    return {
+        "artifact": f"{{{{ {SWARM_VAR} }}}}",
+        "exec_commands": [f"rm -rf {app_dir} && mkdir {app_dir} && tar -xf {{{{ artifact }}}} -C {app_dir}"],
+    }
+
+
 def leader_of(inventory: dict) -> str:
     leaders = list(inventory["all"]["children"]["fireap_leader"].get("hosts") or {})
     if len(leaders) != 1:
@@ -107,8 +161,9 @@ def leader_of(inventory: dict) -> str:
     return leaders[0]
 
 
-def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
-    """The whole demo; True when every node has the leader's build."""
+def run_demo(nodes: int, fanout: int, workdir: Path, swarm: bool = False) -> bool:
+    """The whole demo; True when every node has the leader's build (``swarm``: and the leader's
+    artifact)."""
     prepare_workdir(workdir)
     # A session of its own: Ctrl-C reaches the playbooks, the cluster is stopped last.
     cluster = ServeProcess(nodes, workdir, new_session=True)
@@ -132,9 +187,17 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         )
         for root in roots.values():
             (root / APP_DIR).mkdir(parents=True, exist_ok=True)
+            if swarm:
+                (root / SWARM_DIR).mkdir(exist_ok=True)
+        if swarm:
+            first_port = find_free_port_range(nodes)
+            inventory_path = with_host_vars(inventory_path, swarm_host_vars(nodes_dir, list(roots), first_port),
+                                            workdir / SWARM_INVENTORY)
+            print(f"swarm: each node's artifact in <its root>/{SWARM_DIR}/, its swarm on 127.0.0.1:"
+                  f"{first_port}-{first_port + nodes - 1}, capped at {SWARM_RATE_LIMIT // 1024} KiB/s", flush=True)
 
         vars_path = workdir / VARS_FILE
-        vars_path.write_text(vars_file_text({APP: {"exec_commands": [rsync_command(nodes_dir)]}}))
+        vars_path.write_text(vars_file_text({APP: demo_app(nodes_dir, swarm)}))
         setup_args = ["-i", str(inventory_path), "-e", f"@{vars_path}", str(SETUP_PLAYBOOK)]
         announce("install fireap", setup_args)
         status, _seconds = run_playbook(setup_args)
@@ -144,6 +207,9 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         version = time.strftime("%Y.%m%d.%H%M%S")
         files, size = write_build(roots[leader] / APP_DIR, version)
         print(f"\nnew build {version} on {leader}: {files} files, {size / 1e6:.1f} MB", flush=True)
+        if swarm:
+            artifact = roots[leader] / SWARM_DIR / swarm_artifact_name(version)
+            print(f"its artifact: {artifact}, {write_tar(roots[leader] / APP_DIR, artifact) / 1e6:.1f} MB", flush=True)
         report_path = workdir / REPORT_FILE
         host_vars = inventory["all"]["children"]["fireap_nodes"]["hosts"][leader]
         status, seconds = release_with_monitor(
@@ -168,10 +234,27 @@ def run_demo(nodes: int, fanout: int, workdir: Path) -> bool:
         )
         if status != 0:
             print(f"\nthe release playbook exited with status {status}; checking the nodes anyway", flush=True)
-        return verify(roots, leader, version, fanout, seconds, report_path) and status == 0
+        artifact_ok = verify_artifacts(roots, leader, swarm_artifact_name(version)) if swarm else True
+        return verify(roots, leader, version, fanout, seconds, report_path) and artifact_ok and status == 0
     finally:
         cluster.stop()
         print("dev cluster stopped", flush=True)
+
+
+def verify_artifacts(roots: dict[str, Path], leader: str, name: str) -> bool:
+    """Compare every node's artifact with the leader's, byte for byte, and say how many match."""
+    expected = roots[leader] / SWARM_DIR / name
+    problems = {}
+    for node, root in sorted(roots.items()):
+        path = root / SWARM_DIR / name
+        if not path.is_file():
+            problems[node] = f"no artifact at {path}"
+        elif not filecmp.cmp(expected, path, shallow=False):
+            problems[node] = f"{path} differs from the leader's"
+    print(f"\nnodes whose artifact is byte for byte the leader's: {len(roots) - len(problems)}/{len(roots)}", flush=True)
+    for node, problem in problems.items():
+        print(f"  {node}: {problem}", flush=True)
+    return not problems
 
 
 def verify(roots: dict[str, Path], leader: str, version: str, fanout: int, seconds: float, report_path: Path) -> bool:
@@ -213,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, default=20, help="number of nodes, the leader included (default 20)")
     parser.add_argument("--fanout", type=int, default=5, help="nodes one finished node serves at once (default 5)")
     parser.add_argument(
+        "--swarm",
+        action="store_true",
+        help="release the build as an artifact that every node downloads from the swarm (each node capped at "
+        f"{SWARM_RATE_LIMIT // 1024} KiB/s, so that the downloads can be watched)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=REPO_ROOT / "build" / "demo",
@@ -237,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a stopped `make demo`) unwinds like Ctrl-C, so the cluster is stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ok = run_demo(args.nodes, args.fanout, args.workdir.absolute())
+        ok = run_demo(args.nodes, args.fanout, args.workdir.absolute(), args.swarm)
     except DemoError as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 1

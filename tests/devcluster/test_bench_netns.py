@@ -29,10 +29,9 @@ from devcluster.bench.netns import (
     swarm_app,
     swarm_artifact_template,
     write_build,
-    write_tar,
 )
 from devcluster.bench.plot import write_plot
-from devcluster.demo.builds import tree_manifest
+from devcluster.demo.builds import tree_manifest, write_tar
 from devcluster.demo.playbooks import Unsafe, dump_yaml, vars_file_text
 from devcluster.netns.relay import BLOCKING_READ, READ, RENEWAL, WRITE, RequestRecord
 
