@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, retry_stragglers
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_checksum
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
@@ -422,15 +423,21 @@ class NetnsBench:
         schema = Schema()
         self.relay.reset()
         fired = time.time()
-        outcome = fire(self.client, schema, SWARM_APP, version=version)
+        try:
+            outcome = fire(self.client, schema, SWARM_APP, version=version)
+        except FireapError as err:
+            raise BenchError(f"the swarm's release could not be fired: {err}") from err
         refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)
         states = self._states(schema, SWARM_APP)
         over = self._swarm_over(schema, outcome["run_id"])
         time.sleep(1.0)  # the nodes' last requests once the run is over (session destroys)
         records, answered = self.relay.snapshot()
-        failures = self._not_done(states, version, "swarm")
-        failures.update(self._check(expected, SWARM_UNPACKED, "swarm"))
-        failures.update(self._check_artifacts(artifact, states, "swarm"))
+        failures: dict[str, str] = {}
+        # A node's first problem is named: one not done has no artifact or tree either.
+        for problems in (self._not_done(states, version, "swarm"), self._check_artifacts(artifact, states, "swarm"),
+                         self._check(expected, SWARM_UNPACKED, "swarm")):
+            for node, problem in problems.items():
+                failures.setdefault(node, problem)
         if not over:
             failures["swarm run"] = f"the leader did not record the run over within {SWARM_OVER_SECONDS:g}s"
         finished = [states[name].finished for name in self.pushed if name in states and states[name].finished]

@@ -11,7 +11,7 @@ import tarfile
 import matplotlib
 import pytest
 
-from ansible_collections.fireap.consul.plugins.module_utils._kv import PlanEntry
+from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, PlanEntry
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import parse_config
 from ansible_collections.fireap.consul.plugins.module_utils._validation import artifact_path
 from devcluster.bench import cli as bench
@@ -20,6 +20,8 @@ from devcluster.bench.costs import TAIL_SECONDS, node_costs, transition_costs, w
 from devcluster.bench.netns import (
     SWARM_APP,
     SWARM_ARTIFACT_VAR,
+    SWARM_DIR,
+    NetnsBench,
     TREE_FILES,
     build_bytes,
     lower_bound_seconds,
@@ -71,6 +73,25 @@ def test_the_swarm_app_gives_each_node_its_own_artifact_directory(tmp_path):
     assert f"{SWARM_ARTIFACT_VAR}: !unsafe '{tmp_path}/a/swarm/{{{{ app }}}}-{{{{ version }}}}.tar'" in inventory
     extra_vars = vars_file_text({SWARM_APP: swarm_app(tmp_path)})
     assert f"path: '{{{{ {SWARM_ARTIFACT_VAR} }}}}'" in extra_vars and "- !unsafe 'rm -rf" in extra_vars
+
+
+def test_every_nodes_artifact_must_be_the_leaders_and_come_from_the_swarm(tmp_path):
+    bench = object.__new__(NetnsBench)  # the comparison alone: no cluster
+    bench.roots = {name: tmp_path / name for name in ("leader", "a", "b", "c", "d")}
+    bench.pushed = ["a", "b", "c", "d"]
+    for root in bench.roots.values():
+        (root / SWARM_DIR).mkdir(parents=True)
+    leaders = bench.roots["leader"] / SWARM_DIR / "bench-swarm-1.tar"
+    leaders.write_bytes(b"build" * 100)
+    for name in ("a", "c", "d"):
+        (bench.roots[name] / SWARM_DIR / leaders.name).write_bytes(b"build" * 100)
+    (bench.roots["d"] / SWARM_DIR / leaders.name).write_bytes(b"build" * 99 + b"bu1ld")
+    states = {name: NodeState(version="1", run_id=RUN_ID, status="done", started=1.0, finished=2.0, source="leader",
+                              depth=1, downloaded=500 if name != "c" else 0) for name in bench.pushed}
+    problems = bench._check_artifacts(leaders, states, "swarm")
+    assert sorted(problems) == ["b (swarm)", "c (swarm)", "d (swarm)"]
+    assert "no artifact" in problems["b (swarm)"] and "0 of the artifact's 500 bytes" in problems["c (swarm)"]
+    assert "differs from the leader's" in problems["d (swarm)"]
 
 
 def test_bound_and_models():
