@@ -44,13 +44,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._clearing import cle
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, retry_stragglers
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_checksum
-from ansible_collections.fireap.consul.plugins.module_utils._kv import (
-    NODE_DONE,
-    KVRecordError,
-    NodeState,
-    Schema,
-    SwarmRun,
-)
+from ansible_collections.fireap.consul.plugins.module_utils._kv import NODE_DONE, KVRecordError, NodeState, Schema
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, wait
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import plan_release, stage_count
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
@@ -70,6 +64,7 @@ from ..demo.playbooks import (
     run_playbook,
     vars_file_text,
 )
+from ..demo.swarm import swarm_over
 from ..netns import CONSUL_PORT, AgentRelay, NetnsCluster
 from .baselines import run_ansible, run_parallel
 from .core import NETNS, TaskTiming
@@ -429,7 +424,7 @@ class NetnsBench:
             raise BenchError(f"the swarm's release could not be fired: {err}") from err
         refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)
         states = self._states(schema, SWARM_APP)
-        over = self._swarm_over(schema, outcome["run_id"])
+        over = swarm_over(self.client, SWARM_APP, outcome["run_id"], SWARM_OVER_SECONDS, schema)
         time.sleep(1.0)  # the nodes' last requests once the run is over (session destroys)
         records, answered = self.relay.snapshot()
         failures: dict[str, str] = {}
@@ -453,17 +448,6 @@ class NetnsBench:
             "costs": node_costs(records, answered, self.pushed),
             "leader_costs": node_costs(records, answered, [self.leader]),
         }
-
-    def _swarm_over(self, schema: Schema, run_id: str) -> bool:
-        """Wait (at most SWARM_OVER_SECONDS) until the leader recorded the swarm run over."""
-        key = schema.swarm_run(SWARM_APP, run_id)
-        deadline = time.monotonic() + SWARM_OVER_SECONDS
-        while time.monotonic() < deadline:
-            _index, entry = self.client.kv.get(key)
-            if entry is not None and SwarmRun.from_json(entry["Value"], key).over:
-                return True
-            time.sleep(WAIT_POLL_SECONDS)
-        return False
 
     def _check_artifacts(self, leaders: Path, states: Mapping[str, NodeState], what: str) -> dict[str, str]:
         """Every other node's artifact byte for byte the leader's, all of it from the swarm."""

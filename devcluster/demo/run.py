@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 import yaml
+from ansible_collections.fireap.consul.plugins.module_utils._connection import ConsulOptions, build_client
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
+from ansible_collections.fireap.consul.plugins.module_utils._progress import read_release
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_fanout
 
 from .. import REPO_ROOT
@@ -50,6 +53,7 @@ from .playbooks import (
     vars_file_text,
     with_host_vars,
 )
+from .swarm import swarm_over
 
 APP = "demo"
 #: Marks a workdir as the demo's own, so that a rerun may empty it.
@@ -65,12 +69,15 @@ MONITOR_GRACE = 15.0
 LOG_TAIL_LINES = 40
 #: --swarm: each node's artifact directory under its root, the inventory variable holding its
 #: artifact settings, its cap (bytes/s each way: a download of the few-MB build takes seconds,
-#: long enough to watch) and how long it serves once the run is over.
+#: long enough to watch) and how long it serves once the run is over (not at all: the demo
+#: stops the cluster then).
 SWARM_DIR = "builds"
 SWARM_VAR = "demo_swarm_artifact"
 SWARM_RATE_LIMIT = 512 * 1024
-SWARM_SEED_SECONDS = 5
+SWARM_SEED_SECONDS = 0
 SWARM_INVENTORY = "swarm-inventory.yml"
+#: Seconds the demo waits, after the release, for the leader to record the swarm run over.
+SWARM_OVER_SECONDS = 30.0
 
 
 def depth_bound(nodes: int, fanout: int) -> int:
@@ -234,11 +241,26 @@ def run_demo(nodes: int, fanout: int, workdir: Path, swarm: bool = False) -> boo
         )
         if status != 0:
             print(f"\nthe release playbook exited with status {status}; checking the nodes anyway", flush=True)
-        artifact_ok = verify_artifacts(roots, leader, swarm_artifact_name(version)) if swarm else True
+        artifact_ok = True
+        if swarm:
+            await_swarm_end(cluster.leader.host, cluster.leader.port)
+            artifact_ok = verify_artifacts(roots, leader, swarm_artifact_name(version))
         return verify(roots, leader, version, fanout, seconds, report_path) and artifact_ok and status == 0
     finally:
         cluster.stop()
         print("dev cluster stopped", flush=True)
+
+
+def await_swarm_end(host: str, port: int) -> None:
+    """Wait until the leader recorded the demo's swarm run over (the nodes stop serving then),
+    so that the cluster is not stopped under workers still reading from it."""
+    client = build_client(ConsulOptions(host=host, port=port))
+    try:
+        _entry, release = read_release(client, Schema(), APP)
+        if release is not None and not swarm_over(client, APP, release.run_id, SWARM_OVER_SECONDS):
+            print(f"\nthe leader did not record the swarm run over within {SWARM_OVER_SECONDS:g}s", flush=True)
+    finally:
+        client.http.close()
 
 
 def verify_artifacts(roots: dict[str, Path], leader: str, name: str) -> bool:

@@ -1,15 +1,20 @@
 """The demo's swarm mode without a cluster: each node's artifact settings (its own directory and
 port, the path left to the node), the app the task config accepts once Ansible has rendered
-them, the inventory carrying them, and the byte-for-byte check of every node's artifact."""
+them, the inventory carrying them, the byte-for-byte check of every node's artifact, and the
+wait for the leader's word that the run is over."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import yaml
 
+from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema, SwarmRun
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import parse_config
 from ansible_collections.fireap.consul.plugins.module_utils._validation import artifact_path
 from devcluster.demo import run as demo
 from devcluster.demo.playbooks import with_host_vars
+from devcluster.demo.swarm import swarm_over
 
 NAMES = ["node-000", "node-001", "node-002"]
 
@@ -60,3 +65,31 @@ def test_every_nodes_artifact_is_compared_byte_for_byte(tmp_path, capsys):
 def test_the_demo_takes_swarm():
     assert demo.build_parser().parse_args(["--swarm"]).swarm
     assert not demo.build_parser().parse_args([]).swarm
+
+
+class _KV:
+    """The one KV read swarm_over makes, from a dict."""
+
+    def __init__(self, values):
+        self.values = values
+        self.reads = 0
+
+    def get(self, key):
+        self.reads += 1
+        value = self.values.get(key)
+        return 1, None if value is None else {"Key": key, "Value": value}
+
+
+class _Client:
+    def __init__(self, values):
+        self.kv = _KV(values)
+
+
+def test_swarm_over_waits_for_the_leaders_word():
+    run_id = "20260101T000000-0123abcd"
+    key = Schema().swarm_run(demo.APP, run_id)
+    running = SwarmRun(leader_peers=("10.213.0.2:6881",))
+    assert not swarm_over(_Client({key: running.to_json()}), demo.APP, run_id, 0)
+    assert not swarm_over(_Client({}), demo.APP, run_id, 0)
+    client = _Client({key: dataclasses.replace(running, finished=1767225600.0).to_json()})
+    assert swarm_over(client, demo.APP, run_id, 5) and client.kv.reads == 1
