@@ -23,9 +23,9 @@ are stdlib only.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +44,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     check_info_hash,
     check_int,
     check_ip,
+    check_name,
     check_run_id,
     endpoint,
     show,
@@ -225,10 +226,31 @@ def create_metadata(path: str) -> Metadata:
 # --- the session ---
 
 
-def staging_dir(final_path: str, run_id: str) -> str:
-    """``<artifact dir>/.fireap-swarm/<run_id>``: where a node downloads the artifact before it
-    is verified, on the final path's file system so that the verified file is renamed into place."""
-    return os.path.join(os.path.dirname(final_path), STAGING_FOLDER, check_run_id(run_id))
+def staging_dir(final_path: str, app: str, run_id: str) -> str:
+    """``<artifact dir>/.fireap-swarm/<app>/<run_id>``: where a node downloads the artifact before
+    it is verified, on the final path's file system so that the verified file is renamed into
+    place; one folder per app, since apps may share the artifact directory."""
+    return os.path.join(os.path.dirname(final_path), STAGING_FOLDER, check_name(app, "app"), check_run_id(run_id))
+
+
+def _clear_staging(staging: str, keep: bool) -> None:
+    """Remove the app's staging folders other than ``staging`` (left by a worker killed
+    mid-download: one worker per app runs on a node), ``staging`` too unless ``keep``, and the
+    folders above them once empty."""
+    app_folder = os.path.dirname(staging)
+    try:
+        names = os.listdir(app_folder)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        path = os.path.join(app_folder, name)
+        if path != staging or not keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for folder in (app_folder, os.path.dirname(app_folder)):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (another app's download, or this one's kept) or gone
+            break
 
 
 class Swarm:
@@ -288,6 +310,12 @@ class Swarm:
                     return
             self._session.wait_for_alert(int(POLL_SECONDS * 1000))
         raise SwarmError(f"the swarm did not start listening on {where} within 10 s")
+
+    @property
+    def seeding(self) -> bool:
+        """Whether the session serves the verified artifact (a failed fetch leaves nothing to serve)."""
+        with self._lock:
+            return self._handle is not None
 
     @property
     def port(self) -> int:
@@ -369,7 +397,7 @@ class Swarm:
                 self.banned.add(endpoint(*alert.endpoint))
 
     def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float,
-              ended: threading.Event | None = None, progress: Progress | None = None) -> int:
+              ended: threading.Event | None = None, progress: Progress | None = None, *, app: str) -> int:
         """Download the artifact into ``final_path``, then seed it from there; the bytes that
         came from the swarm (0 when the file was there already).
 
@@ -377,27 +405,29 @@ class Swarm:
         before it is renamed onto ``final_path``, so bad data never lands there (libtorrent
         checked each piece against the metadata already). A file already at ``final_path`` that
         has the checksum is seeded as it is. SwarmError when the download does not finish
-        within ``timeout`` seconds, ``ended`` is set meanwhile (the run is over), or it fails;
-        the staging file is removed then. ``progress(bytes, rate)`` is called at every poll.
+        within ``timeout`` seconds, ``ended`` is set meanwhile (the run is over), or it fails.
+        The staging folder goes on every path, and with it those of ``app``'s earlier runs that
+        a killed worker left (a retry of the same run resumes from its own folder).
+        ``progress(bytes, rate)`` is called at every poll.
         """
         if os.path.basename(final_path) != metadata.name:
             raise SwarmError(f"the artifact path {final_path} is not named {metadata.name}")
+        staging = staging_dir(final_path, app, run_id)
         if os.path.isfile(final_path) and file_mismatch(final_path, checksum) is None:
+            _clear_staging(staging, keep=False)
             self.seed(metadata, final_path)
             return 0
-        staging = staging_dir(final_path, run_id)
-        os.makedirs(staging, mode=0o700, exist_ok=True)
-        staged = os.path.join(staging, metadata.name)
+        _clear_staging(staging, keep=True)
         try:
+            os.makedirs(staging, mode=0o700, exist_ok=True)
+            staged = os.path.join(staging, metadata.name)
             self._download(metadata, staging, timeout, ended, progress)
             mismatch = file_mismatch(staged, checksum)
             if mismatch is not None:
                 raise SwarmError(f"the artifact from the swarm is not the release's: {mismatch}")
             os.replace(staged, final_path)
         finally:
-            if os.path.exists(staged):
-                os.unlink(staged)
-            os.rmdir(staging)
+            _clear_staging(staging, keep=False)
         self.seed(metadata, final_path)
         return metadata.length
 

@@ -312,7 +312,7 @@ def _serve(driver: _PullDriver, release: ReleaseRecord, artifact: ArtifactConfig
     watch.start()
     try:
         outcome = _fetch_and_run(driver, serving, swarm, metadata, run_task, watch)
-        if (outcome[0] or os.path.isfile(serving.path)) and serving.follow_until_over(watch):
+        if swarm.seeding and serving.follow_until_over(watch):
             serving.seed_on()
         return outcome
     finally:
@@ -357,7 +357,7 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
     release = serving.release
     try:
         downloaded = swarm.fetch(metadata, serving.path, release.checksum, release.run_id,
-                                 serving.deadline - time.monotonic(), watch.ended, serving.progress)
+                                 serving.deadline - time.monotonic(), watch.ended, serving.progress, app=release.app)
     except (FireapError, OSError) as err:
         reason = watch.why_ended() if watch.ended.is_set() else f"the artifact could not be fetched: {err}"
         return _failed(driver, release, reason, serving)

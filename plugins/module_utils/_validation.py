@@ -277,14 +277,21 @@ SWARM_PORT_MIN = 1024
 
 
 def check_ip(value: Any) -> str:
-    """Return ``value`` normalised if it is an IPv4 or IPv6 literal without a zone: a catalog
-    address a node's swarm may connect to (never a host name, which a resolver could send anywhere)."""
+    """Return ``value`` normalised if it is the unicast IPv4 or IPv6 literal of one host, without a
+    zone: a catalog address a node's swarm may listen on or connect to (never a host name, which
+    a resolver could send anywhere, nor ``0.0.0.0``/``::``, which would listen on every interface,
+    nor a multicast, broadcast, reserved or IPv4-mapped address, which is no one node)."""
+    rule = "must be the unicast IP address of one node"
     if not isinstance(value, str) or "%" in value:
-        raise InvalidValue(f"peer address {show(value)} must be an IP address")
+        raise InvalidValue(f"peer address {show(value)} {rule}")
     try:
-        return str(ipaddress.ip_address(value))
+        parsed = ipaddress.ip_address(value)
     except ValueError:
-        raise InvalidValue(f"peer address {show(value)} must be an IP address") from None
+        raise InvalidValue(f"peer address {show(value)} {rule}") from None
+    if (parsed.is_unspecified or parsed.is_multicast or parsed.is_reserved
+            or (isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None)):
+        raise InvalidValue(f"peer address {show(value)} {rule}")
+    return str(parsed)
 
 
 def check_swarm_port(value: Any) -> int:

@@ -237,9 +237,11 @@ def test_a_leader_without_the_artifact_fires_nothing():
 @pytest.mark.parametrize("addresses, ports, message", [
     ({"node-0": "10.0.0.1", "node-1": "node-1.example.com", "node-2": "10.0.0.3"},
      {"node-0": 6881, "node-1": 6881, "node-2": 6881},
-     r"node node-1 cannot join the swarm of app 'web': its catalog peer address 'node-1\.example\.com' must be an IP"),
+     r"node node-1 cannot join the swarm of app 'web': its catalog peer address 'node-1\.example\.com' must be the unicast IP"),
     ({"node-0": "10.0.0.1", "node-2": "10.0.0.3"}, {"node-0": 6881, "node-1": 6881, "node-2": 6881},
-     r"node node-1 cannot join the swarm of app 'web': its catalog peer address None must be an IP"),
+     r"node node-1 cannot join the swarm of app 'web': its catalog peer address None must be the unicast IP"),
+    ({"node-0": "10.0.0.1", "node-1": "0.0.0.0", "node-2": "10.0.0.3"}, {"node-0": 6881, "node-1": 6881, "node-2": 6881},
+     r"node node-1 cannot join the swarm of app 'web': its catalog peer address '0\.0\.0\.0' must be the unicast IP"),
     ({"node-0": "10.0.0.1", "node-1": "10.0.0.2", "node-2": "10.0.0.3"}, {"node-0": 6881, "node-2": 6881},
      r"node node-1 advertises no swarm port for app 'web'"),
 ])

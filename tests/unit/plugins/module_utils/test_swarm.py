@@ -32,7 +32,9 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     PIECE_MIN,
     PIECES_MAX,
     check_endpoint,
+    check_ip,
     check_peers,
+    endpoint,
 )
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -162,7 +164,7 @@ def test_peers_are_ip_literals_and_swarm_ports_written_one_way():
         with pytest.raises(ValueError, match="swarm port|ADDRESS:PORT"):
             check_endpoint(value)
     for value in ("[fd00::0:1]:6881", "fd00::1:6881", "010.0.0.7:6881"):
-        with pytest.raises(ValueError, match="must be written|must be an IP address"):
+        with pytest.raises(ValueError, match="must be written|unicast IP address"):
             check_endpoint(value)
     assert check_peers(["10.0.0.7:6881"] * 1) == ("10.0.0.7:6881",)
     for value in ([f"10.0.0.{index}:6881" for index in range(9)], ["10.0.0.7:6881"] * 2, "10.0.0.7:6881", {}):
@@ -170,10 +172,39 @@ def test_peers_are_ip_literals_and_swarm_ports_written_one_way():
             check_peers(value)
 
 
-def test_the_staging_dir_is_under_the_artifacts_dir_and_named_by_a_valid_run_id():
-    assert staging_dir("/srv/builds/app-1.tar.gz", RUN_ID) == f"/srv/builds/.fireap-swarm/{RUN_ID}"
+def test_a_swarm_address_is_one_node_never_every_interface_or_a_group():
+    assert check_ip("127.0.0.2") == "127.0.0.2"
+    assert check_ip("fe80::1") == "fe80::1"
+    for value in ("0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255", "240.0.0.1", "::ffff:10.0.0.7"):
+        with pytest.raises(ValueError, match="unicast IP address"):
+            check_ip(value)
+        with pytest.raises(ValueError, match="unicast IP address"):
+            check_endpoint(endpoint(value, 6881))
+
+
+def test_the_staging_dir_is_under_the_artifacts_dir_and_named_by_a_valid_app_and_run_id():
+    assert staging_dir("/srv/builds/app-1.tar.gz", "app", RUN_ID) == f"/srv/builds/.fireap-swarm/app/{RUN_ID}"
     with pytest.raises(ValueError, match="run id"):
-        staging_dir("/srv/builds/app-1.tar.gz", "../x")
+        staging_dir("/srv/builds/app-1.tar.gz", "app", "../x")
+    with pytest.raises(ValueError, match="app"):
+        staging_dir("/srv/builds/app-1.tar.gz", "..", RUN_ID)
+
+
+def test_a_download_removes_what_a_killed_worker_of_the_app_left_and_no_other_apps(artifact, tmp_path, swarms):
+    metadata = create_metadata(artifact)
+    with open(artifact, "rb") as stream:
+        build = stream.read()
+    target = tmp_path / "node" / "app-1.0.tar.gz"
+    earlier = tmp_path / "node" / ".fireap-swarm" / "app" / ("f" * 32)
+    other_app = tmp_path / "node" / ".fireap-swarm" / "other" / RUN_ID
+    for folder in (earlier, other_app):
+        folder.mkdir(parents=True)
+        (folder / "app-0.9.tar.gz").write_bytes(b"half a download")
+    swarms[0].seed(metadata, artifact)
+    swarms[1].connect([f"127.0.0.1:{swarms[0].port}"])
+    assert swarms[1].fetch(metadata, str(target), digest(build), RUN_ID, app="app", timeout=60) == len(build)
+    assert not (tmp_path / "node" / ".fireap-swarm" / "app").exists()
+    assert (other_app / "app-0.9.tar.gz").read_bytes() == b"half a download"
 
 
 def test_a_swarm_listens_on_the_address_it_is_given_at_the_port_it_reports():
@@ -209,7 +240,7 @@ def test_two_leechers_fetch_the_artifact_from_one_seed_and_each_other(artifact, 
 
     def fetch(swarm, target):
         try:
-            swarm.fetch(metadata, target, digest(build), RUN_ID, timeout=60)
+            swarm.fetch(metadata, target, digest(build), RUN_ID, app="app", timeout=60)
         except SwarmError as exc:
             errors.append(exc)
 
@@ -222,7 +253,7 @@ def test_two_leechers_fetch_the_artifact_from_one_seed_and_each_other(artifact, 
     for target in targets:
         with open(target, "rb") as stream:
             assert stream.read() == build
-        assert os.listdir(os.path.join(os.path.dirname(target), ".fireap-swarm")) == []
+        assert not os.path.exists(os.path.join(os.path.dirname(target), ".fireap-swarm"))
 
 
 def test_a_download_whose_checksum_is_not_the_releases_never_lands(artifact, tmp_path, swarms):
@@ -232,18 +263,18 @@ def test_a_download_whose_checksum_is_not_the_releases_never_lands(artifact, tmp
     leecher.connect([f"127.0.0.1:{seed.port}"])
     target = tmp_path / "node" / "app-1.0.tar.gz"
     with pytest.raises(SwarmError, match="not the release's: checksum mismatch"):
-        leecher.fetch(metadata, str(target), digest(b"another build"), RUN_ID, timeout=60)
+        leecher.fetch(metadata, str(target), digest(b"another build"), RUN_ID, app="app", timeout=60)
     assert not target.exists()
-    assert os.listdir(target.parent / ".fireap-swarm") == []
+    assert not (target.parent / ".fireap-swarm").exists()
 
 
 def test_a_download_without_peers_times_out_and_leaves_nothing(artifact, tmp_path, swarms):
     metadata = create_metadata(artifact)
     target = tmp_path / "node" / "app-1.0.tar.gz"
     with pytest.raises(SwarmError, match=r"did not arrive from the swarm within 1 s \(0% of 300000 bytes\)"):
-        swarms[1].fetch(metadata, str(target), digest(b"x"), RUN_ID, timeout=1)
+        swarms[1].fetch(metadata, str(target), digest(b"x"), RUN_ID, app="app", timeout=1)
     assert not target.exists()
-    assert os.listdir(target.parent / ".fireap-swarm") == []
+    assert not (target.parent / ".fireap-swarm").exists()
 
 
 def test_a_file_already_in_place_with_the_checksum_is_served_without_a_download(artifact, tmp_path, swarms):
@@ -251,12 +282,12 @@ def test_a_file_already_in_place_with_the_checksum_is_served_without_a_download(
     with open(artifact, "rb") as stream:
         build = stream.read()
     holder, leecher = swarms[1:]
-    assert holder.fetch(metadata, artifact, digest(build), RUN_ID, timeout=1) == 0
+    assert holder.fetch(metadata, artifact, digest(build), RUN_ID, app="app", timeout=1) == 0
     assert not os.path.exists(os.path.join(os.path.dirname(artifact), ".fireap-swarm"))
     leecher.connect([f"127.0.0.1:{holder.port}"])
     target = tmp_path / "node" / "app-1.0.tar.gz"
     seen = []
-    assert leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60,
+    assert leecher.fetch(metadata, str(target), digest(build), RUN_ID, app="app", timeout=60,
                          progress=lambda done, rate: seen.append((done, rate))) == len(build)
     assert target.read_bytes() == build
     # The download reports what it holds at each poll, up to the whole file.
@@ -275,7 +306,7 @@ def test_a_rate_limit_caps_the_swarm_even_between_peers_on_one_machine(artifact,
         seed.seed(metadata, artifact)
         leecher.connect([f"127.0.0.1:{seed.port}"])
         began = time.monotonic()
-        leecher.fetch(metadata, str(tmp_path / "node" / "app-1.0.tar.gz"), digest(build), RUN_ID, timeout=60)
+        leecher.fetch(metadata, str(tmp_path / "node" / "app-1.0.tar.gz"), digest(build), RUN_ID, app="app", timeout=60)
         assert time.monotonic() - began > 3
     finally:
         seed.close()
@@ -293,12 +324,12 @@ def test_pieces_a_peer_sends_bad_fail_their_check_and_come_from_a_good_peer(arti
     try:
         bad.seed(metadata, artifact)
         good.connect([f"127.0.0.1:{bad.port}"])
-        good.fetch(metadata, str(tmp_path / "good" / "app-1.0.tar.gz"), digest(build), RUN_ID, timeout=60)
+        good.fetch(metadata, str(tmp_path / "good" / "app-1.0.tar.gz"), digest(build), RUN_ID, app="app", timeout=60)
         with open(artifact, "r+b") as stream:
             stream.write(os.urandom(len(build)))
         leecher.connect([f"127.0.0.1:{bad.port}", f"127.0.0.1:{good.port}"])
         target = tmp_path / "node" / "app-1.0.tar.gz"
-        leecher.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
+        leecher.fetch(metadata, str(target), digest(build), RUN_ID, app="app", timeout=60)
         assert target.read_bytes() == build
         assert leecher.hash_failures >= 1 and f"127.0.0.1:{bad.port}" in leecher.banned
     finally:
@@ -316,9 +347,9 @@ def test_a_swarm_admits_only_the_peers_it_was_given(artifact, tmp_path):
         outsider.connect([f"127.0.0.1:{seed.port}"])
         target = tmp_path / "outsider" / "app-1.0.tar.gz"
         with pytest.raises(SwarmError, match="did not arrive"):
-            outsider.fetch(metadata, str(target), digest(build), RUN_ID, timeout=3)
+            outsider.fetch(metadata, str(target), digest(build), RUN_ID, app="app", timeout=3)
         seed.connect([f"127.0.0.2:{outsider.port}"])
-        outsider.fetch(metadata, str(target), digest(build), RUN_ID, timeout=60)
+        outsider.fetch(metadata, str(target), digest(build), RUN_ID, app="app", timeout=60)
         assert target.read_bytes() == build
     finally:
         seed.close()
