@@ -273,9 +273,9 @@ def _filter_budget(payload: bytes) -> int:
     return EVENT_SIZE_LIMIT - EVENT_OVERHEAD - len(payload)
 
 
-def _check_event_size(payload: bytes, filters: ReleaseFilters) -> None:
+def _check_event_size(payload: bytes, filters: ReleaseFilters, leader: str | None = None) -> None:
     budget = _filter_budget(payload)
-    node_bytes = _utf8_len(event_node_filter(filters.node))
+    node_bytes = _utf8_len(event_node_filter(filters.node, leader))
     if node_bytes > budget:
         raise ReleaseError(
             f"the event with its node filter would not fit in one Consul user event: Serf sends an event, its "
@@ -378,11 +378,17 @@ def _take_lock(client, schema: Schema, app: str, held: dict | None, record: Lock
 # --- targets ------------------------------------------------------------------------------
 
 
-def event_node_filter(node_filter: str | None) -> str | None:
+def event_node_filter(node_filter: str | None, leader: str | None = None) -> str | None:
     """The event's node filter for ``node_filter``, anchored: Consul's agents search it
     unanchored, and it must select whole names, as the targets are chosen (``web1`` is not
-    ``web10``)."""
-    return None if node_filter is None else f"^(?:{node_filter})$"
+    ``web10``). ``leader``: a node the event must reach too, whatever the filter (the leader of
+    a run with an artifact serves the file, and only the event starts its worker)."""
+    if node_filter is None:
+        return None
+    if leader is None:
+        return f"^(?:{node_filter})$"
+    escaped = check_name(leader, "node").replace(".", r"\.")
+    return f"^(?:(?:{node_filter})|{escaped})$"
 
 
 @dataclass(frozen=True)
@@ -816,7 +822,7 @@ def fire(
     if version is None:
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
-    _check_event_size(payload, filters)
+    _check_event_size(payload, filters, leader if chosen.artifacts else None)
     path = artifact_file(app, version, leader, chosen.artifacts, targets) if chosen.artifacts else None
     metadata, checksum = _artifact_of(app, version, path, checksum)
 
@@ -895,7 +901,8 @@ def fire(
         # No service or tag filter: Consul matches an event's service filter against the IDs of
         # each agent's services, the targets were chosen by service name. The node filter
         # selects by name as the targets were; a node woken without a plan entry does nothing.
-        event = client.event.fire(EVENT_NAME, payload, node=event_node_filter(filters.node))
+        event = client.event.fire(EVENT_NAME, payload,
+                                  node=event_node_filter(filters.node, leader if metadata is not None else None))
     except Exception as err:
         raise ReleaseError(
             f"run {run_id} of app {app!r} (version {version}) was recorded, but firing the {EVENT_NAME} event "
@@ -987,8 +994,11 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
         if name != release.leader and target_status(states.get(name), release) == PENDING
         and not release.holds(plans[name].stage)  # the canary gate holds it: resume wakes it
     ]
+    # The leader of a run with an artifact serves the file: woken too, in case its worker
+    # stopped (after watch_timeout); a worker still serving holds the app's lock, so none doubles it.
+    woken = [release.leader] + stragglers if release.artifact is not None and stragglers else stragglers
     payload = event_payload(app, release.version)
-    node_filters = anchored_node_filters(stragglers, _filter_budget(payload))
+    node_filters = anchored_node_filters(woken, _filter_budget(payload))
     events = []
     for node_filter in node_filters:
         event_id = None
@@ -1023,5 +1033,7 @@ def resume(client, schema: Schema, app: str, version: str | None = None, check_m
         raise ReleaseError(f"the release record of app {app!r} changed while {run} was being resumed: check "
                            "fireap_info and resume again")
     payload = event_payload(app, release.version)
-    result["event_id"] = client.event.fire(EVENT_NAME, payload, node=event_node_filter(release.filters.node))["ID"]
+    leader = release.leader if release.artifact is not None else None
+    result["event_id"] = client.event.fire(EVENT_NAME, payload,
+                                           node=event_node_filter(release.filters.node, leader))["ID"]
     return result

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import time
 
 import pytest
 
-from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
+from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME, fire
 from ansible_collections.fireap.consul.plugins.module_utils._kv import History, PlanEntry, ReleaseRecord, Schema, SwarmRun
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import SwarmError, check_metadata
@@ -81,6 +83,26 @@ def test_a_release_carries_its_artifact_and_the_metadata_goes_under_the_run(clie
     swarm = SwarmRun.from_json(client.kv.get(schema.swarm_run("web", result["run_id"]))[1]["Value"])
     assert sorted(swarm.leader_peers) == sorted(where for name, where in endpoints.items() if name != release.leader)
     assert not swarm.over
+
+
+def test_the_event_of_a_run_with_an_artifact_reaches_the_leader_whatever_the_node_filter(
+        multi_agent_target, client, schema, builds):
+    """The leader serves the file, and only the event starts its worker: a node filter that
+    leaves the leader's name out must not leave the targets without a seed."""
+    endpoints = advertise_ports(client, schema, builds)
+    leader = client.agent.self()["Config"]["NodeName"]
+    other = next(name for name in sorted(endpoints) if name != leader)
+    result = fire(client, schema, "web", "1", node_filter=other)
+    assert result["targets"] == [leader, other]
+    deadline = time.monotonic() + 10
+    event = None
+    while event is None and time.monotonic() < deadline:
+        event = next((item for item in client.event.list(name=EVENT_NAME)[1] or ()
+                      if item["ID"] == result["event_id"]), None)
+        time.sleep(0.1)
+    assert event is not None
+    hears = [name for name in sorted(endpoints) if re.search(event["NodeFilter"], name)]
+    assert hears == sorted([leader, other])
 
 
 def test_nodes_that_would_serve_at_one_endpoint_fire_nothing(multi_agent_target, client, schema, builds):

@@ -155,6 +155,13 @@ def test_a_node_filter_selects_whole_names_here_and_in_the_event(node_filter, se
     assert event_node_filter(None) is None
 
 
+def test_the_event_of_a_run_with_an_artifact_reaches_its_leader_whatever_the_filter():
+    names = ["web1", "web10", "web2", "lead.1", "leadx1"]
+    anchored = event_node_filter("web[0-9]", "lead.1")
+    assert [name for name in names if re.search(anchored, name)] == ["web1", "web2", "lead.1"]
+    assert event_node_filter(None, "lead.1") is None  # no filter: every node hears it
+
+
 # --- choosing the targets ---------------------------------------------------------------------------
 
 
