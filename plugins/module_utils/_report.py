@@ -4,7 +4,8 @@
 fireap_wait action returns and gives one HTML page without external resources: a summary,
 the failed nodes with their error text, the propagation tree as nested lists, and a
 timeline as inline SVG with one bar per node from its claim to its finish, coloured by its
-depth in the tree (for an app with an artifact, the download part lighter than the commands'). Every text that comes from Consul (names, versions, errors, reasons) is
+depth in the tree (for an app with an artifact, the download part lighter than the commands').
+Every text that comes from Consul (names, versions, errors, reasons) is
 escaped. Pure functions, standard library only: fireap-monitor runs this on nodes.
 
 A node record holds when its worker started and when it finished, not when it claimed its

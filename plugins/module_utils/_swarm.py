@@ -269,6 +269,10 @@ class Swarm:
         cap = 0 if rate_limit is None else check_int(rate_limit, "rate limit", 1, 2**31 - 1)  # 0: none
         settings = {
             "listen_interfaces": endpoint(self.address, port),
+            # The port the node advertised or none: libtorrent would otherwise try the next
+            # ports, then one of the OS's, where no peer looks for it.
+            "max_retry_port_bind": 0,
+            "listen_system_port_fallback": False,
             "outgoing_interfaces": self.address,
             "enable_dht": False,
             "enable_lsd": False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 
@@ -215,6 +216,19 @@ def test_a_swarm_listens_on_the_address_it_is_given_at_the_port_it_reports():
         swarm.close()
     with pytest.raises(SwarmError, match=r"cannot listen on 192\.0\.2\.1:0"):
         Swarm("192.0.2.1", 0, 2)  # an address of no interface here: nothing is sent
+
+
+def test_a_swarm_listens_on_its_own_port_or_not_at_all():
+    """A port in use fails the swarm: peers look for the node at the port it advertised only."""
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SwarmError, match=f"cannot listen on 127\\.0\\.0\\.1:{port}"):
+            Swarm("127.0.0.1", port, 2)
+    finally:
+        taken.close()
 
 
 @pytest.fixture(name="swarms")
