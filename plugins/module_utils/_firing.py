@@ -55,7 +55,6 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
@@ -997,6 +996,8 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
     # The leader of a run with an artifact serves the file: woken too, in case its worker
     # stopped (after watch_timeout); a worker still serving holds the app's lock, so none doubles it.
     woken = [release.leader] + stragglers if release.artifact is not None and stragglers else stragglers
+    if woken is not stragglers and not check_mode:
+        _reopen_swarm(client, schema, release)
     payload = event_payload(app, release.version)
     node_filters = anchored_node_filters(woken, _filter_budget(payload))
     events = []
@@ -1006,6 +1007,24 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
             event_id = client.event.fire(EVENT_NAME, payload, node=node_filter)["ID"]
         events.append({"event_id": event_id, "node_filter": node_filter})
     return {"run_id": release.run_id, "version": release.version, "stragglers": stragglers, "events": events}
+
+
+def _reopen_swarm(client, schema: Schema, release: ReleaseRecord) -> None:
+    """Reopen the run's swarm record if the leader recorded it finished: it counts a target
+    whose worker died as over, and a straggler started again would find the run ended and
+    no node serving. The leader's handler serves an open record again (a new attempt); a
+    record that says the leader cannot serve stays as it is."""
+    key = schema.swarm_run(release.app, release.run_id)
+    _index, entry = client.kv.get(key)
+    if entry is None:
+        return
+    try:
+        record = SwarmRun.from_json(entry.get("Value"), key)
+    except KVRecordError:  # no node reads it as over: nothing to reopen
+        return
+    if record.finished is not None and record.refused is None:
+        # Check-and-set: no one else writes an over record, so a failed write is a newer fire's.
+        client.kv.put(key, dataclasses.replace(record, finished=None).to_json(), cas=entry["ModifyIndex"])
 
 
 def resume(client, schema: Schema, app: str, version: str | None = None, check_mode: bool = False) -> dict:

@@ -124,6 +124,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     PlanEntry,
     ReleaseRecord,
     Schema,
+    SwarmRun,
     run_of,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._propagation import (
@@ -215,6 +216,16 @@ class AppCheck:
     reason: str
     release: ReleaseRecord | None
     problem: RunProblem | None = None
+    #: The leader of a run with an artifact: the ModifyIndex of the run's open swarm record it
+    #: serves for (None otherwise). A record reopened for stragglers is a new attempt.
+    serving: int | None = None
+
+    @property
+    def attempt(self) -> str | None:
+        """What a worker tries once: the run, or the leader's serving of one swarm record."""
+        if self.serving is None:
+            return self.run_id
+        return f"{self.run_id}@{self.serving}"
 
     @property
     def run_id(self) -> str | None:
@@ -251,9 +262,13 @@ class _Reader:
         self.client = client
         self.options = options
 
-    def value(self, key: str):
+    def entry(self, key: str):
         with consul_errors(self.options, f"reading {key}"):
             _index, entry = self.client.kv.get(key)
+        return entry
+
+    def value(self, key: str):
+        entry = self.entry(key)
         return None if entry is None else entry.get("Value")
 
     def record(self, cls, key: str):
@@ -292,9 +307,27 @@ def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: st
             plan_value = reader.value(plan_key)
     release, plan, problem = read_run(release_key, release_value, plan_key, plan_value)
     start, reason = decide(node, release, plan, own, problem)
+    serving = None
     if release is not None and release.artifact is not None and release.leader == node and not release.aborted:
-        start, reason = True, f"leader of run {release.run_id}: serving its artifact {release.artifact.name}"
-    return AppCheck(app, start, reason, release, problem)
+        start, reason, serving = _serving_check(reader, schema, release)
+    return AppCheck(app, start, reason, release, problem, serving)
+
+
+def _serving_check(reader: _Reader, schema: Schema, release: ReleaseRecord) -> tuple[bool, str, int | None]:
+    """Whether the leader serves the run's artifact: while the run's swarm record is open (one
+    more read); ``(start, reason, the record's ModifyIndex)``."""
+    key = schema.swarm_run(release.app, release.run_id)
+    entry = reader.entry(key)
+    run = f"leader of run {release.run_id}"
+    try:
+        record = None if entry is None else SwarmRun.from_json(entry.get("Value"), key)
+    except KVRecordError as err:
+        return False, f"{run}: nothing to serve, {err}", None
+    if record is None:
+        return False, f"{run}: nothing to serve, {key} is missing", None
+    if record.over:
+        return False, f"{run}: its swarm is over ({'finished' if record.refused is None else 'refused'})", None
+    return True, f"{run}: serving its artifact {release.artifact.name}", entry["ModifyIndex"]
 
 
 # --- logging -----------------------------------------------------------------------------
@@ -740,11 +773,10 @@ class _AppWorker:
         if not result.start:
             log.info("nothing to do: %s", result.reason)
             return _Outcome.IDLE
-        run_id = result.run_id
-        if run_id in attempted:
-            log.info("run %s was tried by this worker already; not again", run_id)
+        if result.attempt in attempted:
+            log.info("run %s was tried by this worker already; not again", result.run_id)
             return _Outcome.IDLE
-        attempted.add(run_id)
+        attempted.add(result.attempt)
         return self.run_pull(result)
 
     def refusal(self) -> str | None:

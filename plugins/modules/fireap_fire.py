@@ -104,6 +104,9 @@ options:
         node filters anchoring exactly those nodes (C(^(a|b|c\)$)), split into several events when needed.
       - Cannot be combined with O(node_filter), O(service), O(tag), O(force), O(retry_failed) or O(rollback).
       - Failed targets are not re-fired, their run is over for them; see O(retry_failed).
+      - For an app with an artifact the leader is woken too, and a run whose leader recorded it
+        finished (counting targets whose worker died as over) is reopened, so that the leader serves
+        the file again to the stragglers.
     type: bool
     default: false
   retry_failed:

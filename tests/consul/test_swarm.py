@@ -11,6 +11,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -21,7 +22,7 @@ from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._clearing import clear
 from ansible_collections.fireap.consul.plugins.module_utils._connection import client_options
-from ansible_collections.fireap.consul.plugins.module_utils._firing import fire
+from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, retry_stragglers
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NodeState,
     PlanEntry,
@@ -124,6 +125,15 @@ def swarm_run(cluster, schema, release):
     return SwarmRun.from_json(cluster.client(0).kv.get(schema.swarm_run("web", release.run_id))[1]["Value"])
 
 
+def record_crashed(client, schema, release, node):
+    """``node``'s worker recorded pulling with a session, then died: the record is no longer held."""
+    session = client.session.create(node=node, lock_delay=0, behavior="release")
+    pulling = NodeState(version="1", run_id=release.run_id, status="pulling", started=time.time(),
+                        source=release.leader, depth=1)
+    assert client.kv.put(schema.node("web", node), pulling.to_json(), acquire=session)
+    client.session.destroy(session)
+
+
 def test_every_target_fetches_the_artifact_from_the_swarm_into_its_own_directory_then_runs_its_task(cluster, schema, released):
     release, dirs, build, configs = released
     seen = []
@@ -142,7 +152,7 @@ def test_every_target_fetches_the_artifact_from_the_swarm_into_its_own_directory
         assert state.started <= state.fetched <= state.finished
         assert state.downloaded == len(build)  # from the swarm, into the node's own directory
         assert (directory / "web-1.tar.gz").read_bytes() == build
-        assert os.listdir(directory / ".fireap-swarm") == []
+        assert not (directory / ".fireap-swarm").exists()
     client = cluster.client(0)
     # Each node's neighbours are the three others (up to 9 nodes all see each other), at their ports.
     endpoints = {name: f"127.0.0.1:{config.port}" for name, config in zip(cluster.node_names, configs)}
@@ -204,12 +214,7 @@ def test_a_crashed_target_counts_as_finished_for_the_end_of_the_run(cluster, sch
     release, _dirs, _build, configs = released
     client = cluster.client(0)
     crashed = cluster.node_names[3]
-    # Its worker recorded pulling with a session, then died: the record is no longer held.
-    session = client.session.create(node=crashed, lock_delay=0, behavior="release")
-    pulling = NodeState(version="1", run_id=release.run_id, status="pulling", started=time.time(),
-                        source=release.leader, depth=1)
-    assert client.kv.put(schema.node("web", crashed), pulling.to_json(), acquire=session)
-    client.session.destroy(session)
+    record_crashed(client, schema, release, crashed)
 
     outcomes = run_nodes(cluster, schema, release, configs, lambda path: (True, None), indexes=[0, 1, 2])
 
@@ -233,6 +238,33 @@ def test_the_leaders_handler_serves_the_artifact_until_every_target_is_over(clus
     assert swarm_run(cluster, schema, release).finished is not None
     assert serve(client, release, release.leader, leader, pytest.fail, schema=schema, timeout=60,
                  upload_slots=2) == (True, f"run {release.run_id} is over: nothing to serve")
+    # Once the run is over, its handler starts no worker for it at each event.
+    check = check_app(client, client_options(client), schema, "web", release.leader)
+    assert not check.start and check.reason == f"leader of run {release.run_id}: its swarm is over (finished)"
+
+
+def test_a_straggler_started_again_after_the_run_ended_gets_the_artifact(cluster, schema, released):
+    """The leader counts a target whose worker died as over and ends the run; the re-fire to the
+    stragglers reopens the run's swarm, so the leader serves again and the target catches up."""
+    release, dirs, build, configs = released
+    client = cluster.client(0)
+    crashed = cluster.node_names[3]
+    record_crashed(client, schema, release, crashed)
+    first = check_app(client, client_options(client), schema, "web", release.leader)
+    run_nodes(cluster, schema, release, configs, lambda path: (True, None), indexes=[0, 1, 2])
+    assert swarm_run(cluster, schema, release).finished is not None
+
+    refired = retry_stragglers(client, schema, "web")
+
+    assert refired["stragglers"] == [crashed]
+    assert [re.search(item["node_filter"], release.leader) is not None for item in refired["events"]] == [True]
+    assert not swarm_run(cluster, schema, release).over
+    again = check_app(client, client_options(client), schema, "web", release.leader)
+    assert again.start and again.attempt != first.attempt  # a worker that served the run once serves again
+    outcomes = run_nodes(cluster, schema, release, configs, lambda path: (True, None), indexes=[0, 3])
+    assert [ok for ok, _reason in outcomes] == [True, True], outcomes
+    assert state_of(cluster, schema, crashed).status == "done"
+    assert (dirs[3] / "web-1.tar.gz").read_bytes() == build
 
 
 @pytest.fixture
