@@ -298,9 +298,13 @@ class Swarm:
         #: again), and the addresses of the peers banned for sending them.
         self.hash_failures = 0
         self.banned: set[str] = set()
-        self._apply_filter()
-        self._apply_peer_classes()
-        self._await_listening(endpoint(self.address, port))
+        try:
+            self._apply_filter()
+            self._apply_peer_classes()
+            self._await_listening(endpoint(self.address, port))
+        except BaseException:
+            self.close()
+            raise
 
     def _await_listening(self, where: str) -> None:
         """Return once the session listens on TCP (bounded), so the port it reports is in use."""
@@ -471,10 +475,16 @@ class Swarm:
         raise SwarmError("libtorrent did not release the artifact's file within 10 s")
 
     def close(self) -> None:
-        """Stop serving and close the session's sockets."""
-        self._session.pause()
+        """Stop serving and shut the session down, its sockets closed on return: the worker's
+        next run listens on the same port. Closing twice does nothing."""
         with self._lock:
+            session, self._session = self._session, None
             handle, self._handle = self._handle, None
+        if session is None:
+            return
+        session.pause()
         if handle is not None:
-            self._session.remove_torrent(handle)
+            session.remove_torrent(handle)
+        # libtorrent's session destructor waits until the session's thread has stopped.
+        del session
 

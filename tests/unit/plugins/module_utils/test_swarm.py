@@ -231,6 +231,19 @@ def test_a_swarm_listens_on_its_own_port_or_not_at_all():
         taken.close()
 
 
+def test_a_closed_swarm_frees_its_port_at_once():
+    """A worker's next run listens on the port the last one closed, with the old object alive."""
+    first = Swarm("127.0.0.1", 0, 2)
+    port = first.port
+    first.close()
+    first.close()
+    again = Swarm("127.0.0.1", port, 2)
+    try:
+        assert again.port == port and not first.seeding
+    finally:
+        again.close()
+
+
 @pytest.fixture(name="swarms")
 def swarms_fixture():
     """Three sessions on 127.0.0.1, each on a port of its own."""
