@@ -95,8 +95,9 @@ def _downloading(probe: Probe, app: str, run_id: str, names: list[str], least: i
 
 def swarm_peer_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
     """A target's worker is killed (kill -9) mid-download: the others finish; once its session
-    has ended fireap_wait's re-fire wakes it, and if the run was over by then (the leader counts
-    a crashed target as finished) a retry of the failed targets catches it up."""
+    has ended the re-fire to the stragglers wakes it and the leader (reopening the run if the
+    leader had counted the crashed target as over and ended it), and should it still fail, a
+    retry of the failed targets catches it up."""
     app, version = "swarm-crash", "1"
     build = _build(cluster, app, version)
     fired = probe.fire(app, version)
