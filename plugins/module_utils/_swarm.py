@@ -240,7 +240,7 @@ def _clear_staging(staging: str, keep: bool) -> None:
     app_folder = os.path.dirname(staging)
     try:
         names = os.listdir(app_folder)
-    except FileNotFoundError:
+    except OSError:  # none yet (or not a folder: creating the staging folder says why)
         names = []
     for name in names:
         path = os.path.join(app_folder, name)
