@@ -279,7 +279,8 @@ class _Reader:
 def check_app(client, options: ConsulOptions, schema: Schema, app: str, node: str,
               log: logging.LoggerAdapter | logging.Logger = _log) -> AppCheck:
     """Read what ``decide`` needs for ``app``: the release, then the node's state and plan
-    only when the answer still depends on them (1 to 3 single-key reads).
+    only when the answer still depends on them (1 to 3 single-key reads; the leader of a run
+    with an artifact reads the run's swarm record instead of a plan).
 
     Raises FireapConsulError when Consul does not answer and KVRecordError for a malformed
     release record of a run that cannot be named (``read_run``); a malformed own state is
