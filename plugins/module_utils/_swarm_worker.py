@@ -20,7 +20,8 @@ or crashed (unfinished and no longer held by a session) it writes there when the
 when it cannot serve its file (changed since the fire, say) it writes why instead and the
 targets fail with that at once. Every other node blocks on that key (and re-reads the release
 after each wake-up, at least every MAX_WAIT s, so an abort or a new run ends its part) and
-stops serving ``seed_seconds`` after the run finished, or after ``watch_timeout``. So a target
+stops serving ``seed_seconds`` after the run finished (blocking on the release record meanwhile:
+an abort or a newer run ends those at once), or after ``watch_timeout``. So a target
 makes O(1) requests whatever the number of nodes; only the leader reads O(N) bytes, throttled.
 
 The session, the blocking reads and the record writes are the pull worker's (``_worker``).
@@ -41,6 +42,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
     NODE_FAILED,
     NODE_PULLING,
+    KVRecordError,
     NodeState,
     PlanEntry,
     ReleaseRecord,
@@ -59,7 +61,6 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import a
 from ansible_collections.fireap.consul.plugins.module_utils._worker import (
     DEFAULT_SESSION_TTL,
     _PullDriver,
-    _ReleaseMalformed,
 )
 
 #: Longest blocking read of the run's swarm record or node records: an abort is seen within it.
@@ -259,16 +260,38 @@ class _Serving:
         return watch.record is not None and watch.record.finished is not None
 
     def seed_on(self) -> None:
-        """Serve ``seed_seconds`` more (no longer than watch_timeout allows)."""
-        self.driver.sleep(max(0.0, min(self.seed_seconds, self.deadline - time.monotonic())))
+        """Serve ``seed_seconds`` more (no longer than watch_timeout allows), blocking on the
+        release record meanwhile, so that an abort or a newer run ends it at once: until then
+        the node's worker, its lock and its port are this run's."""
+        end = min(time.monotonic() + self.seed_seconds, self.deadline)
+        key = self.schema.release(self.release.app)
+        index = 0
+        while time.monotonic() < end:
+            try:
+                index, entry = self.driver.read(key, index, min(MAX_WAIT, max(0.0, end - time.monotonic())))
+            except FireapError as err:
+                self.driver.log(f"cannot read {key}: {err}")
+                index = 0
+                self.driver.sleep(max(0.0, min(RETRY_PAUSE, end - time.monotonic())))
+                continue
+            if not self.names_run(entry):
+                self.driver.log(f"run {self.release.run_id} is no longer current: serving no more")
+                return
+
+    def names_run(self, entry) -> bool:
+        """Whether the release record ``entry`` still names this run, running."""
+        if entry is None:
+            return False
+        try:
+            release = ReleaseRecord.from_json(entry.get("Value"), self.schema.release(self.release.app))
+        except KVRecordError:  # it names no run to serve
+            return False
+        return release.run_id == self.release.run_id and not release.aborted
 
     def current(self) -> bool:
-        """Whether the release record still names this run, running."""
-        try:
-            release = self.driver.read_release()
-        except _ReleaseMalformed:  # it names no run to serve
-            return False
-        return release is not None and release.run_id == self.release.run_id and not release.aborted
+        """Whether the release record still names this run, running (one read)."""
+        _index, entry = self.driver.read(self.schema.release(self.release.app))
+        return self.names_run(entry)
 
 
 def serve(client, release: ReleaseRecord, node: str, artifact: ArtifactConfig | None, run_task: RunArtifactTask, *,

@@ -8,6 +8,7 @@ with the number of nodes."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import io
 import json
 import os
@@ -241,6 +242,27 @@ def test_the_leaders_handler_serves_the_artifact_until_every_target_is_over(clus
     # Once the run is over, its handler starts no worker for it at each event.
     check = check_app(client, client_options(client), schema, "web", release.leader)
     assert not check.start and check.reason == f"leader of run {release.run_id}: its swarm is over (finished)"
+
+
+def test_an_abort_ends_the_seeding_after_the_run_at_once(cluster, schema, released):
+    """seed_seconds keep the node's worker, lock and port: an abort (or a newer run) ends them."""
+    release, _dirs, _build, configs = released
+    client = cluster.client(0)
+    for name in cluster.node_names[1:]:
+        done = NodeState(version="1", run_id=release.run_id, status="done", started=1.0, finished=2.0,
+                         source=release.leader, depth=1)
+        client.kv.put(schema.node("web", name), done.to_json())
+    leader = dataclasses.replace(configs[0], seed_seconds=300)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        serving = pool.submit(serve, client, release, release.leader, leader, pytest.fail, schema=schema,
+                              timeout=600, upload_slots=2)
+        wait_until(lambda: swarm_run(cluster, schema, release).finished, 20, "the leader ending the run")
+        time.sleep(1)  # the leader seeds, blocked on the release record
+        assert not serving.done()
+        clear(client, schema, "web", lift_lock=False, abort=True, reason="next build")
+        began = time.monotonic()
+        assert serving.result(timeout=30)[0]
+    assert time.monotonic() - began < 5
 
 
 def test_a_straggler_started_again_after_the_run_ended_gets_the_artifact(cluster, schema, released):
