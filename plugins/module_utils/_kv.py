@@ -8,7 +8,8 @@ Keys (``<p>`` = prefix, default ``fireap/``)::
     <p><app>/nodes/<node>          NodeState       written only by that node (leader: fireap_fire)
     <p><app>/slots/<source>/<j>    puller name     j in 0..fanout-1, acquired with the puller's session
     <p><app>/artifact/<run_id>     torrent info    the bencoded info dict of the run's artifact (apps with one), by the leader
-    <p><app>/swarm/<run_id>        SwarmRun        the run's swarm: the leader's neighbours, then when it finished (by the leader)
+    <p><app>/swarm/<run_id>        SwarmRun        the run's swarm: the leader's neighbours, then when it finished (by the leader;
+                                                   a re-fire to stragglers reopens it)
     <p>.apps/<node>                NodeAdvert      the apps of the node's task config, written by its handler
 
 ``.apps`` starts with a dot, which no app name does, so no app's keys can collide with it.
@@ -712,7 +713,8 @@ class SwarmRun(_Record):
 
     The fire writes it with ``leader_peers``, the leader's neighbours (the leader has no plan
     entry). The leader's worker sets ``finished`` (when every target was done, failed or
-    crashed) or ``refused`` (why it cannot serve its file: the targets fail with it at once).
+    crashed) or ``refused`` (why it cannot serve its file: the targets fail with it at once);
+    a re-fire to the stragglers clears ``finished`` again (``_firing.retry_stragglers``).
     """
 
     leader_peers: tuple[str, ...]
