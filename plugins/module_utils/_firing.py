@@ -458,7 +458,7 @@ def _artifact_templates(app: str, targets: list[str], adverts: Mapping[str, Node
     return templates
 
 
-def artifact_file(app: str, version: str, leader: str, templates: Mapping[str, str], fired: Iterable[str]) -> str:
+def leader_artifact_path(app: str, version: str, leader: str, templates: Mapping[str, str], fired: Iterable[str]) -> str:
     """The path of the leader's artifact of ``app`` at ``version``, from the leader's own
     template. The metadata names only the file, so each of the ``fired`` targets' templates
     must render the same file name (in a directory of the node's own); ReleaseError otherwise."""
@@ -822,7 +822,7 @@ def fire(
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
     _check_event_size(payload, filters, leader if chosen.artifacts else None)
-    path = artifact_file(app, version, leader, chosen.artifacts, targets) if chosen.artifacts else None
+    path = leader_artifact_path(app, version, leader, chosen.artifacts, targets) if chosen.artifacts else None
     metadata, checksum = _artifact_of(app, version, path, checksum)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)

@@ -226,19 +226,19 @@ def test_the_targets_carry_the_swarm_ports_they_advertise():
 
 def test_each_node_keeps_the_artifact_in_its_own_directory_under_one_file_name():
     templates = {"node-0": ARTIFACT, "node-1": "/data/{{ app }}-{{ version }}.tar.gz", "node-2": "/opt/web-{{ version }}.tar.gz"}
-    assert _firing.artifact_file("web", "1.2", "node-0", templates, ["node-1", "node-2"]) == "/srv/builds/web-1.2.tar.gz"
+    assert _firing.leader_artifact_path("web", "1.2", "node-0", templates, ["node-1", "node-2"]) == "/srv/builds/web-1.2.tar.gz"
 
 
 def test_targets_whose_artifact_paths_render_other_file_names_fire_nothing():
     templates = {"node-0": ARTIFACT, "node-1": "/data/{{ version }}.tar.gz", "node-2": "/opt/{{ app }}-{{ version }}.tar.gz"}
     with pytest.raises(ReleaseError, match=r"name its artifact of version 1\.2 differently \('1\.2\.tar\.gz' on node-1; "
                                            r"'web-1\.2\.tar\.gz' on node-0, node-2\)"):
-        _firing.artifact_file("web", "1.2", "node-0", templates, ["node-1", "node-2"])
+        _firing.leader_artifact_path("web", "1.2", "node-0", templates, ["node-1", "node-2"])
 
 
 def test_a_leader_without_the_artifact_fires_nothing():
     with pytest.raises(ReleaseError, match=r"the leader node-0 does not \(it serves the file from its own artifact\.path\)"):
-        _firing.artifact_file("web", "1", "node-0", {"node-1": ARTIFACT}, ["node-1"])
+        _firing.leader_artifact_path("web", "1", "node-0", {"node-1": ARTIFACT}, ["node-1"])
 
 
 @pytest.mark.parametrize("addresses, ports, message", [
