@@ -657,6 +657,9 @@ class _Handler:
         self.out.write(f"{result.app}: would start a worker: {result.reason}\n")
         if result.release is None:
             return
+        if result.serving is not None:
+            self.out.write("  it would serve the artifact to the run's targets; the leader runs no commands\n")
+            return
         app_config = self.config.app(result.app)
         problem = verification_problem(app_config, result.release.checksum)
         if problem is not None:

@@ -324,6 +324,23 @@ def test_dry_run_renders_the_commands_with_the_artifacts_path(released, target_c
     assert f"  exec_commands[0]: cp {dirs[1] / 'web-1.tar.gz'} {target_config.parent}/copied" in out.getvalue()
 
 
+def test_dry_run_on_the_leader_says_it_would_serve_and_renders_no_commands(cluster, schema, released, tmp_path,
+                                                                          monkeypatch):
+    release, _dirs, _build, configs = released
+    for var in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    agent = cluster.agents[0]
+    app = {"artifact": {"path": configs[0].path, "seed_seconds": 0, "port": configs[0].port},
+           "exec_commands": ["cp {{ artifact }} /srv/web"]}
+    config = write_config(tmp_path / "leader.yml", {"host": agent.host, "port": agent.port}, schema.prefix,
+                          {"web": app})
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps([event("ev-1", 3, app="web", version="1")])))
+    out = io.StringIO()
+    assert main(["--config", str(config), "--dry-run"], spawn=Spawns(), out=out) == 0
+    assert f"leader of run {release.run_id}: serving its artifact web-1.tar.gz" in out.getvalue()
+    assert "the leader runs no commands" in out.getvalue() and "exec_commands" not in out.getvalue()
+
+
 def test_a_run_aborted_during_the_download_ends_it_and_fails_the_target(cluster, schema, released):
     release, dirs, _build, configs = released
     client = cluster.client(0)
