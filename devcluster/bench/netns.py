@@ -419,7 +419,8 @@ class NetnsBench:
         self.relay.reset()
         fired = time.time()
         try:
-            outcome = fire(self.client, schema, SWARM_APP, version=version)
+            outcome = fire(self.client, schema, SWARM_APP, version=version,
+                           config_path=str(self.roots[self.leader] / "etc" / "fireap" / "config.yml"))
         except FireapError as err:
             raise BenchError(f"the swarm's release could not be fired: {err}") from err
         refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)

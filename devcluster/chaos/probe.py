@@ -72,7 +72,7 @@ class Probe:
 
     def fire(self, app: str, version: str, **kwargs) -> dict:
         fired = fire(self.client, self.schema, app, version=version, fanout=self.cluster.fanout,
-                     holder="chaos", **kwargs)
+                     holder="chaos", config_path=str(self.cluster.config_path(self.cluster.leader)), **kwargs)
         self._fired_at[app] = time.monotonic()
         return fired
 

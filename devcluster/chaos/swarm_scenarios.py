@@ -118,7 +118,8 @@ def swarm_peer_crash(cluster: ChaosCluster, probe: Probe) -> Outcome:
     state = probe.views(app)[victim].state
     outcome.facts["after_refire"] = f"{state.status}: {state.error or ''}"[:200]
     if not state.has(version):
-        retried = fire(probe.client, cluster.schema, app, fanout=cluster.fanout, holder="chaos", retry_failed=True)
+        retried = fire(probe.client, cluster.schema, app, fanout=cluster.fanout, holder="chaos", retry_failed=True,
+                       config_path=str(cluster.config_path(cluster.leader)))
         outcome.facts["retried"] = retried["targets"]
         probe.wait("the retried target to finish", probe.finished(app, [victim], version))
     probe.settled([app])

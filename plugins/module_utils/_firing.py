@@ -100,6 +100,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     swarm_neighbours,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import Metadata, create_metadata
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import DEFAULT_PATH, ConfigError, load_config
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     STAGE_MAX,
     artifact_path,
@@ -458,6 +459,27 @@ def _artifact_templates(app: str, targets: list[str], adverts: Mapping[str, Node
     return templates
 
 
+def local_artifact_template(app: str, leader: str, config_path: str, advertised: Mapping[str, str]) -> str:
+    """The artifact path template of ``app`` in the leader's task config at ``config_path``: the
+    fire runs on the leader, and the file it hashes and publishes must be named by the leader's
+    own config, not by its advert in KV, which whoever can write KV can change. ReleaseError
+    when the config has no artifact for the app or the advert names another template."""
+    try:
+        artifact = load_config(config_path).app(app).artifact
+    except ConfigError as exc:
+        raise ReleaseError(f"the targets of app {app!r} declare an artifact, but the leader's task config does not "
+                           f"give it: {exc}; nothing was fired") from None
+    if artifact is None:
+        raise ReleaseError(f"the targets of app {app!r} declare an artifact, but the leader's task config "
+                           f"{config_path} gives the app none; nothing was fired")
+    if leader in advertised and advertised[leader] != artifact.path:
+        raise ReleaseError(f"the leader {leader}'s advert of app {app!r} in Consul KV names the artifact path "
+                           f"{advertised[leader]!r}, its task config {config_path} {artifact.path!r}: the fire "
+                           "serves only what the config names (reload the leader's agent to advertise it again); "
+                           "nothing was fired")
+    return artifact.path
+
+
 def leader_artifact_path(app: str, version: str, leader: str, templates: Mapping[str, str], fired: Iterable[str]) -> str:
     """The path of the leader's artifact of ``app`` at ``version``, from the leader's own
     template. The metadata names only the file, so each of the ``fired`` targets' templates
@@ -734,6 +756,7 @@ def fire(
     rollback: bool = False,
     pause_after_stage: int | None = None,
     checksum: str | None = None,
+    config_path: str = DEFAULT_PATH,
 ) -> dict:
     """Start a run of ``app`` at ``version`` (default: the previous version + 1).
 
@@ -743,7 +766,9 @@ def fire(
     the history), other than the current one, with the checksum that run had. ``pause_after_stage``: the canary gate (targets of
     later plan stages start only once ``resume`` opens it). ``checksum``: the build's
     ``sha256:<hex>`` digest, which each target verifies before its after_commands. Either is refused with ReleaseError when there is
-    nothing to do; neither takes ``version``.
+    nothing to do; neither takes ``version``. ``config_path``: the leader's own task config, read
+    only when the targets advertise an artifact: the file hashed and published is the one its
+    artifact.path names, never one a KV writer put in the leader's advert.
 
     ``client`` talks to the leader's agent: its node is the run's leader and always target
     0. ``node_filter`` must match a node's whole name. ``fanout`` None: the smallest
@@ -822,7 +847,10 @@ def fire(
         version = check_version(next_version(previous_version))
     payload = _check_payload(app, version)
     _check_event_size(payload, filters, leader if chosen.artifacts else None)
-    path = leader_artifact_path(app, version, leader, chosen.artifacts, targets) if chosen.artifacts else None
+    path = None
+    if chosen.artifacts:
+        templates = dict(chosen.artifacts, **{leader: local_artifact_template(app, leader, config_path, chosen.artifacts)})
+        path = leader_artifact_path(app, version, leader, templates, targets)
     metadata, checksum = _artifact_of(app, version, path, checksum)
 
     held_entry, held_lock = _check_lock(client, schema, app, force, previous)

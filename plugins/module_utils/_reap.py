@@ -136,6 +136,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
 )
 from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
+    CONFIG_PATH_ENV,
     DEFAULT_PATH,
     LOG_LEVELS,
     AppConfig,
@@ -197,8 +198,6 @@ _ENTRY_PROGRAM = (
 
 LOG_FORMAT = "%(asctime)s %(levelname)s fireap-reap[%(process)d] app=%(app)s version=%(version)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
-#: The environment variable that names the task config when ``--config`` is not given.
-CONFIG_PATH_ENV = "FIREAP_CONFIG_PATH"
 
 _log = logging.getLogger("fireap.reap")
 

@@ -133,6 +133,8 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
 )
 
 DEFAULT_PATH = "/etc/fireap/config.yml"
+#: The environment variable that names the task config when no path is given (``--config``, ``config_path``).
+CONFIG_PATH_ENV = "FIREAP_CONFIG_PATH"
 DEFAULT_STATE_DIR = "/var/lib/fireap"
 DEFAULT_LOG_FILE = "/var/log/fireap/reap.log"
 #: The handler's log levels, least severe first (the names of Python's logging levels).

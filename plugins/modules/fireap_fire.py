@@ -51,6 +51,16 @@ attributes:
     details:
       - Shows the release record before and after.
 options:
+  config_path:
+    description:
+      - The leader's task config file (the handler's, C(fireap-reap --config)). When the targets advertise an
+        artifact for O(app), the file hashed and published is the one this config's C(artifact.path) renders,
+        never one named by the leader's advert in Consul KV, which whoever can write KV could change; when that
+        advert names another path template, nothing is fired and the error names both.
+      - When omitted, the environment variable C(FIREAP_CONFIG_PATH), else C(/etc/fireap/config.yml); the action
+        plugin sets it from the host's C(fireap_node_config_dir) when the task leaves it unset.
+      - Read only for an app with an artifact.
+    type: path
   version:
     description:
       - Version to release; 1 to 64 letters, digits and C(._+~-), starting with a letter or a digit
@@ -419,6 +429,8 @@ info:
   type: dict
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.fireap.consul.plugins.module_utils._firing import fire, resume, retry_stragglers
@@ -426,6 +438,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._integrity import fi
 from ansible_collections.fireap.consul.plugins.module_utils._kv import Schema
 from ansible_collections.fireap.consul.plugins.module_utils._module import fireap_argument_spec, fireap_consul
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseWaitTimeout, outcome_problem, wait
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import CONFIG_PATH_ENV, DEFAULT_PATH
 
 #: Longest single blocking read while waiting; any change under the app's keys (a finish, an abort) ends it sooner.
 WAIT_POLL = 5.0
@@ -444,6 +457,7 @@ ARGUMENT_SPEC = fireap_argument_spec(
     resume={"type": "bool", "default": False},
     checksum={"type": "str"},
     checksum_file={"type": "path"},
+    config_path={"type": "path"},
     wait={"type": "bool", "default": False},
     wait_timeout={"type": "float", "default": 3600.0},
 )
@@ -478,6 +492,7 @@ def run(module: AnsibleModule, client, schema: Schema) -> dict:
         rollback=params["rollback"],
         pause_after_stage=params["pause_after_stage"],
         checksum=checksum,
+        config_path=params["config_path"] or os.environ.get(CONFIG_PATH_ENV) or DEFAULT_PATH,
     )
     for message in result["advert_errors"]:
         module.warn(message)

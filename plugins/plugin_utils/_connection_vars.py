@@ -98,10 +98,14 @@ class RoleConnectionAction(ActionBase):
         result = super().run(tmp, task_vars)
         del tmp  # no longer has any effect
         task_vars = {} if task_vars is None else task_vars
-        args = role_connection(self, task_vars)
+        args = self.module_args(task_vars)
         wrap_async = self._task.async_val and not self._connection.has_native_async
         ran = self._execute_module(module_args=args, task_vars=task_vars, wrap_async=wrap_async)
         result = merge_hash(result, ran)
         if not wrap_async:
             self._remove_tmp_path(self._connection._shell.tmpdir)
         return result
+
+    def module_args(self, task_vars: dict[str, Any]) -> dict[str, Any]:
+        """The module's arguments: the task's with the role's connection (role_connection)."""
+        return role_connection(self, task_vars)

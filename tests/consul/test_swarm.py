@@ -38,6 +38,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import A
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import (
     Spawns,
     advertise,
+    artifact_config,
     event,
     write_config,
 )
@@ -96,7 +97,7 @@ def release_with_artifact(cluster, schema, tmp_path, nodes):
                for directory, port in zip(dirs, free_ports(len(nodes)))]
     for name, config in zip(nodes, configs):  # each node its own directory, as its handler advertises it
         advertise(client, schema, ["web"], [name], artifact=config.path, artifact_port=config.port)
-    fire(client, schema, "web", "1")
+    fire(client, schema, "web", "1", config_path=artifact_config(tmp_path / "leader.yml", configs[0].path))
     release = ReleaseRecord.from_json(client.kv.get(schema.release("web"))[1]["Value"])
     return release, configs, build
 

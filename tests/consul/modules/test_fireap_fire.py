@@ -13,7 +13,7 @@ from devcluster.polling import wait_until
 
 from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeState, ReleaseRecord, Schema
 from ansible_collections.fireap.consul.plugins.modules import fireap_fire
-from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise
+from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise, artifact_config
 
 FINISH_TIMEOUT = 60.0
 
@@ -199,3 +199,32 @@ def test_retry_stragglers_refires_the_current_run(acl_cluster, connection, prefi
     assert retried.result["run_id"] == fired.result["run_id"]
     assert retried.result["stragglers"] == fired.result["targets"][1:]
     assert [e["event_id"] is not None for e in retried.result["events"]] == [True]
+
+
+def test_the_artifact_published_is_the_one_the_leaders_task_config_names(
+        acl_cluster, connection, prefix, run_module, tmp_path, monkeypatch):
+    """config_path defaults to $FIREAP_CONFIG_PATH, as the handler's --config does; a leader advert in
+    KV that names another file than that config fails the task with both, and nothing is recorded."""
+    template = str(tmp_path / "{{ app }}-{{ version }}.tar.gz")
+    (tmp_path / "web-1.tar.gz").write_bytes(b"build 1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "web-1.tar.gz").write_bytes(b"what a KV writer wants published")
+    monkeypatch.setenv("FIREAP_CONFIG_PATH", artifact_config(tmp_path / "config.yml", template))
+    names = acl_cluster.node_names
+    with acl_cluster.client(0) as client:
+        for index, name in enumerate(names):
+            advertise(client, Schema(prefix), ["web"], [name], artifact=template, artifact_port=7200 + index)
+        advertise(client, Schema(prefix), ["web"], names[:1], artifact=str(elsewhere / "{{ app }}-{{ version }}.tar.gz"),
+                  artifact_port=7200)
+    args = dict(connection, app="web", version="1", kv_prefix=prefix)
+    refused = run_module(fireap_fire, args)
+    assert refused.failed
+    assert f"names the artifact path '{elsewhere}/" in refused.result["msg"]
+    assert f"its task config {tmp_path / 'config.yml'} '{template}'" in refused.result["msg"]
+    assert kv_keys(acl_cluster, prefix) == []
+    with acl_cluster.client(0) as client:
+        advertise(client, Schema(prefix), ["web"], names[:1], artifact=template, artifact_port=7200)
+    run = run_module(fireap_fire, args)
+    assert run.code == 0 and not run.failed, run.stdout
+    assert run.result["release"]["artifact"]["length"] == len(b"build 1")

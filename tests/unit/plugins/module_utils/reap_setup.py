@@ -77,6 +77,13 @@ def write_config(path: Path, consul_section: dict, kv_prefix: str, apps: dict, *
     return path
 
 
+def artifact_config(path: Path, template: str, app: str = APP) -> str:
+    """The leader's task config at ``path``, giving ``app`` the artifact ``template``: the fire
+    publishes the file this config names (fire's config_path)."""
+    apps = {app: {"exec_commands": ["tar -xzf {{ artifact }}"], "artifact": {"path": template}}}
+    return str(write_config(path, {}, "fireap/", apps))
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
