@@ -1037,6 +1037,14 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
     return {"run_id": release.run_id, "version": release.version, "stragglers": stragglers, "events": events}
 
 
+def wake_leader(client, release: ReleaseRecord) -> None:
+    """Fire the run's event again to its leader only: a target saw the leader's serving worker
+    end before the run was over, and only the event starts another."""
+    payload = event_payload(release.app, release.version)
+    for node_filter in anchored_node_filters([release.leader], _filter_budget(payload)):
+        client.event.fire(EVENT_NAME, payload, node=node_filter)
+
+
 def _reopen_swarm(client, schema: Schema, release: ReleaseRecord) -> None:
     """Reopen the run's swarm record if the leader recorded it finished: it counts a target
     whose worker died as over, and a straggler started again would find the run ended and

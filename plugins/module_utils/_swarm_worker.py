@@ -24,6 +24,15 @@ stops serving ``seed_seconds`` after the run finished (blocking on the release r
 an abort or a newer run ends those at once), or after ``watch_timeout``. So a target
 makes O(1) requests whatever the number of nodes; only the leader reads O(N) bytes, throttled.
 
+While it serves, the leader's worker holds its own node record with its session, as a target
+holds its ``pulling`` record. When that worker ends before the run is over (killed, crashed, its
+agent gone), the record is no longer held once Consul ends the session (at once for a destroyed
+session or a failed serfHealth, within 2 x the session's TTL for a killed process); every target
+still in the run sees it at its next wake-up (at most MAX_WAIT s later: one more read per
+wake-up) and fires the run's event to the leader alone, once per hold that ended, so that the
+leader's handler starts a worker that serves again and ends the run. The targets do not fail:
+other nodes may hold the whole file and keep serving it.
+
 The session, the blocking reads and the record writes are the pull worker's (``_worker``).
 """
 
@@ -37,6 +46,7 @@ from typing import Callable
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import DEFAULT_RETRY_WINDOW
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
+from ansible_collections.fireap.consul.plugins.module_utils._firing import wake_leader
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
@@ -87,6 +97,8 @@ class _RunWatch(threading.Thread):
         self.stopped = threading.Event()
         self.ended = threading.Event()
         self.record: SwarmRun | None = None
+        #: The leader's hold (LockIndex) whose end this node fired the event for.
+        self.woken_for: int | None = None
 
     def run(self) -> None:
         driver, key = self.serving.driver, self.serving.run_key
@@ -102,10 +114,26 @@ class _RunWatch(threading.Thread):
                 if not self.serving.current():
                     self.ended.set()
                     return
+                self.wake_leader_if_gone()
             except FireapError as err:
                 driver.log(f"cannot read {key}: {err}")
                 index = 0
                 self.stopped.wait(RETRY_PAUSE)
+
+    def wake_leader_if_gone(self) -> None:
+        """The leader's worker holds the leader's node record with its session while it serves:
+        held once (LockIndex) and no longer while the run is not over, the worker ended (crashed,
+        killed, its agent gone). Fire the event to the leader again, once per hold that ended."""
+        driver, release = self.serving.driver, self.serving.release
+        key = driver.schema.node(release.app, release.leader)
+        _index, entry = driver.read(key)
+        hold = None if entry is None else entry.get("LockIndex")
+        if not isinstance(hold, int) or hold < 1 or entry.get("Session") or hold == self.woken_for:
+            return
+        self.woken_for = hold
+        driver.log(f"the leader {release.leader} stopped serving before the run was over ({key} no longer held): "
+                   "firing the event to it again")
+        driver.call(f"firing the event to {release.leader}", wake_leader, driver.client, release)
 
     def why_ended(self) -> str:
         """Why the download stopped early, for the target's failed record."""
@@ -219,6 +247,21 @@ class _Serving:
             swarm.close()
             raise
         return swarm
+
+    def hold_own_record(self) -> None:
+        """The leader holds its own node record with its session while it serves (its value
+        unchanged), so that the targets see its worker end before the run is over as a
+        target's crash is seen: a record no longer held (``_RunWatch.wake_leader_if_gone``)."""
+        key = self.schema.node(self.release.app, self.driver.node)
+        _index, entry = self.driver.read(key)
+        if entry is None:
+            self.driver.log(f"{key} is missing: the targets cannot see this worker end")
+            return
+        self.driver.written = entry.get("Value")
+        self.driver.ensure_session()
+        if not self.driver.call(f"holding {key}", self.driver.client.kv.put, key, self.driver.written,
+                                acquire=self.driver.session_id):
+            self.driver.log(f"{key} is held by another session: the targets cannot see this worker end")
 
     def finished_targets(self, entries) -> int:
         """How many records among ``entries`` (the app's node records) are the run's and done,
@@ -368,6 +411,7 @@ def _lead(driver: _PullDriver, release: ReleaseRecord, artifact: ArtifactConfig 
         return False, reason
     try:
         swarm.seed(metadata, serving.path)
+        serving.hold_own_record()
         if serving.lead_until_over():
             serving.seed_on()
         return True, f"served {serving.path}"
