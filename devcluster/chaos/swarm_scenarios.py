@@ -140,8 +140,8 @@ def swarm_late_join(cluster: ChaosCluster, probe: Probe) -> Outcome:
         fired = probe.fire(app, version)
         targets, run_id = fired["targets"], fired["run_id"]
         outcome.nodes = len(targets)
-        probe.wait("the other targets to finish", probe.finished(app, [name for name in targets if name != late],
-                                                                   version))
+        others = [name for name in targets if name != late]
+        probe.wait("the other targets to finish", probe.finished(app, others, version))
         view = probe.views(app).get(late)
         outcome.facts["late_while_down"] = ("no record" if view is None or view.state is None
                                             or view.state.run_id != run_id else view.state.status)

@@ -456,4 +456,3 @@ def _failed(driver: _PullDriver, release: ReleaseRecord, error: str,
         driver.written = None if own is None else own.get("Value")
     driver.write_state(state)
     return False, error
-

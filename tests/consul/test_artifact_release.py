@@ -21,6 +21,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import Rel
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import SwarmError, check_metadata
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import advertise, artifact_config, write_config
 
+
 @pytest.fixture
 def client(consul_target):
     return consul_target.client(0)
@@ -182,8 +183,8 @@ def test_a_run_without_an_artifact_after_one_with_deletes_its_metadata(client, s
     assert client.kv.get(schema.swarms_prefix("web"), keys=True)[1] is None
 
 
-def test_a_leader_advert_naming_another_file_fires_nothing_and_hashes_nothing(client, schema, builds, config_path,
-                                                                                monkeypatch):
+def test_a_leader_advert_naming_another_file_fires_nothing_and_hashes_nothing(
+        client, schema, builds, config_path, monkeypatch):
     """Whoever can write KV can rewrite the leader's advert: the file the fire hashes and
     publishes is the one the leader's own task config names, and an advert that disagrees
     stops the fire before any file is read."""
@@ -197,8 +198,8 @@ def test_a_leader_advert_naming_another_file_fires_nothing_and_hashes_nothing(cl
     leader = client.agent.self()["Config"]["NodeName"]
     advertise(client, schema, ["web"], [leader], artifact=hostile, artifact_port=7100)
     hashed = []
-    monkeypatch.setattr(_firing, "create_metadata", lambda path: hashed.append(path))
-    monkeypatch.setattr(_firing, "file_checksum", lambda path: hashed.append(path))
+    monkeypatch.setattr(_firing, "create_metadata", hashed.append)
+    monkeypatch.setattr(_firing, "file_checksum", hashed.append)
     with pytest.raises(ReleaseError, match=rf"the leader {leader}'s advert of app 'web' in Consul KV names the "
                                            rf"artifact path '{re.escape(hostile)}', its task "
                                            rf"config {re.escape(config_path)} '{re.escape(template(builds))}'"):

@@ -352,8 +352,8 @@ def target_config(cluster, schema, released, tmp_path, monkeypatch):
                         {"web": app})
 
 
-def test_a_targets_worker_fetches_the_artifact_then_runs_its_commands_with_its_path(cluster, schema, released,
-                                                                                      target_config, tmp_path):
+def test_a_targets_worker_fetches_the_artifact_then_runs_its_commands_with_its_path(
+        cluster, schema, released, target_config, tmp_path):
     release, _dirs, build, configs = released
     others = [index for index in range(NODES) if index != 1]
     with concurrent.futures.ThreadPoolExecutor(len(others)) as pool:
@@ -374,8 +374,8 @@ def test_dry_run_renders_the_commands_with_the_artifacts_path(released, target_c
     assert f"  exec_commands[0]: cp {dirs[1] / 'web-1.tar.gz'} {target_config.parent}/copied" in out.getvalue()
 
 
-def test_dry_run_on_the_leader_says_it_would_serve_and_renders_no_commands(cluster, schema, released, tmp_path,
-                                                                          monkeypatch):
+def test_dry_run_on_the_leader_says_it_would_serve_and_renders_no_commands(
+        cluster, schema, released, tmp_path, monkeypatch):
     release, _dirs, _build, configs = released
     for var in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)

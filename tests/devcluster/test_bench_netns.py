@@ -187,8 +187,8 @@ def _configs(*argv):
 
 def test_cli_measures_each_n_of_a_list_in_netns_mode():
     configs = _configs("--mode", "netns", "--nodes", "10,30,60", "--repeat", "3")
-    assert [(config.nodes, config.repeat, config.mode) for config in configs] == [(10, 3, NETNS), (30, 3, NETNS),
-                                                                                 (60, 3, NETNS)]
+    expected = [(10, 3, NETNS), (30, 3, NETNS), (60, 3, NETNS)]
+    assert [(config.nodes, config.repeat, config.mode) for config in configs] == expected
 
 
 def _netns_record(nodes, swarm, stage, push):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections import Counter
@@ -879,8 +880,9 @@ RUN = "0123456789abcdef0123456789abcdef"
 def hops_from(graph, start):
     """Each node's distance from ``start`` (breadth first): the nodes it reaches."""
     distance = {start: 0}
-    queue = [start]
-    for name in queue:
+    queue = collections.deque([start])
+    while queue:
+        name = queue.popleft()
         for other in graph[name]:
             if other not in distance:
                 distance[other] = distance[name] + 1

@@ -242,9 +242,9 @@ def test_the_timeline_shows_a_nodes_download_apart_from_its_commands():
     page = Page(render_report(info))
     downloads = [attrs for tag, attrs, _parents in page.elements
                  if tag == "rect" and attrs.get("class") == "download" and "data-node" in attrs]
-    bar = {entry["data-node"]: entry for entry in page.bars()}["node-001"]
+    node_bar = {entry["data-node"]: entry for entry in page.bars()}["node-001"]
     assert [entry["data-node"] for entry in downloads] == ["node-001"]
-    assert downloads[0]["x"] == bar["x"] and float(downloads[0]["width"]) < float(bar["width"])
+    assert downloads[0]["x"] == node_bar["x"] and float(downloads[0]["width"]) < float(node_bar["width"])
     text = "".join(page.text)
     assert "download, then commands" in text
     assert "downloaded in 2.0s" in text and "40% at 2.0 MB/s" in text

@@ -25,6 +25,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._swarm import (
     SwarmError,
     check_metadata,
     create_metadata,
+    endpoint_order,
     piece_size,
     staging_dir,
 )
@@ -421,3 +422,8 @@ def test_a_download_writes_its_progress_at_most_once_a_quarter_and_never_more_of
         now[0] += 0.001
         fast.progress(step, 1000)
     assert driver.written == []
+
+
+def test_the_lower_endpoint_connects_first():
+    assert endpoint_order(("127.0.0.2", 1)) < endpoint_order(("127.0.0.10", 1)) < endpoint_order(("127.0.0.10", 2))
+    assert endpoint_order(("10.0.0.1", 9)) < endpoint_order(("::1", 1))
