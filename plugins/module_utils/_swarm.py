@@ -406,12 +406,14 @@ class Swarm:
         endpoints = {(info.ip[0], info.ip[1]) for info in infos}
         addresses = {address for address, _port in endpoints}
         own = (self.address, self.port)
+        lower = endpoint_order(own)
         shared = collections.Counter(address for address, _port in peers | {own})
         for peer in peers:
-            # Real nodes have an address each: an incoming connection (from another port) is the peer's.
+            # Real nodes have an address each: an incoming connection (from another port) is the
+            # peer's. Nodes sharing one address (a dev cluster on loopback) cannot tell theirs.
             if peer in endpoints or (shared[peer[0]] == 1 and peer[0] in addresses):
                 self._seen[peer] = now
-            elif endpoint_order(own) < endpoint_order(peer) or now - self._seen.get(peer, now) >= YIELD_SECONDS:
+            elif lower < endpoint_order(peer) or now - self._seen.get(peer, now) >= YIELD_SECONDS:
                 try:
                     handle.connect_peer(peer)
                 except RuntimeError:

@@ -424,6 +424,6 @@ def test_a_download_writes_its_progress_at_most_once_a_quarter_and_never_more_of
     assert driver.written == []
 
 
-def test_the_lower_endpoint_connects_first():
+def test_endpoints_are_ordered_by_ip_version_then_address_then_port():
     assert endpoint_order(("127.0.0.2", 1)) < endpoint_order(("127.0.0.10", 1)) < endpoint_order(("127.0.0.10", 2))
     assert endpoint_order(("10.0.0.1", 9)) < endpoint_order(("::1", 1))
