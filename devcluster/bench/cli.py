@@ -184,8 +184,20 @@ def netns_summary(record: dict) -> str:
         f"bytes/node {record['agent_bytes_per_node']['mean'] / 1024:.1f} KiB",
         f"swarm requests/node {record['swarm_costs']['agent_requests_per_node']['mean']:.1f} "
         f"(leader {record['swarm_leader_costs']['agent_requests_per_node']['mean']:.0f})",
+        *_cpu_busy_summary(record),
         f"failures {failures if isinstance(failures, int) else len(failures)}",
     ])
+
+
+def _cpu_busy_summary(record: dict) -> list[str]:
+    """The machine's busy CPU share during the swarm, the best stage model and push, when recorded."""
+    busy = record.get("cpu_busy")
+    if not busy:
+        return []
+    shares = {"swarm": busy.get("swarm"), f"k={record['best_k']}": busy.get(f"stage_k{record['best_k']}"),
+              "push": busy.get("push_best")}
+    shown = " ".join(f"{name} {share:.0%}" for name, share in shares.items() if isinstance(share, (int, float)))
+    return [f"CPU busy {shown}"] if shown else []
 
 
 def run_config(config: Config, workdir: Path, double: str, processes: int | None = None) -> dict:

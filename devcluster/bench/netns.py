@@ -67,9 +67,9 @@ from ..demo.playbooks import (
 from ..demo.swarm import swarm_over
 from ..netns import CONSUL_PORT, AgentRelay, NetnsCluster
 from .baselines import run_ansible, run_parallel
-from .core import NETNS, TaskTiming
+from .core import NETNS, TaskTiming, busy_fraction
 from .costs import node_costs, transition_costs, worst_transition
-from .double import BenchError, node_roots
+from .double import BenchError, cpu_times, node_roots
 
 APP = "bench"
 APP_DIR = builds.APP_DIR
@@ -363,9 +363,11 @@ class NetnsBench:
         expected = self._fresh_nodes(APP_DIR, version)
         schema = Schema()
         self.relay.reset()
+        cpu_before = cpu_times()
         fired = time.time()
         outcome = fire(self.client, schema, APP, version=version, fanout=fanout)
         refired = self._wait(schema, outcome["run_id"], version, timeout)
+        cpu_busy = busy_fraction(cpu_before, cpu_times())
         states = self._states(schema)
         time.sleep(1.0)  # the last nodes' session destroys and slot releases
         records, answered = self.relay.snapshot()
@@ -384,6 +386,7 @@ class NetnsBench:
         transitions = transition_costs(records, tasks, plan, fired, completed)
         return {
             "seconds": completed - fired,
+            "cpu_busy": cpu_busy,
             "failures": failures,
             "refired": refired,
             "max_depth": max((state.depth for state in states.values() if state.depth is not None), default=0),
@@ -417,6 +420,7 @@ class NetnsBench:
         self.swarm_bytes = builds.write_tar(self.roots[self.leader] / APP_DIR, artifact)
         schema = Schema()
         self.relay.reset()
+        cpu_before = cpu_times()
         fired = time.time()
         try:
             outcome = fire(self.client, schema, SWARM_APP, version=version,
@@ -424,6 +428,7 @@ class NetnsBench:
         except FireapError as err:
             raise BenchError(f"the swarm's release could not be fired: {err}") from err
         refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)
+        cpu_busy = busy_fraction(cpu_before, cpu_times())
         states = self._states(schema, SWARM_APP)
         over = swarm_over(self.client, SWARM_APP, outcome["run_id"], SWARM_OVER_SECONDS, schema)
         time.sleep(1.0)  # the nodes' last requests once the run is over (session destroys)
@@ -444,6 +449,7 @@ class NetnsBench:
         return {
             "seconds": max(finished, default=time.time()) - fired,
             "fetched_seconds": max(fetched, default=time.time()) - fired,
+            "cpu_busy": cpu_busy,
             "failures": failures,
             "refired": refired,
             "costs": node_costs(records, answered, self.pushed),
@@ -466,38 +472,46 @@ class NetnsBench:
                                                 "the swarm")
         return problems
 
-    def operator(self, version: str, fanout: int, timeout: float) -> tuple[float, dict[str, str]]:
-        """``ansible-playbook release.yml`` at ``fanout``, start to exit, as an operator runs it."""
+    def operator(self, version: str, fanout: int, timeout: float) -> tuple[float, float | None, dict[str, str]]:
+        """``ansible-playbook release.yml`` at ``fanout``, start to exit, as an operator runs it:
+        its seconds, the machine's busy CPU share meanwhile and its failures."""
         expected = self._fresh_nodes(APP_DIR, version)
         log_path = self.work / "release.log"
         args = ["-i", str(self.inventory), "-e", f"fireap_app={APP}", "-e", f"fireap_version={version}",
                 "-e", f"fireap_fanout={fanout}", "-e", f"fireap_wait_timeout={timeout:g}", str(RELEASE_PLAYBOOK)]
+        cpu_before = cpu_times()
         try:
             status, seconds = run_playbook(args, log_path)
         except DemoError as err:
             raise BenchError(str(err)) from err
+        cpu_busy = busy_fraction(cpu_before, cpu_times())
         failures = {} if status == 0 else {"release.yml": f"exit status {status}; see {log_path}"}
         failures.update(self._not_done(self._states(Schema()), version, "release.yml"))
         failures.update(self._check(expected, APP_DIR, "release.yml"))
-        return seconds, failures
+        return seconds, cpu_busy, failures
 
-    def push(self, version: str, tool: str, jobs: int) -> tuple[float, dict[str, str]]:
-        """``tool`` (parallel or ansible) rsyncing the build from the leader into every node, ``jobs`` at a time."""
+    def push(self, version: str, tool: str, jobs: int) -> tuple[float, float | None, dict[str, str]]:
+        """``tool`` (parallel or ansible) rsyncing the build from the leader into every node, ``jobs`` at a
+        time: its seconds, the machine's busy CPU share meanwhile and its failures."""
         expected = self._fresh_nodes(PUSH_DIR, version)
         source = f"{self.roots[self.leader] / APP_DIR}/"
         leader = self.net.node(self.leader).command([])
+        cpu_before = cpu_times()
         if tool == "parallel":
             seconds = run_parallel(self.pushed, jobs, f"rsync -a --delete {source} rsync://{{}}/{PUSH_DIR}/", leader)
         else:
             command = f"rsync -a --delete {source} rsync://{{{{ inventory_hostname }}}}/{PUSH_DIR}/"
             seconds = run_ansible(self.push_inventory, self.work, jobs, command, leader)
-        return seconds, self._check(expected, PUSH_DIR, push_method(tool, jobs))
+        cpu_busy = busy_fraction(cpu_before, cpu_times())
+        return seconds, cpu_busy, self._check(expected, PUSH_DIR, push_method(tool, jobs))
 
-    def http_pull(self, version: str) -> tuple[float, dict[str, str]]:
-        """Every node but the leader fetching one tar of the build from the leader over HTTP, all at once."""
+    def http_pull(self, version: str) -> tuple[float, float | None, dict[str, str]]:
+        """Every node but the leader fetching one tar of the build from the leader over HTTP, all at once:
+        its seconds, the machine's busy CPU share meanwhile and its failures."""
         expected = self._fresh_nodes(PUSH_DIR, version)
         builds.write_tar(self.roots[self.leader] / APP_DIR, self.work / "http" / HTTP_TAR)
         url = f"http://{self.leader}:{HTTP_PORT}/{HTTP_TAR}"
+        cpu_before = cpu_times()
         began = time.monotonic()
         procs = [
             subprocess.Popen(self.net.node(name).command(
@@ -511,8 +525,9 @@ class NetnsBench:
             if proc.returncode != 0:
                 failures[f"{name} (http)"] = f"exit status {proc.returncode}: {err.decode(errors='replace').strip()}"
         seconds = time.monotonic() - began
+        cpu_busy = busy_fraction(cpu_before, cpu_times())
         failures.update(self._check(expected, PUSH_DIR, "http"))
-        return seconds, failures
+        return seconds, cpu_busy, failures
 
     def run(self, versions: Iterator[str], timeout: float, lower_bound: float) -> dict:
         """One repeat: every figure of the record, the failures named."""
@@ -524,18 +539,20 @@ class NetnsBench:
         best_k = min(STAGE_FANOUTS, key=lambda k: stages[k]["seconds"])
         swarm = self.swarm_release(next(versions), timeout)
         failures.update(swarm["failures"])
-        operator_seconds, problems = self.operator(next(versions), best_k, timeout)
+        operator_seconds, operator_busy, problems = self.operator(next(versions), best_k, timeout)
         failures.update(problems)
 
         candidates: dict[str, float] = {}
+        candidates_busy: dict[str, float | None] = {}
         for tool in ("parallel", "ansible"):
             tried = (self.best_push[tool],) if tool in self.best_push else self.push_jobs
             for jobs in tried:
-                seconds, problems = self.push(next(versions), tool, jobs)
+                seconds, busy, problems = self.push(next(versions), tool, jobs)
                 failures.update(problems)
                 candidates[push_method(tool, jobs)] = seconds
+                candidates_busy[push_method(tool, jobs)] = busy
             self.best_push[tool] = min(tried, key=lambda jobs: candidates[push_method(tool, jobs)])
-        http_seconds, problems = self.http_pull(next(versions))
+        http_seconds, http_busy, problems = self.http_pull(next(versions))
         failures.update(problems)
         push_best = min(candidates, key=candidates.__getitem__)
 
@@ -568,6 +585,15 @@ class NetnsBench:
             "swarm_costs": swarm["costs"],
             "swarm_leader_costs": swarm["leader_costs"],
             "ratio_to_lower_bound": {name[: -len("_seconds")]: value / lower_bound for name, value in figures.items()},
+            # The machine's busy share of CPU time while each method ran (1.0: every core busy, so
+            # the figure measures this machine's CPU, which all N nodes share, and not the links).
+            "cpu_busy": {
+                **{f"stage_k{k}": stages[k]["cpu_busy"] for k in STAGE_FANOUTS},
+                "swarm": swarm["cpu_busy"],
+                "operator": operator_busy,
+                "push_best": candidates_busy[push_best],
+                "http_pull": http_busy,
+            },
             "max_depth": best["max_depth"],
             "refired": {str(k): stages[k]["refired"] for k in STAGE_FANOUTS},
             **best["costs"],

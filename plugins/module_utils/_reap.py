@@ -84,6 +84,7 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import gc
 import json
 import logging
 import logging.handlers
@@ -1005,6 +1006,11 @@ def main(argv=None, spawn: Callable[[str, str, str], int] = start_worker, out=No
     ``spawn(config_path, app, log_file)`` starts a worker and returns its pid;
     ``out`` receives --check, --list and --dry-run output (default stdout).
     """
+    if argv is None:
+        # A process of its own (handler or worker): keep the garbage collector off the objects
+        # of the imports. Without this a worker's full collections, which walk all of them,
+        # took about a tenth of the machine's CPU while 30 nodes of one test host downloaded.
+        gc.freeze()
     out = out or sys.stdout
     parser = _parser()
     try:

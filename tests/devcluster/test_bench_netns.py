@@ -180,6 +180,24 @@ def test_the_record_compares_the_swarm_by_its_medians():
     assert record["push_best_over_swarm"] == pytest.approx(17.5)
 
 
+def test_the_record_and_its_line_say_how_busy_the_machine_was():
+    runs = []
+    for swarm, busy in ((9, 0.99), (12, 1.0), (10, 0.97)):
+        run = _run(30, 180, swarm=swarm)
+        run.update({
+            "operator_seconds": 40, "http_pull_seconds": 190,
+            "ratio_to_lower_bound": {"fireap": 5, "swarm": swarm / 6},
+            "swarm_leader_costs": _costs(40), **_costs(9), "agent_bytes_per_node": {"mean": 4096},
+            "cpu_busy": {"stage_k1": 0.5, "swarm": busy, "push_best": 0.2, "http_pull": None},
+        })
+        runs.append(run)
+    record = netns_record(runs, {"nodes": 30})
+    assert record["cpu_busy"] == {"stage_k1": 0.5, "swarm": 0.99, "push_best": 0.2, "http_pull": None}
+    assert "CPU busy swarm 99% k=1 50% push 20%" in bench.netns_summary(record)
+    del record["cpu_busy"]  # a record written before it was measured
+    assert "CPU busy" not in bench.netns_summary(record)
+
+
 def _configs(*argv):
     parser = bench.build_parser()
     return bench.configs_from_args(parser, parser.parse_args(list(argv)))
