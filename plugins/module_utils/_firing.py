@@ -100,6 +100,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     swarm_neighbours,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._swarm import Metadata, create_metadata
+from ansible_collections.fireap.consul.plugins.module_utils._task_event import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import DEFAULT_PATH, ConfigError, load_config
 from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     STAGE_MAX,
@@ -112,9 +113,6 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     check_name,
     check_version,
 )
-
-#: Name of the user event every node's watch listens for.
-EVENT_NAME = "FIREAP:TASK"
 
 #: The event body may not exceed this many bytes: Consul's docs advise payloads of about 100
 #: bytes (Serf itself refuses only a whole event over EVENT_SIZE_LIMIT).

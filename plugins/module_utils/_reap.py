@@ -135,7 +135,6 @@ from ansible_collections.fireap.consul.plugins.module_utils._propagation import 
     RunProblem,
     read_run,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import (
     CONFIG_PATH_ENV,
     DEFAULT_PATH,
@@ -154,6 +153,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._processed_events im
     write_atomic,
 )
 from ansible_collections.fireap.consul.plugins.module_utils._task_event import (
+    EVENT_NAME,
     RejectedEvent,
     TaskEvent,
     newest_per_app,
@@ -166,7 +166,6 @@ from ansible_collections.fireap.consul.plugins.module_utils._validation import (
     escape_controls,
     show,
 )
-from ansible_collections.fireap.consul.plugins.module_utils._swarm_worker import serve
 from ansible_collections.fireap.consul.plugins.module_utils._worker import SourceInfo, pull
 
 EXIT_OK = 0
@@ -846,6 +845,10 @@ class _AppWorker:
 
     def run_swarm(self, release: ReleaseRecord) -> str:
         """Take part in the swarm of the checked release once (``_swarm_worker.serve``)."""
+        # Imported here: the handler, a process per event on every node, never needs the swarm
+        # (nor the firing code it wakes a leader with); only a worker of a swarm release does.
+        from ansible_collections.fireap.consul.plugins.module_utils._swarm_worker import serve
+
         log = _context(self.app, release.version)
         artifact = self.app_config.artifact
         log.info("joining the swarm of run %s", release.run_id)

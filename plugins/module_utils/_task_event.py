@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ansible_collections.fireap.consul.plugins.module_utils._errors import InvalidValue
-from ansible_collections.fireap.consul.plugins.module_utils._firing import EVENT_NAME
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import check_app_name
 from ansible_collections.fireap.consul.plugins.module_utils._validation import check_version
 
+#: Name of the user event every node's watch listens for.
+EVENT_NAME = "FIREAP:TASK"
 EVENT_ID_MAX_LENGTH = 64
 
 

@@ -263,6 +263,17 @@ def test_handler_command_runs_this_tree_s_fireap_reap(tmp_path):
     assert (done.returncode, done.stdout) == (0, f"{config}: valid; apps: web\n")
 
 
+def test_the_handler_leaves_the_swarm_and_firing_code_to_the_workers_that_need_them():
+    # Every agent starts a handler per event: what it imports is paid for on every node.
+    program = ("import sys; sys.path.insert(0, sys.argv[1]); "
+               "import ansible_collections.fireap.consul.plugins.module_utils._reap; "
+               "print(' '.join(sorted(name.rsplit('.', 1)[1] for name in sys.modules if 'module_utils._' in name)))")
+    done = subprocess.run([sys.executable, "-c", program, _reap.IMPORT_ROOT], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert {"_reap", "_kv", "_propagation", "_task_event"} <= loaded
+    assert not loaded & {"_swarm", "_swarm_worker", "_firing", "_progress"}
+
+
 @pytest.mark.parametrize("app, message", [("nope", "no app 'nope' is configured"), ("../x", "app name '../x'")])
 def test_a_worker_for_an_unknown_or_invalid_app_exits_2(tmp_path, capsys, app, message):
     config = write_config(tmp_path / "c.yml", {}, "fireap/", {APP: {"exec_commands": ["true"]}})
