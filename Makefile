@@ -43,9 +43,11 @@ system-tools:
 # The unit tests (tests/unit) run under ansible-test, each in a fork of its own and on as many
 # workers as there are CPUs; plain pytest runs the suite against Consul (tests/consul: the
 # double, or the agent FIREAP_TEST_CONSUL_HTTP_ADDR names), the tests of devcluster's tooling
-# (tests/devcluster) and the integration tests.
+# (tests/devcluster) and the integration tests. The integration tests run two files at a time,
+# each file on one worker (its clusters are module fixtures): much of their time is waiting on
+# Consul's timers and the nodes' commands, which two files overlap.
 test: setup lint typecheck sanity units consul changelog molecule
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider tests/integration
 
 consul: setup
 	$(PY) -m pytest -q -n auto -p no:cacheprovider tests/consul tests/devcluster

@@ -649,13 +649,18 @@ def failure_budget(cluster: ChaosCluster, probe: Probe) -> Outcome:
     reason = over_failure_budget(progress, MAX_FAIL_PERCENTAGE)
     clear(probe.client, cluster.schema, app, abort=True, reason=reason)
     # Started: the nodes whose commands had begun (their marker is there) or whose claim of a
-    # slot was recorded before the abort (its record of the run): the claim's transaction
-    # checks the release record, so no claim succeeds after the abort, but one made just before
-    # it may still run its commands.
+    # slot was recorded before the abort (its record of the run, pulling or done): the claim's
+    # transaction checks the release record, so no claim succeeds after the abort, but one made
+    # just before it may still run its commands. A failed record of the run is no claim: a
+    # node that was waiting for its source writes it when it reads the abort.
     run_id = fired["run_id"]
     views = probe.views(app)
+
+    def claimed(view: View | None) -> bool:
+        return bool(view and view.state and view.state.run_id == run_id and view.state.status != NODE_FAILED)
+
     started = {name for name in targets if (cluster.root(name) / started_marker(app)).exists()
-               or (views.get(name) and views[name].state and views[name].state.run_id == run_id)} - {cluster.leader}
+               or claimed(views.get(name))} - {cluster.leader}
     not_started = [name for name in targets if name not in started and name != cluster.leader]
     probe.settled([app])
     for name in injected:
