@@ -60,6 +60,12 @@ def worker_pids(config_path: Path, app: str | None = None) -> list[int]:
     return found
 
 
+def handler_pids(config_path: Path) -> list[int]:
+    """The pids of the fireap-reap handlers (not workers) the agent of ``config_path`` runs."""
+    config = str(config_path)
+    return [pid for pid in _pids() if config in (argv := _proc_cmdline(pid)) and "--worker" not in argv]
+
+
 def kill_tree(pid: int) -> int:
     """SIGKILL ``pid`` and every process below it (its commands run in sessions of their own).
 

@@ -44,7 +44,7 @@ from ..consul import Gossip
 from .apps import HANG_TIMEOUT, run_log, started_marker
 from .harness import HTTP_TIMEOUT, ChaosCluster, ChaosError
 from .probe import Outcome, Probe, View
-from .processes import hung_commands, kill_tree, worker_pids
+from .processes import handler_pids, hung_commands, kill_tree, worker_pids
 from .swarm_scenarios import swarm_corrupt_peer, swarm_late_join, swarm_leader_gone, swarm_peer_crash
 
 #: Seconds the double stays down in the outage scenario (the issue asks for 5 to 10).
@@ -770,8 +770,12 @@ def abort_missing_record(cluster: ChaosCluster, probe: Probe) -> Outcome:
     planned = probe.fire(app, version, check_mode=True)["targets"]
     first_stage = planned[1:1 + cluster.fanout]
     cluster.set_gossip(first_stage, replace(cluster.realism.gossip, loss=1.0))
-    # Any FIREAP:TASK event wakes a handler, which catches up on every app: none may still be on its way.
+    # Any FIREAP:TASK event wakes a handler, which catches up on every app: none may still be on
+    # its way, and no handler an earlier event started may still be running (on a loaded machine
+    # one may start seconds late) when the run is fired.
     time.sleep(cluster.realism.gossip.delay + cluster.realism.gossip.jitter)
+    probe.wait("the first stage's handlers to end",
+               lambda: not any(handler_pids(cluster.config_path(name)) for name in first_stage))
     outcome = Outcome("abort_missing_record", len(planned), len(first_stage),
                       f"the first stage ({len(first_stage)} nodes) misses the event; abort while the next waits")
     try:
