@@ -47,23 +47,22 @@ def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
+def _reap_processes(config_path: Path) -> list[tuple[int, list[str]]]:
+    """The pids and command lines of the fireap-reap processes (handlers and workers) of the
+    node of ``config_path``: their command line names that config."""
+    config = str(config_path)
+    return [(pid, argv) for pid in _pids() if config in (argv := _proc_cmdline(pid))]
+
+
 def worker_pids(config_path: Path, app: str | None = None) -> list[int]:
     """The pids of the fireap-reap workers started for the node of ``config_path`` (of ``app``)."""
-    config = str(config_path)
-    found = []
-    for pid in _pids():
-        argv = _proc_cmdline(pid)
-        if "--worker" not in argv or config not in argv:
-            continue
-        if app is None or argv[argv.index("--worker") + 1:][:1] == [app]:
-            found.append(pid)
-    return found
+    return [pid for pid, argv in _reap_processes(config_path) if "--worker" in argv
+            and (app is None or argv[argv.index("--worker") + 1:][:1] == [app])]
 
 
 def handler_pids(config_path: Path) -> list[int]:
     """The pids of the fireap-reap handlers (not workers) the agent of ``config_path`` runs."""
-    config = str(config_path)
-    return [pid for pid in _pids() if config in (argv := _proc_cmdline(pid)) and "--worker" not in argv]
+    return [pid for pid, argv in _reap_processes(config_path) if "--worker" not in argv]
 
 
 def kill_tree(pid: int) -> int:

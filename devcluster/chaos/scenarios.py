@@ -47,7 +47,7 @@ from .probe import Outcome, Probe, View
 from .processes import handler_pids, hung_commands, kill_tree, worker_pids
 from .swarm_scenarios import swarm_corrupt_peer, swarm_late_join, swarm_leader_gone, swarm_peer_crash
 
-#: Seconds the double stays down in the outage scenario (the issue asks for 5 to 10).
+#: Seconds the double stays down in the outage scenario (an outage of 5 to 10 s).
 OUTAGE_SECONDS = 6.0
 HOSTILE_VERSION = "1;touch${IFS}PWNED;$(touch${IFS}PWNED2)"
 #: Records the hostile-KV part of the bad-input scenario writes in its three runs on five targets.

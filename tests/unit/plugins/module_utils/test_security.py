@@ -243,7 +243,7 @@ def config_with(template: str) -> dict:
     return {"apps": {APP: {"exec_commands": [template]}}}
 
 
-# === the seven cases of the issue =============================================================
+# === seven attacks, and the checks that stop them =============================================
 
 # --- 1. option injection through plan values ------------------------------------------------
 
