@@ -503,8 +503,12 @@ class Swarm:
                 if status.is_seeding:
                     return
                 if time.monotonic() >= deadline:
+                    with self._lock:
+                        admitted = len(self._peers)
+                    # How many peers were connected tells a dead network from a slow one.
                     raise SwarmError(f"the artifact did not arrive from the swarm within {timeout:g} s "
-                                     f"({status.progress:.0%} of {metadata.length} bytes)")
+                                     f"({status.progress:.0%} of {metadata.length} bytes; connected to "
+                                     f"{status.num_peers} of the {admitted} peers it was given)")
                 if ended is not None and ended.is_set():
                     raise SwarmError("the run ended before the artifact arrived")
                 self._read_alerts()
