@@ -32,6 +32,9 @@ still in the run sees it at its next wake-up (at most MAX_WAIT s later: one more
 wake-up) and fires the run's event to the leader alone, once per hold that ended, so that the
 leader's handler starts a worker that serves again and ends the run. The targets do not fail:
 other nodes may hold the whole file and keep serving it.
+A target that finds the run finished while it still fetches was counted as over by the leader
+(its earlier worker crashed) before it recorded itself pulling: it reopens the run and fires the
+event to the leader (``_RunWatch.reopen``).
 
 The session, the blocking reads and the record writes are the pull worker's (``_worker``).
 """
@@ -99,6 +102,8 @@ class _RunWatch(threading.Thread):
         self.record: SwarmRun | None = None
         #: The leader's hold (LockIndex) whose end this node fired the event for.
         self.woken_for: int | None = None
+        #: Whether the download is still under way (see ``reopen``).
+        self.fetching = True
 
     def run(self) -> None:
         driver, key = self.serving.driver, self.serving.run_key
@@ -108,6 +113,9 @@ class _RunWatch(threading.Thread):
                 index, entry = driver.read(key, index, min(MAX_WAIT, max(0.0, self.serving.deadline - time.monotonic())))
                 record = driver.parse(SwarmRun, key, entry)
                 if record is not None and record.over:
+                    if self.fetching and record.refused is None:
+                        self.reopen(record, entry)
+                        continue
                     self.record = record
                     self.ended.set()
                     return
@@ -119,6 +127,21 @@ class _RunWatch(threading.Thread):
                 driver.log(f"cannot read {key}: {err}")
                 index = 0
                 self.stopped.wait(RETRY_PAUSE)
+
+    def reopen(self, record: SwarmRun, entry) -> None:
+        """The run was recorded finished while this node still fetches: the leader counted this
+        node's earlier worker (crashed: its record no longer held) as over before this one
+        recorded itself pulling, as a re-fire or a replayed event can start it. Reopen the run
+        (check-and-set on the record read; a failed write is a newer record, read next) and fire
+        the event to the leader, whose handler serves an open record again; should its worker
+        still be seeding, its hold's end wakes it (``wake_leader_if_gone``)."""
+        driver, release = self.serving.driver, self.serving.release
+        key = self.serving.run_key
+        driver.log(f"the leader recorded run {release.run_id} over while this node fetches (it counted this "
+                   "node's earlier worker as over): reopening the run and firing the event to the leader")
+        reopened = dataclasses.replace(record, finished=None).to_json()
+        if driver.call(f"reopening {key}", driver.client.kv.put, key, reopened, cas=entry["ModifyIndex"]):
+            driver.call(f"firing the event to {release.leader}", wake_leader, driver.client, release)
 
     def wake_leader_if_gone(self) -> None:
         """The leader's worker holds the leader's node record with its session while it serves:
@@ -426,8 +449,10 @@ def _fetch_and_run(driver: _PullDriver, serving: _Serving, swarm: Swarm, metadat
         downloaded = swarm.fetch(metadata, serving.path, release.checksum, release.run_id,
                                  serving.deadline - time.monotonic(), watch.ended, serving.progress, app=release.app)
     except (FireapError, OSError) as err:
+        watch.fetching = False
         reason = watch.why_ended() if watch.ended.is_set() else f"the artifact could not be fetched: {err}"
         return _failed(driver, release, reason, serving)
+    watch.fetching = False
     serving.fetched = driver.clock()
     rejected = ""
     if swarm.hash_failures:

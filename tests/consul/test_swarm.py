@@ -339,6 +339,35 @@ def test_a_straggler_started_again_after_the_run_ended_gets_the_artifact(cluster
     assert (dirs[3] / "web-1.tar.gz").read_bytes() == build
 
 
+def test_a_straggler_that_finds_the_run_over_reopens_it_and_wakes_the_leader(cluster, schema, released):
+    """A re-fire or a replayed event can start a crashed target's worker again after the leader
+    counted that target as over and ended the run: the worker reopens the run and fires the
+    event to the leader, whose next worker serves it the artifact."""
+    release, dirs, build, configs = released
+    client = cluster.client(0)
+    crashed = cluster.node_names[3]
+    record_crashed(client, schema, release, crashed)
+    run_nodes(cluster, schema, release, configs, lambda path: (True, None), indexes=[0, 1, 2])
+    assert swarm_run(cluster, schema, release).finished is not None
+    only_leader = "^(" + release.leader.replace(".", r"\.") + ")$"
+
+    def woken():
+        return [item for item in client.event.list(name=EVENT_NAME)[1] or () if item["NodeFilter"] == only_leader]
+
+    before = len(woken())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        target = pool.submit(serve, cluster.client(3), release, crashed, configs[3], lambda path: (True, None),
+                             schema=schema, timeout=60, upload_slots=2)
+        wait_until(lambda: not swarm_run(cluster, schema, release).over, 20, "the target reopening the run")
+        wait_until(lambda: len(woken()) > before, 20, "the event fired to the leader")
+        assert check_app(client, client_options(client), schema, "web", release.leader).start
+        assert serve(client, release, release.leader, configs[0], pytest.fail, schema=schema, timeout=60,
+                     upload_slots=2)[0]
+        assert target.result(timeout=60) == (True, "done at version 1")
+    assert (dirs[3] / "web-1.tar.gz").read_bytes() == build
+    assert swarm_run(cluster, schema, release).finished is not None
+
+
 @pytest.fixture
 def target_config(cluster, schema, released, tmp_path, monkeypatch):
     """The task config of the first target: its artifact in its own directory, copied by exec_commands."""

@@ -8,6 +8,8 @@ node, no KV record lost or rolled back) and the scenario's own facts.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from devcluster.chaos.apps import HANG_TIMEOUT, SWARM_ARTIFACT_BYTES, SWARM_NODES
@@ -28,6 +30,7 @@ def cluster(tmp_path_factory):
 
 
 def assert_nothing_lost(outcome: Outcome) -> None:
+    print(json.dumps(outcome.to_json(), default=str, sort_keys=True))  # pytest shortens the repr of a failing outcome
     assert outcome.faults > 0, outcome
     assert outcome.survivors > 0, outcome
     assert outcome.survivors_done == outcome.survivors, outcome
