@@ -1057,8 +1057,13 @@ def _reopen_swarm(client, schema: Schema, release: ReleaseRecord) -> None:
     except KVRecordError:  # no node reads it as over: nothing to reopen
         return
     if record.finished is not None and record.refused is None:
-        # Check-and-set: no one else writes an over record, so a failed write is a newer fire's.
-        client.kv.put(key, dataclasses.replace(record, finished=None).to_json(), cas=entry["ModifyIndex"])
+        reopen_swarm_run(client, key, record, entry["ModifyIndex"])
+
+
+def reopen_swarm_run(client, key: str, record: SwarmRun, modify_index: int) -> bool:
+    """Write the finished swarm record ``record`` (read at ``modify_index``) back open. A
+    check-and-set: only the leader writes an over record, so a failed write means a newer one."""
+    return bool(client.kv.put(key, dataclasses.replace(record, finished=None).to_json(), cas=modify_index))
 
 
 def resume(client, schema: Schema, app: str, version: str | None = None, check_mode: bool = False) -> dict:

@@ -49,7 +49,7 @@ from typing import Callable
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import DEFAULT_RETRY_WINDOW
 from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
-from ansible_collections.fireap.consul.plugins.module_utils._firing import wake_leader
+from ansible_collections.fireap.consul.plugins.module_utils._firing import reopen_swarm_run, wake_leader
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
@@ -132,15 +132,14 @@ class _RunWatch(threading.Thread):
         """The run was recorded finished while this node still fetches: the leader counted this
         node's earlier worker (crashed: its record no longer held) as over before this one
         recorded itself pulling, as a re-fire or a replayed event can start it. Reopen the run
-        (check-and-set on the record read; a failed write is a newer record, read next) and fire
+        (``reopen_swarm_run``; after a failed write the newer record is read next) and fire
         the event to the leader, whose handler serves an open record again; should its worker
         still be seeding, its hold's end wakes it (``wake_leader_if_gone``)."""
         driver, release = self.serving.driver, self.serving.release
         key = self.serving.run_key
         driver.log(f"the leader recorded run {release.run_id} over while this node fetches (it counted this "
                    "node's earlier worker as over): reopening the run and firing the event to the leader")
-        reopened = dataclasses.replace(record, finished=None).to_json()
-        if driver.call(f"reopening {key}", driver.client.kv.put, key, reopened, cas=entry["ModifyIndex"]):
+        if driver.call(f"reopening {key}", reopen_swarm_run, driver.client, key, record, entry["ModifyIndex"]):
             driver.call(f"firing the event to {release.leader}", wake_leader, driver.client, release)
 
     def wake_leader_if_gone(self) -> None:
