@@ -58,6 +58,7 @@ from .netns import (
     NetnsBench,
     lower_bound_seconds,
     netns_record,
+    ram_workdir,
     stage_model_seconds,
 )
 from .plot import write_plot
@@ -120,13 +121,17 @@ def _timeout(config: Config) -> float:
     return TIMEOUT_BASE + TIMEOUT_FACTOR * ideal_seconds(config.nodes, config.fanout, config.task_seconds)
 
 
-def run_netns(config: Config, workdir: Path) -> dict:
-    """The netns configuration ``config.repeat`` times on one cluster of namespaces; the record of medians."""
+def run_netns(config: Config, workdir: Path | None) -> dict:
+    """The netns configuration ``config.repeat`` times on one cluster of namespaces; the record
+    of medians. ``workdir`` None: in RAM (``ram_workdir``), else OUTPUT_DIR / "work"."""
     try:
         require_root()
         shape = LinkShape(config.link_mbit, config.latency_ms)
     except (NetnsError, ValueError) as err:
         raise BenchError(str(err)) from err
+    if workdir is None:
+        workdir = ram_workdir(config.nodes, config.artifact_mb * 1024 * 1024) or OUTPUT_DIR / "work"
+        print(f"bench: the dev cluster and the nodes' files in {workdir}", flush=True)
     stamp = time.strftime("%Y%m%d.%H%M%S")
     versions = (f"{stamp}.{i}" for i in itertools.count())
     runs = []
@@ -200,11 +205,12 @@ def _cpu_busy_summary(record: dict) -> list[str]:
     return [f"CPU busy {shown}"] if shown else []
 
 
-def run_config(config: Config, workdir: Path, double: str, processes: int | None = None) -> dict:
+def run_config(config: Config, workdir: Path | None, double: str, processes: int | None = None) -> dict:
     """Measure one configuration ``config.repeat`` times on one cluster; the combined record."""
     if config.mode == NETNS:
         return run_netns(config, workdir)
     records = []
+    workdir = workdir or OUTPUT_DIR / "work"
     with running_double(config.nodes, workdir, PROCESS_DOUBLE if config.mode == PROCESS else double) as cluster:
         leader = leader_client(cluster)
         try:
@@ -409,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=OUTPUT_DIR / "work",
-        help="where the dev cluster and its node directories go (default build/bench/work)",
+        help="where the dev cluster and its node directories go (default build/bench/work; netns: "
+        "/dev/shm/fireap-bench, in RAM, when /dev/shm is a tmpfs with room for 5 builds per node)",
     )
     return parser
 
@@ -456,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for config in configs:
             print(f"bench: {config.describe()}, {config.repeat} run(s)", flush=True)
-            record = run_config(config, args.workdir.absolute(), args.double, args.processes)
+            record = run_config(config, args.workdir and args.workdir.absolute(), args.double, args.processes)
             line = netns_summary(record) if config.mode == NETNS else summary(record)
             print(f"bench: {config.describe()}: {line}", flush=True)
             records.append(record)

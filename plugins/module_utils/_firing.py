@@ -1035,11 +1035,12 @@ def retry_stragglers(client, schema: Schema, app: str, version: str | None = Non
     return {"run_id": release.run_id, "version": release.version, "stragglers": stragglers, "events": events}
 
 
-def wake_leader(client, release: ReleaseRecord) -> None:
-    """Fire the run's event again to its leader only: a target saw the leader's serving worker
-    end before the run was over, and only the event starts another."""
+def wake(client, release: ReleaseRecord, nodes) -> None:
+    """Fire the run's event again to ``nodes`` only (the run and its plan unchanged): a target
+    saw the leader's serving worker end before the run was over, or the leader sees targets
+    that gossip did not reach, and only the event starts their workers."""
     payload = event_payload(release.app, release.version)
-    for node_filter in anchored_node_filters([release.leader], _filter_budget(payload)):
+    for node_filter in anchored_node_filters(nodes, _filter_budget(payload)):
         client.event.fire(EVENT_NAME, payload, node=node_filter)
 
 

@@ -457,17 +457,19 @@ class Swarm:
 
     def fetch(self, metadata: Metadata, final_path: str, checksum: str, run_id: str, timeout: float,
               ended: threading.Event | None = None, progress: Progress | None = None, *, app: str) -> int:
-        """Download the artifact into ``final_path``, then seed it from there; the bytes that
-        came from the swarm (0 when the file was there already).
+        """Download the artifact into ``final_path`` and go on seeding it from there; the bytes
+        that came from the swarm (0 when the file was there already).
 
         The download goes into ``staging_dir``; the whole file's SHA-256 must be ``checksum``
-        before it is renamed onto ``final_path``, so bad data never lands there (libtorrent
-        checked each piece against the metadata already). A file already at ``final_path`` that
-        has the checksum is seeded as it is. SwarmError when the download does not finish
-        within ``timeout`` seconds, ``ended`` is set meanwhile (the run is over), or it fails.
-        The staging folder goes on every path, and with it those of ``app``'s earlier runs that
-        a killed worker left (a retry of the same run resumes from its own folder).
-        ``progress(bytes, rate)`` is called at every poll.
+        before libtorrent moves it onto ``final_path`` (a rename), so bad data never lands there
+        (libtorrent checked each piece against the metadata already). The torrent stays in the
+        session throughout: the node serves its pieces to its neighbours while it downloads,
+        while it verifies and after the move, its connections kept. A file already at
+        ``final_path`` that has the checksum is seeded as it is. SwarmError when the download
+        does not finish within ``timeout`` seconds, ``ended`` is set meanwhile (the run is over),
+        or it fails. The staging folder goes on every path, and with it those of ``app``'s
+        earlier runs that a killed worker left (a retry of the same run resumes from its own
+        folder). ``progress(bytes, rate)`` is called at every poll.
         """
         if os.path.basename(final_path) != metadata.name:
             raise SwarmError(f"the artifact path {final_path} is not named {metadata.name}")
@@ -479,54 +481,74 @@ class Swarm:
         _clear_staging(staging, keep=True)
         try:
             os.makedirs(staging, mode=0o700, exist_ok=True)
-            staged = os.path.join(staging, metadata.name)
-            self._download(metadata, staging, timeout, ended, progress)
-            mismatch = file_mismatch(staged, checksum)
-            if mismatch is not None:
-                raise SwarmError(f"the artifact from the swarm is not the release's: {mismatch}")
-            os.replace(staged, final_path)
+            self._add(metadata, staging, seed=False)
+            try:
+                self._download(metadata, timeout, ended, progress)
+                self._flush()
+                mismatch = file_mismatch(os.path.join(staging, metadata.name), checksum)
+                if mismatch is not None:
+                    raise SwarmError(f"the artifact from the swarm is not the release's: {mismatch}")
+                self._move(os.path.dirname(final_path))
+            except BaseException:
+                self._remove()
+                raise
         finally:
             _clear_staging(staging, keep=False)
-        self.seed(metadata, final_path)
         return metadata.length
 
-    def _download(self, metadata: Metadata, staging: str, timeout: float, ended: threading.Event | None,
+    def _download(self, metadata: Metadata, timeout: float, ended: threading.Event | None,
                   progress: Progress | None) -> None:
-        """Download into ``staging``, then take the torrent out of the session (its file closed)."""
+        """Wait until the torrent holds every piece."""
         deadline = time.monotonic() + timeout
-        self._add(metadata, staging, seed=False)
-        try:
-            while True:
-                status = self._handle.status()
-                if progress is not None:
-                    progress(status.total_wanted_done, status.download_payload_rate)
-                if status.is_seeding:
-                    return
-                if time.monotonic() >= deadline:
-                    with self._lock:
-                        admitted = len(self._peers)
-                    # How many peers were connected tells a dead network from a slow one.
-                    raise SwarmError(f"the artifact did not arrive from the swarm within {timeout:g} s "
-                                     f"({status.progress:.0%} of {metadata.length} bytes; connected to "
-                                     f"{status.num_peers} of the {admitted} peers it was given)")
-                if ended is not None and ended.is_set():
-                    raise SwarmError("the run ended before the artifact arrived")
-                self._read_alerts()
-                self._session.wait_for_alert(int(POLL_SECONDS * 1000))
-        finally:
-            self._remove()
+        while True:
+            status = self._handle.status()
+            if progress is not None:
+                progress(status.total_wanted_done, status.download_payload_rate)
+            if status.is_seeding:
+                return
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    admitted = len(self._peers)
+                # How many peers were connected tells a dead network from a slow one.
+                raise SwarmError(f"the artifact did not arrive from the swarm within {timeout:g} s "
+                                 f"({status.progress:.0%} of {metadata.length} bytes; connected to "
+                                 f"{status.num_peers} of the {admitted} peers it was given)")
+            if ended is not None and ended.is_set():
+                raise SwarmError("the run ended before the artifact arrived")
+            self._read_alerts()
+            self._session.wait_for_alert(int(POLL_SECONDS * 1000))
+
+    def _move(self, folder: str) -> None:
+        """Have libtorrent move the verified file into ``folder`` (replacing a file of that
+        name) and serve it from there."""
+        self._handle.move_storage(folder, self._lt.move_flags_t.always_replace_files)
+        alert = self._await_alert((self._lt.storage_moved_alert, self._lt.storage_moved_failed_alert),
+                                  f"move the verified artifact into {folder}")
+        if isinstance(alert, self._lt.storage_moved_failed_alert):
+            raise SwarmError(f"the verified artifact could not be moved into {folder}: {alert.message()}")
+
+    def _flush(self) -> None:
+        """Wait until libtorrent wrote every block to the file: a piece passes its hash check
+        from the blocks in memory, before they are on disk."""
+        self._handle.flush_cache()
+        self._await_alert((self._lt.cache_flushed_alert,), "write the artifact to disk")
+
+    def _await_alert(self, kinds: tuple, what: str) -> Any:
+        """The first alert of ``kinds`` (those before it dropped); SwarmError saying libtorrent did not ``what`` within 10 s."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for alert in self._session.pop_alerts():
+                if isinstance(alert, kinds):
+                    return alert
+            self._session.wait_for_alert(int(POLL_SECONDS * 1000))
+        raise SwarmError(f"libtorrent did not {what} within 10 s")
 
     def _remove(self) -> None:
         """Take the torrent out of the session and wait (bounded) until its file is closed."""
         with self._lock:
             handle, self._handle = self._handle, None
         self._session.remove_torrent(handle)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if any(isinstance(alert, self._lt.torrent_removed_alert) for alert in self._session.pop_alerts()):
-                return
-            self._session.wait_for_alert(int(POLL_SECONDS * 1000))
-        raise SwarmError("libtorrent did not release the artifact's file within 10 s")
+        self._await_alert((self._lt.torrent_removed_alert,), "release the artifact's file")
 
     def close(self) -> None:
         """Stop serving and shut the session down, its sockets closed on return: the worker's

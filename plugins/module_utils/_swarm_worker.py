@@ -18,7 +18,8 @@ leader's worker reads the run's node records (one recursive read, at its own nod
 most every SCAN_SECONDS, blocking while nothing changes) and once every target is done, failed
 or crashed (unfinished and no longer held by a session) it writes there when the run finished;
 when it cannot serve its file (changed since the fire, say) it writes why instead and the
-targets fail with that at once. Every other node blocks on that key (and re-reads the release
+targets fail with that at once. Targets with no record in the run SILENT_SECONDS after it began
+serving (gossip lost their event) get the event again from it, alone (``wake_silent``). Every other node blocks on that key (and re-reads the release
 after each wake-up, at least every MAX_WAIT s, so an abort or a new run ends its part) and
 stops serving ``seed_seconds`` after the run finished (blocking on the release record meanwhile:
 an abort or a newer run ends those at once), or after ``watch_timeout``. So a target
@@ -45,11 +46,11 @@ import dataclasses
 import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from ansible_collections.fireap.consul.plugins.module_utils._connection import DEFAULT_RETRY_WINDOW
-from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError
-from ansible_collections.fireap.consul.plugins.module_utils._firing import reopen_swarm_run, wake_leader
+from ansible_collections.fireap.consul.plugins.module_utils._errors import FireapError, InvalidValue
+from ansible_collections.fireap.consul.plugins.module_utils._firing import reopen_swarm_run, wake
 from ansible_collections.fireap.consul.plugins.module_utils._integrity import file_mismatch
 from ansible_collections.fireap.consul.plugins.module_utils._kv import (
     NODE_DONE,
@@ -84,6 +85,10 @@ SCAN_SECONDS = 3.0
 RETRY_PAUSE = 1.0
 #: A target writes its download progress at most once per PROGRESS_SECONDS and per quarter.
 PROGRESS_SECONDS = 2.0
+#: Seconds after the leader began serving, and then between two tries, after which it fires the
+#: event again to the targets that have no record in the run: gossip did not bring it to them
+#: (an operator's wait re-fires to stragglers only every 30 s by default).
+SILENT_SECONDS = 10.0
 
 #: ``run_task(path) -> (ok, error)``: the app's commands with ``{{ artifact }}`` = ``path``.
 RunArtifactTask = Callable[[str], "tuple[bool, str | None]"]
@@ -140,7 +145,7 @@ class _RunWatch(threading.Thread):
         driver.log(f"the leader recorded run {release.run_id} over while this node fetches (it counted this "
                    "node's earlier worker as over): reopening the run and firing the event to the leader")
         if driver.call(f"reopening {key}", reopen_swarm_run, driver.client, key, record, entry["ModifyIndex"]):
-            driver.call(f"firing the event to {release.leader}", wake_leader, driver.client, release)
+            driver.call(f"firing the event to {release.leader}", wake, driver.client, release, [release.leader])
 
     def wake_leader_if_gone(self) -> None:
         """The leader's worker holds the leader's node record with its session while it serves:
@@ -155,7 +160,7 @@ class _RunWatch(threading.Thread):
         self.woken_for = hold
         driver.log(f"the leader {release.leader} stopped serving before the run was over ({key} no longer held): "
                    "firing the event to it again")
-        driver.call(f"firing the event to {release.leader}", wake_leader, driver.client, release)
+        driver.call(f"firing the event to {release.leader}", wake, driver.client, release, [release.leader])
 
     def why_ended(self) -> str:
         """Why the download stopped early, for the target's failed record."""
@@ -303,6 +308,7 @@ class _Serving:
         run stopped being the current one or watch_timeout passed first."""
         prefix = self.schema.nodes_prefix(self.release.app)
         index = 0
+        wake_at = time.monotonic() + SILENT_SECONDS
         while time.monotonic() < self.deadline:
             began = time.monotonic()
             index, entries = self.driver.read(prefix, index, min(MAX_WAIT, max(0.0, self.deadline - began)),
@@ -312,9 +318,42 @@ class _Serving:
             if self.finished_targets(entries) >= self.release.target_count:
                 end_run(self.driver, self.release)
                 return True
+            if began >= wake_at:
+                self.wake_silent(entries)
+                wake_at = began + SILENT_SECONDS
             self.driver.sleep(max(0.0, min(began + SCAN_SECONDS, self.deadline) - time.monotonic()))
         self.driver.log(f"stopped serving after {self.timeout:g} s (watch_timeout): some targets have not finished")
         return False
+
+    def wake_silent(self, entries) -> None:
+        """Fire the event again to the targets with no record in the run (``entries``: the
+        app's node records), but those whose stage a canary gate holds: they start on resume."""
+        release = self.release
+        recorded = {release.leader}
+        for name, state in self._records(NodeState, entries):
+            if state.run_id == release.run_id:
+                recorded.add(name)
+        if len(recorded) >= release.target_count:
+            return
+        _index, plans = self.driver.read(self.schema.plan_prefix(release.app, release.run_id), recurse=True)
+        silent = [name for name, plan in self._records(PlanEntry, plans)
+                  if name not in recorded and not release.holds(plan.stage)]
+        if silent:
+            self.driver.log(f"{len(silent)} targets have no record in run {release.run_id} after {SILENT_SECONDS:g} s "
+                            "or more (gossip did not bring them the event): firing it to them again")
+            self.driver.call("firing the event to the silent targets", wake, self.driver.client, release, silent)
+
+    def _records(self, cls, entries) -> Iterator[tuple[str, Any]]:
+        """``(node, record)`` of the well-formed entries of nodes/ or a run's plan/ (others logged and skipped)."""
+        for entry in entries or ():
+            try:
+                name = self.schema.node_name(self.release.app, entry["Key"])
+            except InvalidValue as err:
+                self.driver.log(f"ignoring {err}")
+                continue
+            record = self.driver.parse(cls, entry["Key"], entry)
+            if record is not None:
+                yield name, record
 
     def follow_until_over(self, watch: _RunWatch) -> bool:
         """Another node: wait until the leader recorded the run finished (True) or the run ended

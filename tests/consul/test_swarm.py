@@ -33,6 +33,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import (
 )
 from ansible_collections.fireap.consul.plugins.module_utils._progress import info
 from ansible_collections.fireap.consul.plugins.module_utils._reap import check_app, main
+from ansible_collections.fireap.consul.plugins.module_utils import _swarm_worker
 from ansible_collections.fireap.consul.plugins.module_utils._swarm_worker import SCAN_SECONDS, serve
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import ArtifactConfig
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import (
@@ -365,6 +366,37 @@ def test_a_straggler_that_finds_the_run_over_reopens_it_and_wakes_the_leader(clu
                      upload_slots=2)[0]
         assert target.result(timeout=60) == (True, "done at version 1")
     assert (dirs[3] / "web-1.tar.gz").read_bytes() == build
+    assert swarm_run(cluster, schema, release).finished is not None
+
+
+def test_the_leader_fires_the_event_again_to_targets_with_no_record_in_the_run(cluster, schema, released, monkeypatch):
+    """Gossip may not bring the event to a target: the serving leader fires it again to the
+    targets that have no record in the run, and only to them, until they have one."""
+    release, dirs, build, configs = released
+    monkeypatch.setattr(_swarm_worker, "SILENT_SECONDS", 1.0)
+    silent = cluster.node_names[2]
+    only_silent = "^(" + silent.replace(".", r"\.") + ")$"
+
+    def events(index):
+        return cluster.client(index).event.list(name=EVENT_NAME)[1] or ()
+
+    def refired():  # an agent keeps the events whose node filter matches it
+        return [item for item in events(2) if item["NodeFilter"] == only_silent]
+
+    def filtered(index):  # the events that reached only some nodes (earlier tests' ones too)
+        return [item["ID"] for item in events(index) if item["NodeFilter"]]
+
+    before = {index: filtered(index) for index in (1, 3)}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(serve, cluster.client(index), release, cluster.node_names[index], configs[index],
+                               lambda path: (True, None), schema=schema, timeout=60, upload_slots=2)
+                   for index in (0, 1, 3)]
+        wait_until(refired, 20, "the event fired again to the silent target")
+        assert {index: filtered(index) for index in (1, 3)} == before
+        futures.append(pool.submit(serve, cluster.client(2), release, silent, configs[2], lambda path: (True, None),
+                                   schema=schema, timeout=60, upload_slots=2))
+        assert all(future.result(timeout=90)[0] for future in futures)
+    assert (dirs[2] / "web-1.tar.gz").read_bytes() == build
     assert swarm_run(cluster, schema, release).finished is not None
 
 
