@@ -534,7 +534,8 @@ class Swarm:
         self._await_alert((self._lt.cache_flushed_alert,), "write the artifact to disk")
 
     def _await_alert(self, kinds: tuple, what: str) -> Any:
-        """The first alert of ``kinds`` (those before it dropped); SwarmError saying libtorrent did not ``what`` within 10 s."""
+        """The first alert of ``kinds`` (those before it dropped); SwarmError saying that
+        libtorrent did not ``what`` within 10 s."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for alert in self._session.pop_alerts():

@@ -19,8 +19,9 @@ most every SCAN_SECONDS, blocking while nothing changes) and once every target i
 or crashed (unfinished and no longer held by a session) it writes there when the run finished;
 when it cannot serve its file (changed since the fire, say) it writes why instead and the
 targets fail with that at once. Targets with no record in the run SILENT_SECONDS after it began
-serving (gossip lost their event) get the event again from it, alone (``wake_silent``). Every other node blocks on that key (and re-reads the release
-after each wake-up, at least every MAX_WAIT s, so an abort or a new run ends its part) and
+serving (gossip lost their event) get the event again from it, alone (``wake_silent``). Every
+other node blocks on that key (and re-reads the release after each wake-up, at least every
+MAX_WAIT s, so an abort or a new run ends its part) and
 stops serving ``seed_seconds`` after the run finished (blocking on the release record meanwhile:
 an abort or a newer run ends those at once), or after ``watch_timeout``. So a target
 makes O(1) requests whatever the number of nodes; only the leader reads O(N) bytes, throttled.
