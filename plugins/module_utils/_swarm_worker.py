@@ -21,10 +21,10 @@ when it cannot serve its file (changed since the fire, say) it writes why instea
 targets fail with that at once. Targets with no record in the run SILENT_SECONDS after it began
 serving (gossip lost their event) get the event again from it, alone (``wake_silent``). Every
 other node blocks on that key (and re-reads the release after each wake-up, at least every
-MAX_WAIT s, so an abort or a new run ends its part) and
-stops serving ``seed_seconds`` after the run finished (blocking on the release record meanwhile:
-an abort or a newer run ends those at once), or after ``watch_timeout``. So a target
-makes O(1) requests whatever the number of nodes; only the leader reads O(N) bytes, throttled.
+MAX_WAIT s, so an abort or a new run ends its part) and stops serving ``seed_seconds`` after
+the run finished (blocking on the release record meanwhile: an abort or a newer run ends those
+at once), or after ``watch_timeout``. So a target makes O(1) requests whatever the number of
+nodes; only the leader reads O(N) bytes, throttled.
 
 While it serves, the leader's worker holds its own node record with its session, as a target
 holds its ``pulling`` record. When that worker ends before the run is over (killed, crashed, its
