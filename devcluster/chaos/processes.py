@@ -1,4 +1,9 @@
-"""The node side's processes, read from /proc: fireap-reap workers, and kill -9 of a process tree."""
+"""The node side's processes, read from /proc: fireap-reap workers, and kill -9 of a process tree.
+
+A worker the handler forks keeps the handler's command line; it is told apart by its process
+name, and its app by the worker lock file that holds its pid (``_reap``). A worker started
+by hand (``--worker APP``) says both on its command line.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import os
 import signal
 import time
 from pathlib import Path
+
+from ansible_collections.fireap.consul.plugins.module_utils._reap import WORKER_PROCESS_NAME
+from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 
 from .apps import HANG_SECONDS
 
@@ -54,15 +62,41 @@ def _reap_processes(config_path: Path) -> list[tuple[int, list[str]]]:
     return [(pid, argv) for pid in _pids() if config in (argv := _proc_cmdline(pid))]
 
 
+def _is_worker(pid: int, argv: list[str]) -> bool:
+    if "--worker" in argv:
+        return True
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n") == WORKER_PROCESS_NAME
+    except OSError:
+        return False
+
+
+def _lock_pids(config_path: Path) -> dict[int, str]:
+    """The pids the node's worker lock files hold, each with its app."""
+    state_dir = Path(load_config(str(config_path)).state_dir)
+    pids: dict[int, str] = {}
+    for lock in state_dir.glob("worker-*.lock"):
+        with contextlib.suppress(OSError, ValueError):
+            pids[int(lock.read_text())] = lock.name[len("worker-"):-len(".lock")]
+    return pids
+
+
 def worker_pids(config_path: Path, app: str | None = None) -> list[int]:
-    """The pids of the fireap-reap workers started for the node of ``config_path`` (of ``app``)."""
-    return [pid for pid, argv in _reap_processes(config_path) if "--worker" in argv
-            and (app is None or argv[argv.index("--worker") + 1:][:1] == [app])]
+    """The pids of the fireap-reap workers started for the node of ``config_path`` (of ``app``).
+    A forked worker whose pid no lock file holds yet (it has just started, or ends finding
+    another worker of its app) counts for every app: no check for absent workers misses it."""
+    workers = [(pid, argv) for pid, argv in _reap_processes(config_path) if _is_worker(pid, argv)]
+    if app is None:
+        return [pid for pid, _argv in workers]
+    locked = _lock_pids(config_path) if any("--worker" not in argv for _pid, argv in workers) else {}
+    return [pid for pid, argv in workers
+            if (argv[argv.index("--worker") + 1:][:1] == [app] if "--worker" in argv
+                else locked.get(pid, app) == app)]
 
 
 def handler_pids(config_path: Path) -> list[int]:
     """The pids of the fireap-reap handlers (not workers) the agent of ``config_path`` runs."""
-    return [pid for pid, argv in _reap_processes(config_path) if "--worker" not in argv]
+    return [pid for pid, argv in _reap_processes(config_path) if not _is_worker(pid, argv)]
 
 
 def kill_tree(pid: int) -> int:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from ansible_collections.fireap.consul.plugins.module_utils._kv import NodeAdver
 from ansible_collections.fireap.consul.plugins.module_utils._progress import ReleaseError
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 from ansible_collections.fireap.consul.plugins.module_utils._processed_events import PROCESSED_FILE, load_processed
-from ansible_collections.fireap.consul.plugins.module_utils._reap import main
+from ansible_collections.fireap.consul.plugins.module_utils._reap import WORKER_PROCESS_NAME, handler_command, main
+from devcluster.chaos.processes import handler_pids, worker_pids
+from devcluster.polling import wait_until
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import (
     APP,
     Spawns,
@@ -117,6 +120,39 @@ def test_a_new_event_starts_a_worker_and_is_recorded(env):
     assert "app=web version=1.0: event ev-1 (LTime 3) asks for version 1.0" in log
     assert "app=web version=1.0: behind release 1.0 (run run-1): no state yet: starting a worker" in log
     assert "worker started (pid 4242)" in log
+
+
+def test_the_handler_forks_a_detached_worker_once_it_let_its_lock_go(env, tmp_path):
+    """The real starter, with the handler a process of its own as the agent runs it: it exits
+    while the worker it forked runs the app's command; the worker is a session of its own,
+    named fireap-worker, holds its pid in its lock file (what the chaos suite finds it by) and
+    not the handler's lock; then it records the node done."""
+    go = tmp_path / "go"
+    config = write_config(tmp_path / "forked.yml", consul_section(env.target), env.schema.prefix,
+                          {APP: {"exec_commands": [f"while [ ! -e {go} ]; do sleep 0.05; done"]}})
+    env.fire()
+    handled = subprocess.run(handler_command(str(config)), input=json.dumps([event("ev-1", 3)]), text=True,
+                             capture_output=True, timeout=120, check=False)
+    assert handled.returncode == 0, handled.stderr
+    lock = env.state_dir / f"worker-{APP}.lock"
+    wait_until(lambda: lock.exists() and lock.read_text().strip().isdigit(), 60, "the worker's pid in its lock file")
+    pid = int(lock.read_text())
+    try:
+        assert Path(f"/proc/{pid}/comm").read_text() == f"{WORKER_PROCESS_NAME}\n"
+        assert os.getsid(pid) == pid
+        assert worker_pids(config, APP) == [pid]
+        assert worker_pids(config, "db") == []
+        assert handler_pids(config) == []
+        with open(env.state_dir / "handler.lock", "w", encoding="ascii") as handler_lock:
+            fcntl.flock(handler_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert f"worker started (pid {pid})" in env.log()
+        go.touch()
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, "the worker to end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _index, entry = env.target.client().kv.get(env.schema.node(APP, env.node))
+    assert json.loads(entry["Value"])["status"] == "done"
 
 
 def test_a_replayed_event_is_not_handled_again_but_the_release_is_still_checked(env):
