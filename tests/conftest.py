@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
@@ -82,3 +83,18 @@ def kv_prefix(consul_target):
     prefix = f"fireap-test/{uuid.uuid4()}/"
     yield prefix
     consul_target.client().kv.delete(prefix, recurse=True)
+
+
+@pytest.fixture(autouse=True)
+def _handler_logger_restored():
+    """fireap-reap's main() points its logger at a file and stops it propagating: put it back
+    after each test, so that a later test in the same process still sees its lines in caplog."""
+    logger = logging.getLogger("fireap.reap")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in list(logger.handlers):
+        if handler not in saved[0]:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]

@@ -41,19 +41,20 @@ watch start, or a terminal when run by hand) and:
 A worker of a release with an artifact takes part in its swarm instead (``_swarm_worker.serve``):
 a target fetches the file, verifies it and runs the app's commands with ``{{ artifact }}``; the
 run's leader, which has the file, serves it while the run is not over (its handler starts a
-worker for that). A worker pulls one app (``_worker.pull``) with the app's commands as the task; an app
-with service/tag filters runs them only when the filters match one of the services of the
-node's own agent (``AppAdvert.accepts``, the rule the leader targets by), else the node
-records the run ``failed`` saying so. When the release carries a checksum the task verifies
-the build between exec_commands and after_commands (``_integrity``: verify_file,
-verify_commands); a mismatch, or a checksum and a verification setting that do not go
-together, records the node ``failed``, so it never serves as a source. One worker runs per app, holding the flock of
-``<state_dir>/worker-<app>.lock``, which holds its pid; its process name (``ps -o comm``,
-``pgrep``) is ``fireap-worker``, its command line the handler's. The handler leaves ``worker-<app>.pending`` before it
-starts one and starts none while the lock is held; a worker that finds the lock held exits
-quietly. The running worker re-checks the release
-after each pull, and whenever that marker appeared, and pulls again when a newer run was
-fired meanwhile.
+worker for that). A worker pulls one app (``_worker.pull``) with the app's commands as the
+task; an app with service/tag filters runs them only when the filters match one of the
+services of the node's own agent (``AppAdvert.accepts``, the rule the leader targets by),
+else the node records the run ``failed`` saying so. When the release carries a checksum the
+task verifies the build between exec_commands and after_commands (``_integrity``:
+verify_file, verify_commands); a mismatch, or a checksum and a verification setting that do
+not go together, records the node ``failed``, so it never serves as a source.
+
+One worker runs per app, holding the flock of ``<state_dir>/worker-<app>.lock``, which holds
+its pid; its process name (``ps -o comm``, ``pgrep``) is ``fireap-worker``, its command line
+the handler's. The handler leaves ``worker-<app>.pending`` before it starts one and starts
+none while the lock is held; a worker that finds the lock held exits quietly. The running
+worker re-checks the release after each pull, and whenever that marker appeared, and pulls
+again when a newer run was fired meanwhile.
 
 ``--list`` validates the config as ``--check`` does and prints each app with its merged
 settings, its commands and its verification as configured (``--json``: one JSON object);

@@ -122,6 +122,15 @@ def test_a_new_event_starts_a_worker_and_is_recorded(env):
     assert "worker started (pid 4242)" in log
 
 
+def _ended(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (an orphan waits for whoever reaps it)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line[stat_line.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
 def test_the_handler_forks_a_detached_worker_once_it_let_its_lock_go(env, tmp_path):
     """The real starter, with the handler a process of its own as the agent runs it: it exits
     while the worker it forked runs the app's command; the worker is a session of its own,
@@ -147,7 +156,7 @@ def test_the_handler_forks_a_detached_worker_once_it_let_its_lock_go(env, tmp_pa
             fcntl.flock(handler_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert f"worker started (pid {pid})" in env.log()
         go.touch()
-        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, "the worker to end")
+        wait_until(lambda: _ended(pid), 60, "the worker to end")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
