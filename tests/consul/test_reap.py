@@ -26,7 +26,7 @@ from ansible_collections.fireap.consul.plugins.module_utils._progress import Rel
 from ansible_collections.fireap.consul.plugins.module_utils._taskconfig import load_config
 from ansible_collections.fireap.consul.plugins.module_utils._processed_events import PROCESSED_FILE, load_processed
 from ansible_collections.fireap.consul.plugins.module_utils._reap import WORKER_PROCESS_NAME, handler_command, main
-from devcluster.chaos.processes import handler_pids, worker_pids
+from devcluster.chaos.processes import _proc_stat, handler_pids, worker_pids
 from devcluster.polling import wait_until
 from ansible_collections.fireap.consul.tests.unit.plugins.module_utils.reap_setup import (
     APP,
@@ -124,11 +124,8 @@ def test_a_new_event_starts_a_worker_and_is_recorded(env):
 
 def _ended(pid: int) -> bool:
     """Whether ``pid`` is gone or a zombie (an orphan waits for whoever reaps it)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat_line[stat_line.rindex(")") + 2:].split()[0] in ("Z", "X")
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def test_the_handler_forks_a_detached_worker_once_it_let_its_lock_go(env, tmp_path):
