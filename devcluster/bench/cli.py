@@ -190,6 +190,7 @@ def netns_summary(record: dict) -> str:
         f"swarm requests/node {record['swarm_costs']['agent_requests_per_node']['mean']:.1f} "
         f"(leader {record['swarm_leader_costs']['agent_requests_per_node']['mean']:.0f})",
         *_cpu_busy_summary(record),
+        *_swarm_phases_summary(record),
         f"failures {failures if isinstance(failures, int) else len(failures)}",
     ])
 
@@ -203,6 +204,21 @@ def _cpu_busy_summary(record: dict) -> list[str]:
               "push": busy.get("push_best")}
     shown = " ".join(f"{name} {share:.0%}" for name, share in shares.items() if isinstance(share, (int, float)))
     return [f"CPU busy {shown}"] if shown else []
+
+
+def _swarm_phases_summary(record: dict) -> list[str]:
+    """Where the swarm's seconds went (its link readings and the machine's CPU), when recorded."""
+    phases, floor = record.get("swarm_phases"), record.get("swarm_cpu_floor_seconds")
+    shown = []
+    if isinstance(phases, dict):
+        use = phases.get("downlink_use")
+        shown.append(f"swarm bytes from {phases['first_bytes_seconds']:.1f}s to {phases['last_bytes_seconds']:.1f}s "
+                     f"after fire ({'-' if use is None else f'{use:.0%}'} of the targets' downlinks), "
+                     f"leader sent {phases['leader_copies']:.2f} copies, a target received "
+                     f"{phases['received_copies']:.2f}")
+    if isinstance(floor, (int, float)):
+        shown.append(f"swarm CPU floor {floor:.1f}s")
+    return shown
 
 
 def run_config(config: Config, workdir: Path | None, double: str, processes: int | None = None) -> dict:

@@ -28,6 +28,7 @@ headers, so its ratio to the bound is if anything a little high.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import statistics
@@ -71,6 +72,7 @@ from .baselines import run_ansible, run_parallel
 from .core import NETNS, TaskTiming, busy_fraction
 from .costs import node_costs, transition_costs, worst_transition
 from .double import BenchError, cpu_times, node_roots
+from .links import LinkRecorder, busy_core_seconds, read_links, transfer_phases
 
 APP = "bench"
 APP_DIR = builds.APP_DIR
@@ -443,15 +445,18 @@ class NetnsBench:
         self.swarm_bytes = builds.write_tar(self.roots[self.leader] / APP_DIR, artifact)
         schema = Schema()
         self.relay.reset()
-        cpu_before = cpu_times()
-        fired = time.time()
-        try:
-            outcome = fire(self.client, schema, SWARM_APP, version=version,
-                           config_path=str(self.roots[self.leader] / "etc" / "fireap" / "config.yml"))
-        except FireapError as err:
-            raise BenchError(f"the swarm's release could not be fired: {err}") from err
-        refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)
-        cpu_busy = busy_fraction(cpu_before, cpu_times())
+        veths = {name: self.net.node(name).veth for name in self.roots}
+        with LinkRecorder(lambda: read_links(veths)) as links:
+            cpu_before = cpu_times()
+            fired = time.time()
+            try:
+                outcome = fire(self.client, schema, SWARM_APP, version=version,
+                               config_path=str(self.roots[self.leader] / "etc" / "fireap" / "config.yml"))
+            except FireapError as err:
+                raise BenchError(f"the swarm's release could not be fired: {err}") from err
+            refired = self._wait(schema, outcome["run_id"], version, timeout, SWARM_APP)
+            cpu_after = cpu_times()
+        cpu_busy = busy_fraction(cpu_before, cpu_after)
         states = self._states(schema, SWARM_APP)
         over = swarm_over(self.client, SWARM_APP, outcome["run_id"], SWARM_OVER_SECONDS, schema)
         time.sleep(1.0)  # the nodes' last requests once the run is over (session destroys)
@@ -473,6 +478,9 @@ class NetnsBench:
             "seconds": max(finished, default=time.time()) - fired,
             "fetched_seconds": max(fetched, default=time.time()) - fired,
             "cpu_busy": cpu_busy,
+            "cpu_floor_seconds": busy_core_seconds(cpu_before, cpu_after) / (os.cpu_count() or 1),
+            "phases": transfer_phases(links.samples, fired, self.leader, self.pushed, self.swarm_bytes,
+                                      self.net.shape.bytes_per_second),
             "failures": failures,
             "refired": refired,
             "costs": node_costs(records, answered, self.pushed),
@@ -605,6 +613,10 @@ class NetnsBench:
             "swarm_seconds": swarm["seconds"],
             "swarm_fetched_seconds": swarm["fetched_seconds"],
             "swarm_refired": swarm["refired"],
+            "swarm_phases": swarm["phases"],
+            # The core-seconds the machine was busy during the swarm's release over its cores:
+            # the least time the same work could take on this machine, which all nodes share.
+            "swarm_cpu_floor_seconds": swarm["cpu_floor_seconds"],
             "swarm_costs": swarm["costs"],
             "swarm_leader_costs": swarm["leader_costs"],
             "ratio_to_lower_bound": {name[: -len("_seconds")]: value / lower_bound for name, value in figures.items()},
