@@ -86,6 +86,10 @@ def worker_pids(config_path: Path, app: str | None = None) -> list[int]:
     A forked worker whose pid no lock file holds yet (it has just started, or ends finding
     another worker of its app) counts for every app: no check for absent workers misses it."""
     workers = [(pid, argv) for pid, argv in _reap_processes(config_path) if _is_worker(pid, argv)]
+    # A worker's child that has not run its command yet still has the worker's name and
+    # command line; workers never fork workers.
+    found = {pid for pid, _argv in workers}
+    workers = [(pid, argv) for pid, argv in workers if _proc_parent(pid) not in found]
     if app is None:
         return [pid for pid, _argv in workers]
     locked = _lock_pids(config_path) if any("--worker" not in argv for _pid, argv in workers) else {}
