@@ -8,6 +8,7 @@ configuration.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,12 @@ def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | No
     """Share of the machine's CPU time that was busy between two (busy, total) readings."""
     total = after[1] - before[1]
     return (after[0] - before[0]) / total if total > 0 else None
+
+
+def busy_core_seconds(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Core-seconds the machine was busy between two (busy, total) /proc/stat readings in
+    clock ticks; over the machine's cores, the least wall time that work could take here."""
+    return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK")
 
 
 def ideal_seconds(nodes: int, fanout: int, task_seconds: float) -> float:

@@ -4,13 +4,11 @@ A release's seconds split into start-up (fire to the first bytes: the event's go
 handlers and their workers starting), transfer (until the targets' links carried the last
 bytes) and finish (verification, the app's commands, the done records). How full the targets'
 downlinks were during the transfer, and how many copies the leader sent, say whether the links
-or the swarm's pace set the transfer's time; the machine's busy core-seconds say how far its
-CPU, which all nodes share, bounds the whole.
+or the swarm's pace set the transfer's time.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -104,8 +102,3 @@ def transfer_phases(samples: Sequence[LinkSample], fired: float, leader: str, ta
                                              for node in targets) / artifact_bytes,
     }
 
-
-def busy_core_seconds(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Core-seconds the machine was busy between two (busy, total) /proc/stat readings in
-    clock ticks; over the machine's cores, the least wall time that work could take here."""
-    return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK")

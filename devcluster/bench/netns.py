@@ -69,10 +69,10 @@ from ..demo.playbooks import (
 from ..demo.swarm import swarm_over
 from ..netns import CONSUL_PORT, AgentRelay, NetnsCluster
 from .baselines import run_ansible, run_parallel
-from .core import NETNS, TaskTiming, busy_fraction
+from .core import NETNS, TaskTiming, busy_core_seconds, busy_fraction
 from .costs import node_costs, transition_costs, worst_transition
 from .double import BenchError, cpu_times, node_roots
-from .links import LinkRecorder, busy_core_seconds, read_links, transfer_phases
+from .links import LinkRecorder, read_links, transfer_phases
 
 APP = "bench"
 APP_DIR = builds.APP_DIR

@@ -3,13 +3,15 @@ line the benchmark prints (synthetic counters, no cluster)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
 from devcluster.bench import cli as bench
 from devcluster.bench import links
-from devcluster.bench.links import LinkRecorder, LinkSample, busy_core_seconds, read_links, transfer_phases
+from devcluster.bench.core import busy_core_seconds
+from devcluster.bench.links import LinkRecorder, LinkSample, read_links, transfer_phases
 
 
 def _sample(at, leader_sent, received):
@@ -68,7 +70,7 @@ def test_the_recorder_reads_when_the_block_begins_while_it_runs_and_when_it_ends
 
 def test_busy_core_seconds_are_clock_ticks_over_the_tick_rate():
     assert busy_core_seconds((0, 0), (0, 0)) == 0
-    assert busy_core_seconds((100, 1000), (100 + 2 * 100, 2000)) == pytest.approx(200 / links.os.sysconf("SC_CLK_TCK"))
+    assert busy_core_seconds((100, 1000), (100 + 2 * 100, 2000)) == pytest.approx(200 / os.sysconf("SC_CLK_TCK"))
 
 
 def test_the_netns_line_says_where_the_swarms_seconds_went():
