@@ -101,4 +101,3 @@ def transfer_phases(samples: Sequence[LinkSample], fired: float, leader: str, ta
         "received_copies": statistics.median(last.received[node] - first.received[node]
                                              for node in targets) / artifact_bytes,
     }
-
